@@ -1,0 +1,1 @@
+"""Quantization primitives, packing, and one module per algorithm (registered by name)."""

@@ -1,0 +1,182 @@
+"""Pure quantization primitives. Every function is stateless; shapes and dtypes are in the docstrings.
+
+Conventions (the whole package uses them):
+- codes are signed integers in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1], held in int8 tensors;
+- dequantization is ``w_hat = (code - zero) * scale``; symmetric grids have zero = 0;
+- weight parameters have shape [R, G]: R = 1 for one scale per tensor, R = out otherwise;
+  G = ceil(in / group_size) groups of consecutive input channels (per-channel: group_size = in).
+  The last group may be shorter than group_size (a ragged group) when group_size does not divide in;
+- weight scales are rounded to float16 values (stored as float16), so every export format that
+  keeps fp16 scales (GGUF, GPTQ/AWQ checkpoints) carries them exactly;
+- rounding is round-half-to-even (``torch.round``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from quantkit.schemes import ActivationSpec, WeightSpec
+
+# Smallest normal float16: weight scales below it would lose precision when stored as fp16.
+MIN_WEIGHT_SCALE = 2.0**-14
+# Activation scales are float32; this floor only guards against a zero range (dead channel).
+MIN_ACTIVATION_SCALE = 1e-8
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of a signed ``bits``-bit code."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def group_size_for(spec: WeightSpec, in_features: int) -> int:
+    """Input channels per group: the spec's group size, or the whole row for tensor/channel grids."""
+    return spec.group_size if spec.granularity == "group" else in_features
+
+
+def group_count(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / group_size)
+
+
+def column_group_index(in_features: int, group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Group index of every input column: [in] int64. ``g_idx`` (act-order) overrides j // group_size."""
+    if g_idx is not None:
+        return g_idx.long()
+    return torch.arange(in_features) // group_size
+
+
+def expand_to_columns(param: torch.Tensor, in_features: int, group_size: int,
+                      g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """[R, G] per-group parameter -> [R, in] per-column parameter."""
+    return param[:, column_group_index(in_features, group_size, g_idx).to(param.device)]
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, G, group_size]; a ragged last group is padded by repeating its last
+    column, which leaves every group's min, max and absmax unchanged."""
+    out_features, in_features = w.shape
+    padded = group_count(in_features, group_size) * group_size
+    if padded != in_features:
+        w = torch.cat([w, w[:, -1:].expand(out_features, padded - in_features)], dim=1)
+    return w.reshape(out_features, -1, group_size)
+
+
+def weight_range(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (min, max) of ``w`` [out, in], each [R, G] float32, widened to include 0 so the
+    zero point is always an in-range integer."""
+    w = w.float()
+    if spec.granularity == "tensor":
+        lo, hi = w.min().reshape(1, 1), w.max().reshape(1, 1)
+    else:
+        groups = to_groups(w, group_size_for(spec, w.shape[1]))
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    return lo.clamp(max=0.0), hi.clamp(min=0.0)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point of a weight grid covering [lo, hi] (each [R, G], lo <= 0 <= hi).
+
+    symmetric:  scale = max(|lo|, hi) / qmax,            zero = None
+    asymmetric: scale = (hi - lo) / (qmax - qmin),       zero = clamp(qmin - round(lo / scale))
+    The scale is rounded to float16 precision (returned as float32 holding fp16 values).
+    """
+    qmin, qmax = signed_range(spec.bits)
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / qmax
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = scale.clamp(min=MIN_WEIGHT_SCALE).to(torch.float16).float()
+    if spec.symmetric:
+        return scale, None
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero
+
+
+def weight_qparams(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest grid for ``w`` [out, in]: (scale [R, G], zero [R, G] or None)."""
+    return qparams_from_range(*weight_range(w, spec), spec)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int, bits: int,
+             g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """codes = clamp(round(w / scale) + zero, qmin, qmax): [out, in] float -> [out, in] int8."""
+    qmin, qmax = signed_range(bits)
+    in_features = w.shape[1]
+    q = torch.round(w.float() / expand_to_columns(scale, in_features, group_size, g_idx))
+    if zero is not None:
+        q = q + expand_to_columns(zero, in_features, group_size, g_idx)
+    return q.clamp(qmin, qmax).to(torch.int8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
+               g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """w_hat = (codes - zero) * scale: [out, in] int8 -> [out, in] float32."""
+    in_features = codes.shape[1]
+    q = codes.float()
+    if zero is not None:
+        q = q - expand_to_columns(zero.float(), in_features, group_size, g_idx)
+    return q * expand_to_columns(scale.float(), in_features, group_size, g_idx)
+
+
+def activation_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: ActivationSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Static per-tensor activation grid from the calibrated range [lo, hi] (float32 scalars).
+
+    symmetric:  scale = max(|lo|, |hi|) / qmax; asymmetric: scale = (hi - lo) / (qmax - qmin),
+    zero = clamp(qmin - round(lo / scale)). Scales stay float32 (they are applied in fp32).
+    """
+    qmin, qmax = signed_range(spec.bits)
+    lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
+    if spec.symmetric:
+        scale = (torch.maximum(-lo, hi) / qmax).clamp(min=MIN_ACTIVATION_SCALE)
+        return scale.reshape(1), None
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=MIN_ACTIVATION_SCALE)
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale.reshape(1), zero.reshape(1)
+
+
+def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                               bits: int) -> torch.Tensor:
+    """Per-tensor static codes: clamp(round(x / scale) + zero): [..., K] float -> [..., K] int8."""
+    qmin, qmax = signed_range(bits)
+    q = torch.round(x.float() / scale)
+    if zero is not None:
+        q = q + zero
+    return q.clamp(qmin, qmax).to(torch.int8)
+
+
+def quantize_activation_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token codes: scale_t = max_k |x_tk| / qmax.
+
+    x: [..., K] float -> (codes [..., K] int8, scale [..., 1] float32).
+    """
+    qmin, qmax = signed_range(bits)
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=MIN_ACTIVATION_SCALE)
+    codes = torch.round(xf / scale).clamp(qmin, qmax).to(torch.int8)
+    return codes, scale
+
+
+def fake_quantize_activation(x: torch.Tensor, spec: ActivationSpec, scale: torch.Tensor | None = None,
+                             zero: torch.Tensor | None = None) -> torch.Tensor:
+    """x_hat = dequantize(quantize(x)) in float32, cast back to x.dtype: [..., K] -> [..., K]."""
+    if spec.dynamic:
+        codes, token_scale = quantize_activation_per_token(x, spec.bits)
+        return (codes.float() * token_scale).to(x.dtype)
+    codes = quantize_activation_static(x, scale, zero, spec.bits).float()
+    if zero is not None:
+        codes = codes - zero
+    return (codes * scale).to(x.dtype)
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10*log10(sum ref^2 / sum (ref - approx)^2), in dB."""
+    ref = reference.double()
+    noise = (ref - approximation.double()).pow(2).sum().item()
+    return sqnr_db_from_sums(ref.pow(2).sum().item(), noise)
+
+
+def sqnr_db_from_sums(signal: float, noise: float) -> float:
+    """SQNR in dB from accumulated sums of squares (inf when the noise is exactly zero)."""
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(max(signal, 1e-300) / noise)

@@ -1,0 +1,57 @@
+"""`QuantTensor`: the one typed hand-off from algorithms to the model, the native file and exporters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.algorithms import primitives
+from quantkit.schemes import WeightSpec
+
+
+@dataclass
+class QuantTensor:
+    """A quantized weight matrix.
+
+    codes:  [out, in] int8, signed codes in [-2^(b-1), 2^(b-1)-1], unpacked (packing is the file's job)
+    scale:  [R, G] float32 holding float16 values; R = 1 (per-tensor) or out; G = ceil(in / group_size)
+    zero:   [R, G] float32 or None (symmetric). Integer-valued for RTN/GPTQ/AWQ grids; HQQ's
+            optimised zero points may be fractional (see `integer_zero`).
+    spec:   the grid (bits, granularity, symmetric, group_size)
+    g_idx:  [in] int32 group of each input column when act-order reordered the groups, else None
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: WeightSpec
+    g_idx: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        out_features, in_features = self.codes.shape
+        assert self.codes.dtype == torch.int8, self.codes.dtype
+        assert self.scale.shape[0] in (1, out_features), (self.scale.shape, self.codes.shape)
+        assert self.scale.shape[1] == primitives.group_count(in_features, self.group_size), self.scale.shape
+        assert self.zero is None or self.zero.shape == self.scale.shape
+        assert self.spec.symmetric == (self.zero is None)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def group_size(self) -> int:
+        return primitives.group_size_for(self.spec, self.codes.shape[1])
+
+    @property
+    def ragged(self) -> bool:
+        """True when the last group holds fewer than group_size columns."""
+        return self.codes.shape[1] % self.group_size != 0
+
+    @property
+    def integer_zero(self) -> bool:
+        return self.zero is None or bool(torch.equal(self.zero, torch.round(self.zero)))
+
+    def dequantize(self) -> torch.Tensor:
+        """[out, in] float32."""
+        return primitives.dequantize(self.codes, self.scale, self.zero, self.group_size, self.g_idx)

@@ -1,0 +1,29 @@
+"""Round-to-nearest: the baseline every other algorithm is measured against."""
+from __future__ import annotations
+
+import torch
+
+from quantkit.algorithms import primitives
+from quantkit.algorithms.quant_tensor import QuantTensor
+from quantkit.algorithms.registry import LayerContext, register
+from quantkit.schemes import WeightSpec
+
+
+def quantize_rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantTensor:
+    """Min/max grid per group, codes = round(w / scale) + zero. weight: [out, in] float."""
+    weight = weight.float()
+    scale, zero = primitives.weight_qparams(weight, spec)
+    group_size = primitives.group_size_for(spec, weight.shape[1])
+    codes = primitives.quantize(weight, scale, zero, group_size, spec.bits)
+    return QuantTensor(codes, scale, zero, spec)
+
+
+@register("rtn")
+class RoundToNearest:
+    """No statistics, no search."""
+
+    statistics: frozenset[str] = frozenset()
+    sequential = False
+
+    def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
+        return quantize_rtn(weight, spec), {}

@@ -1,0 +1,1 @@
+"""Calibration: datasets into seeded token batches, hooks, and running per-channel statistics."""

@@ -1,0 +1,97 @@
+"""Hooks that always come off, and the one place that captures decoder block 0's inputs."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.calibrate.stats import LayerStats
+from quantkit.errors import QuantkitError
+
+
+@contextmanager
+def forward_hooks(modules: Mapping[str, nn.Module], make_hook: Callable[[str], Callable]) -> Iterator[None]:
+    """Register ``make_hook(name)`` as a forward hook on every module; all are removed on exit,
+    also when the body raises."""
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class NonFiniteActivation(QuantkitError):
+    pass
+
+
+@contextmanager
+def observe_inputs(modules: Mapping[str, nn.Module], kinds: frozenset[str],
+                   label: Callable[[str], str] = str) -> Iterator[dict[str, LayerStats]]:
+    """Keep running statistics of each module's first input while the body runs forwards.
+
+    Yields {name: LayerStats}. A batch whose input holds NaN or Inf stops the run with an error
+    naming the layer (``label(name)`` gives its full name).
+    """
+    stats = {name: LayerStats(kinds) for name in modules}
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            x = args[0]
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteActivation(f"NaN/Inf in the input activations of {label(name)}")
+            stats[name].update(x)
+        return hook
+
+    with forward_hooks(modules, make_hook):
+        yield stats
+
+
+@dataclass
+class BlockInput:
+    """One batch's call of a decoder block: its hidden states and the model's other arguments
+    (attention mask, rotary embeddings, position ids) exactly as the model passed them."""
+
+    hidden: torch.Tensor
+    kwargs: dict
+
+
+class _FirstBlockReached(Exception):
+    pass
+
+
+def capture_first_block_inputs(model: nn.Module, first_block: nn.Module,
+                               batches: Iterable[torch.Tensor]) -> list[BlockInput]:
+    """Run the model on each batch [B, L] of token ids only up to decoder block 0 and keep that
+    block's inputs. Works for any architecture: the model computes masks and rotary embeddings
+    itself, and a pre-hook stops the forward at block 0 (so later blocks may be unloaded)."""
+    captured: list[BlockInput] = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(BlockInput(hidden.detach(), {k: v for k, v in kwargs.items()}))
+        raise _FirstBlockReached
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _FirstBlockReached:
+                continue
+            raise RuntimeError("the model finished a forward without calling its first decoder block")
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, call: BlockInput) -> torch.Tensor:
+    """The block's output hidden states for one captured call."""
+    out = block(call.hidden, **call.kwargs)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,137 @@
+"""Running per-input-channel statistics of a Linear's input, updated one batch at a time.
+
+No activation tensor is kept: each statistic folds a batch [..., C] into fixed-size state in fp32
+(fp64 for sums), so memory is O(C) (O(C^2) for the Hessian) whatever the number of tokens.
+Each statistic can be merged across processes (`all_reduce`) with the collective that makes every
+rank hold the statistic one process would have computed over all samples.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> [tokens, C] float32."""
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+class ChannelRange:
+    """Running per-channel min and max: min_j = min over tokens of x_j (likewise max)."""
+
+    def __init__(self) -> None:
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _tokens(x)
+        lo, hi = x.amin(dim=0), x.amax(dim=0)
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """[C] max over tokens of |x_j|."""
+        return torch.maximum(-self.min, self.max)
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.min).all() and torch.isfinite(self.max).all())
+
+    def scale_channels(self, divisor: torch.Tensor) -> None:
+        """The statistic of x / divisor (divisor > 0 per channel): exact, no new pass needed."""
+        self.min, self.max = self.min / divisor, self.max / divisor
+
+    def all_reduce(self) -> None:
+        dist.all_reduce(self.max, op=dist.ReduceOp.MAX)
+        negated_min = -self.min
+        dist.all_reduce(negated_min, op=dist.ReduceOp.MAX)
+        self.min = -negated_min
+
+
+class ChannelMeanAbs:
+    """Running per-channel mean of |x_j| (AWQ's activation statistic); sums kept in fp64."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _tokens(x)
+        part = x.abs().sum(dim=0, dtype=torch.float64)
+        self.total = part if self.total is None else self.total + part
+        self.count += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.total / self.count).float()
+
+    def scale_channels(self, divisor: torch.Tensor) -> None:
+        self.total = self.total / divisor.double()
+
+    def all_reduce(self) -> None:
+        dist.all_reduce(self.total)
+        dist.all_reduce(self.count)
+
+
+class Hessian:
+    """GPTQ's H = (2 / n) * sum_t x_t x_t^T over n tokens, accumulated as an fp32 sum."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _tokens(x)
+        part = x.t() @ x
+        self.sum = part if self.sum is None else self.sum.add_(part)
+        self.count += x.shape[0]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """[C, C] float32."""
+        return self.sum * (2.0 / float(self.count))
+
+    def scale_channels(self, divisor: torch.Tensor) -> None:
+        """H of x / s is H_ij / (s_i s_j)."""
+        d = divisor.float()
+        self.sum = self.sum / torch.outer(d, d)
+
+    def all_reduce(self) -> None:
+        dist.all_reduce(self.sum)
+        dist.all_reduce(self.count)
+
+
+STATISTICS = {"range": ChannelRange, "mean_abs": ChannelMeanAbs, "hessian": Hessian}
+
+
+class LayerStats:
+    """The statistics one Linear's input is observed for (a subset of `STATISTICS`)."""
+
+    def __init__(self, kinds: frozenset[str]) -> None:
+        unknown = kinds - STATISTICS.keys()
+        assert not unknown, unknown
+        self.items = {kind: STATISTICS[kind]() for kind in sorted(kinds)}
+
+    def update(self, x: torch.Tensor) -> None:
+        for stat in self.items.values():
+            stat.update(x)
+
+    def scale_channels(self, divisor: torch.Tensor) -> None:
+        for stat in self.items.values():
+            stat.scale_channels(divisor)
+
+    def all_reduce(self) -> None:
+        for stat in self.items.values():
+            stat.all_reduce()
+
+    @property
+    def range(self) -> ChannelRange:
+        return self.items["range"]
+
+    @property
+    def mean_abs(self) -> ChannelMeanAbs:
+        return self.items["mean_abs"]
+
+    @property
+    def hessian(self) -> Hessian:
+        return self.items["hessian"]

@@ -1,0 +1,1 @@
+"""The click CLI: parses flags into config dataclasses, calls one library function, renders with rich."""

@@ -1,0 +1,60 @@
+"""``quantkit calibrate``: flags -> `CalibrateConfig` -> `pipeline.calibrate`, rendered with rich."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("model")
+@click.option("--scheme", default="smq_q8i8f16_1", show_default=True, help="See `quantkit schemes`.")
+@click.option("--algo", "algorithm", default="rtn", show_default=True, help="Weight algorithm: rtn, awq, gptq, hqq.")
+@click.option("--bits", type=click.IntRange(2, 8), help="Override the scheme's weight bits.")
+@click.option("--group-size", type=int, help="Override the weight group size (-1: per channel).")
+@click.option("--sym/--asym", "symmetric", default=None, help="Override the weight grid's symmetry.")
+@click.option("--dataset", default="dummy", show_default=True,
+              help="dummy, gsm8k, text (with --data-files), or a .txt/.jsonl/.parquet path.")
+@click.option("--data-files", multiple=True, help="Local files for gsm8k/text (offline use).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--num-samples", default=64, show_default=True, type=int)
+@click.option("--seq-len", default=512, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), help="SmoothQuant migration strength (default 0.5).")
+@click.option("--smooth/--no-smooth", default=None,
+              help="SmoothQuant before quantizing (default: on when activations are quantized).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory (default out/<model>-<scheme>).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--dtype", default="auto", show_default=True, help="Compute dtype of the calibration passes.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (off by default).")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress or tables.")
+def calibrate(model, scheme, algorithm, bits, group_size, symmetric, dataset, data_files, text_column,
+              num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, dtype, trust_remote_code,
+              as_json, quiet):
+    """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
+    quantized model: packed safetensors plus quant_manifest.json."""
+    from quantkit.cli import render
+    from quantkit.errors import QuantkitError
+    from quantkit.pipeline import CalibrateConfig, Progress, calibrate as run_calibration
+
+    if alpha is not None and smooth is False:
+        raise QuantkitError("--alpha and --no-smooth contradict each other; give one")
+    config = CalibrateConfig(
+        model=model, scheme=scheme, algorithm=algorithm, bits=bits, group_size=group_size, symmetric=symmetric,
+        dataset=dataset, data_files=tuple(data_files), text_column=text_column, num_samples=num_samples,
+        seq_len=seq_len, batch_size=batch_size, alpha=alpha, smooth=smooth, seed=seed, out=out,
+        overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
+    )
+    if quiet or as_json:
+        result = run_calibration(config, Progress())
+    else:
+        with render.RichProgress() as progress:
+            result = run_calibration(config, progress)
+            progress.finish()
+    if as_json:
+        render.emit_json(render.calibration_json(result))
+    elif not quiet:
+        render.stderr.print(render.calibration_table(result))
+        render.stderr.print(f"wrote {result.out}")

@@ -1,0 +1,114 @@
+"""rich rendering: stage progress, per-block bars and summary tables. Lives only in the CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from quantkit.pipeline import Progress as PipelineProgress
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+
+def emit_json(data: dict) -> None:
+    """Machine-readable output: one JSON document on stdout, nothing else there."""
+    print(json.dumps(data, indent=2, default=str))
+
+
+class RichProgress(PipelineProgress):
+    """Shows each stage as a line and the decoder blocks as a bar with the worst layer so far."""
+
+    def __init__(self, console: Console = stderr):
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console, transient=False)
+        self.tasks: dict[str, int] = {}
+        self.worst: tuple[float, str] = (math.inf, "")
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def _close_open_stages(self) -> None:
+        for task_id in self.tasks.values():
+            task = self.bar.tasks[task_id]
+            if task.total is None:
+                self.bar.update(task_id, total=1, completed=1)
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self._close_open_stages()
+        self.tasks[name] = self.bar.add_task(name, total=total, detail="")
+
+    def advance(self, name: str, detail: str = "") -> None:
+        worst = f"worst output SQNR {self.worst[0]:.1f} dB ({self.worst[1]})" if self.worst[1] else ""
+        self.bar.update(self.tasks[name], advance=1, detail=f"{detail}  {worst}")
+
+    def block_done(self, index: int, layers: dict[str, dict]) -> None:
+        for name, metrics in layers.items():
+            value = metrics.get("output_sqnr_db")
+            if value is not None and value < self.worst[0]:
+                self.worst = (value, name)
+
+    def finish(self) -> None:
+        self._close_open_stages()
+
+
+def _db(value) -> str:
+    return "exact" if value is None or value == math.inf else f"{value:.1f}"
+
+
+def calibration_table(result) -> Table:
+    manifest = result.manifest
+    table = Table(title=f"quantkit calibrate -> {result.out}", show_header=True)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for stage, seconds in result.timings.items():
+        table.add_row(f"time: {stage}", f"{seconds:.2f} s")
+    table.add_row("time: total", f"{sum(result.timings.values()):.2f} s")
+    table.add_row("peak memory (RSS)", f"{result.peak_rss_bytes / 2**20:.0f} MiB")
+    layers = manifest.layers
+    table.add_row("layers quantized", str(len(layers)))
+    for metric in ("output_sqnr_db", "weight_sqnr_db"):
+        values = [(e.metrics.get(metric), n) for n, e in layers.items() if e.metrics.get(metric) is not None]
+        if values:
+            worst, best = min(values), max(values)
+            table.add_row(f"{metric} worst", f"{_db(worst[0])} ({worst[1]})")
+            table.add_row(f"{metric} best", f"{_db(best[0])} ({best[1]})")
+    return table
+
+
+def calibration_json(result) -> dict:
+    manifest = result.manifest
+    layers = {name: entry.metrics for name, entry in manifest.layers.items()}
+    worst = min(((m.get("output_sqnr_db"), n) for n, m in layers.items() if m.get("output_sqnr_db") is not None),
+                default=(None, None))
+    return {
+        "out": str(result.out),
+        "manifest": str(result.out / "quant_manifest.json"),
+        "schemes": sorted({entry.scheme.name for entry in manifest.layers.values()}),
+        "algorithms": sorted({entry.algorithm for entry in manifest.layers.values()}),
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "total_s": round(sum(result.timings.values()), 3),
+        "peak_rss_mib": round(result.peak_rss_bytes / 2**20, 1),
+        "layers_quantized": len(layers),
+        "worst_output_sqnr": {"layer": worst[1], "db": worst[0] if worst[0] != math.inf else None},
+    }
+
+
+def eval_table(report) -> Table:
+    table = Table(title="quantkit eval", caption=f"protocol: {report.protocol.describe()}")
+    for column in ("model", "path", "perplexity", "vs reference", "KL(ref || model)", "top-1 agreement"):
+        table.add_column(column, justify="left" if column in ("model", "path") else "right")
+    reference = next((row.perplexity for row in report.rows if row.label == "reference"), None)
+    for row in report.rows:
+        delta = "" if reference is None or row.label == "reference" else f"{100 * (row.perplexity / reference - 1):+.2f}%"
+        table.add_row(row.label, row.model, f"{row.perplexity:.3f}", delta,
+                      "" if row.kl_divergence is None else f"{row.kl_divergence:.5f}",
+                      "" if row.top1_agreement is None else f"{100 * row.top1_agreement:.2f}%")
+    return table

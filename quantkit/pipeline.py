@@ -1,0 +1,355 @@
+"""The sequential, layer-wise calibration pipeline: checkpoint -> packed safetensors + manifest.
+
+    1. capture:   run the calibration batches up to decoder block 0 and keep its inputs (once);
+    2. per block: load its weights -> observe (hooks keep running per-channel input statistics)
+                  -> smooth (SmoothQuant fold) -> quantize its Linears (stage by stage, re-observing
+                  for sequential algorithms) -> propagate (recompute the block's outputs with the
+                  quantized weights; they are the next block's inputs) -> write its tensors -> release;
+    3. finish:    copy embeddings, final norm, lm_head, config and tokenizer; write the manifest;
+                  rename the staging directory into place.
+Peak memory is one block (plus a compute-dtype copy) and the cached activations of the calibration
+samples, whatever the number of blocks.
+"""
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import quantkit
+from quantkit.algorithms.registry import get_algorithm
+from quantkit.architectures import Architecture, architecture_for
+from quantkit.block import ALPHA_GRID, BlockJob, BlockQuantizer, BlockResult, cast_parameters
+from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
+from quantkit.calibrate.hooks import BlockInput, capture_first_block_inputs
+from quantkit.checkpoint import Checkpoint, ModelSource, build_skeleton, materialize, release, resolve_model
+from quantkit.errors import QuantkitError
+from quantkit.exporters.manifest import LayerEntry, Manifest
+from quantkit.exporters.native import ShardedWriter, check_output_path, quant_linear_tensors, staged_directory
+from quantkit.qlinear import QuantLinear
+from quantkit.recipe import LayerAssignment, uniform_plan
+from quantkit.schemes import Scheme, get_scheme
+
+_SOURCE_FILE_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken")
+_SKIPPED_SOURCE_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+@dataclass
+class CalibrateConfig:
+    """Everything `calibrate` needs; the CLI parses flags into this and nothing else."""
+
+    model: str
+    scheme: str = "smq_q8i8f16_1"
+    dataset: str = "dummy"
+    data_files: tuple[str, ...] = ()
+    text_column: str = "text"
+    num_samples: int = 64
+    seq_len: int = 512
+    alpha: float | None = None          # None: searched per block over block.ALPHA_GRID
+    smooth: bool | None = None          # None: on exactly when the scheme quantizes activations
+    algorithm: str = "rtn"
+    bits: int | None = None             # overrides of the scheme's weight grid
+    group_size: int | None = None
+    symmetric: bool | None = None
+    seed: int = 0
+    batch_size: int = 8
+    out: Path | None = None
+    overwrite: bool = False
+    dtype: str = "auto"                 # compute dtype of the forward passes
+    trust_remote_code: bool = False
+    metric_samples: int = 8             # samples whose layer outputs are compared float vs quantized
+    keep_model: bool = False            # return the in-memory quantized model (tests, validation)
+
+
+@dataclass
+class CalibrationResult:
+    out: Path
+    manifest: Manifest
+    model: nn.Module | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+
+
+class Progress:
+    """Callbacks the CLI renders with rich; the library default ignores them."""
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        """A stage starts; ``total`` steps will follow."""
+
+    def advance(self, name: str, detail: str = "") -> None:
+        """One step of the current stage is done."""
+
+    def block_done(self, index: int, layers: dict[str, dict]) -> None:
+        """A decoder block is quantized; ``layers`` holds each Linear's metrics."""
+
+
+def resolve_scheme(config: CalibrateConfig) -> Scheme:
+    """The scheme named in the config with --bits/--group-size/--sym overrides applied."""
+    scheme = get_scheme(config.scheme)
+    changes = {}
+    if config.bits is not None:
+        changes["bits"] = config.bits
+    if config.group_size is not None:
+        changes.update(granularity="channel", group_size=None) if config.group_size == -1 else \
+            changes.update(granularity="group", group_size=config.group_size)
+    if config.symmetric is not None:
+        changes["symmetric"] = config.symmetric
+    return scheme.with_weight(**changes) if changes else scheme
+
+
+def compute_dtype(name: str, source: torch.dtype) -> torch.dtype:
+    """auto: fp32 sources compute in fp32; half-precision sources in bf16 on CPU (fp16 matmuls are
+    slow there and bf16 has fp32's range)."""
+    if name != "auto":
+        try:
+            dtype = getattr(torch, name)
+        except AttributeError:
+            dtype = None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise QuantkitError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
+        return dtype
+    return torch.float32 if source == torch.float32 else torch.bfloat16
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class _Run:
+    """The state of one calibration run, built and validated before any heavy work."""
+
+    config: CalibrateConfig
+    source: ModelSource
+    checkpoint: Checkpoint
+    arch: Architecture
+    scheme: Scheme
+    plan: dict[str, LayerAssignment | None]
+    smooth: bool
+    alpha: float | None
+    compute_dtype: torch.dtype
+    storage_dtype: torch.dtype
+    out: Path
+    dataset: DatasetSpec | None = None
+    calibration_tokens: int = 0
+    block_alpha: dict[int, float | None] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def full_name(self, block_index: int, name: str) -> str:
+        return f"{self.arch.blocks}.{block_index}.{name}"
+
+
+@contextmanager
+def _timed(run: _Run, stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        run.timings[stage] = run.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _prepare(config: CalibrateConfig) -> _Run:
+    scheme = resolve_scheme(config)
+    get_algorithm(config.algorithm)  # an unknown name stops here, before any work
+    source = resolve_model(config.model)
+    checkpoint = Checkpoint(source.path, trust_remote_code=config.trust_remote_code)
+    arch = architecture_for(checkpoint.config)
+    if getattr(checkpoint.config, "quantization_config", None):
+        raise QuantkitError(f"{source.path} is already quantized (config.json has quantization_config); give a float checkpoint")
+    max_len = getattr(checkpoint.config, "max_position_embeddings", None)
+    if max_len is not None and config.seq_len > max_len:
+        raise QuantkitError(f"--seq-len {config.seq_len} is over the model's maximum of {max_len} tokens")
+    if config.num_samples < 1 or config.batch_size < 1:
+        raise QuantkitError("--num-samples and --batch-size must be at least 1")
+    out = Path(config.out or Path("out") / f"{Path(config.model).name}-{scheme.name}")
+    check_output_path(out, config.overwrite, [source.path])
+    num_blocks = checkpoint.config.num_hidden_layers
+    names = [f"{arch.blocks}.{i}.{linear}" for i in range(num_blocks) for linear in arch.linears]
+    rule = "--scheme " + config.scheme + ("" if scheme == get_scheme(config.scheme) else " (with weight overrides)")
+    plan = uniform_plan(names, LayerAssignment(scheme, config.algorithm, rule))
+    smooth = config.smooth if config.smooth is not None else (scheme.activation is not None or config.alpha is not None)
+    return _Run(
+        config=config, source=source, checkpoint=checkpoint, arch=arch, scheme=scheme, plan=plan,
+        smooth=smooth, alpha=config.alpha,
+        compute_dtype=compute_dtype(config.dtype, checkpoint.source_dtype),
+        storage_dtype=checkpoint.source_dtype, out=out,
+    )
+
+
+def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> CalibrationResult:
+    """Calibrate and quantize ``config.model``; write the native output to ``config.out``."""
+    progress = progress or Progress()
+    run = _prepare(config)
+    torch.manual_seed(config.seed)
+    with torch.inference_mode(), staged_directory(run.out, config.overwrite) as staging:
+        model, inputs = _capture(run, progress)
+        writer = ShardedWriter(staging)
+        layers, search_results = {}, {}
+        num_blocks = run.checkpoint.config.num_hidden_layers
+        progress.stage("blocks", num_blocks)
+        for index in range(num_blocks):
+            block_prefix = f"{run.arch.blocks}.{index}"
+            block = model.get_submodule(block_prefix)
+            result = _quantize_block(run, index, block, inputs, writer)
+            inputs = result.outputs
+            layers.update(result.entries)
+            search_results.update(result.search_results)
+            run.block_alpha[index] = result.alpha
+            progress.block_done(index, {name: entry.metrics for name, entry in result.entries.items()})
+            progress.advance("blocks", f"block {index}")
+        del inputs
+        with _timed(run, "write"):
+            progress.stage("write")
+            writer.add(_non_block_tensors(run))
+            files = writer.finish()
+            results_file = _save_search_results(staging, search_results)
+            _copy_source_files(run.source.path, staging)
+            manifest = _build_manifest(run, layers, files, results_file)
+            manifest.save(staging)
+        if config.keep_model:
+            _finish_in_memory(run, model)
+    return CalibrationResult(run.out, manifest, model if config.keep_model else None, dict(run.timings), _peak_rss())
+
+
+def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput]]:
+    """Tokenize the calibration data and keep decoder block 0's inputs for every batch."""
+    config = run.config
+    with _timed(run, "data"):
+        progress.stage("data")
+        tokenizer = run.checkpoint.tokenizer()
+        spec = DatasetSpec(config.dataset, tuple(config.data_files), config.text_column)
+        tokens = calibration_tokens(spec, tokenizer, run.checkpoint.config.vocab_size, config.num_samples,
+                                    config.seq_len, config.seed)
+        run.calibration_tokens = tokens.numel()
+        run.dataset = spec
+    with _timed(run, "capture"):
+        progress.stage("capture")
+        model = build_skeleton(run.checkpoint.config, run.compute_dtype, trust_remote_code=config.trust_remote_code)
+        embeddings = model.get_submodule(run.arch.embeddings)
+        materialize(embeddings, run.arch.embeddings, run.checkpoint, run.compute_dtype)
+        batches = tokens.split(config.batch_size)
+        first_block = model.get_submodule(f"{run.arch.blocks}.0")
+        inputs = capture_first_block_inputs(model, first_block, batches)
+        if not config.keep_model:
+            release(embeddings)
+    return model, inputs
+
+
+def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockInput],
+                    writer: ShardedWriter) -> BlockResult:
+    """Load, quantize (block.py), write and release one decoder block."""
+    prefix = f"{run.arch.blocks}.{index}"
+    with _timed(run, "load"):
+        materialize(block, prefix, run.checkpoint, torch.float32)
+    assigned = {name: run.plan[f"{prefix}.{name}"] for name in run.arch.linears if run.plan.get(f"{prefix}.{name}")}
+    job = BlockJob(index=index, prefix=prefix, block=block, assigned=assigned, inputs=inputs, arch=run.arch,
+                   model_config=run.checkpoint.config, compute_dtype=run.compute_dtype,
+                   storage_dtype=run.storage_dtype, smooth=run.smooth, alpha=run.alpha,
+                   metric_samples=run.config.metric_samples)
+    result = BlockQuantizer(job).run()
+    for stage, seconds in result.timings.items():
+        run.timings[stage] = run.timings.get(stage, 0.0) + seconds
+    with _timed(run, "write"):
+        writer.add(_block_tensors(run, prefix, block))
+    if run.config.keep_model:
+        cast_parameters(block, run.storage_dtype)
+    else:
+        release(block)
+    return result
+
+
+def _block_tensors(run: _Run, prefix: str, block: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a processed block under its full name: QuantLinear files, float params as stored."""
+    tensors = {}
+    quantized = {name for name, m in block.named_modules() if isinstance(m, QuantLinear)}
+    for name in quantized:
+        tensors.update(quant_linear_tensors(f"{prefix}.{name}", block.get_submodule(name))[0])
+    for name, param in block.named_parameters():
+        if name.rpartition(".")[0] not in quantized:
+            tensors[f"{prefix}.{name}"] = param.detach().to(run.storage_dtype)
+    return tensors
+
+
+def _non_block_tensors(run: _Run) -> dict[str, torch.Tensor]:
+    """Embeddings, final norm and an untied lm_head, as the source stored them."""
+    block_prefix = run.arch.blocks + "."
+    names = [n for n in run.checkpoint.weight_map if not n.startswith(block_prefix)]
+    tensors = run.checkpoint.tensors(names)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise QuantkitError(f"NaN/Inf in weight {name} of {run.checkpoint.path}")
+    return {name: t.to(run.storage_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+
+
+def _save_search_results(directory: Path, results: dict[str, torch.Tensor]) -> str | None:
+    if not results:
+        return None
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in results.items()}, str(directory / "search_results.safetensors"))
+    return "search_results.safetensors"
+
+
+def _copy_source_files(source: Path, directory: Path) -> None:
+    """config, generation config and tokenizer files (never the source weights)."""
+    for pattern in _SOURCE_FILE_PATTERNS:
+        for file in source.glob(pattern):
+            if file.is_file() and file.name not in _SKIPPED_SOURCE_FILES:
+                shutil.copy2(file, directory / file.name)
+
+
+def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], results_file: str | None) -> Manifest:
+    config = run.config
+    quantized_sqnr = [e.metrics["output_sqnr_db"] for e in layers.values()]
+    summary = {
+        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
+        "peak_rss_bytes": _peak_rss(),
+        "layers_quantized": len(layers),
+        "min_output_sqnr_db": min(quantized_sqnr) if quantized_sqnr else None,
+    }
+    return Manifest(
+        tool={"name": "quantkit", "version": quantkit.__version__,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        source={"requested": run.source.requested, "path": str(run.source.path), "hub_id": run.source.hub_id,
+                "architecture": run.arch.name, "dtype": str(run.storage_dtype).removeprefix("torch."),
+                "files": [f.name for f in run.checkpoint.files], "weights_sha256": run.checkpoint.sha256()},
+        calibration={**{"dataset": run.dataset.describe()}, "num_samples": config.num_samples,
+                     "seq_len": config.seq_len, "tokens": run.calibration_tokens, "seed": config.seed,
+                     "batch_size": config.batch_size, "compute_dtype": str(run.compute_dtype).removeprefix("torch."),
+                     "metric_samples": config.metric_samples},
+        storage_dtype=str(run.storage_dtype).removeprefix("torch."),
+        smoothing=_smoothing_record(run),
+        layers=layers, weight_files=files, search_results=results_file, summary=summary,
+    )
+
+
+def _smoothing_record(run: _Run) -> dict:
+    if not run.smooth:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "alpha": "auto" if run.alpha is None else run.alpha,
+        "alpha_grid": list(ALPHA_GRID) if run.alpha is None else None,
+        "block_alpha": {str(i): a for i, a in run.block_alpha.items()},  # null: smoothing lost the search
+        "groups": [{"prev": g.prev, "consumers": list(g.consumers), "gqa_shared": g.gqa_shared} for g in run.arch.smooth],
+    }
+
+
+def _finish_in_memory(run: _Run, model: nn.Module) -> None:
+    """Load the non-block weights too, so the returned model runs end to end in the storage dtype."""
+    for name in (run.arch.embeddings, run.arch.final_norm, run.arch.lm_head):
+        module = model.get_submodule(name)
+        fallback = {f"{run.arch.lm_head}.weight": f"{run.arch.embeddings}.weight"}
+        if any(p.is_meta for p in module.parameters()) or name == run.arch.embeddings:
+            materialize(module, name, run.checkpoint, run.storage_dtype, fallback)
+    if getattr(run.checkpoint.config, "tie_word_embeddings", False) and not run.checkpoint.has(f"{run.arch.lm_head}.weight"):
+        model.get_submodule(run.arch.lm_head).weight = model.get_submodule(run.arch.embeddings).weight
+    cast_parameters(model, run.storage_dtype)

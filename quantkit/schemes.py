@@ -1,0 +1,131 @@
+"""Quantization schemes: what a layer's weights and input activations become.
+
+A scheme is data, not code: `WeightSpec` (bits, granularity, symmetry) and `ActivationSpec`
+(bits, per-tensor static or per-token dynamic, symmetry). Algorithms decide *how* codes are found;
+the scheme says *what* the codes mean.
+
+The three ``smq_q8i8f16_*`` schemes are mlc-llm's SmoothQuant schemes (PR #855), exactly:
+  _0: int8 per-tensor symmetric activations, int8 per-tensor symmetric weights
+  _1: int8 per-tensor symmetric activations, int8 per-channel symmetric weights
+  _2: int8 per-tensor asymmetric activations, int8 per-channel asymmetric weights
+Activation scales of these are static (from calibration).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Literal
+
+from quantkit.errors import QuantkitError
+
+WeightGranularity = Literal["tensor", "channel", "group"]
+ActivationGranularity = Literal["tensor", "token"]
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Integer weight grid: ``w ~ (code - zero) * scale``, codes signed in [-2^(b-1), 2^(b-1)-1].
+
+    granularity: one scale for the tensor, per output channel, or per group of ``group_size``
+    consecutive input channels within each output channel (the last group may be shorter).
+    """
+
+    bits: int
+    granularity: WeightGranularity
+    symmetric: bool
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise QuantkitError(f"weight bits must be between 2 and 8, got {self.bits}")
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise QuantkitError("group_size is set exactly when granularity is 'group'")
+        if self.group_size is not None and self.group_size < 1:
+            raise QuantkitError(f"group size must be positive, got {self.group_size}")
+
+    def describe(self) -> str:
+        grain = f"g{self.group_size}" if self.granularity == "group" else f"per-{self.granularity}"
+        return f"int{self.bits} {grain} {'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """Input-activation grid. ``tensor`` is static (scale from calibration); ``token`` is dynamic."""
+
+    bits: int
+    granularity: ActivationGranularity
+    symmetric: bool
+
+    @property
+    def dynamic(self) -> bool:
+        return self.granularity == "token"
+
+    def describe(self) -> str:
+        kind = "dynamic per-token" if self.dynamic else "static per-tensor"
+        return f"int{self.bits} {kind} {'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    summary: str
+    weight: WeightSpec
+    activation: ActivationSpec | None = None
+
+    def with_weight(self, **changes) -> "Scheme":
+        """The same scheme with weight grid fields replaced (from --bits/--group-size/--sym)."""
+        return dataclasses.replace(self, weight=dataclasses.replace(self.weight, **changes))
+
+    def describe(self) -> str:
+        act = self.activation.describe() if self.activation else "float activations"
+        return f"weights {self.weight.describe()}, {act}"
+
+
+_A8_TENSOR_SYM = ActivationSpec(8, "tensor", symmetric=True)
+_A8_TENSOR_ASYM = ActivationSpec(8, "tensor", symmetric=False)
+_A8_TOKEN_SYM = ActivationSpec(8, "token", symmetric=True)
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("smq_q8i8f16_0", "mlc-llm SmoothQuant: int8 per-tensor sym weights, static per-tensor sym int8 activations",
+               WeightSpec(8, "tensor", True), _A8_TENSOR_SYM),
+        Scheme("smq_q8i8f16_1", "mlc-llm SmoothQuant: int8 per-channel sym weights, static per-tensor sym int8 activations",
+               WeightSpec(8, "channel", True), _A8_TENSOR_SYM),
+        Scheme("smq_q8i8f16_2", "mlc-llm SmoothQuant: int8 per-channel asym weights, static per-tensor asym int8 activations",
+               WeightSpec(8, "channel", False), _A8_TENSOR_ASYM),
+        Scheme("w8a8_dynamic", "vLLM W8A8: int8 per-channel sym weights, dynamic per-token sym int8 activations",
+               WeightSpec(8, "channel", True), _A8_TOKEN_SYM),
+        Scheme("w8a16", "weight-only int8 per-channel sym; activations stay float",
+               WeightSpec(8, "channel", True)),
+        Scheme("w4a16", "weight-only int4 group-128 asym (AWQ/GPTQ style); activations stay float",
+               WeightSpec(4, "group", False, 128)),
+        Scheme("w4a8", "int4 group-128 sym weights, dynamic per-token sym int8 activations",
+               WeightSpec(4, "group", True, 128), _A8_TOKEN_SYM),
+    )
+}
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme called ``name``; an unknown name suggests the closest ones."""
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, SCHEMES, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(SCHEMES)}"
+        raise QuantkitError(f"unknown scheme '{name}'{hint}") from None
+
+
+def scheme_to_dict(scheme: Scheme) -> dict:
+    return dataclasses.asdict(scheme)
+
+
+def scheme_from_dict(data: dict) -> Scheme:
+    act = data.get("activation")
+    return Scheme(
+        name=data["name"],
+        summary=data.get("summary", ""),
+        weight=WeightSpec(**data["weight"]),
+        activation=ActivationSpec(**act) if act else None,
+    )

@@ -1,0 +1,92 @@
+"""Tiny random checkpoints built from transformers configs (nothing is downloaded)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hum songs about "
+         "numbers rivers mountains and bright stars above old towns near green fields").split()
+
+
+def tiny_text(num_words: int = 4000, seed: int = 0) -> str:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, len(WORDS), (num_words,), generator=generator).tolist()
+    lines = [" ".join(WORDS[i] for i in ids[k:k + 12]) for k in range(0, num_words, 12)]
+    return "\n\n".join(lines)
+
+
+def save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(directory)
+
+
+def tiny_config(architecture: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False)
+    common.update(overrides)
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[architecture]
+    config = config_class(**common)
+    config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                             "qwen2": "Qwen2ForCausalLM"}[architecture]]
+    return config
+
+
+def make_checkpoint(directory: Path, architecture: str = "llama", seed: int = 0, dtype=torch.float32,
+                    outlier_channels: int = 2, **overrides) -> Path:
+    """A random model saved as an HF checkpoint, with a few large-magnitude hidden channels (the
+    activation outliers SmoothQuant exists for)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(architecture, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight") and outlier_channels:
+                param[:outlier_channels] = 20.0
+            if name.endswith("bias"):
+                param.normal_(0, 0.05)
+    model = model.to(dtype)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    save_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("mistral"), "mistral", seed=1, sliding_window=None)
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(tiny_text())
+    return path
