@@ -17,7 +17,7 @@ from torch import nn
 
 from quantkit.algorithms import primitives, smoothquant
 from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.algorithms.registry import LayerContext, get_algorithm
+from quantkit.algorithms.registry import BlockContext, LayerContext, get_algorithm
 from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.architectures import Architecture, ScaleGroup, channel_map
 from quantkit.calibrate.hooks import BlockInput, forward_hooks, observe_inputs, run_block
@@ -73,7 +73,7 @@ class BlockJob:
     prefix: str                                  # the block's full name, e.g. model.layers.3
     block: nn.Module                             # fp32 master copy, materialized
     assigned: dict[str, LayerAssignment]         # block-relative Linear name -> what it gets
-    inputs: list[BlockInput]
+    inputs: list[BlockInput] | None              # None: no layer needs calibration data
     arch: Architecture
     model_config: object
     compute_dtype: torch.dtype
@@ -87,7 +87,7 @@ class BlockJob:
 
 @dataclass
 class BlockResult:
-    outputs: list[BlockInput]
+    outputs: list[BlockInput] | None
     entries: dict[str, LayerEntry]
     search_results: dict[str, torch.Tensor] = field(default_factory=dict)
     alpha: float | None = None
@@ -112,26 +112,35 @@ class BlockQuantizer:
         return f"{self.job.prefix}.{name}"
 
     def run(self) -> BlockResult:
+        """observe -> smooth -> transform -> quantize -> propagate. Without inputs (no layer needs
+        calibration data) only the weights are quantized and no output is propagated."""
         job = self.job
-        result = BlockResult(outputs=[], entries={})
-        with self.timed("observe"):
-            stats = self.observe(list(job.assigned))
-        if job.smooth:
-            with self.timed("smooth"):
-                self.smooth(stats, result)
+        calibrated = job.inputs is not None
+        result = BlockResult(outputs=None, entries={})
+        stats: dict[str, LayerStats | None] = dict.fromkeys(job.assigned)
+        if calibrated:
+            with self.timed("observe"):
+                stats = self.observe(list(job.assigned))
+            if job.smooth:
+                with self.timed("smooth"):
+                    self.smooth(stats, result)
+            with self.timed("transform"):
+                self.transform(stats, result)
         float_weights: dict[str, torch.Tensor] = {}
         with self.timed("quantize"):
             for stage_index, stage in enumerate(job.arch.sequential):
                 names = [name for name in stage if name in job.assigned]
-                if stage_index > 0 and any(get_algorithm(job.assigned[n].algorithm).sequential for n in names):
+                resequence = any(get_algorithm(job.assigned[n].algorithm).sequential for n in names)
+                if calibrated and stage_index > 0 and resequence:
                     stats.update(self.observe(names))
                 for name in names:
                     float_weights[name] = job.block.get_submodule(name).weight.float().clone()
                     self.quantize_linear(name, stats[name], result)
-        with self.timed("propagate"):
-            result.outputs, output_sqnr = self.propagate(float_weights)
-        for name, value in output_sqnr.items():
-            result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
+        if calibrated:
+            with self.timed("propagate"):
+                result.outputs, output_sqnr = self.propagate(float_weights)
+            for name, value in output_sqnr.items():
+                result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
         result.timings = self.timings
         return result
 
@@ -217,9 +226,24 @@ class BlockQuantizer:
             seen += call.hidden.shape[0]
         return calls
 
+    def transform(self, stats: dict[str, LayerStats], result: BlockResult) -> None:
+        """Block-level transforms of the assigned algorithms (AWQ), after smoothing."""
+        job = self.job
+        for name in sorted({a.algorithm for a in job.assigned.values()}):
+            algorithm = get_algorithm(name)
+            if not hasattr(algorithm, "transform_block"):
+                continue
+            context = BlockContext(
+                prefix=job.prefix, block=job.block, assigned=job.assigned, stats=stats, groups=job.arch.awq,
+                model_config=job.model_config, norm_offset=job.arch.norm_offset, first_samples=self.first_samples,
+                runner=lambda: runner_for(job.block, job.compute_dtype),
+            )
+            found = algorithm.transform_block(context)
+            result.search_results.update({f"{job.prefix}.{key}": value for key, value in found.items()})
+
     # Quantize and propagate -----------------------------------------------------------------------
 
-    def quantize_linear(self, name: str, stats: LayerStats, result: BlockResult) -> None:
+    def quantize_linear(self, name: str, stats: LayerStats | None, result: BlockResult) -> None:
         """Quantize one Linear with its algorithm and swap in a QuantLinear."""
         job = self.job
         assignment = job.assigned[name]
@@ -229,16 +253,18 @@ class BlockQuantizer:
         algorithm = get_algorithm(assignment.algorithm)
         quant, results = algorithm.quantize(weight, assignment.scheme.weight,
                                             LayerContext(full_name, stats, dict(assignment.options)))
-        layer = make_quant_linear(linear, assignment.scheme, quant, input_range(stats), job.storage_dtype)
+        layer = make_quant_linear(linear, assignment.scheme, quant, input_range(stats) if stats else None,
+                                  job.storage_dtype)
         set_submodule(job.block, name, layer)
         _, tensor_names = quant_linear_tensors(full_name, layer)
         result.entries[full_name] = LayerEntry(
             scheme=assignment.scheme, algorithm=assignment.algorithm, rule=assignment.rule,
             shape=quant.shape, tensors=tensor_names, codes_layout=codes_layout(quant.spec.bits),
             ragged_last_group=quant.ragged, integer_zero=quant.integer_zero,
-            metrics={"weight_sqnr_db": primitives.sqnr_db(weight, quant.dequantize()),
-                     "input_absmax": float(stats.range.absmax.max())},
+            metrics={"weight_sqnr_db": primitives.sqnr_db(weight, quant.dequantize())},
         )
+        if stats is not None:
+            result.entries[full_name].metrics["input_absmax"] = float(stats.range.absmax.max())
         result.search_results.update({f"{full_name}.{key}": value for key, value in results.items()})
 
     def propagate(self, float_weights: dict[str, torch.Tensor]) -> tuple[list[BlockInput], dict[str, float]]:

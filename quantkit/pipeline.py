@@ -138,6 +138,7 @@ class _Run:
     compute_dtype: torch.dtype
     storage_dtype: torch.dtype
     out: Path
+    needs_data: bool = True             # False: every layer's algorithm is calibration-free
     dataset: DatasetSpec | None = None
     calibration_tokens: int = 0
     block_alpha: dict[int, float | None] = field(default_factory=dict)
@@ -178,10 +179,18 @@ def _prepare(config: CalibrateConfig) -> _Run:
     smooth = config.smooth if config.smooth is not None else (scheme.activation is not None or config.alpha is not None)
     return _Run(
         config=config, source=source, checkpoint=checkpoint, arch=arch, scheme=scheme, plan=plan,
+        needs_data=smooth or any(_needs_calibration(a) for a in plan.values() if a is not None),
         smooth=smooth, alpha=config.alpha,
         compute_dtype=compute_dtype(config.dtype, checkpoint.source_dtype),
         storage_dtype=checkpoint.source_dtype, out=out,
     )
+
+
+def _needs_calibration(assignment: LayerAssignment) -> bool:
+    """Whether a layer's quantization uses calibration activations at all."""
+    algorithm = get_algorithm(assignment.algorithm)
+    static_activations = assignment.scheme.activation is not None and not assignment.scheme.activation.dynamic
+    return bool(algorithm.statistics) or hasattr(algorithm, "transform_block") or static_activations
 
 
 def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> CalibrationResult:
@@ -190,7 +199,7 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
     run = _prepare(config)
     torch.manual_seed(config.seed)
     with torch.inference_mode(), staged_directory(run.out, config.overwrite) as staging:
-        model, inputs = _capture(run, progress)
+        model, inputs = _capture(run, progress) if run.needs_data else (_skeleton(run), None)
         writer = ShardedWriter(staging)
         layers, search_results = {}, {}
         num_blocks = run.checkpoint.config.num_hidden_layers
@@ -232,7 +241,7 @@ def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput]
         run.dataset = spec
     with _timed(run, "capture"):
         progress.stage("capture")
-        model = build_skeleton(run.checkpoint.config, run.compute_dtype, trust_remote_code=config.trust_remote_code)
+        model = _skeleton(run)
         embeddings = model.get_submodule(run.arch.embeddings)
         materialize(embeddings, run.arch.embeddings, run.checkpoint, run.compute_dtype)
         batches = tokens.split(config.batch_size)
@@ -241,6 +250,10 @@ def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput]
         if not config.keep_model:
             release(embeddings)
     return model, inputs
+
+
+def _skeleton(run: _Run) -> nn.Module:
+    return build_skeleton(run.checkpoint.config, run.compute_dtype, trust_remote_code=run.config.trust_remote_code)
 
 
 def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockInput],
@@ -307,13 +320,13 @@ def _copy_source_files(source: Path, directory: Path) -> None:
 
 
 def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], results_file: str | None) -> Manifest:
-    config = run.config
-    quantized_sqnr = [e.metrics["output_sqnr_db"] for e in layers.values()]
+    quantized_sqnr = [e.metrics["output_sqnr_db"] for e in layers.values() if "output_sqnr_db" in e.metrics]
     summary = {
         "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
         "peak_rss_bytes": _peak_rss(),
         "layers_quantized": len(layers),
         "min_output_sqnr_db": min(quantized_sqnr) if quantized_sqnr else None,
+        "min_weight_sqnr_db": min((e.metrics["weight_sqnr_db"] for e in layers.values()), default=None),
     }
     return Manifest(
         tool={"name": "quantkit", "version": quantkit.__version__,
@@ -321,14 +334,21 @@ def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], 
         source={"requested": run.source.requested, "path": str(run.source.path), "hub_id": run.source.hub_id,
                 "architecture": run.arch.name, "dtype": str(run.storage_dtype).removeprefix("torch."),
                 "files": [f.name for f in run.checkpoint.files], "weights_sha256": run.checkpoint.sha256()},
-        calibration={**{"dataset": run.dataset.describe()}, "num_samples": config.num_samples,
-                     "seq_len": config.seq_len, "tokens": run.calibration_tokens, "seed": config.seed,
-                     "batch_size": config.batch_size, "compute_dtype": str(run.compute_dtype).removeprefix("torch."),
-                     "metric_samples": config.metric_samples},
+        calibration=_calibration_record(run),
         storage_dtype=str(run.storage_dtype).removeprefix("torch."),
         smoothing=_smoothing_record(run),
         layers=layers, weight_files=files, search_results=results_file, summary=summary,
     )
+
+
+def _calibration_record(run: _Run) -> dict:
+    config = run.config
+    if not run.needs_data:
+        return {"dataset": None, "skipped": "no layer needs calibration data (calibration-free algorithm, "
+                                            "no smoothing, no static activations)"}
+    return {"dataset": run.dataset.describe(), "num_samples": config.num_samples, "seq_len": config.seq_len,
+            "tokens": run.calibration_tokens, "seed": config.seed, "batch_size": config.batch_size,
+            "compute_dtype": str(run.compute_dtype).removeprefix("torch."), "metric_samples": config.metric_samples}
 
 
 def _smoothing_record(run: _Run) -> dict:

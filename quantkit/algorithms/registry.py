@@ -9,10 +9,12 @@ pipeline saves so a run can be audited or re-applied without recalibrating.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from quantkit.algorithms.quant_tensor import QuantTensor
 from quantkit.calibrate.stats import LayerStats
@@ -30,12 +32,34 @@ class LayerContext:
     options: dict = field(default_factory=dict)
 
 
+@dataclass
+class BlockContext:
+    """What a block-level transform (AWQ's scale and clip search) may use and change.
+
+    block is the fp32 master copy; transforms fold exact rescalings into it and must rescale the
+    statistics of every input they change (stats[name].scale_channels).
+    """
+
+    prefix: str
+    block: nn.Module
+    assigned: dict                           # block-relative Linear name -> LayerAssignment
+    stats: dict[str, LayerStats]
+    groups: tuple                            # the architecture's ScaleGroups for this transform
+    model_config: object
+    norm_offset: float
+    first_samples: Callable[[int], list]     # the captured block inputs covering the first n samples
+    runner: Callable[[], nn.Module]          # a copy of the block in the compute dtype
+
+
 class WeightAlgorithm(Protocol):
     statistics: frozenset[str]
     sequential: bool
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
         ...
+
+    # Optional: ``transform_block(context: BlockContext) -> dict[str, Tensor]`` runs once per block
+    # after smoothing and before quantization (AWQ). Its results are saved like search results.
 
 
 _REGISTRY: dict[str, type] = {}
@@ -50,14 +74,8 @@ def register(name: str):
 
 
 def _load_builtin() -> None:
-    # Importing the algorithm modules registers them; done lazily to keep imports side-effect free.
-    from quantkit.algorithms import rtn  # noqa: F401
-    for module in ("gptq", "hqq", "awq"):
-        try:
-            __import__(f"quantkit.algorithms.{module}")
-        except ModuleNotFoundError as error:
-            if error.name != f"quantkit.algorithms.{module}":
-                raise
+    # Importing the algorithm modules registers them; done on first use, not at import.
+    from quantkit.algorithms import awq, gptq, hqq, rtn  # noqa: F401
 
 
 def algorithm_names() -> list[str]:

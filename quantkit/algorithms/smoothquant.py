@@ -67,22 +67,23 @@ def fold_into_previous(prev: nn.Module, factors: torch.Tensor, norm_offset: floa
 
     For a norm computing x_hat * (norm_offset + w) the fold is w' = (norm_offset + w) / s - norm_offset.
     """
-    s = factors.to(prev.weight.device)
-    weight = prev.weight.float()
+    # Folds compute in fp64 so the only rounding is the final cast to the weight's dtype.
+    s = factors.to(prev.weight.device, torch.float64)
+    weight = prev.weight.double()
     if isinstance(prev, nn.Linear):
         prev.weight.copy_((weight / s[:, None]).to(prev.weight.dtype))
     else:
         prev.weight.copy_(((weight + norm_offset) / s - norm_offset).to(prev.weight.dtype))
     if getattr(prev, "bias", None) is not None:
-        prev.bias.copy_((prev.bias.float() / s).to(prev.bias.dtype))
+        prev.bias.copy_((prev.bias.double() / s).to(prev.bias.dtype))
 
 
 @torch.no_grad()
 def fold_into_consumers(consumers: list[nn.Module], factors: torch.Tensor) -> None:
     """Multiply input channel j of every consumer by s_j: W[:, j] *= s_j."""
     for linear in consumers:
-        s = factors.to(linear.weight.device)
-        linear.weight.copy_((linear.weight.float() * s[None, :]).to(linear.weight.dtype))
+        s = factors.to(linear.weight.device, torch.float64)
+        linear.weight.copy_((linear.weight.double() * s[None, :]).to(linear.weight.dtype))
 
 
 def apply(block: nn.Module, groups: tuple[ScaleGroup, ...], factors: dict[str, torch.Tensor],

@@ -24,7 +24,7 @@ class RichProgress(PipelineProgress):
 
     def __init__(self, console: Console = stderr):
         self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console, transient=False)
+                            TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console, transient=True)
         self.tasks: dict[str, int] = {}
         self.worst: tuple[float, str] = (math.inf, "")
 
@@ -104,7 +104,8 @@ def calibration_json(result) -> dict:
 def eval_table(report) -> Table:
     table = Table(title="quantkit eval", caption=f"protocol: {report.protocol.describe()}")
     for column in ("model", "path", "perplexity", "vs reference", "KL(ref || model)", "top-1 agreement"):
-        table.add_column(column, justify="left" if column in ("model", "path") else "right")
+        table.add_column(column, justify="left" if column in ("model", "path") else "right",
+                         overflow="fold", min_width=8 if column == "path" else None)
     reference = next((row.perplexity for row in report.rows if row.label == "reference"), None)
     for row in report.rows:
         delta = "" if reference is None or row.label == "reference" else f"{100 * (row.perplexity / reference - 1):+.2f}%"

@@ -1,0 +1,210 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023; mit-han-lab/llm-awq, AutoAWQ).
+
+A block-level transform followed by round-to-nearest:
+1. scale search, per group "op -> consumers sharing one input" (architectures.Architecture.awq):
+       s(r) = x_mean^r / (w_mean^(1-r) + 1e-4),  s <- s / sqrt(max s * min s),  r = i / 20, i = 0..19
+   where x_mean is the calibrated mean |x_j| of the input channel and w_mean the mean over rows of
+   |W_ij| / max_group |W| (AutoAWQ's "duo scaling"). Each r is scored by the MSE of the group's loss
+   module (the attention, the MLP, or the consumer Linear) with the consumers replaced by
+   Q(W * s) / s, against its float output on the captured inputs. The best s is folded exactly
+   (prev /= s, consumers W *= s), so the float function is unchanged and the quantizer sees W * s.
+   Under grouped-query attention v_proj -> o_proj shares one factor per v channel across its copies.
+2. clip search, per consumer except q/k: per group, the weight range is shrunk to (1 - i/20) of its
+   max, i = 0..9, keeping the ratio with the smallest MSE of the group's partial output x_g . w_g on a
+   token sample of the layer's (rescaled) input; the weights are clamped there before RTN.
+Embeddings and lm_head are never scaled (only ops inside decoder blocks are in the table).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.algorithms import primitives, smoothquant
+from quantkit.algorithms.quant_tensor import QuantTensor
+from quantkit.algorithms.registry import BlockContext, LayerContext, register
+from quantkit.algorithms.rtn import quantize_rtn
+from quantkit.architectures import ScaleGroup, channel_map
+from quantkit.calibrate.hooks import run_block
+from quantkit.schemes import WeightSpec
+
+GRID = 20
+MAX_SHRINK = 0.5
+CLIP_TOKENS = 512
+NO_CLIP = ("q_proj", "k_proj")  # their errors are squashed by the softmax; AutoAWQ skips them too
+
+
+def fake_quantize(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Q(w) in float32: [out, in] -> [out, in]."""
+    return quantize_rtn(weight, spec).dequantize()
+
+
+def weight_mean(weights: list[torch.Tensor], spec: WeightSpec) -> torch.Tensor:
+    """w_mean [C]: mean over rows of |W| normalised by each group's max |W|."""
+    weight = torch.cat([w.float() for w in weights])
+    groups = primitives.to_groups(weight.abs(), primitives.group_size_for(spec, weight.shape[1]))
+    normalised = groups / groups.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    return normalised.reshape(weight.shape[0], -1)[:, : weight.shape[1]].mean(dim=0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.Tensor:
+    scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+def _mean_per_prev_channel(values: torch.Tensor, column_map: torch.Tensor | None) -> torch.Tensor:
+    if column_map is None:
+        return values
+    size = int(column_map.max()) + 1
+    total = torch.zeros(size).index_add_(0, column_map, values.float())
+    return total / torch.bincount(column_map, minlength=size).float()
+
+
+class _Captured:
+    """Inputs of the loss modules and the Linears on the search samples (hooks come off on exit)."""
+
+    def __init__(self, block: nn.Module, module_names: set[str], linear_names: set[str]):
+        self.calls: dict[str, list[tuple[tuple, dict]]] = {name: [] for name in module_names}
+        self.linear_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linear_names}
+        self.handles = []
+        for name in module_names:
+            self.handles.append(block.get_submodule(name).register_forward_pre_hook(self._keep_call(name), with_kwargs=True))
+        for name in linear_names:
+            self.handles.append(block.get_submodule(name).register_forward_pre_hook(self._keep_input(name)))
+
+    def _keep_call(self, name):
+        def hook(module, args, kwargs):
+            self.calls[name].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        return hook
+
+    def _keep_input(self, name):
+        def hook(module, args):
+            self.linear_inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _module_output(module: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
+    out = module(*call[0], **call[1])
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
+@torch.no_grad()
+def search_group_scales(runner: nn.Module, master: nn.Module, group: ScaleGroup, spec: WeightSpec,
+                        x_mean: torch.Tensor, calls: list, column_map: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, list[float]]:
+    """Best s for one group (prev channels) and the loss of every grid ratio."""
+    consumers = [master.get_submodule(name).weight.float() for name in group.consumers]
+    run_modules = [runner.get_submodule(name) for name in group.consumers]
+    originals = [m.weight.data.clone() for m in run_modules]
+    loss_module = runner.get_submodule(group.loss_on)
+    reference = [_module_output(loss_module, call) for call in calls]
+    x_prev = _mean_per_prev_channel(x_mean, column_map)
+    w_prev = _mean_per_prev_channel(weight_mean(consumers, spec), column_map)
+    losses, best, best_scales = [], float("inf"), torch.ones_like(x_prev)
+    try:
+        for i in range(GRID):
+            scales = candidate_scales(x_prev, w_prev, i / GRID)
+            column_scales = smoothquant.consumer_factors(scales, column_map)
+            for module, weight in zip(run_modules, consumers):
+                module.weight.data = (fake_quantize(weight * column_scales, spec) / column_scales).to(module.weight.dtype)
+            loss = sum(F.mse_loss(_module_output(loss_module, call), ref, reduction="sum").item()
+                       for call, ref in zip(calls, reference))
+            losses.append(loss)
+            if loss < best:
+                best, best_scales = loss, scales
+    finally:
+        for module, original in zip(run_modules, originals):
+            module.weight.data = original
+    return best_scales, losses
+
+
+@torch.no_grad()
+def search_clip(weight: torch.Tensor, inputs: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Per-group clip ratio [out, G] minimising the MSE of the group partial outputs x_g . w_g."""
+    group_size = primitives.group_size_for(spec, weight.shape[1])
+    w = primitives.to_groups(weight.float(), group_size)                    # [out, G, g]
+    step = max(1, inputs.shape[0] // CLIP_TOKENS)
+    x = primitives.to_groups(inputs.float()[::step][:CLIP_TOKENS], group_size)  # [n, G, g]
+    valid = (torch.arange(w.shape[1] * group_size) < weight.shape[1]).reshape(w.shape[1], group_size)
+    x = x * valid  # padding columns of a ragged group contribute nothing
+    reference = torch.einsum("ogk,ngk->ogn", w, x)
+    max_abs = w.abs().amax(dim=-1, keepdim=True)
+    best_error = torch.full(w.shape[:2], float("inf"))
+    best_ratio = torch.ones(w.shape[:2])
+    group_spec = WeightSpec(spec.bits, "channel", spec.symmetric)
+    for i in range(int(MAX_SHRINK * GRID)):
+        ratio = 1 - i / GRID
+        limit = max_abs * ratio
+        clipped = torch.maximum(torch.minimum(w, limit), -limit)
+        flat = clipped.reshape(-1, group_size)
+        quantized = fake_quantize(flat, group_spec).reshape(w.shape)
+        error = (torch.einsum("ogk,ngk->ogn", quantized, x) - reference).pow(2).mean(dim=-1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
+def apply_clip(linear: nn.Module, ratio: torch.Tensor, spec: WeightSpec) -> None:
+    """Clamp each group of ``linear.weight`` to +-ratio * its max |w|."""
+    weight = linear.weight.data.float()
+    group_size = primitives.group_size_for(spec, weight.shape[1])
+    limit = primitives.expand_to_columns(primitives.to_groups(weight.abs(), group_size).amax(dim=-1) * ratio,
+                                         weight.shape[1], group_size)
+    linear.weight.data = torch.maximum(torch.minimum(weight, limit), -limit).to(linear.weight.dtype)
+
+
+@register("awq")
+class AWQ:
+    """Options: samples (16: calibration samples the searches run on), clip (True)."""
+
+    statistics = frozenset({"mean_abs"})
+    sequential = False
+
+    def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
+        return quantize_rtn(weight, spec), {}
+
+    def transform_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
+        """Search and fold AWQ scales, then search and apply clipping, for this block's AWQ layers."""
+        awq_layers = {n for n, a in context.assigned.items() if a.algorithm == "awq"}
+        groups = [g for g in context.groups if all(c in awq_layers for c in g.consumers)]
+        options = next(iter(context.assigned[n].options for n in awq_layers), {})
+        calls = context.first_samples(int(options.get("samples", 16)))
+        clip_layers = {n for n in awq_layers if n.rpartition(".")[2] not in NO_CLIP} if options.get("clip", True) else set()
+        runner = context.runner()
+        captured = _Captured(runner, {g.loss_on for g in groups}, clip_layers)
+        try:
+            for call in calls:
+                run_block(runner, call)
+        finally:
+            captured.remove()
+        results: dict[str, torch.Tensor] = {}
+        column_scales: dict[str, torch.Tensor] = {}
+        for group in groups:
+            spec = context.assigned[group.consumers[0]].scheme.weight
+            column_map = channel_map(group, context.model_config, context.block.get_submodule(group.consumers[0]).in_features)
+            scales, losses = search_group_scales(runner, context.block, group, spec,
+                                                 context.stats[group.consumers[0]].mean_abs.mean,
+                                                 captured.calls[group.loss_on], column_map)
+            smoothquant.fold_into_previous(context.block.get_submodule(group.prev), scales, context.norm_offset)
+            consumer_scales = smoothquant.consumer_factors(scales, column_map)
+            smoothquant.fold_into_consumers([context.block.get_submodule(c) for c in group.consumers], consumer_scales)
+            for consumer in group.consumers:
+                column_scales[consumer] = consumer_scales
+                context.stats[consumer].scale_channels(consumer_scales)
+            results[f"{group.prev}.awq_scales"] = scales
+            results[f"{group.prev}.awq_losses"] = torch.tensor(losses)
+        for name in sorted(clip_layers):
+            linear = context.block.get_submodule(name)
+            spec = context.assigned[name].scheme.weight
+            inputs = torch.cat(captured.linear_inputs[name])
+            if name in column_scales:
+                inputs = inputs.float() / column_scales[name]
+            ratio = search_clip(linear.weight, inputs, spec)
+            apply_clip(linear, ratio, spec)
+            results[f"{name}.awq_clip"] = ratio
+        return results

@@ -1,0 +1,130 @@
+"""GPTQ (Frantar et al. 2022; IST-DASLab/gptq, AutoGPTQ, llm-compressor).
+
+Quantizes the columns of W one at a time and spreads each column's rounding error over the columns
+not yet quantized, weighted by the inverse Hessian of the layer's reconstruction loss:
+    H = (2/n) sum_t x_t x_t^T            (fp32, accumulated by hooks; calibrate/stats.Hessian)
+    U = chol(H^-1)^T (upper)              (after damping H += lambda * mean(diag H) * I)
+    for column i:  q_i = Q(w_i);  err = (w_i - q_i) / U_ii;  W[:, i:] -= err * U[i, i:]
+Columns are swept in blocks of ``block_size`` with a lazy update of the remaining columns after each
+block. Group parameters are chosen when the sweep reaches a group's first column, from the weights as
+updated so far (blocks are aligned to groups so a group's columns are always up to date).
+act_order sweeps columns by descending diag(H); groups then follow the sweep order (recorded in
+g_idx), or, with static_groups, are fixed up front on the original column order (no g_idx needed).
+"""
+from __future__ import annotations
+
+import torch
+
+from quantkit.algorithms import primitives
+from quantkit.algorithms.quant_tensor import QuantTensor
+from quantkit.algorithms.registry import LayerContext, register
+from quantkit.errors import QuantkitError
+from quantkit.schemes import WeightSpec
+
+
+def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp x10 on failure."""
+    mean_diag = torch.diag(hessian).mean().item()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    for _ in range(max_tries):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info.item() == 0:
+                return upper, damp
+        damp *= 10.0
+    raise QuantkitError(f"GPTQ: the Hessian stays singular even with damping {damp:g}; use more calibration data")
+
+
+def _aligned_block_size(block_size: int, group_size: int) -> int:
+    """A block size holding whole groups, so a group never straddles a lazy-update boundary."""
+    if group_size >= block_size:
+        return group_size
+    return max(1, block_size // group_size) * group_size
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, block_size: int = 128,
+                  damp: float = 0.01, act_order: bool = False, static_groups: bool = False
+                  ) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
+    """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results)."""
+    out_features, in_features = weight.shape
+    W = weight.float().clone()
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0          # a column no token ever activated: any value is exact
+    W[:, dead] = 0.0
+
+    group_size = primitives.group_size_for(spec, in_features)
+    whole_row = spec.granularity != "group"
+    fixed_params = whole_row or static_groups
+    if fixed_params:  # per-tensor/channel, or static groups: parameters from the original weights
+        scale, zero = primitives.weight_qparams(W, spec)
+    else:
+        num_groups = primitives.group_count(in_features, group_size)
+        rows = out_features
+        scale = torch.empty(rows, num_groups)
+        zero = None if spec.symmetric else torch.empty(rows, num_groups)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
+    W, H = W[:, perm], H[perm][:, perm]
+    U, damp_used = damped_inverse_cholesky(H, damp)
+
+    # Group of each swept position: static groups follow the original column, dynamic ones the sweep.
+    original_group = torch.arange(in_features) // group_size
+    position_group = original_group[perm] if fixed_params else torch.arange(in_features) // group_size
+    codes = torch.empty(out_features, in_features, dtype=torch.int8)
+    qmin, qmax = primitives.signed_range(spec.bits)
+    step = block_size if whole_row else _aligned_block_size(block_size, group_size)
+
+    for i1 in range(0, in_features, step):
+        i2 = min(i1 + step, in_features)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(position_group[col])
+            if not fixed_params and col % group_size == 0:
+                end = min(col + group_size, in_features) - i1
+                s, z = primitives.weight_qparams(W1[:, i:end], WeightSpec(spec.bits, "channel", spec.symmetric))
+                scale[:, g:g + 1] = s
+                if zero is not None:
+                    zero[:, g:g + 1] = z
+            s = scale[:, g].expand(out_features)
+            z = None if zero is None else zero[:, g].expand(out_features)
+            w = W1[:, i]
+            q = torch.round(w / s) + (0 if z is None else z)
+            q = q.clamp(qmin, qmax)
+            codes[:, col] = q.to(torch.int8)
+            dequantized = (q - (0 if z is None else z)) * s
+            err = (w - dequantized) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    inverse = torch.argsort(perm)
+    codes = codes[:, inverse]
+    g_idx = None
+    if act_order and not fixed_params:
+        g_idx = position_group[inverse].to(torch.int32)
+    results = {"damp": torch.tensor(damp_used)}
+    if act_order:
+        results["perm"] = perm.to(torch.int32)
+    return QuantTensor(codes, scale, zero, spec, g_idx), results
+
+
+@register("gptq")
+class GPTQ:
+    """Options: block_size (128), damp (0.01), act_order (False), static_groups (False)."""
+
+    statistics = frozenset({"hessian"})
+    sequential = True  # true-sequential: each stage's Hessian sees the earlier stages quantized
+
+    def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
+        options = context.options
+        return gptq_quantize(
+            weight, context.stats.hessian.matrix, spec,
+            block_size=int(options.get("block_size", 128)), damp=float(options.get("damp", 0.01)),
+            act_order=bool(options.get("act_order", False)), static_groups=bool(options.get("static_groups", False)),
+        )

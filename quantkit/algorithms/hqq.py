@@ -1,0 +1,93 @@
+"""HQQ: Half-Quadratic Quantization (Badri & Shaji 2023; mobiusml/hqq). Calibration-free.
+
+Per group, with w_hat(z) = (clamp(round(w / s + z)) - z) * s, HQQ minimises the sparsity-promoting
+    phi(z) = sum |w - w_hat(z)|^p,   p = 0.7
+by half-quadratic splitting: an auxiliary error e ~ w - w_hat is updated by the generalised
+soft-threshold (proximal operator of |.|^p)
+    e <- sign(r) * relu(|r| - |r|^(p-1) / beta),  r = w - w_hat(z)
+and the zero point in closed form
+    z <- mean(q - (w - e) / s)
+with beta <- beta * kappa after each of at most ``iterations`` rounds. The scale stays the min/max one.
+Unlike the reference, each group keeps the zero point with the lowest mean |w - w_hat| seen so far
+(the reference stops the whole tensor at the first worsening step but keeps the updated zero), so
+the result is never worse than the min/max initialisation on that measure. Zero points are floats.
+"""
+from __future__ import annotations
+
+import torch
+
+from quantkit.algorithms import primitives
+from quantkit.algorithms.quant_tensor import QuantTensor
+from quantkit.algorithms.registry import LayerContext, register
+from quantkit.errors import QuantkitError
+from quantkit.schemes import WeightSpec
+
+
+def shrink_lp(residual: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Generalised soft-thresholding: the proximal step of (1/beta) * |e|^p."""
+    magnitude = residual.abs()
+    return torch.sign(residual) * torch.relu(magnitude - magnitude.clamp(min=1e-12).pow(p - 1) / beta)
+
+
+def _codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """HQQ's rounding, q = clamp(round(w / s + z)): the zero point is added before rounding."""
+    qmin, qmax = primitives.signed_range(bits)
+    return torch.round(groups / scale + zero).clamp(qmin, qmax)
+
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the last dim counting only the real columns (a ragged group's padding excluded)."""
+    return (values * valid).sum(dim=-1) / valid.sum(dim=-1)
+
+
+def hqq_group_error(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                    valid: torch.Tensor) -> torch.Tensor:
+    """Mean |w - w_hat| per group: [out, G, g] weights, [out, G, 1] params -> [out, G]."""
+    codes = _codes(groups, scale, zero, bits)
+    return _masked_mean((groups - (codes - zero) * scale).abs(), valid)
+
+
+def hqq_quantize(weight: torch.Tensor, spec: WeightSpec, *, iterations: int = 20, p: float = 0.7,
+                 beta: float = 10.0, kappa: float = 1.01) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
+    """weight [out, in] float -> (QuantTensor with float zero points, {"error_init", "error_final"})."""
+    if spec.symmetric:
+        raise QuantkitError("HQQ optimises the zero point: use an asymmetric grid (--asym)")
+    if spec.granularity == "tensor":
+        raise QuantkitError("HQQ works per channel or per group, not per tensor")
+    w = weight.float()
+    out_features, in_features = w.shape
+    group_size = primitives.group_size_for(spec, in_features)
+    groups = primitives.to_groups(w, group_size)           # [out, G, g]
+    valid = (torch.arange(groups.shape[1] * group_size) < in_features).reshape(groups.shape[1], group_size).float()
+    scale, zero = primitives.weight_qparams(w, spec)       # [out, G] min/max initialisation
+    s, z = scale[..., None], zero[..., None].clone()
+    best_error = hqq_group_error(groups, s, z, spec.bits, valid)
+    initial_error = best_error.clone()
+    best_zero = z.clone()
+    for _ in range(iterations):
+        codes = _codes(groups, s, z, spec.bits)
+        sparse_error = shrink_lp(groups - (codes - z) * s, beta, p)
+        z = _masked_mean(codes - (groups - sparse_error) / s, valid)[..., None]
+        beta *= kappa
+        error = hqq_group_error(groups, s, z, spec.bits, valid)
+        improved = error < best_error
+        if not bool(improved.any()):  # the reference's early stop, applied per group
+            break
+        best_zero = torch.where(improved[..., None], z, best_zero)
+        best_error = torch.minimum(error, best_error)
+    codes = _codes(groups, s, best_zero, spec.bits).reshape(out_features, -1)[:, :in_features]
+    quant = QuantTensor(codes.to(torch.int8), scale, best_zero[..., 0], spec)
+    return quant, {"error_init": initial_error.mean(), "error_final": best_error.mean()}
+
+
+@register("hqq")
+class HQQ:
+    """Options: iterations (20), p (0.7), beta (10), kappa (1.01)."""
+
+    statistics: frozenset[str] = frozenset()
+    sequential = False
+
+    def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
+        options = context.options
+        return hqq_quantize(weight, spec, iterations=int(options.get("iterations", 20)), p=float(options.get("p", 0.7)),
+                            beta=float(options.get("beta", 10.0)), kappa=float(options.get("kappa", 1.01)))

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's main job: set up, quantize the embedded demo model with SmoothQuant W8A8, evaluate it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+quantkit calibrate smollm2-135m --scheme smq_q8i8f16_2 --dataset dummy --out out/smq2 --overwrite
+quantkit eval out/smq2

@@ -1,0 +1,121 @@
+"""The CLI: the main job works, and every bad input is one line and a non-zero exit."""
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from quantkit.cli.main import cli
+
+from conftest import make_checkpoint
+
+FAST = ["--num-samples", "4", "--seq-len", "32", "--batch-size", "4"]
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: "), result.output
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_schemes_lists_one_line_each():
+    result = run("schemes")
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.output.splitlines()]
+    assert names[:3] == ["smq_q8i8f16_0", "smq_q8i8f16_1", "smq_q8i8f16_2"] and "w8a8_dynamic" in names
+
+
+def test_calibrate_json_then_eval(llama_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    result = run("calibrate", llama_dir, "--scheme", "w8a8_dynamic", *FAST, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["layers_quantized"] == 14 and summary["schemes"] == ["w8a8_dynamic"]
+    result = run("eval", out, "--text", text_file, "--seq-len", "32", "--max-windows", "4", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    labels = [row["label"] for row in report["rows"]]
+    assert labels == ["reference", "quantized"]
+    assert report["rows"][1]["kl_divergence"] >= 0 and "4 non-overlapping windows" in report["protocol_text"]
+
+
+def test_existing_output_needs_overwrite(llama_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(run("calibrate", llama_dir, *FAST, "--out", out), "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run("calibrate", llama_dir, *FAST, "--out", out, "--overwrite", "--quiet")
+    assert result.exit_code == 0 and not (out / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["calibrate", "/no/such/model"], "model path not found: /no/such/model"),
+    (["calibrate", "{llama}", "--scheme", "smq_q8i8f16_3"], "did you mean smq_q8i8f16_2"),
+    (["calibrate", "{llama}", "--algo", "gptqq"], "unknown algorithm 'gptqq'"),
+    (["calibrate", "{llama}", "--dataset", "gsm8k"], "gsm8k is not available offline"),
+    (["calibrate", "{llama}", "--dataset", "{text}", "--num-samples", "100000"], "fewer than the 100000 asked"),
+    (["calibrate", "{llama}", "--seq-len", "100000"], "over the model's maximum of 256"),
+    (["calibrate", "{llama}", "--out", "{llama}"], "overlaps the input"),
+    (["eval", "/no/such/dir"], "model path not found"),
+])
+def test_bad_input_is_one_line(args, fragment, llama_dir, text_file, tmp_path):
+    args = [a.format(llama=llama_dir, text=text_file) for a in args]
+    if args[0] == "calibrate":
+        args += [] if "--out" in args else ["--out", tmp_path / "out"]
+        args += [] if "--seq-len" in args else ["--seq-len", "32"]
+    assert_one_line_error(run(*args), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_architecture(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "model", "llama")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["architectures"] = ["FancyNewForCausalLM"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(run("calibrate", checkpoint, *FAST, "--out", tmp_path / "out"),
+                          "architecture FancyNewForCausalLM has no layer mapping")
+
+
+def test_nan_weight_names_the_tensor(tmp_path, llama_dir):
+    checkpoint = tmp_path / "model"
+    shutil.copytree(llama_dir, checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_one_line_error(run("calibrate", checkpoint, *FAST, "--out", out), "NaN/Inf in weight model.layers.1.mlp.up_proj.weight")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_nan_activation_names_the_layer(tmp_path, llama_dir):
+    checkpoint = tmp_path / "model"
+    shutil.copytree(llama_dir, checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    # finite weights whose attention scores overflow: softmax(inf - inf) = NaN reaches o_proj
+    weights["model.layers.0.input_layernorm.weight"] = torch.full((64,), 1e30)
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(run("calibrate", checkpoint, *FAST, "--out", tmp_path / "out"),
+                          "NaN/Inf in the input activations of model.layers.0.self_attn.o_proj")
+
+
+def test_truncated_safetensors(tmp_path, llama_dir):
+    checkpoint = tmp_path / "model"
+    shutil.copytree(llama_dir, checkpoint)
+    data = (checkpoint / "model.safetensors").read_bytes()
+    (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run("calibrate", checkpoint, *FAST, "--out", tmp_path / "out"), "corrupt or truncated safetensors")
+
+
+def test_alpha_and_no_smooth_conflict(llama_dir, tmp_path):
+    assert_one_line_error(run("calibrate", llama_dir, "--alpha", "0.5", "--no-smooth", "--out", tmp_path / "o"),
+                          "contradict")

@@ -1,0 +1,108 @@
+"""End to end on tiny checkpoints: calibrate -> native files -> load_quantized, bit for bit."""
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from quantkit import load_quantized
+from quantkit.exporters.manifest import Manifest
+from quantkit.pipeline import CalibrateConfig, calibrate
+from quantkit.qlinear import QuantLinear
+from quantkit.schemes import SCHEMES
+
+
+def _logits(model, seed=0):
+    inputs = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(inputs).logits
+
+
+def _calibrate(checkpoint, out, **options):
+    options = {"num_samples": 8, "seq_len": 32, "batch_size": 4, "keep_model": True, **options}
+    return calibrate(CalibrateConfig(model=str(checkpoint), out=out, **options))
+
+
+def _tree_digest(directory):
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_every_scheme_reloads_bit_exact(llama_dir, tmp_path, scheme):
+    result = _calibrate(llama_dir, tmp_path / "out", scheme=scheme)
+    reloaded = load_quantized(tmp_path / "out")
+    assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == 14  # 7 Linears x 2 blocks
+    assert torch.equal(_logits(result.model), _logits(reloaded))
+
+
+@pytest.mark.parametrize("fixture", ["mistral_dir", "qwen2_dir"])
+@pytest.mark.parametrize("scheme", ["smq_q8i8f16_2", "w8a8_dynamic", "w4a16"])
+def test_other_architectures_reload_bit_exact(fixture, scheme, tmp_path, request):
+    checkpoint = request.getfixturevalue(fixture)
+    result = _calibrate(checkpoint, tmp_path / "out", scheme=scheme)
+    reloaded = load_quantized(tmp_path / "out")
+    assert torch.equal(_logits(result.model), _logits(reloaded))
+    if fixture == "qwen2_dir":  # q/k/v biases survive quantization
+        assert reloaded.model.layers[0].self_attn.q_proj.bias is not None
+
+
+def test_quantized_model_stays_close_to_float(llama_dir, tmp_path):
+    reference = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    result = _calibrate(llama_dir, tmp_path / "out", scheme="w8a16")
+    p = torch.log_softmax(_logits(reference), -1)
+    q = torch.log_softmax(_logits(result.model), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert kl < 1e-3
+    assert (p.argmax(-1) == q.argmax(-1)).float().mean().item() > 0.95
+
+
+def test_manifest_round_trips_and_describes_every_layer(llama_dir, tmp_path):
+    result = _calibrate(llama_dir, tmp_path / "out", scheme="smq_q8i8f16_2", dataset="dummy", seed=3)
+    manifest = Manifest.load(tmp_path / "out")
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+    assert json.loads(json.dumps(manifest.to_dict())) == manifest.to_dict()
+    assert manifest.to_dict() == result.manifest.to_dict()
+    assert manifest.source["weights_sha256"] and manifest.source["architecture"] == "LlamaForCausalLM"
+    assert manifest.calibration["seed"] == 3 and manifest.calibration["num_samples"] == 8
+    assert manifest.smoothing["enabled"] and set(manifest.smoothing["block_alpha"]) == {"0", "1"}
+    entry = manifest.layers["model.layers.1.mlp.down_proj"]
+    assert entry.scheme.name == "smq_q8i8f16_2" and entry.algorithm == "rtn"
+    assert set(entry.tensors) == {"codes", "scale", "zero", "input_scale", "input_zero"}
+    assert entry.metrics["output_sqnr_db"] > 10 and entry.metrics["weight_sqnr_db"] > 30
+
+
+def test_outputs_and_input_untouched(llama_dir, tmp_path):
+    before = _tree_digest(llama_dir)
+    _calibrate(llama_dir, tmp_path / "out", scheme="w4a16", keep_model=False)
+    assert _tree_digest(llama_dir) == before
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"model.safetensors", "quant_manifest.json", "config.json", "tokenizer.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_four_bit_codes_take_four_bits(llama_dir, tmp_path):
+    _calibrate(llama_dir, tmp_path / "out", scheme="w4a16", group_size=32)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
+        codes = handle.get_tensor("model.layers.0.mlp.down_proj.weight_codes")
+    # down_proj: 64 x 160 codes at 4 bits = 64 x 20 int32 words
+    assert codes.dtype == torch.int32 and codes.shape == (64, 160 * 4 // 32)
+
+
+def test_ragged_groups_work(llama_dir, tmp_path):
+    # hidden 64 and intermediate 160 with group 48: every layer ends in a ragged group
+    result = _calibrate(llama_dir, tmp_path / "out", scheme="w4a16", group_size=48)
+    entry = result.manifest.layers["model.layers.0.mlp.down_proj"]
+    assert entry.ragged_last_group and entry.scheme.weight.group_size == 48
+    assert torch.equal(_logits(result.model), _logits(load_quantized(tmp_path / "out")))
+
+
+def test_calibration_is_reproducible(llama_dir, tmp_path):
+    first = _calibrate(llama_dir, tmp_path / "a", scheme="smq_q8i8f16_1", seed=7)
+    second = _calibrate(llama_dir, tmp_path / "b", scheme="smq_q8i8f16_1", seed=7)
+    assert torch.equal(_logits(first.model), _logits(second.model))

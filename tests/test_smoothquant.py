@@ -1,0 +1,56 @@
+"""SmoothQuant folding leaves the float model's function unchanged."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from quantkit.algorithms import smoothquant
+from quantkit.architectures import architecture_for, channel_map
+from quantkit.calibrate.hooks import observe_inputs
+
+
+def _smooth_all_blocks(model, alpha, inputs):
+    arch = architecture_for(model.config)
+    blocks = model.get_submodule(arch.blocks)
+    consumers = {f"{i}.{c}": block.get_submodule(c) for i, block in enumerate(blocks)
+                 for g in arch.smooth for c in g.consumers}
+    with torch.no_grad(), observe_inputs(consumers, frozenset({"range"})) as stats:
+        model(inputs)
+    for i, block in enumerate(blocks):
+        maps = {g.prev: channel_map(g, model.config, block.get_submodule(g.consumers[0]).in_features) for g in arch.smooth}
+        absmax = {g.consumers[0]: stats[f"{i}.{g.consumers[0]}"].range.absmax for g in arch.smooth}
+        factors = smoothquant.search(block, arch.smooth, absmax, alpha, maps)
+        smoothquant.apply(block, arch.smooth, factors, maps)
+        # the factors are far from 1, so an unchanged output is a real test of the folds
+        assert max(float((f.log().abs()).max()) for f in factors.values()) > 0.5
+    return arch
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "mistral_dir", "qwen2_dir"])
+@pytest.mark.parametrize("alpha", [0.5, 0.85])
+def test_smoothing_preserves_logits(fixture, alpha, request):
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=torch.float64).eval()
+    inputs = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(inputs).logits
+    arch = _smooth_all_blocks(model, alpha, inputs)
+    assert any(g.gqa_shared for g in arch.smooth)  # v -> o under GQA is exercised
+    with torch.no_grad():
+        after = model(inputs).logits
+    assert torch.allclose(before, after, rtol=1e-9, atol=1e-9)
+
+
+def test_gqa_channel_map_follows_repeat_kv(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    group = next(g for g in architecture_for(model.config).smooth if g.gqa_shared)
+    mapping = channel_map(group, model.config, 64)  # 4 heads x 16 dims, 2 kv heads
+    assert mapping[:16].tolist() == list(range(16))      # head 0 -> kv head 0
+    assert mapping[16:32].tolist() == list(range(16))    # head 1 -> kv head 0
+    assert mapping[32:48].tolist() == list(range(16, 32))  # head 2 -> kv head 1
+
+
+def test_dead_channel_gets_no_scaling():
+    act = torch.tensor([0.0, 4.0])
+    weight = torch.tensor([[1.0, 1.0]])
+    factors = smoothquant.smoothing_factors(act, [weight], 0.5)
+    assert factors[0].item() == 1.0
+    assert factors[1].item() == pytest.approx(2.0)  # sqrt(4) / sqrt(1)
