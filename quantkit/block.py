@@ -20,7 +20,13 @@ from quantkit.algorithms.quant_tensor import QuantTensor
 from quantkit.algorithms.registry import BlockContext, LayerContext, get_algorithm
 from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.architectures import Architecture, ScaleGroup, channel_map
-from quantkit.calibrate.hooks import BlockInput, forward_hooks, observe_inputs, run_block
+from quantkit.calibrate.hooks import (
+    BlockInput,
+    ObservationComplete,
+    forward_hooks,
+    observe_inputs,
+    run_block,
+)
 from quantkit.calibrate.stats import LayerStats
 from quantkit.errors import QuantkitError
 from quantkit.exporters.manifest import LayerEntry
@@ -132,7 +138,7 @@ class BlockQuantizer:
                 names = [name for name in stage if name in job.assigned]
                 resequence = any(get_algorithm(job.assigned[n].algorithm).sequential for n in names)
                 if calibrated and stage_index > 0 and resequence:
-                    stats.update(self.observe(names))
+                    stats.update(self.observe(names, partial=True))
                 for name in names:
                     float_weights[name] = job.block.get_submodule(name).weight.float().clone()
                     self.quantize_linear(name, stats[name], result)
@@ -144,17 +150,21 @@ class BlockQuantizer:
         result.timings = self.timings
         return result
 
-    def observe(self, names: list[str]) -> dict[str, LayerStats]:
-        """One pass over the inputs with hooks keeping each named Linear's input statistics."""
+    def observe(self, names: list[str], partial: bool = False) -> dict[str, LayerStats]:
+        """One pass over the inputs with hooks keeping each named Linear's input statistics; with
+        ``partial`` each forward stops once all named Linears have run (true-sequential re-observes)."""
         job = self.job
         kinds = {"range"}
         for name in names:
             kinds |= get_algorithm(job.assigned[name].algorithm).statistics
         runner = runner_for(job.block, job.compute_dtype)
         modules = {name: runner.get_submodule(name) for name in names}
-        with observe_inputs(modules, frozenset(kinds), label=self.full_name) as stats:
+        with observe_inputs(modules, frozenset(kinds), label=self.full_name, stop_when_done=partial) as stats:
             for call in job.inputs:
-                run_block(runner, call)
+                try:
+                    run_block(runner, call)
+                except ObservationComplete:
+                    pass
         if job.all_reduce is not None:
             job.all_reduce(stats)
         return stats

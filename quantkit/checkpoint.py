@@ -66,8 +66,9 @@ def resolve_model(name: str) -> ModelSource:
 
 
 def _looks_like_hub_id(name: str) -> bool:
+    """owner/name, where owner is not a local directory (then it is a mistyped local path)."""
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).is_dir()
 
 
 def _download(repo_id: str) -> Path:

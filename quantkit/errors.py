@@ -7,3 +7,9 @@ class QuantkitError(Exception):
     Library code raises this (never ``sys.exit``) for anything the user can fix: a missing path,
     an unknown scheme, NaN weights, a file that is not what it claims to be.
     """
+
+
+class RunInterrupted(QuantkitError):
+    """The run was interrupted after committing some blocks; the message says how to resume."""
+
+    exit_code = 130

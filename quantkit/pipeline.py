@@ -12,6 +12,8 @@ samples, whatever the number of blocks.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import shutil
 import time
@@ -27,16 +29,31 @@ from torch import nn
 import quantkit
 from quantkit.algorithms.registry import get_algorithm
 from quantkit.architectures import Architecture, architecture_for
-from quantkit.block import ALPHA_GRID, BlockJob, BlockQuantizer, BlockResult, cast_parameters
+from quantkit.block import (
+    ALPHA_GRID,
+    BlockJob,
+    BlockQuantizer,
+    BlockResult,
+    cast_parameters,
+)
 from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
 from quantkit.calibrate.hooks import BlockInput, capture_first_block_inputs
-from quantkit.checkpoint import Checkpoint, ModelSource, build_skeleton, materialize, release, resolve_model
-from quantkit.errors import QuantkitError
+from quantkit.checkpoint import (
+    Checkpoint,
+    ModelSource,
+    build_skeleton,
+    materialize,
+    release,
+    resolve_model,
+)
+from quantkit.errors import QuantkitError, RunInterrupted
+from quantkit.estimate import Estimate, check_fits, estimate_run
 from quantkit.exporters.manifest import LayerEntry, Manifest
-from quantkit.exporters.native import ShardedWriter, check_output_path, quant_linear_tensors, staged_directory
+from quantkit.exporters.native import check_output_path, quant_linear_tensors
+from quantkit.exporters.workdir import WorkDir
 from quantkit.qlinear import QuantLinear
-from quantkit.recipe import LayerAssignment, uniform_plan
-from quantkit.schemes import Scheme, get_scheme
+from quantkit.recipe import LayerAssignment, Recipe, make_scheme, uniform_plan
+from quantkit.schemes import get_scheme, scheme_to_dict
 
 _SOURCE_FILE_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken")
 _SKIPPED_SOURCE_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
@@ -47,7 +64,7 @@ class CalibrateConfig:
     """Everything `calibrate` needs; the CLI parses flags into this and nothing else."""
 
     model: str
-    scheme: str = "smq_q8i8f16_1"
+    scheme: str = "w8a8_dynamic"
     dataset: str = "dummy"
     data_files: tuple[str, ...] = ()
     text_column: str = "text"
@@ -56,6 +73,8 @@ class CalibrateConfig:
     alpha: float | None = None          # None: searched per block over block.ALPHA_GRID
     smooth: bool | None = None          # None: on exactly when the scheme quantizes activations
     algorithm: str = "rtn"
+    options: dict = field(default_factory=dict)   # algorithm options (e.g. GPTQ act_order)
+    recipe: Path | None = None          # a YAML recipe instead of scheme/algorithm/overrides
     bits: int | None = None             # overrides of the scheme's weight grid
     group_size: int | None = None
     symmetric: bool | None = None
@@ -67,6 +86,7 @@ class CalibrateConfig:
     trust_remote_code: bool = False
     metric_samples: int = 8             # samples whose layer outputs are compared float vs quantized
     keep_model: bool = False            # return the in-memory quantized model (tests, validation)
+    resume: bool = False                # continue an interrupted run from its first unfinished block
 
 
 @dataclass
@@ -90,19 +110,8 @@ class Progress:
     def block_done(self, index: int, layers: dict[str, dict]) -> None:
         """A decoder block is quantized; ``layers`` holds each Linear's metrics."""
 
-
-def resolve_scheme(config: CalibrateConfig) -> Scheme:
-    """The scheme named in the config with --bits/--group-size/--sym overrides applied."""
-    scheme = get_scheme(config.scheme)
-    changes = {}
-    if config.bits is not None:
-        changes["bits"] = config.bits
-    if config.group_size is not None:
-        changes.update(granularity="channel", group_size=None) if config.group_size == -1 else \
-            changes.update(granularity="group", group_size=config.group_size)
-    if config.symmetric is not None:
-        changes["symmetric"] = config.symmetric
-    return scheme.with_weight(**changes) if changes else scheme
+    def estimate(self, estimate: Estimate) -> None:
+        """The memory and disk the run is expected to need, before any work."""
 
 
 def compute_dtype(name: str, source: torch.dtype) -> torch.dtype:
@@ -131,14 +140,17 @@ class _Run:
     source: ModelSource
     checkpoint: Checkpoint
     arch: Architecture
-    scheme: Scheme
     plan: dict[str, LayerAssignment | None]
+    ignored: dict[str, str]             # block Linears left in the source dtype, and why
+    recipe: dict | None
     smooth: bool
     alpha: float | None
     compute_dtype: torch.dtype
     storage_dtype: torch.dtype
     out: Path
     needs_data: bool = True             # False: every layer's algorithm is calibration-free
+    weights_sha256: str = ""
+    estimate: Estimate | None = None
     dataset: DatasetSpec | None = None
     calibration_tokens: int = 0
     block_alpha: dict[int, float | None] = field(default_factory=dict)
@@ -157,9 +169,23 @@ def _timed(run: _Run, stage: str) -> Iterator[None]:
         run.timings[stage] = run.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
+def _plan(config: CalibrateConfig, layer_names: list[str]) -> tuple[dict, dict, Recipe | None]:
+    """(layer -> assignment, ignored layers, recipe) from --recipe or from --scheme/--algo and overrides."""
+    if config.recipe is not None:
+        recipe = Recipe.load(config.recipe)
+        plan, ignored = recipe.plan(layer_names)
+        return plan, ignored, recipe
+    scheme = make_scheme(config.scheme, config.bits, config.group_size, config.symmetric)
+    get_algorithm(config.algorithm).validate(scheme.weight)
+    overridden = " with weight overrides" if scheme != get_scheme(config.scheme) else ""
+    rule = f"--scheme {config.scheme}{overridden} --algo {config.algorithm}"
+    return uniform_plan(layer_names, LayerAssignment(scheme, config.algorithm, rule, dict(config.options))), {}, None
+
+
 def _prepare(config: CalibrateConfig) -> _Run:
-    scheme = resolve_scheme(config)
-    get_algorithm(config.algorithm)  # an unknown name stops here, before any work
+    if config.recipe is None:
+        make_scheme(config.scheme, config.bits, config.group_size, config.symmetric)  # bad names stop here
+        get_algorithm(config.algorithm)
     source = resolve_model(config.model)
     checkpoint = Checkpoint(source.path, trust_remote_code=config.trust_remote_code)
     arch = architecture_for(checkpoint.config)
@@ -170,19 +196,24 @@ def _prepare(config: CalibrateConfig) -> _Run:
         raise QuantkitError(f"--seq-len {config.seq_len} is over the model's maximum of {max_len} tokens")
     if config.num_samples < 1 or config.batch_size < 1:
         raise QuantkitError("--num-samples and --batch-size must be at least 1")
-    out = Path(config.out or Path("out") / f"{Path(config.model).name}-{scheme.name}")
+    names = [f"{arch.blocks}.{i}.{linear}" for i in range(checkpoint.config.num_hidden_layers) for linear in arch.linears]
+    plan, ignored, recipe = _plan(config, names)
+    label = Path(config.recipe).stem if recipe else config.scheme
+    out = Path(config.out or Path("out") / f"{Path(config.model).name}-{label}")
     check_output_path(out, config.overwrite, [source.path])
-    num_blocks = checkpoint.config.num_hidden_layers
-    names = [f"{arch.blocks}.{i}.{linear}" for i in range(num_blocks) for linear in arch.linears]
-    rule = "--scheme " + config.scheme + ("" if scheme == get_scheme(config.scheme) else " (with weight overrides)")
-    plan = uniform_plan(names, LayerAssignment(scheme, config.algorithm, rule))
-    smooth = config.smooth if config.smooth is not None else (scheme.activation is not None or config.alpha is not None)
+    assignments = [a for a in plan.values() if a is not None]
+    smooth, alpha = config.smooth, config.alpha
+    if recipe is not None:
+        smooth = recipe.smooth if smooth is None else smooth
+        alpha = (None if recipe.alpha in (None, "auto") else float(recipe.alpha)) if alpha is None else alpha
+    if smooth is None:
+        smooth = alpha is not None or any(a.scheme.activation is not None for a in assignments)
     return _Run(
-        config=config, source=source, checkpoint=checkpoint, arch=arch, scheme=scheme, plan=plan,
-        needs_data=smooth or any(_needs_calibration(a) for a in plan.values() if a is not None),
-        smooth=smooth, alpha=config.alpha,
-        compute_dtype=compute_dtype(config.dtype, checkpoint.source_dtype),
-        storage_dtype=checkpoint.source_dtype, out=out,
+        config=config, source=source, checkpoint=checkpoint, arch=arch, plan=plan, ignored=ignored,
+        recipe=recipe.source if recipe else None,
+        needs_data=smooth or any(_needs_calibration(a) for a in assignments),
+        smooth=smooth, alpha=alpha, compute_dtype=compute_dtype(config.dtype, checkpoint.source_dtype),
+        storage_dtype=checkpoint.source_dtype, out=out, weights_sha256=checkpoint.sha256(),
     )
 
 
@@ -194,38 +225,94 @@ def _needs_calibration(assignment: LayerAssignment) -> bool:
 
 
 def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> CalibrationResult:
-    """Calibrate and quantize ``config.model``; write the native output to ``config.out``."""
+    """Calibrate and quantize ``config.model``; write the native output to ``config.out``.
+
+    Blocks are committed to a work directory as they finish; an error discards it, an interrupt
+    keeps it so that ``resume=True`` continues from the first unfinished block.
+    """
     progress = progress or Progress()
     run = _prepare(config)
-    torch.manual_seed(config.seed)
-    with torch.inference_mode(), staged_directory(run.out, config.overwrite) as staging:
-        model, inputs = _capture(run, progress) if run.needs_data else (_skeleton(run), None)
-        writer = ShardedWriter(staging)
-        layers, search_results = {}, {}
-        num_blocks = run.checkpoint.config.num_hidden_layers
-        progress.stage("blocks", num_blocks)
-        for index in range(num_blocks):
-            block_prefix = f"{run.arch.blocks}.{index}"
-            block = model.get_submodule(block_prefix)
-            result = _quantize_block(run, index, block, inputs, writer)
-            inputs = result.outputs
-            layers.update(result.entries)
-            search_results.update(result.search_results)
-            run.block_alpha[index] = result.alpha
-            progress.block_done(index, {name: entry.metrics for name, entry in result.entries.items()})
-            progress.advance("blocks", f"block {index}")
-        del inputs
-        with _timed(run, "write"):
-            progress.stage("write")
-            writer.add(_non_block_tensors(run))
-            files = writer.finish()
-            results_file = _save_search_results(staging, search_results)
-            _copy_source_files(run.source.path, staging)
-            manifest = _build_manifest(run, layers, files, results_file)
-            manifest.save(staging)
-        if config.keep_model:
-            _finish_in_memory(run, model)
+    run.estimate = estimate_run(run)
+    progress.estimate(run.estimate)
+    check_fits(run.estimate, run.out)
+    work = WorkDir(run.out, _fingerprint(run))
+    first = work.start(config.resume)
+    if first and config.keep_model:
+        raise QuantkitError("keep_model needs every block in memory: it cannot resume a run")
+    try:
+        with torch.inference_mode():
+            model = _run_blocks(run, work, first, progress)
+            manifest = _finish(run, work, progress)
+    except KeyboardInterrupt:
+        if work.resumable:
+            raise RunInterrupted(f"interrupted; the finished blocks are kept in {work.path}: rerun the same command "
+                                 "with --resume to continue") from None
+        work.discard()
+        raise
+    except BaseException:
+        work.discard()
+        raise
+    work.publish(config.overwrite)
+    if config.keep_model:
+        _finish_in_memory(run, model)
     return CalibrationResult(run.out, manifest, model if config.keep_model else None, dict(run.timings), _peak_rss())
+
+
+def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.Module:
+    """Every block from ``first`` on: load, quantize, commit (with the next block's inputs), release."""
+    model, inputs = _capture(run, progress) if run.needs_data else (_skeleton(run), None)
+    if first and inputs is not None:
+        inputs = [BlockInput(hidden, call.kwargs) for hidden, call in zip(work.saved_inputs(), inputs)]
+    num_blocks = run.checkpoint.config.num_hidden_layers
+    progress.stage("blocks", num_blocks)
+    for index in range(num_blocks):
+        if index < first:
+            progress.advance("blocks", f"block {index} (committed earlier)")
+            continue
+        result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs)
+        inputs = result.outputs
+        record = {"entries": {name: entry.to_dict() for name, entry in result.entries.items()},
+                  "alpha": result.alpha, "timings": result.timings}
+        with _timed(run, "write"):
+            work.commit_block(index, tensors, record, result.search_results,
+                              None if inputs is None else [call.hidden for call in inputs])
+        progress.block_done(index, {name: entry.metrics for name, entry in result.entries.items()})
+        progress.advance("blocks", f"block {index}")
+    return model
+
+
+def _finish(run: _Run, work: WorkDir, progress: Progress) -> Manifest:
+    """Weights of the rest of the model, shards, search results, source files and the manifest."""
+    with _timed(run, "write"):
+        progress.stage("write")
+        num_blocks = run.checkpoint.config.num_hidden_layers
+        layers: dict[str, LayerEntry] = {}
+        search_results: dict[str, torch.Tensor] = {}
+        for index in range(num_blocks):
+            record = work.block_record(index)
+            layers.update({name: LayerEntry.from_dict(entry) for name, entry in record["entries"].items()})
+            run.block_alpha[index] = record["alpha"]
+            search_results.update(work.block_search_results(index))
+        files = work.finish(num_blocks, _non_block_tensors(run))
+        results_file = _save_search_results(work.path, search_results)
+        _copy_source_files(run.source.path, work.path)
+        manifest = _build_manifest(run, layers, files, results_file)
+        manifest.save(work.path)
+    return manifest
+
+
+def _fingerprint(run: _Run) -> dict:
+    """Every setting that changes the output: a resume with any other value is refused."""
+    config = run.config
+    plan = {name: None if a is None else [scheme_to_dict(a.scheme), a.algorithm, a.options]
+            for name, a in run.plan.items()}
+    return {
+        "quantkit": quantkit.__version__, "source": str(run.source.path), "weights_sha256": run.weights_sha256,
+        "plan_sha256": hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(),
+        "dataset": [config.dataset, list(config.data_files), config.text_column], "num_samples": config.num_samples,
+        "seq_len": config.seq_len, "seed": config.seed, "batch_size": config.batch_size, "smooth": run.smooth,
+        "alpha": run.alpha, "compute_dtype": str(run.compute_dtype), "metric_samples": config.metric_samples,
+    }
 
 
 def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput]]:
@@ -256,9 +343,9 @@ def _skeleton(run: _Run) -> nn.Module:
     return build_skeleton(run.checkpoint.config, run.compute_dtype, trust_remote_code=run.config.trust_remote_code)
 
 
-def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockInput],
-                    writer: ShardedWriter) -> BlockResult:
-    """Load, quantize (block.py), write and release one decoder block."""
+def _quantize_block(run: _Run, index: int, block: nn.Module,
+                    inputs: list[BlockInput] | None) -> tuple[BlockResult, dict[str, torch.Tensor]]:
+    """Load, quantize (block.py) and release one decoder block; returns its result and tensors."""
     prefix = f"{run.arch.blocks}.{index}"
     with _timed(run, "load"):
         materialize(block, prefix, run.checkpoint, torch.float32)
@@ -270,13 +357,12 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
     result = BlockQuantizer(job).run()
     for stage, seconds in result.timings.items():
         run.timings[stage] = run.timings.get(stage, 0.0) + seconds
-    with _timed(run, "write"):
-        writer.add(_block_tensors(run, prefix, block))
+    tensors = _block_tensors(run, prefix, block)
     if run.config.keep_model:
         cast_parameters(block, run.storage_dtype)
     else:
         release(block)
-    return result
+    return result, tensors
 
 
 def _block_tensors(run: _Run, prefix: str, block: nn.Module) -> dict[str, torch.Tensor]:
@@ -327,17 +413,19 @@ def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], 
         "layers_quantized": len(layers),
         "min_output_sqnr_db": min(quantized_sqnr) if quantized_sqnr else None,
         "min_weight_sqnr_db": min((e.metrics["weight_sqnr_db"] for e in layers.values()), default=None),
+        "estimate": run.estimate.to_dict() if run.estimate else None,
     }
     return Manifest(
         tool={"name": "quantkit", "version": quantkit.__version__,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         source={"requested": run.source.requested, "path": str(run.source.path), "hub_id": run.source.hub_id,
                 "architecture": run.arch.name, "dtype": str(run.storage_dtype).removeprefix("torch."),
-                "files": [f.name for f in run.checkpoint.files], "weights_sha256": run.checkpoint.sha256()},
+                "files": [f.name for f in run.checkpoint.files], "weights_sha256": run.weights_sha256},
         calibration=_calibration_record(run),
         storage_dtype=str(run.storage_dtype).removeprefix("torch."),
         smoothing=_smoothing_record(run),
-        layers=layers, weight_files=files, search_results=results_file, summary=summary,
+        layers=layers, ignored=run.ignored, recipe=run.recipe, weight_files=files, search_results=results_file,
+        summary=summary,
     )
 
 

@@ -106,3 +106,50 @@ def test_calibration_is_reproducible(llama_dir, tmp_path):
     first = _calibrate(llama_dir, tmp_path / "a", scheme="smq_q8i8f16_1", seed=7)
     second = _calibrate(llama_dir, tmp_path / "b", scheme="smq_q8i8f16_1", seed=7)
     assert torch.equal(_logits(first.model), _logits(second.model))
+
+
+class _KillAfter:
+    """A progress sink that interrupts the run right after block ``index`` is committed."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def stage(self, name, total=None):
+        pass
+
+    def advance(self, name, detail=""):
+        pass
+
+    def block_done(self, index, layers):
+        if index == self.index:
+            raise KeyboardInterrupt
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "quant_manifest.json"}
+
+
+@pytest.mark.parametrize("scheme, algorithm", [("smq_q8i8f16_2", "rtn"), ("w4a16", "gptq")])
+def test_resume_after_kill_is_bit_identical(llama_dir, tmp_path, scheme, algorithm):
+    from quantkit.errors import RunInterrupted
+
+    options = dict(model=str(llama_dir), scheme=scheme, algorithm=algorithm, num_samples=8, seq_len=32, batch_size=4)
+    calibrate(CalibrateConfig(out=tmp_path / "straight", **options))
+    with pytest.raises(RunInterrupted, match="--resume"):
+        calibrate(CalibrateConfig(out=tmp_path / "resumed", **options), progress=_KillAfter(0))
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "progress.json").is_file()
+    calibrate(CalibrateConfig(out=tmp_path / "resumed", resume=True, **options))
+    assert _files(tmp_path / "straight") == _files(tmp_path / "resumed")
+    straight, resumed = Manifest.load(tmp_path / "straight"), Manifest.load(tmp_path / "resumed")
+    assert straight.layers == resumed.layers and straight.smoothing == resumed.smoothing
+    assert not (tmp_path / ".resumed.partial").exists()
+
+
+def test_resume_with_other_settings_is_refused(llama_dir, tmp_path):
+    from quantkit.errors import QuantkitError, RunInterrupted
+
+    options = dict(model=str(llama_dir), num_samples=8, seq_len=32, batch_size=4, out=tmp_path / "o")
+    with pytest.raises(RunInterrupted):
+        calibrate(CalibrateConfig(scheme="w8a8_dynamic", **options), progress=_KillAfter(0))
+    with pytest.raises(QuantkitError, match="other settings"):
+        calibrate(CalibrateConfig(scheme="w8a8_dynamic", seed=1, resume=True, **options))

@@ -13,6 +13,9 @@ g_idx), or, with static_groups, are fixed up front on the original column order 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from quantkit.algorithms import primitives
@@ -33,7 +36,7 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int =
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info.item() == 0:
                 return upper, damp
-        damp *= 10.0
+        damp = damp * 10.0 if damp > 0 else 1e-3
     raise QuantkitError(f"GPTQ: the Hessian stays singular even with damping {damp:g}; use more calibration data")
 
 
@@ -44,10 +47,27 @@ def _aligned_block_size(block_size: int, group_size: int) -> int:
     return max(1, block_size // group_size) * group_size
 
 
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """The column sweep is thousands of tiny ops: OpenMP threads only add synchronisation (10x slower
+    on a busy 2-core machine). The caller's thread count is restored on exit."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = False, static_groups: bool = False
                   ) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
     """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results)."""
+    with _single_thread():
+        return _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups)
+
+
+def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
     out_features, in_features = weight.shape
     W = weight.float().clone()
     H = hessian.float().clone()
@@ -62,52 +82,61 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
         scale, zero = primitives.weight_qparams(W, spec)
     else:
         num_groups = primitives.group_count(in_features, group_size)
-        rows = out_features
-        scale = torch.empty(rows, num_groups)
-        zero = None if spec.symmetric else torch.empty(rows, num_groups)
+        scale = torch.empty(out_features, num_groups)
+        zero = None if spec.symmetric else torch.empty(out_features, num_groups)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
-    W, H = W[:, perm], H[perm][:, perm]
+    H = H[perm][:, perm]
     U, damp_used = damped_inverse_cholesky(H, damp)
+    # Columns as rows ([in, out], contiguous): each step of the sweep touches one contiguous row.
+    Wt = W[:, perm].t().contiguous()
+    scale_t = scale.t().contiguous()                      # [G, R]
+    zero_t = None if zero is None else zero.t().contiguous()
 
     # Group of each swept position: static groups follow the original column, dynamic ones the sweep.
     original_group = torch.arange(in_features) // group_size
-    position_group = original_group[perm] if fixed_params else torch.arange(in_features) // group_size
-    codes = torch.empty(out_features, in_features, dtype=torch.int8)
+    position_group = (original_group[perm] if fixed_params else torch.arange(in_features) // group_size).tolist()
+    codes_t = torch.empty(in_features, out_features, dtype=torch.int8)
     qmin, qmax = primitives.signed_range(spec.bits)
+    row_spec = WeightSpec(spec.bits, "channel", spec.symmetric)
     step = block_size if whole_row else _aligned_block_size(block_size, group_size)
 
     for i1 in range(0, in_features, step):
         i2 = min(i1 + step, in_features)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()                            # [B, out]
         Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            g = int(position_group[col])
+            g = position_group[col]
             if not fixed_params and col % group_size == 0:
                 end = min(col + group_size, in_features) - i1
-                s, z = primitives.weight_qparams(W1[:, i:end], WeightSpec(spec.bits, "channel", spec.symmetric))
-                scale[:, g:g + 1] = s
-                if zero is not None:
-                    zero[:, g:g + 1] = z
-            s = scale[:, g].expand(out_features)
-            z = None if zero is None else zero[:, g].expand(out_features)
-            w = W1[:, i]
-            q = torch.round(w / s) + (0 if z is None else z)
-            q = q.clamp(qmin, qmax)
-            codes[:, col] = q.to(torch.int8)
-            dequantized = (q - (0 if z is None else z)) * s
+                s, z = primitives.weight_qparams(W1[i:end].t(), row_spec)   # [out, 1] each
+                scale_t[g] = s[:, 0]
+                if zero_t is not None:
+                    zero_t[g] = z[:, 0]
+            s = scale_t[g]
+            w = W1[i]
+            q = torch.round(w / s)
+            if zero_t is not None:
+                q = (q + zero_t[g]).clamp_(qmin, qmax)
+                dequantized = (q - zero_t[g]) * s
+            else:
+                q = q.clamp_(qmin, qmax)
+                dequantized = q * s
+            codes_t[col] = q.to(torch.int8)
             err = (w - dequantized) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            W1[i:] -= U1[i, i:, None] * err[None, :]     # W[:, i:] -= err * U[i, i:]
+            Err1[i] = err
+        Wt[i2:] -= U[i1:i2, i2:].t() @ Err1              # lazy update of the columns after the block
 
     inverse = torch.argsort(perm)
-    codes = codes[:, inverse]
+    codes = codes_t.t()[:, inverse].contiguous()
+    scale = scale_t.t().contiguous()
+    zero = None if zero_t is None else zero_t.t().contiguous()
     g_idx = None
     if act_order and not fixed_params:
-        g_idx = position_group[inverse].to(torch.int32)
+        g_idx = torch.tensor(position_group)[inverse].to(torch.int32)
     results = {"damp": torch.tensor(damp_used)}
     if act_order:
         results["perm"] = perm.to(torch.int32)

@@ -47,13 +47,17 @@ def hqq_group_error(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return _masked_mean((groups - (codes - zero) * scale).abs(), valid)
 
 
-def hqq_quantize(weight: torch.Tensor, spec: WeightSpec, *, iterations: int = 20, p: float = 0.7,
-                 beta: float = 10.0, kappa: float = 1.01) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
-    """weight [out, in] float -> (QuantTensor with float zero points, {"error_init", "error_final"})."""
+def check_spec(spec: WeightSpec) -> None:
     if spec.symmetric:
         raise QuantkitError("HQQ optimises the zero point: use an asymmetric grid (--asym)")
     if spec.granularity == "tensor":
         raise QuantkitError("HQQ works per channel or per group, not per tensor")
+
+
+def hqq_quantize(weight: torch.Tensor, spec: WeightSpec, *, iterations: int = 20, p: float = 0.7,
+                 beta: float = 10.0, kappa: float = 1.01) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
+    """weight [out, in] float -> (QuantTensor with float zero points, {"error_init", "error_final"})."""
+    check_spec(spec)
     w = weight.float()
     out_features, in_features = w.shape
     group_size = primitives.group_size_for(spec, in_features)
@@ -86,6 +90,9 @@ class HQQ:
 
     statistics: frozenset[str] = frozenset()
     sequential = False
+
+    def validate(self, spec: WeightSpec) -> None:
+        check_spec(spec)
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
         options = context.options

@@ -55,6 +55,9 @@ class WeightAlgorithm(Protocol):
     statistics: frozenset[str]
     sequential: bool
 
+    def validate(self, spec: WeightSpec) -> None:
+        """Raise QuantkitError, before any work, for a grid this algorithm cannot produce."""
+
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
         ...
 
@@ -69,6 +72,8 @@ def register(name: str):
     def decorator(cls):
         _REGISTRY[name] = cls
         cls.name = name
+        if not hasattr(cls, "validate"):
+            cls.validate = lambda self, spec: None
         return cls
     return decorator
 

@@ -1,6 +1,7 @@
 """Hooks that always come off, and the one place that captures decoder block 0's inputs."""
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,22 +31,36 @@ class NonFiniteActivation(QuantkitError):
     pass
 
 
+class ObservationComplete(Exception):
+    """Raised by `observe_inputs(stop_when_done=True)` once every observed module ran in a forward:
+    the rest of the forward is not needed for the statistics."""
+
+
 @contextmanager
 def observe_inputs(modules: Mapping[str, nn.Module], kinds: frozenset[str],
-                   label: Callable[[str], str] = str) -> Iterator[dict[str, LayerStats]]:
+                   label: Callable[[str], str] = str, stop_when_done: bool = False) -> Iterator[dict[str, LayerStats]]:
     """Keep running statistics of each module's first input while the body runs forwards.
 
     Yields {name: LayerStats}. A batch whose input holds NaN or Inf stops the run with an error
-    naming the layer (``label(name)`` gives its full name).
+    naming the layer (``label(name)`` gives its full name). With ``stop_when_done`` the forward is cut
+    short by `ObservationComplete` as soon as every module has seen its input.
     """
     stats = {name: LayerStats(kinds) for name in modules}
+    seen: set[str] = set()
+    last: dict = {"input": lambda: None, "shared": {}}  # the latest input (weakly) and its contributions
 
     def make_hook(name: str):
         def hook(module, args, output):
             x = args[0]
-            if not bool(torch.isfinite(x).all()):
-                raise NonFiniteActivation(f"NaN/Inf in the input activations of {label(name)}")
-            stats[name].update(x)
+            if last["input"]() is not x:
+                if not bool(torch.isfinite(x).all()):
+                    raise NonFiniteActivation(f"NaN/Inf in the input activations of {label(name)}")
+                last["input"], last["shared"] = weakref.ref(x), {}
+            stats[name].update(x, last["shared"])
+            seen.add(name)
+            if stop_when_done and len(seen) == len(stats):
+                seen.clear()
+                raise ObservationComplete
         return hook
 
     with forward_hooks(modules, make_hook):

@@ -23,11 +23,18 @@ class ChannelRange:
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor) -> None:
-        x = _tokens(x)
-        lo, hi = x.amin(dim=0), x.amax(dim=0)
+    @staticmethod
+    def contribution(x: torch.Tensor) -> tuple:
+        """What one batch [tokens, C] adds; computed once for Linears that share an input."""
+        return x.amin(dim=0), x.amax(dim=0)
+
+    def add(self, part: tuple) -> None:
+        lo, hi = part
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
+
+    def update(self, x: torch.Tensor) -> None:
+        self.add(self.contribution(_tokens(x)))
 
     @property
     def absmax(self) -> torch.Tensor:
@@ -55,11 +62,17 @@ class ChannelMeanAbs:
         self.total: torch.Tensor | None = None
         self.count = torch.zeros((), dtype=torch.float64)
 
+    @staticmethod
+    def contribution(x: torch.Tensor) -> tuple:
+        return x.abs().sum(dim=0, dtype=torch.float64), x.shape[0]
+
+    def add(self, part: tuple) -> None:
+        total, count = part
+        self.total = total.clone() if self.total is None else self.total + total
+        self.count += count
+
     def update(self, x: torch.Tensor) -> None:
-        x = _tokens(x)
-        part = x.abs().sum(dim=0, dtype=torch.float64)
-        self.total = part if self.total is None else self.total + part
-        self.count += x.shape[0]
+        self.add(self.contribution(_tokens(x)))
 
     @property
     def mean(self) -> torch.Tensor:
@@ -80,11 +93,17 @@ class Hessian:
         self.sum: torch.Tensor | None = None
         self.count = torch.zeros((), dtype=torch.float64)
 
+    @staticmethod
+    def contribution(x: torch.Tensor) -> tuple:
+        return x.t() @ x, x.shape[0]
+
+    def add(self, part: tuple) -> None:
+        outer, count = part
+        self.sum = outer.clone() if self.sum is None else self.sum.add_(outer)
+        self.count += count
+
     def update(self, x: torch.Tensor) -> None:
-        x = _tokens(x)
-        part = x.t() @ x
-        self.sum = part if self.sum is None else self.sum.add_(part)
-        self.count += x.shape[0]
+        self.add(self.contribution(_tokens(x)))
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -112,9 +131,16 @@ class LayerStats:
         assert not unknown, unknown
         self.items = {kind: STATISTICS[kind]() for kind in sorted(kinds)}
 
-    def update(self, x: torch.Tensor) -> None:
-        for stat in self.items.values():
-            stat.update(x)
+    def update(self, x: torch.Tensor, shared: dict | None = None) -> None:
+        """Fold one batch in. ``shared`` caches each statistic's batch contribution, so Linears
+        reading the same tensor (q, k, v; gate, up) compute it once."""
+        shared = {} if shared is None else shared
+        for kind, stat in self.items.items():
+            if kind not in shared:
+                if "tokens" not in shared:
+                    shared["tokens"] = _tokens(x)
+                shared[kind] = stat.contribution(shared["tokens"])
+            stat.add(shared[kind])
 
     def scale_channels(self, divisor: torch.Tensor) -> None:
         for stat in self.items.values():

@@ -8,8 +8,11 @@ import click
 
 @click.command()
 @click.argument("model")
-@click.option("--scheme", default="smq_q8i8f16_1", show_default=True, help="See `quantkit schemes`.")
-@click.option("--algo", "algorithm", default="rtn", show_default=True, help="Weight algorithm: rtn, awq, gptq, hqq.")
+@click.option("--scheme", help="See `quantkit schemes` (default w8a8_dynamic).")
+@click.option("--algo", "algorithm", help="Weight algorithm: rtn (default), awq, gptq, hqq.")
+@click.option("--algo-option", "algo_options", multiple=True, metavar="KEY=VALUE",
+              help="Algorithm option, e.g. act_order=true (GPTQ), samples=32 (AWQ), iterations=40 (HQQ).")
+@click.option("--recipe", type=click.Path(path_type=Path), help="YAML recipe: per-layer schemes and algorithms.")
 @click.option("--bits", type=click.IntRange(2, 8), help="Override the scheme's weight bits.")
 @click.option("--group-size", type=int, help="Override the weight group size (-1: per channel).")
 @click.option("--sym/--asym", "symmetric", default=None, help="Override the weight grid's symmetry.")
@@ -26,26 +29,34 @@ import click
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default out/<model>-<scheme>).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished block.")
 @click.option("--dtype", default="auto", show_default=True, help="Compute dtype of the calibration passes.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
-def calibrate(model, scheme, algorithm, bits, group_size, symmetric, dataset, data_files, text_column,
-              num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, dtype, trust_remote_code,
-              as_json, quiet):
+def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, symmetric, dataset, data_files,
+              text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, resume, dtype,
+              trust_remote_code, as_json, quiet):
     """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
     quantized model: packed safetensors plus quant_manifest.json."""
     from quantkit.cli import render
     from quantkit.errors import QuantkitError
-    from quantkit.pipeline import CalibrateConfig, Progress, calibrate as run_calibration
+    from quantkit.pipeline import CalibrateConfig, Progress
+    from quantkit.pipeline import calibrate as run_calibration
 
     if alpha is not None and smooth is False:
         raise QuantkitError("--alpha and --no-smooth contradict each other; give one")
+    per_layer = {"--scheme": scheme, "--algo": algorithm, "--bits": bits, "--group-size": group_size,
+                 "--sym/--asym": symmetric, "--algo-option": algo_options or None}
+    given = [flag for flag, value in per_layer.items() if value is not None]
+    if recipe is not None and given:
+        raise QuantkitError(f"--recipe sets every layer's scheme and algorithm; drop {given[0]} (put it in the recipe)")
     config = CalibrateConfig(
-        model=model, scheme=scheme, algorithm=algorithm, bits=bits, group_size=group_size, symmetric=symmetric,
+        model=model, scheme=scheme or "w8a8_dynamic", algorithm=algorithm or "rtn", recipe=recipe,
+        options=_parse_options(algo_options), bits=bits, group_size=group_size, symmetric=symmetric,
         dataset=dataset, data_files=tuple(data_files), text_column=text_column, num_samples=num_samples,
         seq_len=seq_len, batch_size=batch_size, alpha=alpha, smooth=smooth, seed=seed, out=out,
-        overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code,
+        overwrite=overwrite, resume=resume, dtype=dtype, trust_remote_code=trust_remote_code,
     )
     if quiet or as_json:
         result = run_calibration(config, Progress())
@@ -58,3 +69,18 @@ def calibrate(model, scheme, algorithm, bits, group_size, symmetric, dataset, da
     elif not quiet:
         render.stderr.print(render.calibration_table(result))
         render.stderr.print(f"wrote {result.out}")
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    """KEY=VALUE pairs; values are read as YAML scalars (true, 32, 0.01, text)."""
+    import yaml
+
+    from quantkit.errors import QuantkitError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise QuantkitError(f"--algo-option expects KEY=VALUE, got '{pair}'")
+        options[key.strip()] = yaml.safe_load(value)
+    return options

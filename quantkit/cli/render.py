@@ -5,7 +5,14 @@ import json
 import math
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from quantkit.pipeline import Progress as PipelineProgress
@@ -55,6 +62,9 @@ class RichProgress(PipelineProgress):
             if value is not None and value < self.worst[0]:
                 self.worst = (value, name)
 
+    def estimate(self, estimate) -> None:
+        self.bar.console.print(estimate.describe())
+
     def finish(self) -> None:
         self._close_open_stages()
 
@@ -98,6 +108,7 @@ def calibration_json(result) -> dict:
         "peak_rss_mib": round(result.peak_rss_bytes / 2**20, 1),
         "layers_quantized": len(layers),
         "worst_output_sqnr": {"layer": worst[1], "db": worst[0] if worst[0] != math.inf else None},
+        "estimate": manifest.summary.get("estimate"),
     }
 
 

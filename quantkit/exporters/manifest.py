@@ -65,6 +65,8 @@ class Manifest:
     storage_dtype: str            # dtype of every float tensor kept from the source (norms, embeddings)
     layers: dict[str, LayerEntry]
     smoothing: dict = field(default_factory=dict)      # alpha and the smoothed norm/linear names
+    ignored: dict[str, str] = field(default_factory=dict)  # block Linears kept in the source dtype, and why
+    recipe: dict | None = None                         # the recipe as parsed, when one was used
     weight_files: list[str] = field(default_factory=list)
     search_results: str | None = None                  # file holding AWQ scales, GPTQ g_idx, ...
     summary: dict = field(default_factory=dict)        # timings, peak memory, error extremes
@@ -78,6 +80,8 @@ class Manifest:
             "calibration": self.calibration,
             "storage_dtype": self.storage_dtype,
             "smoothing": self.smoothing,
+            "ignored": self.ignored,
+            "recipe": self.recipe,
             "weight_files": self.weight_files,
             "search_results": self.search_results,
             "summary": self.summary,
@@ -93,6 +97,7 @@ class Manifest:
             return cls(
                 tool=data["tool"], source=data["source"], calibration=data["calibration"],
                 storage_dtype=data["storage_dtype"], smoothing=data.get("smoothing", {}),
+                ignored=dict(data.get("ignored", {})), recipe=data.get("recipe"),
                 weight_files=list(data.get("weight_files", [])), search_results=data.get("search_results"),
                 summary=data.get("summary", {}), format_version=version,
                 layers={name: LayerEntry.from_dict(entry) for name, entry in data["layers"].items()},

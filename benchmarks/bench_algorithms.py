@@ -1,0 +1,63 @@
+"""Issue 3 benchmark: RTN vs AWQ / GPTQ / HQQ on SmolLM2-135M, and the peers where they install.
+
+    python benchmarks/bench_algorithms.py [--peer-python /path/to/venv-with-llmcompressor-and-hqq/bin/python]
+
+Same protocol as bench_w8a8.py (64 x 512 GSM8K calibration tokens, 16 x 512 held-out eval tokens).
+Grids: 4-bit group 64 symmetric (RTN, GPTQ, AWQ; llm-compressor GPTQ), 4-bit group 64 asymmetric (RTN,
+HQQ; the hqq package) and 3-bit group 64 asymmetric (RTN, GPTQ, AWQ, HQQ; the hqq package). 576, the
+hidden size, is a multiple of 64, so no group is ragged here. Wall time is the whole quantkit process.
+"""
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import common
+
+GRIDS = {
+    "int4 g64 sym": (["--bits", "4", "--group-size", "64", "--sym"], ["rtn", "gptq", "awq"]),
+    "int4 g64 asym": (["--bits", "4", "--group-size", "64", "--asym"], ["rtn", "hqq"]),
+    "int3 g64 asym": (["--bits", "3", "--group-size", "64", "--asym"], ["rtn", "gptq", "awq", "hqq"]),
+}
+PEERS = {
+    "int4 g64 sym": [("run_llmcompressor.py", "gptq_w4g64", "llm-compressor GPTQ")],
+    "int4 g64 asym": [("run_hqq.py", "4", "hqq package")],
+    "int3 g64 asym": [("run_hqq.py", "3", "hqq package")],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--peer-python", default="")
+    parser.add_argument("--grids", nargs="*", default=list(GRIDS))
+    parser.add_argument("--algos", nargs="*", default=None, help="restrict quantkit algorithms")
+    args = parser.parse_args()
+    windows = common.eval_windows()
+    reference = common.float_model()
+    rows = [{"tool": "float", "config": "", **common.score(reference, reference, windows)}]
+    data = ["--dataset", "gsm8k", "--data-files", str(common.GSM8K), "--num-samples", str(common.SAMPLES),
+            "--seq-len", str(common.SEQ_LEN)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for grid in args.grids:
+            flags, algorithms = GRIDS[grid]
+            for algorithm in algorithms:
+                if args.algos and algorithm not in args.algos:
+                    continue
+                out = Path(tmp) / f"{grid.replace(' ', '_')}-{algorithm}"
+                summary = common.run_quantkit(out, "--scheme", "w4a16", "--algo", algorithm, *flags, *data)
+                rows.append({"tool": "quantkit", "config": f"{grid} {algorithm}", "wall_s": summary["wall_s"],
+                             "peak_rss_mib": summary["peak_rss_mib"],
+                             **common.score(common.load_quantized_fp32(out), reference, windows)})
+                print(json.dumps(rows[-1]), flush=True)
+            for script, argument, label in PEERS.get(grid, []):
+                peer = common.run_peer(args.peer_python, script, argument)
+                if peer is not None:
+                    rows.append({"tool": label, "config": grid, **peer})
+                    print(json.dumps(rows[-1]), flush=True)
+    print(common.table(rows, [("tool", "tool"), ("config", "config"), ("ppl", "perplexity"), ("kl", "KL"),
+                              ("top1", "top-1"), ("wall_s", "wall s"), ("quantize_s", "quantize s"),
+                              ("peak_rss_mib", "peak RSS MiB")]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Issue 2 benchmark: SmolLM2-135M, float vs every W8A8/W8A16 scheme with and without smoothing.
+
+    python benchmarks/bench_w8a8.py [--peer-python /path/to/venv-with-llmcompressor/bin/python]
+
+Calibration 64 x 512 GSM8K tokens; evaluation 16 x 512 held-out tokens (benchmarks/common.py).
+Prints a Markdown table: perplexity, KL(float || quantized), top-1 agreement, calibration wall time
+(the whole `quantkit calibrate` process, model loading included) and its peak RSS; llm-compressor's
+W8A8 (per-channel weights, dynamic per-token activations) with and without SmoothQuant 0.8 on the
+same tokens when --peer-python points at an environment that has it.
+"""
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import common
+
+SCHEMES = ["smq_q8i8f16_0", "smq_q8i8f16_1", "smq_q8i8f16_2", "w8a8_dynamic", "w8a16"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--peer-python", default="")
+    parser.add_argument("--schemes", nargs="*", default=SCHEMES)
+    args = parser.parse_args()
+    windows = common.eval_windows()
+    reference = common.float_model()
+    rows = [{"tool": "float", "config": "bf16 checkpoint, fp32 eval",
+             **common.score(reference, reference, windows)}]
+    data = ["--dataset", "gsm8k", "--data-files", str(common.GSM8K), "--num-samples", str(common.SAMPLES),
+            "--seq-len", str(common.SEQ_LEN)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme in args.schemes:
+            variants = [("smoothing auto", []), ("--no-smooth", ["--no-smooth"])] if scheme != "w8a16" else [("", [])]
+            for label, flags in variants:
+                out = Path(tmp) / f"{scheme}-{len(flags)}"
+                summary = common.run_quantkit(out, "--scheme", scheme, *data, *flags)
+                row = {"tool": "quantkit", "config": f"{scheme} {label}".strip(), "wall_s": summary["wall_s"],
+                       "peak_rss_mib": summary["peak_rss_mib"],
+                       **common.score(common.load_quantized_fp32(out), reference, windows)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    for kind, label in (("w8a8", "W8A8 dynamic, no smoothing"), ("w8a8_smooth", "W8A8 dynamic + SmoothQuant 0.8")):
+        peer = common.run_peer(args.peer_python, "run_llmcompressor.py", kind)
+        if peer is not None:
+            rows.append({"tool": "llm-compressor", "config": label, **peer})
+            print(json.dumps(rows[-1]), flush=True)
+    print(common.table(rows, [("tool", "tool"), ("config", "config"), ("ppl", "perplexity"), ("kl", "KL"),
+                              ("top1", "top-1"), ("wall_s", "calibration wall s"), ("peak_rss_mib", "peak RSS MiB")]))
+
+
+if __name__ == "__main__":
+    main()

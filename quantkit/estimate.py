@@ -1,0 +1,148 @@
+"""Peak memory and disk a calibration run will need, computed before any work from the checkpoint's
+safetensors headers (no tensor is read) and the run's settings.
+
+Memory model (bytes), the largest of three phases on top of the Python/torch baseline:
+  capture: embeddings in the compute dtype + the cached block inputs
+  block:   the fp32 master block, two compute-dtype copies (runner and search trial), the cached
+           inputs and outputs of every calibration sample (N x L x hidden, twice), one batch's largest
+           intermediate (B x L x intermediate x 3 in fp32) and the statistics of the block's Linears
+           (per-channel ranges; Hessians in x in fp32 for GPTQ; AWQ's captured inputs of its search
+           samples)
+  finish:  the non-block tensors, plus the whole output when it is small enough to be merged into
+           one model.safetensors
+Disk: the output (codes at their bit width, fp16 scales, the rest in the storage dtype) and, during the
+run, the work directory (the committed blocks plus one copy of the cached inputs).
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from quantkit.algorithms import primitives
+from quantkit.errors import QuantkitError
+
+BASELINE_BYTES = 700 * 2**20     # an idle Python with torch and transformers imported
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass
+class Estimate:
+    peak_memory: int
+    disk: int
+    phases: dict[str, int] = field(default_factory=dict)
+    activations: int = 0
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (f"estimated peak memory {self.peak_memory / gib:.2f} GiB (cached activations "
+                f"{self.activations / gib:.2f} GiB), disk {self.disk / gib:.2f} GiB")
+
+    def to_dict(self) -> dict:
+        return {"peak_memory_bytes": self.peak_memory, "disk_bytes": self.disk, "phases": self.phases,
+                "activation_bytes": self.activations}
+
+
+def tensor_shapes(checkpoint) -> dict[str, tuple[tuple[int, ...], int]]:
+    """{name: (shape, bytes per element)} from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in checkpoint.files:
+        if file.suffix != ".safetensors":
+            continue
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                shapes[name] = (tuple(view.get_shape()), _DTYPE_BYTES.get(view.get_dtype(), 4))
+    return shapes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def estimate_run(run) -> Estimate:
+    """The estimate for a prepared pipeline run (pipeline._Run)."""
+    config = run.checkpoint.config
+    shapes = tensor_shapes(run.checkpoint)
+    compute = torch.finfo(run.compute_dtype).bits // 8
+    storage = torch.finfo(run.storage_dtype).bits // 8
+    blocks_prefix = run.arch.blocks + "."
+    block_params = max((sum(_numel(s) for n, (s, _) in shapes.items() if n.startswith(f"{blocks_prefix}{i}."))
+                        for i in range(config.num_hidden_layers)), default=0)
+    rest = sum(_numel(s) * storage for n, (s, _) in shapes.items() if not n.startswith(blocks_prefix))
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    samples, seq_len = run.config.num_samples, run.config.seq_len
+    activations = samples * seq_len * hidden * compute if run.needs_data else 0
+    embeddings = config.vocab_size * hidden * compute if run.needs_data else 0
+    batch_intermediate = run.config.batch_size * seq_len * intermediate * 4 * 3 if run.needs_data else 0
+    stats = _statistics_bytes(run, shapes) if run.needs_data else 0
+    output = _output_bytes(run, shapes, storage) + rest
+    phases = {
+        "capture": embeddings + activations,
+        "block": block_params * (4 + 4 + compute) + 2 * activations + batch_intermediate + stats,
+        "finish": rest + (output if output <= 2 * 1024**3 else 0),
+    }
+    disk = output + (output + activations)  # the work directory's blocks and inputs, then the output
+    return Estimate(BASELINE_BYTES + max(phases.values()), disk, phases, activations)
+
+
+def _statistics_bytes(run, shapes) -> int:
+    """Statistics of one block's Linears (block 0's shapes; blocks are alike)."""
+    from quantkit.algorithms.registry import get_algorithm
+
+    total = 0
+    for name in run.arch.linears:
+        assignment = run.plan.get(f"{run.arch.blocks}.0.{name}")
+        weight = shapes.get(f"{run.arch.blocks}.0.{name}.weight")
+        if assignment is None or weight is None:
+            continue
+        in_features = weight[0][1]
+        kinds = get_algorithm(assignment.algorithm).statistics
+        total += 2 * in_features * 4 + ("hessian" in kinds) * in_features * in_features * 4
+        if assignment.algorithm == "awq":
+            total += int(assignment.options.get("samples", 16)) * run.config.seq_len * in_features * 4
+    return total
+
+
+def _output_bytes(run, shapes, storage: int) -> int:
+    """Quantized Linears at their bit width plus fp16 scales; other block tensors in the storage dtype."""
+    total = 0
+    blocks_prefix = run.arch.blocks + "."
+    for name, (shape, _) in shapes.items():
+        if not name.startswith(blocks_prefix):
+            continue
+        assignment = run.plan.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if assignment is None or len(shape) != 2:
+            total += _numel(shape) * storage
+            continue
+        spec = assignment.scheme.weight
+        groups = primitives.group_count(shape[1], primitives.group_size_for(spec, shape[1]))
+        total += _numel(shape) * spec.bits // 8 + shape[0] * groups * (2 + (0 if spec.symmetric else 1))
+    return total
+
+
+def check_fits(estimate: Estimate, out: Path, *, memory_factor: float = 0.9) -> None:
+    """Stop before any work when the machine cannot hold the run, naming what would make it fit."""
+    available = psutil.virtual_memory().available
+    if estimate.peak_memory > memory_factor * available:
+        hint = ("fewer calibration samples (--num-samples) or shorter ones (--seq-len)"
+                if estimate.activations > 0.25 * estimate.peak_memory else
+                "a machine with more memory (the largest block alone does not fit)")
+        raise QuantkitError(f"this run needs about {estimate.peak_memory / 2**30:.1f} GiB of memory but "
+                            f"{available / 2**30:.1f} GiB is available; try {hint}")
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if estimate.disk > free:
+        raise QuantkitError(f"this run needs about {estimate.disk / 2**30:.1f} GiB of disk in {parent} but "
+                            f"{free / 2**30:.1f} GiB is free")

@@ -1,0 +1,154 @@
+"""The work directory of a calibration run: committed blocks, the next block's inputs, progress.
+
+    OUT_PARENT/.OUT_NAME.partial/
+        run.json                        fingerprint of every setting that changes the result
+        progress.json                   {"next_block": k}: blocks < k are committed
+        blocks/block-00003.safetensors  block 3's tensors, under their final names
+        blocks/block-00003.json         its manifest entries, chosen alpha and timings
+        blocks/search-00003.safetensors its search results (SmoothQuant factors, AWQ scales, ...)
+        activations-rank0.safetensors   the inputs of block `next_block` (hidden states per batch)
+
+Every file is written to a temporary name and renamed, and progress.json last, so a run killed at
+any instant leaves a consistent state: `--resume` continues from the first unfinished block with the
+very tensors an uninterrupted run would have used. At the end the block files become the shards of
+the output (merged into one model.safetensors when small) and the directory is renamed to OUT.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from quantkit.errors import QuantkitError
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(temporary), metadata={"format": "pt"})
+    os.replace(temporary, path)
+
+
+class WorkDir:
+    def __init__(self, out: Path, fingerprint: dict, *, rank: int = 0, writer: bool = True):
+        self.out = Path(out).resolve()
+        self.path = self.out.parent / f".{self.out.name}.partial"
+        self.fingerprint = fingerprint
+        self.rank = rank
+        self.writer = writer           # only one process (rank 0) writes block files and the output
+        self.blocks = self.path / "blocks"
+
+    # start / resume ------------------------------------------------------------------------------
+
+    def start(self, resume: bool) -> int:
+        """Prepare the directory and return the first block to compute (0 unless resuming)."""
+        if resume and (self.path / "progress.json").is_file():
+            recorded = json.loads((self.path / "run.json").read_text())
+            if recorded != self.fingerprint:
+                changed = sorted(k for k in set(recorded) | set(self.fingerprint) if recorded.get(k) != self.fingerprint.get(k))
+                raise QuantkitError(f"--resume: the interrupted run in {self.path} used other settings "
+                                    f"({', '.join(changed)}); rerun without --resume to start over")
+            return int(json.loads((self.path / "progress.json").read_text())["next_block"])
+        if self.writer:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.blocks.mkdir(parents=True)
+            _atomic_json(self.path / "run.json", self.fingerprint)
+        return 0
+
+    @property
+    def resumable(self) -> bool:
+        return (self.path / "progress.json").is_file()
+
+    # per block ------------------------------------------------------------------------------------
+
+    def commit_block(self, index: int, tensors: dict[str, torch.Tensor], record: dict,
+                     search_results: dict[str, torch.Tensor], next_inputs: list[torch.Tensor] | None) -> None:
+        """Persist one finished block; progress.json moves on only after everything else is on disk."""
+        if next_inputs is not None:
+            _atomic_safetensors(self.path / f"activations-rank{self.rank}.safetensors",
+                                {f"batch_{i}": h for i, h in enumerate(next_inputs)})
+        if not self.writer:
+            return
+        _atomic_safetensors(self.blocks / f"block-{index:05d}.safetensors", tensors)
+        if search_results:
+            _atomic_safetensors(self.blocks / f"search-{index:05d}.safetensors", search_results)
+        _atomic_json(self.blocks / f"block-{index:05d}.json", record)
+        _atomic_json(self.path / "progress.json", {"next_block": index + 1})
+
+    def saved_inputs(self) -> list[torch.Tensor]:
+        """The hidden states saved with the last committed block (the next block's inputs)."""
+        path = self.path / f"activations-rank{self.rank}.safetensors"
+        if not path.is_file():
+            raise QuantkitError(f"--resume: {path} is missing; rerun without --resume")
+        tensors = load_file(str(path))
+        return [tensors[f"batch_{i}"] for i in range(len(tensors))]
+
+    def block_record(self, index: int) -> dict:
+        return json.loads((self.blocks / f"block-{index:05d}.json").read_text())
+
+    def block_search_results(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.blocks / f"search-{index:05d}.safetensors"
+        return load_file(str(path)) if path.is_file() else {}
+
+    # finish ---------------------------------------------------------------------------------------
+
+    def finish(self, num_blocks: int, rest: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+        """Turn the block files (and ``rest``: embeddings, final norm, lm_head) into the output's
+        weight files: one model.safetensors when everything fits one shard, else numbered shards
+        (a block each, plus one for the rest) with model.safetensors.index.json."""
+        parts = [self.blocks / f"block-{i:05d}.safetensors" for i in range(num_blocks)]
+        rest_path = self.blocks / "rest.safetensors"
+        _atomic_safetensors(rest_path, rest)
+        parts.append(rest_path)
+        total = sum(p.stat().st_size for p in parts)
+        if total <= max_shard_bytes:
+            merged: dict[str, torch.Tensor] = {}
+            for part in parts:
+                merged.update(load_file(str(part)))
+            save_file(merged, str(self.path / "model.safetensors"), metadata={"format": "pt"})
+            return ["model.safetensors"]
+        files, weight_map = [], {}
+        for i, part in enumerate(parts):
+            name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            with safe_open(str(part), "pt") as handle:
+                weight_map.update({key: name for key in handle.keys()})
+            os.replace(part, self.path / name)
+            files.append(name)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return files
+
+    def publish(self, overwrite: bool) -> None:
+        """Remove the bookkeeping and rename the directory to OUT (replacing it only with overwrite)."""
+        for leftover in ["blocks", "run.json", "progress.json", *[p.name for p in self.path.glob("activations-*")]]:
+            target = self.path / leftover
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        if self.out.exists():
+            if not overwrite:
+                raise QuantkitError(f"output {self.out} appeared while working; pass --overwrite to replace it")
+            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            self.out.rename(old)
+            self.path.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.path.rename(self.out)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,170 @@
+"""AWQ, GPTQ and HQQ against round-to-nearest, and the properties each one promises."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from quantkit import load_quantized
+from quantkit.algorithms.gptq import gptq_quantize
+from quantkit.algorithms.hqq import hqq_group_error, hqq_quantize
+from quantkit.algorithms import primitives
+from quantkit.algorithms.registry import get_algorithm
+from quantkit.algorithms.rtn import quantize_rtn
+from quantkit.architectures import architecture_for
+from quantkit.block import BlockJob, BlockQuantizer
+from quantkit.calibrate.hooks import capture_first_block_inputs, run_block
+from quantkit.errors import QuantkitError
+from quantkit.pipeline import CalibrateConfig, calibrate
+from quantkit.recipe import LayerAssignment, make_scheme
+from quantkit.schemes import WeightSpec
+
+SPECS = [WeightSpec(4, "group", True, 32), WeightSpec(3, "group", False, 48), WeightSpec(4, "channel", True)]
+
+
+def _correlated_inputs(seed=0, tokens=2048, features=160):
+    """Inputs with a few outlier channels and correlated features, as LLM activations have."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=generator) * 0.3
+    x = torch.randn(tokens, features, generator=generator) @ mixing + torch.randn(tokens, features, generator=generator)
+    x[:, :4] *= 20
+    return x
+
+
+def _output_error(x, weight, approximation):
+    return ((x @ (weight - approximation).t()) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_layer_output(spec, act_order):
+    x = _correlated_inputs()
+    weight = torch.randn(96, 160, generator=torch.Generator().manual_seed(1)) * 0.05
+    hessian = 2.0 / x.shape[0] * x.t() @ x
+    gptq, _ = gptq_quantize(weight, hessian, spec, act_order=act_order)
+    rtn = quantize_rtn(weight, spec)
+    assert _output_error(x, weight, gptq.dequantize()) < 0.8 * _output_error(x, weight, rtn.dequantize())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_gptq_with_identity_hessian_equals_rtn(spec):
+    weight = torch.randn(32, 160, generator=torch.Generator().manual_seed(2))
+    gptq, _ = gptq_quantize(weight, torch.eye(160), spec)
+    rtn = quantize_rtn(weight, spec)
+    assert torch.equal(gptq.codes, rtn.codes) and torch.equal(gptq.scale, rtn.scale)
+    assert (gptq.zero is None and rtn.zero is None) or torch.equal(gptq.zero, rtn.zero)
+
+
+def test_gptq_act_order_groups_follow_the_sweep():
+    x = _correlated_inputs(3)
+    weight = torch.randn(16, 160, generator=torch.Generator().manual_seed(4))
+    spec = WeightSpec(4, "group", True, 32)
+    dynamic, results = gptq_quantize(weight, 2.0 / x.shape[0] * x.t() @ x, spec, act_order=True)
+    static, _ = gptq_quantize(weight, 2.0 / x.shape[0] * x.t() @ x, spec, act_order=True, static_groups=True)
+    perm = results["perm"].long()
+    assert dynamic.g_idx is not None and static.g_idx is None
+    assert torch.equal(dynamic.g_idx[perm].long(), torch.arange(160) // 32)  # groups are runs of the sweep order
+
+
+def test_gptq_survives_a_singular_hessian():
+    x = _correlated_inputs(5, tokens=64)  # 64 tokens, 160 channels: H has rank <= 64
+    x[:, 10:20] = 0.0  # dead input channels
+    weight = torch.randn(8, 160, generator=torch.Generator().manual_seed(6))
+    quant, results = gptq_quantize(weight, 2.0 / x.shape[0] * x.t() @ x, WeightSpec(4, "group", True, 32), damp=0.0)
+    assert results["damp"].item() > 0.0  # damping was raised after the Cholesky failure
+    assert torch.equal(quant.dequantize()[:, 10:20], torch.zeros(8, 10))
+
+
+@pytest.mark.parametrize("spec", [WeightSpec(4, "group", False, 64), WeightSpec(3, "group", False, 48),
+                                  WeightSpec(2, "group", False, 16)], ids=lambda s: s.describe())
+def test_hqq_never_increases_its_objective_and_beats_rtn(spec):
+    weight = torch.randn(64, 160, generator=torch.Generator().manual_seed(7)) * 0.02
+    weight[:, 5] *= 10  # an outlier column, where the min/max grid wastes levels
+    quant, results = hqq_quantize(weight, spec)
+    assert results["error_final"] <= results["error_init"]
+    groups = primitives.to_groups(weight, spec.group_size)
+    valid = (torch.arange(groups.shape[1] * spec.group_size) < 160).reshape(groups.shape[1], -1).float()
+    rtn = quantize_rtn(weight, spec)
+    per_group = lambda q: hqq_group_error(groups, q.scale[..., None], q.zero[..., None], spec.bits, valid)  # noqa: E731
+    assert bool((per_group(quant) <= per_group(rtn) + 1e-9).all())  # never worse than its start, per group
+    x = _correlated_inputs(8)
+    assert _output_error(x, weight, quant.dequantize()) < _output_error(x, weight, rtn.dequantize())
+    assert not quant.integer_zero  # HQQ's zero points are floats
+
+
+def test_hqq_refuses_symmetric_grids():
+    with pytest.raises(QuantkitError, match="asymmetric"):
+        get_algorithm("hqq").validate(WeightSpec(4, "group", True, 64))
+
+
+def _block_zero(checkpoint, samples=8, seq_len=32):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    arch = architecture_for(model.config)
+    tokens = torch.randint(4, model.config.vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    block = model.get_submodule(f"{arch.blocks}.0")
+    with torch.no_grad():
+        inputs = capture_first_block_inputs(model, block, tokens.split(4))
+    return model, arch, block, inputs
+
+
+def test_awq_scaling_preserves_the_float_block(llama_dir):
+    model, arch, block, inputs = _block_zero(llama_dir)
+    with torch.no_grad():
+        before = [run_block(block, call) for call in inputs]
+    assignment = LayerAssignment(make_scheme("w4a16", bits=3, group_size=32), "awq", "test", {"clip": False})
+    job = BlockJob(index=0, prefix="model.layers.0", block=block, assigned={n: assignment for n in arch.linears},
+                   inputs=inputs, arch=arch, model_config=model.config, compute_dtype=torch.float32,
+                   storage_dtype=torch.float32, smooth=False, alpha=None)
+    quantizer = BlockQuantizer(job)
+    with torch.no_grad():
+        stats = quantizer.observe(list(job.assigned))
+        from quantkit.block import BlockResult
+        result = BlockResult(outputs=None, entries={})
+        quantizer.transform(stats, result)
+        after = [run_block(block, call) for call in inputs]
+    scales = [v for k, v in result.search_results.items() if k.endswith("awq_scales")]
+    assert len(scales) == 4 and max(float((s.log().abs()).max()) for s in scales) > 0.1  # real rescaling
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _kl_to_float(reference, model, tokens):
+    with torch.no_grad():
+        p = torch.log_softmax(reference(tokens).logits, -1)
+        q = torch.log_softmax(model(tokens).logits, -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    from conftest import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("wide"), "llama", seed=5, intermediate_size=192, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("algorithm, grid", [
+    ("awq", dict(bits=3, group_size=32, symmetric=False)),
+    ("gptq", dict(bits=3, group_size=32, symmetric=True)),
+    ("hqq", dict(bits=3, group_size=32, symmetric=False)),
+])
+def test_each_algorithm_beats_rtn_and_reloads_exactly(algorithm, grid, wide_llama, text_file, tmp_path):
+    reference = AutoModelForCausalLM.from_pretrained(wide_llama).eval()
+    tokens = torch.randint(4, 64, (4, 64), generator=torch.Generator().manual_seed(9))
+    options = dict(num_samples=16, seq_len=64, batch_size=8, dataset=str(text_file), keep_model=True,
+                   scheme="w4a16", **grid)
+    rtn = calibrate(CalibrateConfig(model=str(wide_llama), algorithm="rtn", out=tmp_path / "rtn", **options))
+    result = calibrate(CalibrateConfig(model=str(wide_llama), algorithm=algorithm, out=tmp_path / algorithm, **options))
+    assert _kl_to_float(reference, result.model, tokens) < _kl_to_float(reference, rtn.model, tokens)
+    reloaded = load_quantized(tmp_path / algorithm)
+    with torch.no_grad():
+        assert torch.equal(result.model(tokens).logits, reloaded(tokens).logits)
+    assert {e.algorithm for e in result.manifest.layers.values()} == {algorithm}
+
+
+def test_gptq_act_order_reloads_exactly(llama_dir, tmp_path):
+    result = calibrate(CalibrateConfig(model=str(llama_dir), scheme="w4a16", algorithm="gptq", group_size=16,
+                                       options={"act_order": True}, num_samples=8, seq_len=32, out=tmp_path / "o",
+                                       keep_model=True))
+    entry = result.manifest.layers["model.layers.0.mlp.down_proj"]
+    assert "g_idx" in entry.tensors
+    tokens = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(result.model(tokens).logits, load_quantized(tmp_path / "o")(tokens).logits)
