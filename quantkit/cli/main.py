@@ -64,9 +64,11 @@ def schemes() -> None:
 def _register_commands() -> None:
     from quantkit.cli import calibrate as calibrate_command
     from quantkit.cli import evaluate as evaluate_command
+    from quantkit.cli import validate as validate_command
 
     cli.add_command(calibrate_command.calibrate)
     cli.add_command(evaluate_command.evaluate)
+    cli.add_command(validate_command.validate)
 
 
 _register_commands()
