@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,6 +28,7 @@ from quantkit.calibrate.hooks import (
     run_block,
 )
 from quantkit.calibrate.stats import LayerStats
+from quantkit.distributed import Processes
 from quantkit.errors import QuantkitError
 from quantkit.exporters.manifest import LayerEntry
 from quantkit.exporters.native import codes_layout, quant_linear_tensors
@@ -88,7 +89,7 @@ class BlockJob:
     alpha: float | None                          # None: search ALPHA_GRID per block
     search_samples: int = 4                      # samples the alpha search compares block outputs on
     metric_samples: int = 8                      # samples each layer's output SQNR is measured on
-    all_reduce: Callable[[dict[str, LayerStats]], None] | None = None
+    processes: Processes = field(default_factory=Processes)  # torch.distributed ranks sharing the batches
 
 
 @dataclass
@@ -165,8 +166,7 @@ class BlockQuantizer:
                     run_block(runner, call)
                 except ObservationComplete:
                     pass
-        if job.all_reduce is not None:
-            job.all_reduce(stats)
+        job.processes.all_reduce_stats(stats)
         return stats
 
     # SmoothQuant ---------------------------------------------------------------------------------
@@ -224,17 +224,13 @@ class BlockQuantizer:
             runner = cast_parameters(trial, job.compute_dtype)
             errors[str(alpha)] = sum(F.mse_loss(run_block(runner, call).float(), ref, reduction="sum").item()
                                      for call, ref in zip(subset, reference))
+        errors = dict(zip(errors, job.processes.sum_values(list(errors.values()))))
         best = min(errors, key=errors.get)
         return (None if best == "None" else float(best)), errors
 
     def first_samples(self, count: int) -> list[BlockInput]:
-        calls, seen = [], 0
-        for call in self.job.inputs:
-            if seen >= count:
-                break
-            calls.append(call)
-            seen += call.hidden.shape[0]
-        return calls
+        """This process's calls among the first ``count`` calibration samples."""
+        return [call for call in self.job.inputs if call.first_sample < count]
 
     def transform(self, stats: dict[str, LayerStats], result: BlockResult) -> None:
         """Block-level transforms of the assigned algorithms (AWQ), after smoothing."""
@@ -246,7 +242,7 @@ class BlockQuantizer:
             context = BlockContext(
                 prefix=job.prefix, block=job.block, assigned=job.assigned, stats=stats, groups=job.arch.awq,
                 model_config=job.model_config, norm_offset=job.arch.norm_offset, first_samples=self.first_samples,
-                runner=lambda: runner_for(job.block, job.compute_dtype),
+                runner=lambda: runner_for(job.block, job.compute_dtype), sum_=job.processes.sum_,
             )
             found = algorithm.transform_block(context)
             result.search_results.update({f"{job.prefix}.{key}": value for key, value in found.items()})
@@ -296,13 +292,14 @@ class BlockQuantizer:
                     noise[name] += (output.double() - reference).pow(2).sum().item()
             return hook
 
-        outputs, seen = [], 0
+        outputs = []
         with forward_hooks({name: runner.get_submodule(name) for name in float_weights}, make_hook):
             for call in job.inputs:
-                measuring[0] = seen < job.metric_samples
+                measuring[0] = call.first_sample < job.metric_samples
                 hidden = run_block(runner, call)
                 if not bool(torch.isfinite(hidden).all()):
                     raise QuantkitError(f"NaN/Inf in the quantized outputs of {job.prefix}")
-                outputs.append(BlockInput(hidden, call.kwargs))
-                seen += call.hidden.shape[0]
-        return outputs, {n: primitives.sqnr_db_from_sums(signal[n], noise[n]) for n in float_weights}
+                outputs.append(BlockInput(hidden, call.kwargs, call.first_sample))
+        names = sorted(float_weights)
+        sums = job.processes.sum_values([signal[n] for n in names] + [noise[n] for n in names])
+        return outputs, {n: primitives.sqnr_db_from_sums(sums[i], sums[len(names) + i]) for i, n in enumerate(names)}

@@ -46,6 +46,7 @@ from quantkit.checkpoint import (
     release,
     resolve_model,
 )
+from quantkit.distributed import Processes, from_environment
 from quantkit.errors import QuantkitError, RunInterrupted
 from quantkit.estimate import Estimate, check_fits, estimate_run
 from quantkit.exporters.manifest import LayerEntry, Manifest
@@ -151,6 +152,7 @@ class _Run:
     needs_data: bool = True             # False: every layer's algorithm is calibration-free
     weights_sha256: str = ""
     estimate: Estimate | None = None
+    processes: Processes = field(default_factory=Processes)
     dataset: DatasetSpec | None = None
     calibration_tokens: int = 0
     block_alpha: dict[int, float | None] = field(default_factory=dict)
@@ -230,18 +232,24 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
     Blocks are committed to a work directory as they finish; an error discards it, an interrupt
     keeps it so that ``resume=True`` continues from the first unfinished block.
     """
-    progress = progress or Progress()
+    processes = from_environment()
+    progress = progress if progress is not None and processes.writer else Progress()
     run = _prepare(config)
+    run.processes = processes
     run.estimate = estimate_run(run)
     progress.estimate(run.estimate)
     check_fits(run.estimate, run.out)
-    work = WorkDir(run.out, _fingerprint(run))
+    work = WorkDir(run.out, _fingerprint(run), rank=processes.rank, writer=processes.writer)
     first = work.start(config.resume)
+    processes.barrier()  # the work directory exists before any rank writes into it
     if first and config.keep_model:
         raise QuantkitError("keep_model needs every block in memory: it cannot resume a run")
     try:
         with torch.inference_mode():
             model = _run_blocks(run, work, first, progress)
+            processes.barrier()  # every rank has committed its activations
+            if not processes.writer:
+                return CalibrationResult(run.out, None, None, dict(run.timings), _peak_rss())
             manifest = _finish(run, work, progress)
     except KeyboardInterrupt:
         if work.resumable:
@@ -250,7 +258,8 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
         work.discard()
         raise
     except BaseException:
-        work.discard()
+        if processes.writer:
+            work.discard()
         raise
     work.publish(config.overwrite)
     if config.keep_model:
@@ -312,6 +321,7 @@ def _fingerprint(run: _Run) -> dict:
         "dataset": [config.dataset, list(config.data_files), config.text_column], "num_samples": config.num_samples,
         "seq_len": config.seq_len, "seed": config.seed, "batch_size": config.batch_size, "smooth": run.smooth,
         "alpha": run.alpha, "compute_dtype": str(run.compute_dtype), "metric_samples": config.metric_samples,
+        "world_size": run.processes.world_size,
     }
 
 
@@ -331,9 +341,11 @@ def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput]
         model = _skeleton(run)
         embeddings = model.get_submodule(run.arch.embeddings)
         materialize(embeddings, run.arch.embeddings, run.checkpoint, run.compute_dtype)
-        batches = tokens.split(config.batch_size)
+        # Batch i belongs to rank i % world_size: each batch is the one a single process would run.
+        owned = [i for i in range(-(-tokens.shape[0] // config.batch_size)) if run.processes.owns_batch(i)]
+        batches = [tokens[i * config.batch_size:(i + 1) * config.batch_size] for i in owned]
         first_block = model.get_submodule(f"{run.arch.blocks}.0")
-        inputs = capture_first_block_inputs(model, first_block, batches)
+        inputs = capture_first_block_inputs(model, first_block, batches, [i * config.batch_size for i in owned])
         if not config.keep_model:
             release(embeddings)
     return model, inputs
@@ -353,7 +365,7 @@ def _quantize_block(run: _Run, index: int, block: nn.Module,
     job = BlockJob(index=index, prefix=prefix, block=block, assigned=assigned, inputs=inputs, arch=run.arch,
                    model_config=run.checkpoint.config, compute_dtype=run.compute_dtype,
                    storage_dtype=run.storage_dtype, smooth=run.smooth, alpha=run.alpha,
-                   metric_samples=run.config.metric_samples)
+                   metric_samples=run.config.metric_samples, processes=run.processes)
     result = BlockQuantizer(job).run()
     for stage, seconds in result.timings.items():
         run.timings[stage] = run.timings.get(stage, 0.0) + seconds
@@ -436,7 +448,8 @@ def _calibration_record(run: _Run) -> dict:
                                             "no smoothing, no static activations)"}
     return {"dataset": run.dataset.describe(), "num_samples": config.num_samples, "seq_len": config.seq_len,
             "tokens": run.calibration_tokens, "seed": config.seed, "batch_size": config.batch_size,
-            "compute_dtype": str(run.compute_dtype).removeprefix("torch."), "metric_samples": config.metric_samples}
+            "compute_dtype": str(run.compute_dtype).removeprefix("torch."), "metric_samples": config.metric_samples,
+            "processes": run.processes.world_size}
 
 
 def _smoothing_record(run: _Run) -> dict:

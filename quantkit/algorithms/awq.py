@@ -94,9 +94,10 @@ def _module_output(module: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
 
 @torch.no_grad()
 def search_group_scales(runner: nn.Module, master: nn.Module, group: ScaleGroup, spec: WeightSpec,
-                        x_mean: torch.Tensor, calls: list, column_map: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, list[float]]:
-    """Best s for one group (prev channels) and the loss of every grid ratio."""
+                        x_mean: torch.Tensor, calls: list, column_map: torch.Tensor | None,
+                        sum_=lambda t: t) -> tuple[torch.Tensor, list[float]]:
+    """Best s for one group (prev channels) and the loss of every grid ratio (``sum_`` adds the
+    losses of other processes' samples)."""
     consumers = [master.get_submodule(name).weight.float() for name in group.consumers]
     run_modules = [runner.get_submodule(name) for name in group.consumers]
     originals = [m.weight.data.clone() for m in run_modules]
@@ -113,6 +114,7 @@ def search_group_scales(runner: nn.Module, master: nn.Module, group: ScaleGroup,
                 module.weight.data = (fake_quantize(weight * column_scales, spec) / column_scales).to(module.weight.dtype)
             loss = sum(F.mse_loss(_module_output(loss_module, call), ref, reduction="sum").item()
                        for call, ref in zip(calls, reference))
+            loss = sum_(torch.tensor([loss], dtype=torch.float64)).item()
             losses.append(loss)
             if loss < best:
                 best, best_scales = loss, scales
@@ -123,8 +125,9 @@ def search_group_scales(runner: nn.Module, master: nn.Module, group: ScaleGroup,
 
 
 @torch.no_grad()
-def search_clip(weight: torch.Tensor, inputs: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
-    """Per-group clip ratio [out, G] minimising the MSE of the group partial outputs x_g . w_g."""
+def search_clip(weight: torch.Tensor, inputs: torch.Tensor, spec: WeightSpec, sum_=lambda t: t) -> torch.Tensor:
+    """Per-group clip ratio [out, G] minimising the squared error of the group partial outputs
+    x_g . w_g over a token sample of ``inputs`` [n, in] (``sum_`` adds other processes' errors)."""
     group_size = primitives.group_size_for(spec, weight.shape[1])
     w = primitives.to_groups(weight.float(), group_size)                    # [out, G, g]
     step = max(1, inputs.shape[0] // CLIP_TOKENS)
@@ -142,7 +145,7 @@ def search_clip(weight: torch.Tensor, inputs: torch.Tensor, spec: WeightSpec) ->
         clipped = torch.maximum(torch.minimum(w, limit), -limit)
         flat = clipped.reshape(-1, group_size)
         quantized = fake_quantize(flat, group_spec).reshape(w.shape)
-        error = (torch.einsum("ogk,ngk->ogn", quantized, x) - reference).pow(2).mean(dim=-1)
+        error = sum_((torch.einsum("ogk,ngk->ogn", quantized, x) - reference).pow(2).sum(dim=-1))
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
@@ -189,7 +192,7 @@ class AWQ:
             column_map = channel_map(group, context.model_config, context.block.get_submodule(group.consumers[0]).in_features)
             scales, losses = search_group_scales(runner, context.block, group, spec,
                                                  context.stats[group.consumers[0]].mean_abs.mean,
-                                                 captured.calls[group.loss_on], column_map)
+                                                 captured.calls[group.loss_on], column_map, context.sum_)
             smoothquant.fold_into_previous(context.block.get_submodule(group.prev), scales, context.norm_offset)
             consumer_scales = smoothquant.consumer_factors(scales, column_map)
             smoothquant.fold_into_consumers([context.block.get_submodule(c) for c in group.consumers], consumer_scales)
@@ -201,10 +204,11 @@ class AWQ:
         for name in sorted(clip_layers):
             linear = context.block.get_submodule(name)
             spec = context.assigned[name].scheme.weight
-            inputs = torch.cat(captured.linear_inputs[name])
+            parts = captured.linear_inputs[name]  # empty on a process holding none of the search samples
+            inputs = torch.cat(parts).float() if parts else torch.zeros(0, linear.in_features)
             if name in column_scales:
-                inputs = inputs.float() / column_scales[name]
-            ratio = search_clip(linear.weight, inputs, spec)
+                inputs = inputs / column_scales[name]
+            ratio = search_clip(linear.weight, inputs, spec, context.sum_)
             apply_clip(linear, ratio, spec)
             results[f"{name}.awq_clip"] = ratio
         return results

@@ -49,6 +49,7 @@ class BlockContext:
     norm_offset: float
     first_samples: Callable[[int], list]     # the captured block inputs covering the first n samples
     runner: Callable[[], nn.Module]          # a copy of the block in the compute dtype
+    sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # in-place sum over distributed ranks
 
 
 class WeightAlgorithm(Protocol):

@@ -74,17 +74,19 @@ class BlockInput:
 
     hidden: torch.Tensor
     kwargs: dict
+    first_sample: int = 0      # index of the batch's first sample in the whole calibration set
 
 
 class _FirstBlockReached(Exception):
     pass
 
 
-def capture_first_block_inputs(model: nn.Module, first_block: nn.Module,
-                               batches: Iterable[torch.Tensor]) -> list[BlockInput]:
+def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[torch.Tensor],
+                               first_samples: Iterable[int] | None = None) -> list[BlockInput]:
     """Run the model on each batch [B, L] of token ids only up to decoder block 0 and keep that
     block's inputs. Works for any architecture: the model computes masks and rotary embeddings
-    itself, and a pre-hook stops the forward at block 0 (so later blocks may be unloaded)."""
+    itself, and a pre-hook stops the forward at block 0 (so later blocks may be unloaded).
+    ``first_samples`` gives each batch's first sample index (default: consecutive batches)."""
     captured: list[BlockInput] = []
 
     def hook(module, args, kwargs):
@@ -94,6 +96,7 @@ def capture_first_block_inputs(model: nn.Module, first_block: nn.Module,
         raise _FirstBlockReached
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    batches = list(batches)
     try:
         for batch in batches:
             try:
@@ -103,6 +106,9 @@ def capture_first_block_inputs(model: nn.Module, first_block: nn.Module,
             raise RuntimeError("the model finished a forward without calling its first decoder block")
     finally:
         handle.remove()
+    starts = list(first_samples) if first_samples is not None else [sum(b.shape[0] for b in batches[:i]) for i in range(len(batches))]
+    for call, start in zip(captured, starts):
+        call.first_sample = start
     return captured
 
 

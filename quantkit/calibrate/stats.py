@@ -87,7 +87,11 @@ class ChannelMeanAbs:
 
 
 class Hessian:
-    """GPTQ's H = (2 / n) * sum_t x_t x_t^T over n tokens, accumulated as an fp32 sum."""
+    """GPTQ's H = (2 / n) * sum_t x_t x_t^T over n tokens.
+
+    Each batch's x^T x is computed in fp32 and accumulated in fp64, so the sum hardly depends on the
+    order batches arrive in (one process, or several processes summed by all_reduce): GPTQ's error
+    feedback amplifies tiny differences of H into flipped codes."""
 
     def __init__(self) -> None:
         self.sum: torch.Tensor | None = None
@@ -99,7 +103,7 @@ class Hessian:
 
     def add(self, part: tuple) -> None:
         outer, count = part
-        self.sum = outer.clone() if self.sum is None else self.sum.add_(outer)
+        self.sum = outer.double() if self.sum is None else self.sum.add_(outer)
         self.count += count
 
     def update(self, x: torch.Tensor) -> None:
@@ -108,11 +112,11 @@ class Hessian:
     @property
     def matrix(self) -> torch.Tensor:
         """[C, C] float32."""
-        return self.sum * (2.0 / float(self.count))
+        return (self.sum * (2.0 / float(self.count))).float()
 
     def scale_channels(self, divisor: torch.Tensor) -> None:
         """H of x / s is H_ij / (s_i s_j)."""
-        d = divisor.float()
+        d = divisor.double()
         self.sum = self.sum / torch.outer(d, d)
 
     def all_reduce(self) -> None:

@@ -1,6 +1,7 @@
 """``quantkit calibrate``: flags -> `CalibrateConfig` -> `pipeline.calibrate`, rendered with rich."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -58,6 +59,9 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
         seq_len=seq_len, batch_size=batch_size, alpha=alpha, smooth=smooth, seed=seed, out=out,
         overwrite=overwrite, resume=resume, dtype=dtype, trust_remote_code=trust_remote_code,
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports
+        run_calibration(config, Progress())
+        return
     if quiet or as_json:
         result = run_calibration(config, Progress())
     else:
