@@ -11,8 +11,8 @@ calibration measured each layer's recorded output SQNR. When the dataset cannot 
 Per layer, on those inputs x (all in fp32 unless said otherwise):
   reference  QuantLinear's fake-quant forward (dequantized weights, fake-quantized activations);
   kernel     the backend's kernels on x in the model dtype (quantize -> integer GEMM, or dequant-GEMM);
-  float      the source checkpoint's float weight with the recorded SmoothQuant folds replayed, i.e.
-             the matrix the quantizer was given (available when the source still exists and its
+  float      the source checkpoint's float weight with the recorded block transforms (SmoothQuant and
+             AWQ folds, AWQ clipping) replayed, i.e. the matrix the quantizer was given (available when the source still exists and its
              weights hash to the manifest's ``weights_sha256``).
 Checks, each failure naming the layer:
   weights   the stored codes vs the float weight: weight SQNR not below the one calibration recorded,
@@ -291,7 +291,10 @@ def _search_results(path: Path, manifest) -> dict[str, torch.Tensor]:
 
 class FloatWeights:
     """The float weight each QuantLinear was quantized from: the source block in fp32 with the recorded
-    SmoothQuant folds (``<block>.<prev>.smooth_factors`` search results) replayed in the pipeline's order.
+    block transforms replayed in the pipeline's order (smooth -> transform -> quantize):
+      SmoothQuant folds  ``<block>.<prev>.smooth_factors``  (architecture ``smooth`` groups)
+      AWQ scale folds    ``<block>.<prev>.awq_scales``      (architecture ``awq`` groups)
+      AWQ clipping       ``<block>.<linear>.awq_clip``      (per-group clamp of the weight)
     One block is materialized at a time."""
 
     def __init__(self, checkpoint, manifest, search_results: dict[str, torch.Tensor]):
@@ -320,24 +323,42 @@ class FloatWeights:
         return self.cached[name]
 
     def _load_block(self, prefix: str) -> dict[str, torch.Tensor]:
-        from quantkit.algorithms import smoothquant
-        from quantkit.architectures import channel_map
         from quantkit.checkpoint import materialize, release
 
         block = self.skeleton.get_submodule(prefix)
         materialize(block, prefix, self.checkpoint, torch.float32)
         try:
-            factors = {g.prev: self.results[f"{prefix}.{g.prev}.smooth_factors"].float()
-                       for g in self.arch.smooth if f"{prefix}.{g.prev}.smooth_factors" in self.results}
-            groups = tuple(g for g in self.arch.smooth if g.prev in factors)
-            maps = {g.prev: channel_map(g, self.checkpoint.config, block.get_submodule(g.consumers[0]).in_features)
-                    for g in groups}
             with torch.no_grad():
-                smoothquant.apply(block, groups, factors, maps, self.arch.norm_offset)
+                for groups, suffix in ((self.arch.smooth, "smooth_factors"), (self.arch.awq, "awq_scales")):
+                    self._fold(block, prefix, groups, suffix)
+                self._clip(block, prefix)
             wanted = [n for n in self.manifest.layers if n.startswith(prefix + ".")]
             return {n: block.get_submodule(n[len(prefix) + 1:]).weight.detach().float().clone() for n in wanted}
         finally:
             release(block)
+
+    def _fold(self, block: nn.Module, prefix: str, groups, suffix: str) -> None:
+        """Replay the recorded per-channel folds (prev /= s, consumers' columns *= s) of one transform."""
+        from quantkit.algorithms import smoothquant
+        from quantkit.architectures import channel_map
+
+        factors = {g.prev: self.results[f"{prefix}.{g.prev}.{suffix}"].float()
+                   for g in groups if f"{prefix}.{g.prev}.{suffix}" in self.results}
+        groups = tuple(g for g in groups if g.prev in factors)
+        maps = {g.prev: channel_map(g, self.checkpoint.config, block.get_submodule(g.consumers[0]).in_features)
+                for g in groups}
+        smoothquant.apply(block, groups, factors, maps, self.arch.norm_offset)
+
+    def _clip(self, block: nn.Module, prefix: str) -> None:
+        clipped = {name: ratio for name, ratio in self.results.items()
+                   if name.startswith(prefix + ".") and name.endswith(".awq_clip")}
+        if not clipped:
+            return
+        from quantkit.algorithms.awq import apply_clip
+
+        for key, ratio in sorted(clipped.items()):
+            name = key.removesuffix(".awq_clip")
+            apply_clip(block.get_submodule(name[len(prefix) + 1:]), ratio, self.manifest.layers[name].scheme.weight)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -495,7 +516,7 @@ def validate(config: ValidateConfig, on_stage: Callable[[str], None] | None = No
     report = ValidationReport(
         path=str(path.resolve()), backend=backend, backend_description=describe_backend(backend, device),
         device=str(device), dtype=str(dtype).removeprefix("torch."), activations=activations,
-        float_reference="source checkpoint with recorded SmoothQuant folds replayed" if source else
+        float_reference="source checkpoint with the recorded block transforms replayed" if source else
         f"unavailable: {source_problem}; damaged weights cannot be detected, only kernel agreement is checked",
         tolerances={"kernel_max_rel_error": KERNEL_TOLERANCE[dtype][0],
                     "kernel_min_sqnr_db": KERNEL_TOLERANCE[dtype][1],

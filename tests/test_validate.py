@@ -34,13 +34,15 @@ def _digest(path) -> str:
 @pytest.fixture(scope="module")
 def quantized(llama_dir, tmp_path_factory):
     """One calibrated model per kernel family: W8A8 with asymmetric static activations and asymmetric
-    per-channel weights (the zero-point correction path), and W4A16 g128 asym (packed int4)."""
+    per-channel weights (the zero-point correction path), W4A16 g128 asym (packed int4), and W4A16 by AWQ
+    (whose recorded scale folds and clipping the float reference must replay)."""
     outs = {}
-    for scheme in ("smq_q8i8f16_2", "w4a16"):
-        out = tmp_path_factory.mktemp("validate") / scheme
-        calibrate(CalibrateConfig(model=str(llama_dir), scheme=scheme, num_samples=4, seq_len=32, batch_size=4,
-                                  out=out))
-        outs[scheme] = out
+    for label, scheme, algorithm in (("smq_q8i8f16_2", "smq_q8i8f16_2", "rtn"), ("w4a16", "w4a16", "rtn"),
+                                     ("w4a16_awq", "w4a16", "awq")):
+        out = tmp_path_factory.mktemp("validate") / label
+        calibrate(CalibrateConfig(model=str(llama_dir), scheme=scheme, algorithm=algorithm, num_samples=4, seq_len=32,
+                                  batch_size=4, out=out))
+        outs[label] = out
     return outs
 
 
@@ -53,7 +55,7 @@ def copy_of(quantized, tmp_path):
     return make
 
 
-@pytest.mark.parametrize("scheme", ["smq_q8i8f16_2", "w4a16"])
+@pytest.mark.parametrize("scheme", ["smq_q8i8f16_2", "w4a16", "w4a16_awq"])
 def test_validate_passes_and_records(copy_of, scheme):
     out = copy_of(scheme)
     weights_before = _digest(out / "model.safetensors")
