@@ -2,7 +2,7 @@
 
     python benchmarks/bench_algorithms.py [--peer-python /path/to/venv-with-llmcompressor-and-hqq/bin/python]
 
-Same protocol as bench_w8a8.py (64 x 512 GSM8K calibration tokens, 16 x 512 held-out eval tokens).
+Same protocol as bench_w8a8.py (64 x 512 calibration tokens of English prose, 16 x 512 held-out eval tokens).
 Grids: 4-bit group 64 symmetric (RTN, GPTQ, AWQ; llm-compressor GPTQ), 4-bit group 64 asymmetric (RTN,
 HQQ; the hqq package) and 3-bit group 64 asymmetric (RTN, GPTQ, AWQ, HQQ; the hqq package). 576, the
 hidden size, is a multiple of 64, so no group is ragged here. Wall time is the whole quantkit process.
@@ -14,10 +14,17 @@ from pathlib import Path
 
 import common
 
+VARIANTS = {
+    "rtn": ["--algo", "rtn"],
+    "gptq": ["--algo", "gptq"],
+    "gptq act-order": ["--algo", "gptq", "--algo-option", "act_order=true", "--algo-option", "static_groups=true"],
+    "awq": ["--algo", "awq"],
+    "hqq": ["--algo", "hqq"],
+}
 GRIDS = {
-    "int4 g64 sym": (["--bits", "4", "--group-size", "64", "--sym"], ["rtn", "gptq", "awq"]),
+    "int4 g64 sym": (["--bits", "4", "--group-size", "64", "--sym"], ["rtn", "gptq", "gptq act-order", "awq"]),
     "int4 g64 asym": (["--bits", "4", "--group-size", "64", "--asym"], ["rtn", "hqq"]),
-    "int3 g64 asym": (["--bits", "3", "--group-size", "64", "--asym"], ["rtn", "gptq", "awq", "hqq"]),
+    "int3 g64 asym": (["--bits", "3", "--group-size", "64", "--asym"], ["rtn", "gptq", "gptq act-order", "awq", "hqq"]),
 }
 PEERS = {
     "int4 g64 sym": [("run_llmcompressor.py", "gptq_w4g64", "llm-compressor GPTQ")],
@@ -35,16 +42,15 @@ def main() -> None:
     windows = common.eval_windows()
     reference = common.float_model()
     rows = [{"tool": "float", "config": "", **common.score(reference, reference, windows)}]
-    data = ["--dataset", "gsm8k", "--data-files", str(common.GSM8K), "--num-samples", str(common.SAMPLES),
-            "--seq-len", str(common.SEQ_LEN)]
+    data = [*common.CALIBRATION_FLAGS, "--num-samples", str(common.SAMPLES), "--seq-len", str(common.SEQ_LEN)]
     with tempfile.TemporaryDirectory() as tmp:
         for grid in args.grids:
             flags, algorithms = GRIDS[grid]
             for algorithm in algorithms:
                 if args.algos and algorithm not in args.algos:
                     continue
-                out = Path(tmp) / f"{grid.replace(' ', '_')}-{algorithm}"
-                summary = common.run_quantkit(out, "--scheme", "w4a16", "--algo", algorithm, *flags, *data)
+                out = Path(tmp) / f"{grid}-{algorithm}".replace(" ", "_")
+                summary = common.run_quantkit(out, "--scheme", "w4a16", *VARIANTS[algorithm], *flags, *data)
                 rows.append({"tool": "quantkit", "config": f"{grid} {algorithm}", "wall_s": summary["wall_s"],
                              "peak_rss_mib": summary["peak_rss_mib"],
                              **common.score(common.load_quantized_fp32(out), reference, windows)})

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_w8a8.py [--peer-python /path/to/venv-with-llmcompressor/bin/python]
 
-Calibration 64 x 512 GSM8K tokens; evaluation 16 x 512 held-out tokens (benchmarks/common.py).
+Calibration 64 x 512 tokens of English prose; evaluation 16 x 512 held-out tokens (benchmarks/common.py).
 Prints a Markdown table: perplexity, KL(float || quantized), top-1 agreement, calibration wall time
 (the whole `quantkit calibrate` process, model loading included) and its peak RSS; llm-compressor's
 W8A8 (per-channel weights, dynamic per-token activations) with and without SmoothQuant 0.8 on the
@@ -27,8 +27,7 @@ def main() -> None:
     reference = common.float_model()
     rows = [{"tool": "float", "config": "bf16 checkpoint, fp32 eval",
              **common.score(reference, reference, windows)}]
-    data = ["--dataset", "gsm8k", "--data-files", str(common.GSM8K), "--num-samples", str(common.SAMPLES),
-            "--seq-len", str(common.SEQ_LEN)]
+    data = [*common.CALIBRATION_FLAGS, "--num-samples", str(common.SAMPLES), "--seq-len", str(common.SEQ_LEN)]
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes:
             variants = [("smoothing auto", []), ("--no-smooth", ["--no-smooth"])] if scheme != "w8a16" else [("", [])]

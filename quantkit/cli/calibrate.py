@@ -31,12 +31,15 @@ import click
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default out/<model>-<scheme>).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished block.")
+@click.option("--offload-activations", is_flag=True,
+              help="Keep the calibration activations on disk (one batch in memory at a time).")
 @click.option("--dtype", default="auto", show_default=True, help="Compute dtype of the calibration passes.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, symmetric, dataset, data_files,
-              text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, resume, dtype,
+              text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, resume,
+              offload_activations, dtype,
               trust_remote_code, as_json, quiet):
     """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
     quantized model: packed safetensors plus quant_manifest.json."""
@@ -57,7 +60,7 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
         options=_parse_options(algo_options), bits=bits, group_size=group_size, symmetric=symmetric,
         dataset=dataset, data_files=tuple(data_files), text_column=text_column, num_samples=num_samples,
         seq_len=seq_len, batch_size=batch_size, alpha=alpha, smooth=smooth, seed=seed, out=out,
-        overwrite=overwrite, resume=resume, dtype=dtype, trust_remote_code=trust_remote_code,
+        overwrite=overwrite, resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports
         run_calibration(config, Progress())

@@ -89,6 +89,17 @@ class WorkDir:
         _atomic_json(self.blocks / f"block-{index:05d}.json", record)
         _atomic_json(self.path / "progress.json", {"next_block": index + 1})
 
+    def offloaded(self, block: int, batch: int) -> Path:
+        """The file holding batch ``batch`` of block ``block``'s inputs (--offload-activations)."""
+        directory = self.path / f"offload-rank{self.rank}"
+        directory.mkdir(exist_ok=True)
+        return directory / f"block{block:05d}-batch{batch:05d}.safetensors"
+
+    def drop_offloaded(self, block: int) -> None:
+        """Delete the inputs of a committed block (the next block's inputs are already on disk)."""
+        for path in (self.path / f"offload-rank{self.rank}").glob(f"block{block:05d}-*.safetensors"):
+            path.unlink()
+
     def saved_inputs(self) -> list[torch.Tensor]:
         """The hidden states saved with the last committed block (the next block's inputs)."""
         path = self.path / f"activations-rank{self.rank}.safetensors"
@@ -134,7 +145,8 @@ class WorkDir:
 
     def publish(self, overwrite: bool) -> None:
         """Remove the bookkeeping and rename the directory to OUT (replacing it only with overwrite)."""
-        for leftover in ["blocks", "run.json", "progress.json", *[p.name for p in self.path.glob("activations-*")]]:
+        leftovers = [p.name for p in self.path.glob("activations-*")] + [p.name for p in self.path.glob("offload-*")]
+        for leftover in ["blocks", "run.json", "progress.json", *leftovers]:
             target = self.path / leftover
             if target.is_dir():
                 shutil.rmtree(target)
