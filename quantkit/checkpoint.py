@@ -5,6 +5,7 @@ Weights are read tensor by tensor from safetensors (or ``torch.load(weights_only
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -267,3 +268,15 @@ def materialize(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: t
 def release(module: nn.Module) -> None:
     """Return a materialized module's parameters to the meta device, freeing their memory."""
     module.to_empty(device="meta")
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS. glibc keeps freed medium-sized blocks in its arenas,
+    so without this the RSS of a block-by-block run climbs by one block's worth per block (measured:
+    1.26 GiB instead of 0.63 GiB peak on SmolLM2) although nothing is alive."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to do
+        return
+    libc.malloc_trim(0)

@@ -11,16 +11,16 @@ from quantkit.schemes import ActivationSpec, WeightSpec
 
 
 def test_symmetric_int4_per_channel_by_hand():
-    # absmax 1.75 -> scale 1.75 / 7 = 0.25 (exact in fp16); codes = round(w / 0.25)
-    w = torch.tensor([[1.75, -0.5, 0.25, 0.0], [-3.5, 1.0, 0.5, -0.25]])
+    # scale = absmax / 7.5 (the grid spans [-8, 7]): 3.75 -> 0.5 and 1.875 -> 0.25, exact in fp16
+    w = torch.tensor([[-3.75, 1.0, 0.5, 3.75], [1.875, -0.25, 0.375, 0.0]])
     spec = WeightSpec(4, "channel", symmetric=True)
     scale, zero = primitives.weight_qparams(w, spec)
     assert zero is None
-    assert torch.equal(scale, torch.tensor([[0.25], [0.5]]))
+    assert torch.equal(scale, torch.tensor([[0.5], [0.25]]))
     codes = primitives.quantize(w, scale, zero, 4, 4)
-    # -0.25 / 0.5 = -0.5 rounds half-to-even to 0
-    assert torch.equal(codes, torch.tensor([[7, -2, 1, 0], [-7, 2, 1, 0]], dtype=torch.int8))
-    expected = torch.tensor([[1.75, -0.5, 0.25, 0.0], [-3.5, 1.0, 0.5, 0.0]])
+    # -7.5 rounds half-to-even to -8; +7.5 rounds to 8 and is clipped to 7; 1.5 rounds to 2
+    assert torch.equal(codes, torch.tensor([[-8, 2, 1, 7], [7, -1, 2, 0]], dtype=torch.int8))
+    expected = torch.tensor([[-4.0, 1.0, 0.5, 3.5], [1.75, -0.25, 0.5, 0.0]])
     assert torch.equal(primitives.dequantize(codes, scale, zero, 4), expected)
 
 
@@ -41,11 +41,12 @@ def test_asymmetric_int4_group_by_hand():
 
 
 def test_per_tensor_int8_one_scale():
-    w = torch.tensor([[127.0, -254.0], [1.0, 2.0]])
+    w = torch.tensor([[127.5, -255.0], [1.0, 2.0]])
     scale, _ = primitives.weight_qparams(w, WeightSpec(8, "tensor", True))
-    assert scale.shape == (1, 1) and scale.item() == 2.0
+    assert scale.shape == (1, 1) and scale.item() == 2.0  # 255 / 127.5
     codes = primitives.quantize(w, scale, None, 2, 8)
-    assert torch.equal(codes, torch.tensor([[64, -127], [0, 1]], dtype=torch.int8))  # 63.5 -> 64, 0.5 -> 0 (half-even)
+    # 63.75 -> 64, -127.5 -> -128 (half-even), 0.5 -> 0 (half-even)
+    assert torch.equal(codes, torch.tensor([[64, -128], [0, 1]], dtype=torch.int8))
 
 
 def test_scales_are_fp16_values():

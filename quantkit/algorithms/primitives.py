@@ -76,13 +76,16 @@ def weight_range(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point of a weight grid covering [lo, hi] (each [R, G], lo <= 0 <= hi).
 
-    symmetric:  scale = max(|lo|, hi) / qmax,            zero = None
-    asymmetric: scale = (hi - lo) / (qmax - qmin),       zero = clamp(qmin - round(lo / scale))
+    symmetric:  scale = max(|lo|, hi) / ((qmax - qmin) / 2), zero = None
+    asymmetric: scale = (hi - lo) / (qmax - qmin),           zero = clamp(qmin - round(lo / scale))
+    The symmetric grid spans the whole signed range, [-2^(b-1), 2^(b-1) - 1] (compressed-tensors' and
+    torchao's convention): its step is absmax / 7.5 at 4 bits rather than absmax / 7, at the price of
+    clipping the largest positive weight by half a step.
     The scale is rounded to float16 precision (returned as float32 holding fp16 values).
     """
     qmin, qmax = signed_range(spec.bits)
     if spec.symmetric:
-        scale = torch.maximum(-lo, hi) / qmax
+        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
     else:
         scale = (hi - lo) / (qmax - qmin)
     scale = scale.clamp(min=MIN_WEIGHT_SCALE).to(torch.float16).float()
