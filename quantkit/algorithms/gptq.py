@@ -60,7 +60,7 @@ def _single_thread() -> Iterator[None]:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = False, static_groups: bool = False
+                  damp: float = 0.01, act_order: bool = True, static_groups: bool = True
                   ) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
     """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results)."""
     with _single_thread():
@@ -77,7 +77,7 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
 
     group_size = primitives.group_size_for(spec, in_features)
     whole_row = spec.granularity != "group"
-    fixed_params = whole_row or static_groups
+    fixed_params = whole_row or (act_order and static_groups)
     if fixed_params:  # per-tensor/channel, or static groups: parameters from the original weights
         scale, zero = primitives.weight_qparams(W, spec)
     else:
@@ -145,7 +145,11 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
 
 @register("gptq")
 class GPTQ:
-    """Options: block_size (128), damp (0.01), act_order (False), static_groups (False)."""
+    """Options: block_size (128), damp (0.01), act_order (True), static_groups (True).
+
+    act_order with static groups is the default (llm-compressor's "static" act order): on SmolLM2
+    4-bit g64 it cut the perplexity increase over float from +38% to +20% (docs/benchmarks.md), and
+    the groups stay on the original columns, so no g_idx is needed by kernels or exporters."""
 
     statistics = frozenset({"hessian"})
     sequential = True  # true-sequential: each stage's Hessian sees the earlier stages quantized
@@ -155,5 +159,5 @@ class GPTQ:
         return gptq_quantize(
             weight, context.stats.hessian.matrix, spec,
             block_size=int(options.get("block_size", 128)), damp=float(options.get("damp", 0.01)),
-            act_order=bool(options.get("act_order", False)), static_groups=bool(options.get("static_groups", False)),
+            act_order=bool(options.get("act_order", True)), static_groups=bool(options.get("static_groups", True)),
         )
