@@ -89,15 +89,17 @@ class CalibrateConfig:
     keep_model: bool = False            # return the in-memory quantized model (tests, validation)
     resume: bool = False                # continue an interrupted run from its first unfinished block
     offload_activations: bool = False   # keep the cached block inputs on disk, one file per batch
+    dry_run: bool = False               # validate everything and estimate memory/disk, then stop
 
 
 @dataclass
 class CalibrationResult:
     out: Path
-    manifest: Manifest
+    manifest: Manifest | None           # None on a dry run and on torch.distributed ranks other than 0
     model: nn.Module | None = None
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_bytes: int = 0
+    estimate: Estimate | None = None
 
 
 class Progress:
@@ -239,6 +241,8 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
     run.processes = processes
     run.estimate = estimate_run(run)
     progress.estimate(run.estimate)
+    if config.dry_run:
+        return CalibrationResult(run.out, None, None, {}, _peak_rss(), estimate=run.estimate)
     check_fits(run.estimate, run.out)
     work = WorkDir(run.out, _fingerprint(run), rank=processes.rank, writer=processes.writer)
     first = work.start(config.resume)

@@ -123,3 +123,19 @@ def test_truncated_safetensors(tmp_path, llama_dir):
 def test_alpha_and_no_smooth_conflict(llama_dir, tmp_path):
     assert_one_line_error(run("calibrate", llama_dir, "--alpha", "0.5", "--no-smooth", "--out", tmp_path / "o"),
                           "contradict")
+
+
+def test_dry_run_estimates_and_writes_nothing(llama_dir, tmp_path):
+    result = run("calibrate", llama_dir, "--scheme", "w4a16", "--algo", "gptq", *FAST, "--out", tmp_path / "o",
+                 "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    estimate = json.loads(result.output)["estimate"]
+    assert estimate["peak_memory_bytes"] > estimate["phases"]["block"] > 0 and estimate["disk_bytes"] > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_the_machine_lacks_stops_before_work(llama_dir, tmp_path):
+    # 100k samples of 256 tokens cannot be cached in memory: the estimate refuses and names the fixes
+    result = run("calibrate", llama_dir, "--num-samples", "400000", "--seq-len", "256", "--out", tmp_path / "o")
+    assert_one_line_error(result, "try fewer calibration samples (--num-samples), shorter ones (--seq-len), or --offload-activations")
+    assert list(tmp_path.iterdir()) == []

@@ -30,6 +30,7 @@ import click
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default out/<model>-<scheme>).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--dry-run", is_flag=True, help="Check every input and print the memory/disk estimate; do no work.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its first unfinished block.")
 @click.option("--offload-activations", is_flag=True,
               help="Keep the calibration activations on disk (one batch in memory at a time).")
@@ -38,7 +39,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, symmetric, dataset, data_files,
-              text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, resume,
+              text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, dry_run, resume,
               offload_activations, dtype,
               trust_remote_code, as_json, quiet):
     """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
@@ -60,17 +61,21 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
         options=_parse_options(algo_options), bits=bits, group_size=group_size, symmetric=symmetric,
         dataset=dataset, data_files=tuple(data_files), text_column=text_column, num_samples=num_samples,
         seq_len=seq_len, batch_size=batch_size, alpha=alpha, smooth=smooth, seed=seed, out=out,
-        overwrite=overwrite, resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
+        overwrite=overwrite, dry_run=dry_run, resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports
         run_calibration(config, Progress())
         return
-    if quiet or as_json:
+    if quiet or as_json or dry_run:
         result = run_calibration(config, Progress())
     else:
         with render.RichProgress() as progress:
             result = run_calibration(config, progress)
             progress.finish()
+    if dry_run:
+        summary = {"out": str(result.out), "estimate": result.estimate.to_dict()}
+        render.emit_json(summary) if as_json else render.stderr.print(f"dry run: nothing written; {result.estimate.describe()}")
+        return
     if as_json:
         render.emit_json(render.calibration_json(result))
     elif not quiet:
