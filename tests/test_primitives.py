@@ -121,3 +121,11 @@ def test_pack_bit_order_by_hand():
     words = packing.pack(codes, 3)
     assert words[0, 0].item() & 0xFFFFFFFF == 0b11 << 30
     assert words[0, 1].item() == 1 and words[0, 2].item() == 0
+
+
+@pytest.mark.parametrize("spec", [WeightSpec(4, "group", True, 32), WeightSpec(3, "group", False, 48),
+                                  WeightSpec(8, "channel", True), WeightSpec(8, "channel", False),
+                                  WeightSpec(8, "tensor", True)], ids=lambda s: s.describe())
+def test_fake_quantize_weight_equals_rtn_round_trip(spec):
+    w = torch.randn(24, 100, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(primitives.fake_quantize_weight(w, spec), quantize_rtn(w, spec).dequantize())

@@ -36,7 +36,7 @@ NO_CLIP = ("q_proj", "k_proj")  # their errors are squashed by the softmax; Auto
 
 def fake_quantize(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """Q(w) in float32: [out, in] -> [out, in]."""
-    return quantize_rtn(weight, spec).dequantize()
+    return primitives.fake_quantize_weight(weight, spec)
 
 
 def weight_mean(weights: list[torch.Tensor], spec: WeightSpec) -> torch.Tensor:

@@ -121,6 +121,28 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return q * expand_to_columns(scale.float(), in_features, group_size, g_idx)
 
 
+def fake_quantize_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """dequantize(quantize(w)) on the round-to-nearest grid: [out, in] -> [out, in] float32.
+
+    Bit-identical to ``rtn.quantize_rtn(w, spec).dequantize()``, computed on the grouped view
+    (no per-column gathers): what search loops (AWQ's scale and clip grids) call thousands of times."""
+    w = w.float()
+    if spec.granularity == "tensor":
+        scale, zero = weight_qparams(w, spec)
+        groups, scale, zero = w[:, None, :], scale[..., None], None if zero is None else zero[..., None]
+    else:
+        groups = to_groups(w, group_size_for(spec, w.shape[1]))
+        scale, zero = qparams_from_range(groups.amin(dim=-1).clamp(max=0.0), groups.amax(dim=-1).clamp(min=0.0), spec)
+        scale, zero = scale[..., None], None if zero is None else zero[..., None]
+    qmin, qmax = signed_range(spec.bits)
+    q = torch.round(groups / scale)
+    if zero is not None:
+        q = (q + zero).clamp_(qmin, qmax) - zero
+    else:
+        q = q.clamp_(qmin, qmax)
+    return (q * scale).reshape(w.shape[0], -1)[:, : w.shape[1]]
+
+
 def activation_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: ActivationSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Static per-tensor activation grid from the calibrated range [lo, hi] (float32 scalars).
 
