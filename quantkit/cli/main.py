@@ -64,10 +64,12 @@ def schemes() -> None:
 def _register_commands() -> None:
     from quantkit.cli import calibrate as calibrate_command
     from quantkit.cli import evaluate as evaluate_command
+    from quantkit.cli import export as export_command
     from quantkit.cli import validate as validate_command
 
     cli.add_command(calibrate_command.calibrate)
     cli.add_command(evaluate_command.evaluate)
+    cli.add_command(export_command.export)
     cli.add_command(validate_command.validate)
 
 

@@ -1,0 +1,81 @@
+"""``quantkit export``: a quantkit output directory as GGUF (llama.cpp) or compressed-tensors (vLLM)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+FORMATS = ("gguf", "compressed-tensors")
+GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+@click.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--format", "export_format", required=True, type=click.Choice(FORMATS),
+              help="gguf: one .gguf file for llama.cpp/ollama/LM Studio; compressed-tensors: a directory for "
+                   "vLLM/transformers.")
+@click.option("--type", "ggml_type", type=click.Choice(GGUF_TYPES, case_sensitive=False),
+              help="GGUF only: type for layers whose codes no GGUF block holds exactly (and for every linear of "
+                   "a float checkpoint). Default: closest to each layer's bits.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file or directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress or tables.")
+def export(directory, export_format, ggml_type, out, overwrite, as_json, quiet):
+    """Export DIRECTORY (a quantkit output directory; for GGUF also a float HF checkpoint)."""
+    from quantkit.cli import render
+    from quantkit.errors import QuantkitError
+
+    if ggml_type is not None and export_format != "gguf":
+        raise QuantkitError("--type applies to --format gguf only")
+    run = _gguf if export_format == "gguf" else _compressed_tensors
+    if quiet or as_json:
+        result = run(directory, out, ggml_type, overwrite)
+    else:
+        with render.stderr.status(f"exporting {directory} as {export_format}..."):
+            result = run(directory, out, ggml_type, overwrite)
+    if as_json:
+        render.emit_json(result.to_dict())
+    elif not quiet:
+        render.stderr.print(_gguf_table(result) if export_format == "gguf" else _ct_table(result))
+        for note in result.notes:
+            render.stderr.print(f"note: {note}")
+        render.stderr.print(f"wrote {result.out} ({result.size_bytes / 2**20:.1f} MiB)")
+
+
+def _gguf(directory, out, ggml_type, overwrite):
+    from quantkit.exporters.gguf import export_gguf
+
+    return export_gguf(directory, out, ggml_type=ggml_type.upper() if ggml_type else None, overwrite=overwrite)
+
+
+def _compressed_tensors(directory, out, ggml_type, overwrite):
+    from quantkit.exporters.compressed_tensors import export_compressed_tensors
+
+    return export_compressed_tensors(directory, out, overwrite=overwrite)
+
+
+def _gguf_table(result):
+    from rich.table import Table
+
+    from quantkit.exporters.gguf import describe
+
+    table = Table(title=f"quantkit export -> {result.out.name} ({result.architecture}, {result.file_type}, "
+                        f"tokenizer {result.tokenizer})")
+    for column in ("linear layers", "status", "GGUF type", "why"):
+        table.add_column(column, justify="right" if column == "linear layers" else "left")
+    for status, ggml_type, count, reason in describe(result):
+        table.add_row(str(count), status, ggml_type, reason)
+    return table
+
+
+def _ct_table(result):
+    from rich.table import Table
+
+    table = Table(title=f"quantkit export -> {result.out.name} (compressed-tensors, {result.format})")
+    for column in ("group", "format", "scheme", "linear layers"):
+        table.add_column(column, justify="right" if column == "linear layers" else "left")
+    for name, group in result.groups.items():
+        table.add_row(name, group["format"], group["scheme"], str(group["layers"]))
+    table.add_row("ignore", "", "float", str(len(result.ignore)))
+    return table

@@ -1,0 +1,230 @@
+"""compressed-tensors export (what vLLM and transformers load) of a quantkit output directory.
+
+Formats, chosen per layer the way compressed-tensors itself infers them:
+  int-quantized   layers that also quantize activations (W8A8, W4A8): ``weight`` int8 [out, in] codes
+  pack-quantized  weight-only layers (W4A16, W8A16, ...): ``weight_packed`` int32 [out, ceil(in*b/32)]
+                  (codes + 2^(b-1), LSB-first bit stream along the input dim, no padding bits),
+                  ``weight_shape`` int64 [2]
+Both store ``weight_scale`` (quantkit's fp16 scale values exactly, as float32 for float32 models and
+float16 otherwise, see `scale_dtype_for`) with shape [1] per tensor,
+[out, 1] per channel, [out, G] per group; asymmetric grids add ``weight_zero_point`` (signed integer,
+the same convention as quantkit: w = (q - zero) * scale): int8 in int-quantized (and for per-tensor
+grids), int32 packed along the *output* dim in pack-quantized. Static activations add ``input_scale``
+(float32 [1]) and, asymmetric, ``input_zero_point`` (int8 [1]); dynamic per-token activations store
+nothing. ``config.json`` gains ``quantization_config`` (quant_method "compressed-tensors", format, one
+config group per distinct scheme, ``ignore`` = every Linear left in float, lm_head included).
+
+Refused, naming the layer, before anything is written: act-order g_idx (compressed-tensors removed
+group activation ordering), group sizes that do not divide the input dim (its group kernels need whole
+groups), fractional zero points (its zero points are integers).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantkit.algorithms import packing
+from quantkit.errors import QuantkitError
+from quantkit.exporters.native import ShardedWriter, check_output_path, staged_directory
+from quantkit.exporters.source import ExportSource
+from quantkit.qlinear import QuantLinear
+from quantkit.schemes import ActivationSpec, Scheme, WeightSpec
+
+QUANT_METHOD = "compressed-tensors"
+INT_QUANTIZED = "int-quantized"
+PACK_QUANTIZED = "pack-quantized"
+MIXED = "mixed-precision"
+_COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                 "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                 "vocab.json", "merges.txt")
+
+
+@dataclass
+class CTExportResult:
+    out: Path
+    format: str
+    groups: dict[str, dict]                  # group name -> {format, scheme, layers}
+    ignore: list[str]
+    notes: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "format": "compressed-tensors", "quantization_format": self.format,
+                "groups": self.groups, "ignore": self.ignore, "notes": self.notes, "size_bytes": self.size_bytes}
+
+
+def weight_args(spec: WeightSpec) -> dict:
+    """compressed-tensors QuantizationArgs of a quantkit weight grid."""
+    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
+            "group_size": spec.group_size if spec.granularity == "group" else None,
+            "strategy": spec.granularity, "dynamic": False}
+
+
+def activation_args(spec: ActivationSpec) -> dict:
+    """compressed-tensors QuantizationArgs of a quantkit activation grid (token = dynamic)."""
+    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "group_size": None,
+            "strategy": spec.granularity, "dynamic": spec.dynamic}
+
+
+def layer_format(scheme: Scheme) -> str:
+    return INT_QUANTIZED if scheme.activation is not None else PACK_QUANTIZED
+
+
+def export_compressed_tensors(source_dir, out, *, overwrite: bool = False) -> CTExportResult:
+    """Write the quantkit output ``source_dir`` as a compressed-tensors checkpoint directory ``out``."""
+    source = ExportSource.open(source_dir, require_manifest=True)
+    out = Path(out)
+    check_output_path(out, overwrite, [source.path])
+    groups, ignore = _plan(source)
+    quantization_config = _quantization_config(groups, ignore)
+    with staged_directory(out, overwrite) as staging:
+        writer = ShardedWriter(staging)
+        _write_tensors(source, writer)
+        files = writer.finish()
+        _write_config(source, staging, quantization_config)
+        for name in _COPIED_FILES:
+            if (source.path / name).is_file():
+                shutil.copy2(source.path / name, staging / name)
+    size = sum((out / f).stat().st_size for f in files)
+    notes = _notes(groups)
+    summary = {name: {"format": group["format"], "scheme": group["scheme"], "layers": len(group["layers"])}
+               for name, group in groups.items()}
+    return CTExportResult(out.resolve(), quantization_config["format"], summary, ignore, notes, size)
+
+
+def _plan(source: ExportSource) -> tuple[dict[str, dict], list[str]]:
+    """Config groups (one per distinct scheme, layers in model order) and the ignore list; every
+    layer the format cannot express is refused here, before anything is written."""
+    by_scheme: dict[str, dict] = {}
+    ignore = []
+    for name in source.linear_names():
+        if not source.is_quantized(name):
+            ignore.append(name)
+            continue
+        entry = source.manifest.layers[name]
+        _check_expressible(name, entry)
+        scheme = entry.scheme
+        inputs = activation_args(scheme.activation) if scheme.activation is not None else None
+        key = json.dumps([weight_args(scheme.weight), inputs])
+        group = by_scheme.setdefault(key, {"format": layer_format(scheme), "scheme": scheme.describe(),
+                                           "weights": weight_args(scheme.weight), "input_activations": inputs,
+                                           "layers": []})
+        group["layers"].append(name)
+    if not by_scheme:
+        raise QuantkitError(f"{source.path} has no quantized layers to export")
+    if source.arch.lm_head not in ignore and not source.is_quantized(source.arch.lm_head):
+        ignore.append(source.arch.lm_head)        # tied to the embeddings: still never a quantization target
+    return {f"group_{i}": group for i, group in enumerate(by_scheme.values())}, ignore
+
+
+def _check_expressible(name: str, entry) -> None:
+    spec = entry.scheme.weight
+    out_features, in_features = entry.shape
+    if "g_idx" in entry.tensors:
+        raise QuantkitError(f"layer {name}: act-order g_idx cannot be expressed in compressed-tensors "
+                            "(group activation ordering was removed from the format)")
+    if spec.granularity == "group" and in_features % spec.group_size:
+        raise QuantkitError(f"layer {name}: input dim {in_features} is not a multiple of group size "
+                            f"{spec.group_size}; compressed-tensors needs whole groups")
+    if not entry.integer_zero:
+        raise QuantkitError(f"layer {name}: fractional zero points (HQQ) cannot be expressed in compressed-tensors, "
+                            "whose zero points are integers")
+    if layer_format(entry.scheme) == PACK_QUANTIZED and spec.bits > 8:
+        raise QuantkitError(f"layer {name}: {spec.bits}-bit weights cannot be packed")
+
+
+def _quantization_config(groups: dict[str, dict], ignore: list[str]) -> dict:
+    formats = {group["format"] for group in groups.values()}
+    mixed = len(formats) > 1
+    config_groups = {}
+    for name, group in groups.items():
+        # One group: it targets every Linear (minus ignore). Several: each names its layers exactly.
+        targets = ["Linear"] if len(groups) == 1 else list(group["layers"])
+        config_groups[name] = {"targets": targets, "weights": group["weights"],
+                               "input_activations": group["input_activations"], "output_activations": None}
+        if mixed:
+            config_groups[name]["format"] = group["format"]
+    return {"quant_method": QUANT_METHOD, "format": MIXED if mixed else formats.pop(),
+            "quantization_status": "compressed", "config_groups": config_groups, "ignore": ignore,
+            "kv_cache_scheme": None, "global_compression_ratio": None}
+
+
+def _notes(groups: dict[str, dict]) -> list[str]:
+    notes = []
+    for group in groups.values():
+        weights, inputs = group["weights"], group["input_activations"]
+        if inputs is not None and not weights["symmetric"]:
+            notes.append(f"{group['scheme']}: vLLM's int8 W8A8 kernels take symmetric weights only; this group "
+                         "loads in transformers (compressed-tensors) but not in vLLM")
+        if inputs is not None and inputs["dynamic"]:
+            notes.append(f"{group['scheme']}: dynamic per-token scales are computed by the runtime (vLLM: absmax/127, "
+                         "as quantkit; compressed-tensors' CPU reference: absmax/127.5)")
+    return notes
+
+
+def linear_tensors(name: str, layer: QuantLinear, scheme: Scheme,
+                   scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one quantized Linear (module-relative names prefixed by ``name``).
+    ``scale_dtype``: float16 or float32, both hold quantkit's fp16 scale values exactly."""
+    quant = layer.quant_tensor()
+    spec = quant.spec
+    out_features, in_features = quant.shape
+    tensors = {"weight_scale": _shaped(layer.weight_scale.to(scale_dtype), spec)}
+    if layer_format(scheme) == INT_QUANTIZED:
+        tensors["weight"] = quant.codes.to(torch.int8)
+    else:
+        words = -(-in_features * spec.bits // 32)    # dense: no padding bits beyond the last code
+        tensors["weight_packed"] = packing.pack(quant.codes, spec.bits)[:, :words].contiguous()
+        tensors["weight_shape"] = torch.tensor([out_features, in_features], dtype=torch.int64)
+    if quant.zero is not None:
+        zero = _shaped(quant.zero.round().to(torch.int8), spec)
+        if layer_format(scheme) == PACK_QUANTIZED and spec.granularity in ("group", "channel"):
+            # packed along the output dim: the [out, G] matrix's columns are packed like rows
+            words = -(-out_features * spec.bits // 32)
+            zero = packing.pack(zero.t().contiguous(), spec.bits)[:, :words].t().contiguous()
+        tensors["weight_zero_point"] = zero
+    if layer.input_scale is not None:
+        tensors["input_scale"] = layer.input_scale.float().reshape(1)
+    if layer.input_zero is not None:
+        tensors["input_zero_point"] = layer.input_zero.round().to(torch.int8).reshape(1)
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias
+    return {f"{name}.{key}": value for key, value in tensors.items()}
+
+
+def _shaped(param: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """[R, G] quantkit parameter -> compressed-tensors shape: [1] tensor, [out, 1] channel, [out, G] group."""
+    return param.reshape(1) if spec.granularity == "tensor" else param
+
+
+def scale_dtype_for(storage_dtype: str) -> torch.dtype:
+    """float32 for float32 models (compressed-tensors keeps scales in the model dtype, and its
+    dequantize-on-load computes in the scale's dtype); float16 otherwise, which holds quantkit's
+    scales exactly where bfloat16 would round them."""
+    return torch.float32 if storage_dtype == "float32" else torch.float16
+
+
+def _write_tensors(source: ExportSource, writer: ShardedWriter) -> None:
+    scale_dtype = scale_dtype_for(source.manifest.storage_dtype)
+    quantized_tensors = set()
+    for name in source.linear_names():
+        if source.is_quantized(name):
+            entry = source.manifest.layers[name]
+            quantized_tensors |= set(entry.tensors.values())
+            writer.add(linear_tensors(name, source.quant_linear(name), entry.scheme, scale_dtype))
+    for name in sorted(source.checkpoint.weight_map):
+        if name not in quantized_tensors:
+            writer.add({name: source.tensor(name)})
+
+
+def _write_config(source: ExportSource, directory: Path, quantization_config: dict) -> None:
+    try:
+        config = json.loads((source.path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise QuantkitError(f"cannot read {source.path / 'config.json'}: {error}") from None
+    config["quantization_config"] = quantization_config
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,523 @@
+"""GGUF export (llama.cpp, ollama, LM Studio) of a quantkit output directory or a float HF checkpoint.
+
+Written with gguf-py's `GGUFWriter` (the llama.cpp project's library) in two passes: a plan (every
+tensor's name, shape and ggml type, the metadata and the tokenizer) is built and checked before a
+byte is written; then the tensors are converted one at a time and streamed into a temporary file
+that is renamed into place.
+
+Linear weights, each decided from its manifest entry:
+  exact        quantkit codes on a grid a block type holds (b <= 4 sym -> Q4_0, 5 sym -> Q5_0, <= 8 sym
+               -> Q8_0) with one scale per 32-column block (group sizes that are multiples of 32,
+               per-channel, per-tensor): codes and fp16 scales are written as they are, and the GGUF
+               dequantizes to exactly quantkit's weights.
+  carried      asymmetric b <= 4 (Q4_1) / b = 5 (Q5_1): codes and scales as they are; the block
+               minimum m = -scale * (zero + 8 or 16) is rounded to f16 (the only rounding; its
+               largest error, in units of the scale, is reported).
+  requantized  anything else (group sizes not a multiple of 32, act-order g_idx mixing groups in a
+               block, asymmetric 6-8 bits, float sources) is re-rounded from its dequantized weights
+               to the requested type (default: closest to the source's bits/symmetry), bit-identical
+               to gguf-py's quantizer.
+  float        unquantized linears, and rows whose length is not a multiple of 32: F16 (F32 when the
+               source stores float32).
+Activation quantization has no GGUF equivalent: layers whose scheme quantizes activations keep
+their weights (as above) and the export notes that the activation grid was dropped.
+Embeddings, the lm_head and biases: F32 for float32 sources, else F16 (F32 if a value exceeds the
+f16 range); norms F32. For llama.cpp's ``llama`` architecture the q/k rows are permuted to its
+interleaved rotary layout (`rotary_row_permutation`; n_head_kv heads for k). Which tensor got what is
+recorded in the ``quantkit.export`` metadata key (JSON) and returned as `GGUFExportResult`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import quantkit
+from quantkit.algorithms import primitives
+from quantkit.algorithms.quant_tensor import QuantTensor
+from quantkit.errors import QuantkitError
+from quantkit.exporters import gguf_blocks
+from quantkit.exporters.gguf_vocab import GGUFVocab, read_vocab
+from quantkit.exporters.native import check_output_path
+from quantkit.exporters.source import ExportSource
+
+REQUANT_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+METADATA_KEY = "quantkit.export"
+F16_MAX = 65504.0
+
+
+@dataclass
+class TensorRecord:
+    """One tensor of the GGUF file: what it is, what type it got and why."""
+
+    name: str                        # GGUF name, e.g. blk.0.attn_q.weight
+    source: str                      # HF tensor / layer name it comes from
+    shape: tuple[int, ...]           # torch order: [rows, cols] or [n]
+    ggml_type: str                   # F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+    status: str                      # exact | carried | requantized | float
+    reason: str = ""
+    is_linear: bool = False
+    activation_dropped: bool = False         # the scheme quantized activations; GGUF cannot
+    weight_sqnr_db: float | None = None      # GGUF weights vs the source's (dequantized) weights
+    min_error_in_scales: float | None = None  # carried Q4_1/Q5_1: max |m_f16 - m| / scale
+
+    def nbytes(self) -> int:
+        count = math.prod(self.shape)
+        if self.ggml_type in ("F32", "F16"):
+            return count * (4 if self.ggml_type == "F32" else 2)
+        return count // gguf_blocks.BLOCK * gguf_blocks.FORMATS[self.ggml_type].type_size
+
+
+@dataclass
+class GGUFExportResult:
+    out: Path
+    architecture: str
+    file_type: str
+    tensors: list[TensorRecord]
+    tokenizer: str
+    notes: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+
+    @property
+    def linears(self) -> list[TensorRecord]:
+        return [t for t in self.tensors if t.is_linear]
+
+    def summary(self) -> dict[str, int]:
+        return dict(Counter(f"{t.status} {t.ggml_type}" for t in self.linears))
+
+    def to_dict(self) -> dict:
+        def finite(value):
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
+        return {
+            "out": str(self.out), "format": "gguf", "architecture": self.architecture, "file_type": self.file_type,
+            "tokenizer": self.tokenizer, "size_bytes": self.size_bytes, "notes": self.notes,
+            "summary": self.summary(),
+            "layers": {t.source: {"tensor": t.name, "type": t.ggml_type, "status": t.status, "reason": t.reason,
+                                  "activation_dropped": t.activation_dropped,
+                                  "weight_sqnr_db": finite(t.weight_sqnr_db),
+                                  "min_error_in_scales": t.min_error_in_scales} for t in self.linears},
+        }
+
+
+def rotary_row_permutation(rows: int, heads: int) -> torch.Tensor:
+    """Row order llama.cpp's ``llama`` architecture wants for q (heads = n_head) and k (heads = n_head_kv).
+
+    HF rotates dimension i of a head with i + D/2 (halves); llama.cpp rotates pairs (2i, 2i + 1).
+    GGUF row h*D + 2i + j holds HF row h*D + j*D/2 + i (convert_hf_to_gguf's ``permute``):
+    returns perm [rows] int64 with gguf_weight = hf_weight[perm].
+    """
+    assert rows % (2 * heads) == 0, (rows, heads)
+    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+@dataclass
+class _Plan:
+    source: ExportSource
+    gguf_arch: str
+    vocab: GGUFVocab
+    records: list[TensorRecord]
+    permutations: dict[str, torch.Tensor]       # HF linear name -> row permutation (q, k)
+    notes: list[str]
+    requested: str | None
+
+
+def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: bool = False) -> GGUFExportResult:
+    """Write ``source_dir`` (a quantkit output directory or a float HF checkpoint) as one GGUF file."""
+    if ggml_type is not None and ggml_type not in REQUANT_TYPES:
+        raise QuantkitError(f"unknown GGUF type '{ggml_type}'; choose one of {', '.join(REQUANT_TYPES)}")
+    out = Path(out)
+    source = ExportSource.open(source_dir, require_manifest=False)
+    if out.is_dir():
+        raise QuantkitError(f"output {out} is a directory; give the path of the .gguf file to write")
+    check_output_path(out, overwrite, [source.path])
+    plan = _plan(source, ggml_type)
+    with _staged_file(out, overwrite) as staging:
+        _write(plan, staging)
+    return GGUFExportResult(out.resolve(), plan.gguf_arch, _file_type(plan.records).name, plan.records,
+                            plan.vocab.model, plan.notes, out.stat().st_size)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def _plan(source: ExportSource, requested: str | None) -> _Plan:
+    gguf_arch = source.arch.gguf_arch
+    if gguf_arch is None:
+        raise QuantkitError(f"architecture {source.arch.name} has no GGUF mapping")
+    notes = _check_config(source.config, gguf_arch)
+    vocab = read_vocab(source.path, source.config.vocab_size)
+    permutations = _permutations(source, gguf_arch)
+    records = _float_record(source, source.arch.embeddings + ".weight", "token_embd.weight")
+    name_map = _tensor_name_map(gguf_arch, source.num_blocks)
+    for linear in source.linear_names():
+        if linear == source.arch.lm_head:
+            continue
+        records += _linear_records(source, linear, name_map, requested)
+    for index in range(source.num_blocks):
+        for norm in _block_norms(source, index):
+            records.append(TensorRecord(_gguf_name(name_map, norm), norm, tuple(_shape(source, norm)), "F32", "float"))
+    final_norm = source.arch.final_norm + ".weight"
+    records.append(TensorRecord(_gguf_name(name_map, final_norm), final_norm, tuple(_shape(source, final_norm)),
+                                "F32", "float"))
+    if source.arch.lm_head in source.linear_names():
+        if source.is_quantized(source.arch.lm_head):
+            records += _linear_records(source, source.arch.lm_head, name_map, requested)
+        else:
+            records += _float_record(source, source.arch.lm_head + ".weight", "output.weight", is_linear=True)
+    _check_all_consumed(source, records)
+    if any(r.activation_dropped for r in records):
+        notes.append("activation quantization (W8A8/W4A8) has no GGUF equivalent and was dropped: llama.cpp "
+                     "computes those layers with its own activation handling")
+    return _Plan(source, gguf_arch, vocab, records, permutations, notes, requested)
+
+
+def _check_all_consumed(source: ExportSource, records: list[TensorRecord]) -> None:
+    """Every stored tensor has a place in the file: nothing is silently dropped."""
+    used = set()
+    for record in records:
+        if record.is_linear and source.is_quantized(record.source):
+            used |= set(source.manifest.layers[record.source].tensors.values())
+        else:
+            used.add(record.source + ".weight" if record.is_linear else record.source)
+    leftover = sorted(set(source.checkpoint.weight_map) - used)
+    if leftover:
+        raise QuantkitError(f"tensor {leftover[0]} of {source.path} has no place in a GGUF {source.arch.gguf_arch} "
+                            "file" + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else ""))
+
+
+def _check_config(config, gguf_arch: str) -> list[str]:
+    notes = []
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise QuantkitError(f"hidden_act '{act}' is not expressible in GGUF's {gguf_arch} architecture (silu)")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise QuantkitError(f"rope scaling '{rope_type}' is not supported by the GGUF exporter (only unscaled rope)")
+    if _rope_theta(config) is None:
+        raise QuantkitError("config has no rope_theta (rope_parameters)")
+    if getattr(config, "mlp_bias", False):
+        raise QuantkitError(f"MLP biases are not part of GGUF's {gguf_arch} architecture")
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+        notes.append(f"sliding window {window} is not written: llama.cpp attends to the whole context")
+    return notes
+
+
+def _rope_theta(config) -> float | None:
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    return rope.get("rope_theta", getattr(config, "rope_theta", None))
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _permutations(source: ExportSource, gguf_arch: str) -> dict[str, torch.Tensor]:
+    """q/k row permutations for llama.cpp's llama architecture (qwen2 uses NEOX rope: none)."""
+    if gguf_arch != "llama":
+        return {}
+    config = source.config
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+    head_dim = _head_dim(config)
+    result = {}
+    for index in range(source.num_blocks):
+        block = f"{source.arch.blocks}.{index}"
+        result[f"{block}.self_attn.q_proj"] = rotary_row_permutation(heads * head_dim, heads)
+        result[f"{block}.self_attn.k_proj"] = rotary_row_permutation(kv_heads * head_dim, kv_heads)
+    return result
+
+
+def _tensor_name_map(gguf_arch: str, blocks: int):
+    import gguf
+
+    arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == gguf_arch)
+    return gguf.get_tensor_name_map(arch, blocks)
+
+
+def _gguf_name(name_map, hf_name: str) -> str:
+    name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise QuantkitError(f"tensor {hf_name} has no GGUF name")
+    return name
+
+
+def _block_norms(source: ExportSource, index: int) -> list[str]:
+    prefix = f"{source.arch.blocks}.{index}."
+    return [f"{prefix}{norm}.weight" for norm in ("input_layernorm", "post_attention_layernorm")]
+
+
+def _shape(source: ExportSource, name: str) -> list[int]:
+    from safetensors import safe_open
+
+    file = source.checkpoint.weight_map.get(name)
+    if file is None:
+        raise QuantkitError(f"{source.path} is incomplete: no tensor for {name}")
+    if file.suffix == ".safetensors":
+        with safe_open(file, framework="pt") as handle:
+            return list(handle.get_slice(name).get_shape())
+    return list(source.tensor(name).shape)
+
+
+def _float_type(source: ExportSource, name: str) -> str:
+    """F32 for float32 sources (nothing is lost); F16 otherwise, unless a value exceeds f16's range."""
+    tensor = source.tensor(name)
+    if tensor.dtype == torch.float32:
+        return "F32"
+    return "F32" if float(tensor.float().abs().max()) > F16_MAX else "F16"
+
+
+def _float_record(source: ExportSource, hf_name: str, gguf_name: str, *,
+                  is_linear: bool = False) -> list[TensorRecord]:
+    ggml_type = _float_type(source, hf_name)
+    return [TensorRecord(gguf_name, hf_name.removesuffix(".weight") if is_linear else hf_name,
+                         tuple(_shape(source, hf_name)), ggml_type, "float", "not quantized in the source",
+                         is_linear=is_linear)]
+
+
+def _linear_records(source: ExportSource, linear: str, name_map, requested: str | None) -> list[TensorRecord]:
+    weight_name = _gguf_name(name_map, linear + ".weight")
+    records = []
+    if source.is_quantized(linear):
+        entry = source.manifest.layers[linear]
+        shape = tuple(entry.shape)
+        ggml_type, status, reason = _quantized_decision(entry, source.quant_params(linear), requested)
+        if entry.scheme.activation is not None:
+            reason = (reason + "; " if reason else "") + \
+                f"its activation grid ({entry.scheme.activation.describe()}) is dropped"
+    else:
+        shape = tuple(_shape(source, linear + ".weight"))
+        if source.manifest is None and requested not in (None, "F16"):   # a float checkpoint, re-rounded
+            ggml_type, status, reason = requested, "requantized", "float source"
+        elif source.manifest is None:
+            ggml_type = requested or _float_type(source, linear + ".weight")
+            status, reason = "float", "float source"
+        else:
+            ggml_type, status, reason = _float_type(source, linear + ".weight"), "float", "not quantized in the source"
+        if ggml_type not in ("F16", "F32") and shape[1] % gguf_blocks.BLOCK:
+            ggml_type, status, reason = "F16", "float", f"row length {shape[1]} is not a multiple of 32"
+    dropped = source.is_quantized(linear) and source.manifest.layers[linear].scheme.activation is not None
+    records.append(TensorRecord(weight_name, linear, shape, ggml_type, status, reason, is_linear=True,
+                                activation_dropped=dropped))
+    bias = source.bias_name(linear)
+    if bias is not None:
+        records.append(TensorRecord(_gguf_name(name_map, bias), bias, (shape[0],), "F32", "float"))
+    return records
+
+
+def _quantized_decision(entry, params: dict[str, torch.Tensor], requested: str | None) -> tuple[str, str, str]:
+    """(ggml type, status, reason) of a quantized layer, from its grid and its scales/zeros/g_idx."""
+    spec = entry.scheme.weight
+    out_features, in_features = entry.shape
+    if in_features % gguf_blocks.BLOCK:
+        return "F16", "float", f"row length {in_features} is not a multiple of 32, so no block type fits"
+    carrier = gguf_blocks.carrier_format(spec.bits, spec.symmetric)
+    fallback = requested or gguf_blocks.closest_format(spec.bits, spec.symmetric)
+    if carrier is None:
+        return fallback, "requantized", f"asymmetric {spec.bits}-bit codes have no GGUF block type"
+    scale = params["scale"].float()
+    if not torch.equal(scale, scale.half().float()):
+        return fallback, "requantized", "its scales are not float16 values"
+    why_not = _block_misalignment(spec, in_features, params)
+    if why_not:
+        return fallback, "requantized", why_not
+    if spec.symmetric:
+        return carrier, "exact", ""
+    return carrier, "carried", "block minimum m = -scale*(zero+offset) rounded to f16"
+
+
+def _block_misalignment(spec, in_features: int, params: dict[str, torch.Tensor]) -> str:
+    """Why one (scale, zero) per row and 32-column block cannot describe this layer ('' if it can)."""
+    group_size = primitives.group_size_for(spec, in_features)
+    g_idx = params.get("g_idx")
+    blocks = in_features // gguf_blocks.BLOCK
+    for role in ("scale", "zero"):
+        if role not in params:
+            continue
+        per_column = primitives.expand_to_columns(params[role].float(), in_features, group_size, g_idx)
+        per_block = per_column.reshape(per_column.shape[0], blocks, gguf_blocks.BLOCK)
+        if not bool((per_block == per_block[..., :1]).all()):
+            if g_idx is not None:
+                return "act-order g_idx puts columns of different groups in one 32-value block"
+            return f"group size {group_size} is not a multiple of GGUF's 32-value blocks"
+    return ""
+
+
+# --------------------------------------------------------------------------------------------- write
+
+
+@contextmanager
+def _staged_file(out: Path, overwrite: bool):
+    """A temporary path beside ``out``, renamed onto it on success and removed on any error."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        yield staging
+        if out.exists() and not overwrite:
+            raise QuantkitError(f"output {out} appeared while working; pass --overwrite to replace it")
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            staging.unlink()
+
+
+def _write(plan: _Plan, path: Path) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, plan.gguf_arch)
+    try:
+        _add_metadata(writer, plan)
+        for record in plan.records:
+            if record.ggml_type in ("F32", "F16"):
+                dtype = np.float32 if record.ggml_type == "F32" else np.float16
+                writer.add_tensor_info(record.name, record.shape, np.dtype(dtype), record.nbytes())
+            else:
+                byte_shape = (*record.shape[:-1], record.nbytes() // math.prod(record.shape[:-1]))
+                writer.add_tensor_info(record.name, byte_shape, np.dtype(np.uint8), record.nbytes(),
+                                       raw_dtype=gguf.GGMLQuantizationType[record.ggml_type])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for record in plan.records:
+            data = _tensor_bytes(plan, record)
+            assert data.nbytes == record.nbytes(), (record.name, data.nbytes, record.nbytes())
+            writer.write_tensor_data(data)
+    finally:
+        writer.close()
+
+
+def _add_metadata(writer, plan: _Plan) -> None:
+    config, source = plan.source.config, plan.source
+    writer.add_name(source.name)
+    writer.add_quantized_by(f"quantkit {quantkit.__version__}")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", config.num_attention_heads))
+    writer.add_rope_freq_base(float(_rope_theta(config)))
+    writer.add_rope_dimension_count(_head_dim(config))
+    if _head_dim(config) != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(_file_type(plan.records))
+    writer.add_quantization_version(gguf_quantization_version())
+    plan.vocab.add_to(writer)
+    report = {"tool": f"quantkit {quantkit.__version__}", "source": str(source.path), "notes": plan.notes,
+              "layers": {r.name: {"source": r.source, "type": r.ggml_type, "status": r.status, "reason": r.reason}
+                         for r in plan.records if r.is_linear}}
+    writer.add_string(METADATA_KEY, json.dumps(report, sort_keys=True))
+
+
+def gguf_quantization_version() -> int:
+    import gguf
+
+    return gguf.GGML_QUANT_VERSION
+
+
+def _file_type(records: list[TensorRecord]):
+    """general.file_type: the type holding most linear weight elements."""
+    import gguf
+
+    counts = Counter()
+    for record in records:
+        if record.is_linear:
+            counts[record.ggml_type] += math.prod(record.shape)
+    dominant = counts.most_common(1)[0][0] if counts else "F32"
+    return gguf.LlamaFileType.ALL_F32 if dominant == "F32" else gguf.LlamaFileType[f"MOSTLY_{dominant}"]
+
+
+def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
+    source = plan.source
+    if not record.is_linear:
+        tensor = source.tensor(record.source)
+        if record.source.endswith(".bias"):
+            tensor = _permute(plan, record.source.removesuffix(".bias"), tensor)
+        return _float_bytes(tensor, record.ggml_type)
+    linear = record.source
+    if source.is_quantized(linear):
+        layer = source.quant_linear(linear)
+        quant = _permute_quant(plan, linear, layer.quant_tensor())
+        reference = quant.dequantize()
+        if record.status in ("exact", "carried"):
+            blocks = _carried_blocks(quant, record.ggml_type)
+            if blocks.m is not None:
+                record.min_error_in_scales = _min_error(quant, blocks)
+            return _blocks_bytes(record, blocks, reference)
+    else:
+        reference = _permute(plan, linear, source.tensor(linear + ".weight").float())
+    if record.ggml_type in ("F32", "F16"):
+        data = _float_bytes(reference, record.ggml_type)
+        record.weight_sqnr_db = _sqnr_db(reference, torch.from_numpy(data).float())
+        return data
+    return _blocks_bytes(record, gguf_blocks.quantize_blocks(reference, record.ggml_type), reference)
+
+
+def _blocks_bytes(record: TensorRecord, blocks: gguf_blocks.Blocks, reference: torch.Tensor) -> np.ndarray:
+    record.weight_sqnr_db = _sqnr_db(reference, blocks.dequantize())
+    return gguf_blocks.pack(blocks)
+
+
+def _sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """10*log10(sum ref^2 / sum (ref - approx)^2), float32 elementwise with float64 sums."""
+    noise = (reference - approximation).pow(2).sum(dtype=torch.float64).item()
+    return primitives.sqnr_db_from_sums(reference.pow(2).sum(dtype=torch.float64).item(), noise)
+
+
+def _float_bytes(tensor: torch.Tensor, ggml_type: str) -> np.ndarray:
+    return tensor.to(torch.float32 if ggml_type == "F32" else torch.float16).contiguous().numpy()
+
+
+def _permute(plan: _Plan, linear: str, tensor: torch.Tensor) -> torch.Tensor:
+    perm = plan.permutations.get(linear)
+    return tensor if perm is None else tensor[perm]
+
+
+def _permute_quant(plan: _Plan, linear: str, quant: QuantTensor) -> QuantTensor:
+    perm = plan.permutations.get(linear)
+    if perm is None:
+        return quant
+    per_row = quant.scale.shape[0] != 1
+    return QuantTensor(quant.codes[perm], quant.scale[perm] if per_row else quant.scale,
+                       None if quant.zero is None else (quant.zero[perm] if per_row else quant.zero),
+                       quant.spec, quant.g_idx)
+
+
+def _per_block(param: torch.Tensor, quant: QuantTensor) -> torch.Tensor:
+    """[R, G] per-group parameter -> [out, in/32] one value per 32-column block."""
+    out_features, in_features = quant.shape
+    per_column = primitives.expand_to_columns(param.float(), in_features, quant.group_size, quant.g_idx)
+    return per_column[:, :: gguf_blocks.BLOCK].expand(out_features, -1)
+
+
+def _carried_blocks(quant: QuantTensor, ggml_type: str) -> gguf_blocks.Blocks:
+    zero = None if quant.zero is None else _per_block(quant.zero, quant)
+    return gguf_blocks.carry_codes(quant.codes, _per_block(quant.scale, quant), zero, ggml_type)
+
+
+def _min_error(quant: QuantTensor, blocks: gguf_blocks.Blocks) -> float:
+    """Largest |m_f16 - m| / scale over the blocks, m = -scale * (zero + offset) in float64."""
+    scale = _per_block(quant.scale, quant).double()
+    exact = -scale * (_per_block(quant.zero, quant).double() + blocks.fmt.offset)
+    return float(((blocks.m.double() - exact).abs() / scale).max())
+
+
+def describe(result: GGUFExportResult) -> list[tuple[str, str, int, str]]:
+    """(status, type, layer count, reason) rows, most layers first, for tables."""
+    groups = Counter((t.status, t.ggml_type, t.reason) for t in result.linears)
+    return [(status, ggml_type, count, reason) for (status, ggml_type, reason), count in groups.most_common()]
+

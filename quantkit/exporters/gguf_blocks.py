@@ -1,0 +1,209 @@
+"""GGUF (ggml) block formats written by the exporter: packing given codes, and re-rounding float weights.
+
+Every format cuts a row into blocks of 32 consecutive values; a block is stored little-endian as
+
+  type   bytes  layout                                    value of element j
+  Q8_0   34     d f16 | qs int8[32]                       x_j = d * qs_j
+  Q4_0   18     d f16 | qs u8[16]                         x_j = d * (q_j - 8),  q_j in [0, 15]
+  Q4_1   20     d f16 | m f16 | qs u8[16]                 x_j = d * q_j + m,    q_j in [0, 15]
+  Q5_0   22     d f16 | qh u32 | qs u8[16]                x_j = d * (q_j - 16), q_j in [0, 31]
+  Q5_1   24     d f16 | m f16 | qh u32 | qs u8[16]        x_j = d * q_j + m,    q_j in [0, 31]
+
+Nibbles: byte i of qs holds the low 4 bits of q_i (low nibble) and of q_{i+16} (high nibble);
+qh bit j holds bit 4 of q_j. (ggml-common.h block_q4_0 ... block_q8_0; gguf-py quants.py.)
+
+`quantize_blocks` re-rounds float weights exactly as gguf-py's `gguf.quants.quantize` does (which is
+bit-exact with ggml's reference quantizers), reproducing its float32 arithmetic step by step:
+  Q8_0: d = absmax/127, q = round_half_away(x / d)
+  Q4_0/Q5_0: d = x_max_abs_signed / -8 (or -16), q = trunc(x / d + 8.5 (16.5)), clamp
+  Q4_1/Q5_1: d = (max - min)/15 (31), m = min, q = trunc((x - min) / d + 0.5), clamp
+where "/ d" is a multiplication by id = 1/d (0 when d = 0), exactly as the reference does.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    name: str
+    type_size: int          # bytes per block
+    offset: int             # q = code + offset for the signed-code formats (0 for Q8_0)
+    levels: int             # number of q values: 2^bits
+    has_min: bool           # Q4_1 / Q5_1 store an f16 minimum m
+
+
+FORMATS: dict[str, BlockFormat] = {
+    "Q8_0": BlockFormat("Q8_0", 34, 0, 256, False),
+    "Q4_0": BlockFormat("Q4_0", 18, 8, 16, False),
+    "Q4_1": BlockFormat("Q4_1", 20, 8, 16, True),
+    "Q5_0": BlockFormat("Q5_0", 22, 16, 32, False),
+    "Q5_1": BlockFormat("Q5_1", 24, 16, 32, True),
+}
+
+
+@dataclass
+class Blocks:
+    """Block parameters of a [rows, n] matrix, n a multiple of 32.
+
+    q: [rows, n] int64 stored values (unsigned q for Q4/Q5, signed qs for Q8_0)
+    d: [rows, n/32] float16 block scales;  m: [rows, n/32] float16 block minimums (Q4_1/Q5_1) or None
+    """
+
+    fmt: BlockFormat
+    q: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """[rows, n] float32, computed as ggml does: d * (q - offset) or d * q + m."""
+        rows, n = self.q.shape
+        q = self.q.reshape(rows, n // BLOCK, BLOCK).float()
+        d = self.d.float()[..., None]
+        if self.fmt.has_min:
+            return (d * q + self.m.float()[..., None]).reshape(rows, n)
+        return (d * (q - self.fmt.offset)).reshape(rows, n)
+
+
+def _f16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """[rows, b] float16 -> [rows, b, 2] uint8, little-endian."""
+    assert sys.byteorder == "little", "GGUF is written little-endian"
+    return values.to(torch.float16).contiguous().view(torch.uint8).reshape(*values.shape, 2)
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[rows, b, 32] uint8 values -> [rows, b, 16] uint8: low nibble q_i, high nibble q_{i+16}."""
+    low = q & 0x0F
+    return low[..., :16] | (low[..., 16:] << 4)
+
+
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """[rows, b, 32] uint8 5-bit values -> [rows, b, 4] uint8: the u32 whose bit j is bit 4 of q_j."""
+    bits = ((q >> 4) & 1).reshape(*q.shape[:-1], 4, 8)                # byte j // 8, bit j % 8
+    packed = torch.zeros(bits.shape[:-1], dtype=torch.uint8)
+    for bit in range(8):
+        packed |= bits[..., bit] << bit
+    return packed
+
+
+def pack(blocks: Blocks) -> np.ndarray:
+    """Serialize to the GGUF byte layout: [rows, n/32 * type_size] uint8 (numpy, for the writer)."""
+    fmt, q = blocks.fmt, blocks.q.long()
+    rows, n = q.shape
+    assert n % BLOCK == 0, n
+    assert int(q.min()) >= (-128 if fmt.name == "Q8_0" else 0), "stored values below the format's range"
+    assert int(q.max()) < (128 if fmt.name == "Q8_0" else fmt.levels), "stored values above the format's range"
+    q = q.reshape(rows, n // BLOCK, BLOCK)
+    q = q.to(torch.int8).view(torch.uint8) if fmt.name == "Q8_0" else q.to(torch.uint8)
+    parts = [_f16_bytes(blocks.d)]
+    if fmt.has_min:
+        parts.append(_f16_bytes(blocks.m))
+    if fmt.name == "Q8_0":
+        parts.append(q)
+    else:
+        if fmt.levels == 32:
+            parts.append(_high_bits(q))
+        parts.append(_nibbles(q))
+    packed = torch.cat(parts, dim=-1)
+    assert packed.shape[-1] == fmt.type_size
+    return packed.reshape(rows, -1).numpy()
+
+
+def unpack(data: np.ndarray, fmt_name: str, n: int) -> Blocks:
+    """Inverse of `pack`: [rows, n/32 * type_size] uint8 -> `Blocks`."""
+    fmt = FORMATS[fmt_name]
+    raw = torch.from_numpy(np.array(data, dtype=np.uint8)).reshape(-1, n // BLOCK, fmt.type_size)
+
+    def f16(at: int) -> torch.Tensor:
+        return (raw[..., at].long() | (raw[..., at + 1].long() << 8)).to(torch.int16).view(torch.float16)
+
+    d = f16(0)
+    m = f16(2) if fmt.has_min else None
+    at = 4 if fmt.has_min else 2
+    if fmt.name == "Q8_0":
+        q = raw[..., at:].contiguous().view(torch.int8).long()
+    else:
+        high = torch.zeros(*raw.shape[:-1], BLOCK, dtype=torch.int64)
+        if fmt.levels == 32:
+            qh = raw[..., at:at + 4].long()
+            high = ((qh.repeat_interleave(8, dim=-1) >> (torch.arange(BLOCK) % 8)) & 1) << 4
+            at += 4
+        qs = raw[..., at:at + 16].long()
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1) | high
+    return Blocks(fmt, q.reshape(raw.shape[0], n), d, m)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """ggml's roundf as gguf-py writes it: sign(x) * (floor|x| + floor(2 * (|x| - floor|x|)))."""
+    a = x.abs()
+    floored = torch.floor(a)
+    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+
+
+def quantize_blocks(weight: torch.Tensor, fmt_name: str) -> Blocks:
+    """Re-round float weights [rows, n] (n a multiple of 32) to a block format, bit-identical to
+    ``gguf.quants.quantize(weight.float().numpy(), type)``. All arithmetic in float32."""
+    fmt = FORMATS[fmt_name]
+    rows, n = weight.shape
+    assert n % BLOCK == 0, n
+    x = weight.float().reshape(rows, n // BLOCK, BLOCK)
+    if fmt.name == "Q8_0":
+        d = x.abs().amax(dim=-1, keepdim=True) / 127
+        q = _round_half_away(x * _inverse(d))
+        return Blocks(fmt, q.long().reshape(rows, n), d.squeeze(-1).half())
+    if fmt.has_min:
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+        d = (hi - lo) / (fmt.levels - 1)
+        q = torch.trunc((x - lo) * _inverse(d) + 0.5).clamp(0, fmt.levels - 1)
+        return Blocks(fmt, q.long().reshape(rows, n), d.squeeze(-1).half(), lo.squeeze(-1).half())
+    # Symmetric 4/5-bit: the element of largest magnitude (first one on ties, keeping its sign)
+    # maps to q = 0, i.e. d = x_max / -offset.
+    index = x.abs().argmax(dim=-1, keepdim=True)
+    d = torch.gather(x, -1, index) / -fmt.offset
+    q = torch.trunc(x * _inverse(d) + (fmt.offset + 0.5)).clamp(0, fmt.levels - 1)
+    return Blocks(fmt, q.long().reshape(rows, n), d.squeeze(-1).half())
+
+
+def carrier_format(bits: int, symmetric: bool) -> str | None:
+    """The smallest block format whose grid holds every ``bits``-bit signed code c exactly:
+    symmetric x = s*c -> Q4_0/Q5_0 (q = c + 8/16) or Q8_0 (q = c); asymmetric x = (c - z)*s =
+    s*(c + o) - s*(z + o) -> Q4_1/Q5_1 with m = -s*(z + o). None when no format can (asymmetric > 5 bits)."""
+    if symmetric:
+        return "Q4_0" if bits <= 4 else "Q5_0" if bits == 5 else "Q8_0"
+    return "Q4_1" if bits <= 4 else "Q5_1" if bits == 5 else None
+
+
+def closest_format(bits: int, symmetric: bool) -> str:
+    """Default re-rounding target for a layer that cannot be carried: same bits and symmetry where a
+    format has them, else Q8_0."""
+    if bits <= 4:
+        return "Q4_0" if symmetric else "Q4_1"
+    if bits == 5:
+        return "Q5_0" if symmetric else "Q5_1"
+    return "Q8_0"
+
+
+def carry_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt_name: str) -> Blocks:
+    """Blocks holding quantkit codes as they are.
+
+    codes: [rows, n] int8 signed codes; scale, zero: [rows, n/32] per-block float32 (scale holding
+    fp16 values, zero None for symmetric). Symmetric: q = c + offset, d = scale (exact). Asymmetric:
+    q = c + offset, d = scale, m = -scale * (zero + offset) rounded to f16 (the only rounding).
+    """
+    fmt = FORMATS[fmt_name]
+    assert fmt.has_min == (zero is not None), (fmt_name, zero is None)
+    q = codes.long() + fmt.offset
+    m = None
+    if zero is not None:
+        m = (-scale.float() * (zero.float() + fmt.offset)).half()
+    return Blocks(fmt, q, scale.half(), m)

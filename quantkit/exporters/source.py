@@ -1,0 +1,116 @@
+"""What exporters read: a quantkit output directory (manifest + packed safetensors), or a float HF
+checkpoint directory, behind one interface that never modifies the input.
+
+A Linear is either quantized (the manifest has an entry: its `QuantLinear` is rebuilt from the file
+tensors alone) or float (its ``.weight`` is read as stored).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantkit.architectures import Architecture, architecture_for
+from quantkit.checkpoint import Checkpoint
+from quantkit.errors import QuantkitError
+from quantkit.exporters.manifest import MANIFEST_NAME, Manifest
+from quantkit.exporters.native import quant_linear_from_tensors
+from quantkit.qlinear import QuantLinear
+
+
+@dataclass
+class ExportSource:
+    path: Path
+    checkpoint: Checkpoint
+    arch: Architecture
+    manifest: Manifest | None          # None: a float HF checkpoint
+
+    @classmethod
+    def open(cls, path, *, require_manifest: bool) -> "ExportSource":
+        """Open ``path``; a directory without ``quant_manifest.json`` is accepted only when
+        ``require_manifest`` is False (then it must be a float HF checkpoint)."""
+        path = Path(path)
+        if not path.exists():
+            raise QuantkitError(f"input directory not found: {path}")
+        if not path.is_dir():
+            raise QuantkitError(f"input {path} is a file; give a quantkit output directory")
+        has_manifest = (path / MANIFEST_NAME).is_file()
+        if require_manifest and not has_manifest:
+            raise QuantkitError(f"{path} has no {MANIFEST_NAME}; is it a quantkit output directory?")
+        manifest = Manifest.load(path) if has_manifest else None
+        if not has_manifest and not (path / "config.json").is_file():
+            raise QuantkitError(f"{path} is neither a quantkit output directory ({MANIFEST_NAME}) nor a "
+                                "Hugging Face checkpoint (config.json)")
+        checkpoint = Checkpoint(path)
+        source = cls(path, checkpoint, architecture_for(checkpoint.config), manifest)
+        source._check_complete()
+        return source
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def name(self) -> str:
+        if self.manifest is not None:
+            requested = self.manifest.source.get("requested") or self.manifest.source.get("path") or self.path.name
+            return Path(str(requested)).name
+        return self.path.name
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def linear_names(self) -> list[str]:
+        """Every Linear the exporters handle: the blocks' linears in table order, then the lm_head
+        (absent when tied to the embeddings and not stored)."""
+        names = [f"{self.arch.blocks}.{i}.{linear}" for i in range(self.num_blocks) for linear in self.arch.linears]
+        lm_head = self.arch.lm_head
+        if not self.tied_embeddings or self.is_quantized(lm_head) or self.checkpoint.has(f"{lm_head}.weight"):
+            names.append(lm_head)
+        return names
+
+    def is_quantized(self, name: str) -> bool:
+        return self.manifest is not None and name in self.manifest.layers
+
+    def quant_linear(self, name: str) -> QuantLinear:
+        entry = self.manifest.layers[name]
+        return quant_linear_from_tensors(entry, self.checkpoint.tensors(list(entry.tensors.values())))
+
+    def quant_params(self, name: str) -> dict[str, torch.Tensor]:
+        """The small tensors of a quantized layer (everything but the codes), by role."""
+        entry = self.manifest.layers[name]
+        wanted = {role: tensor for role, tensor in entry.tensors.items() if role != "codes"}
+        loaded = self.checkpoint.tensors(list(wanted.values()))
+        return {role: loaded[tensor] for role, tensor in wanted.items()}
+
+    def has(self, name: str) -> bool:
+        return self.checkpoint.has(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        tensor = self.checkpoint.tensors([name])[name]
+        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+            raise QuantkitError(f"NaN/Inf in tensor {name} of {self.path}")
+        return tensor
+
+    def bias_name(self, linear: str) -> str | None:
+        """The stored bias of a Linear, if it has one (quantized layers keep it as ``<name>.bias``)."""
+        name = f"{linear}.bias"
+        return name if self.checkpoint.has(name) else None
+
+    def _check_complete(self) -> None:
+        """Every weight the export will read exists, so a missing tensor fails before any writing."""
+        for name in self.linear_names():
+            if self.is_quantized(name):
+                missing = [t for t in self.manifest.layers[name].tensors.values() if not self.checkpoint.has(t)]
+                if missing:
+                    raise QuantkitError(f"{self.path} is incomplete: layer {name} lacks tensor {missing[0]}")
+            elif not self.checkpoint.has(f"{name}.weight"):
+                raise QuantkitError(f"{self.path} is incomplete: no tensor for {name}.weight")
+        if not self.checkpoint.has(f"{self.arch.embeddings}.weight"):
+            raise QuantkitError(f"{self.path} is incomplete: no tensor for {self.arch.embeddings}.weight")

@@ -1,0 +1,445 @@
+"""GGUF export, proven in its consumer: transformers' GGUF loader (gguf-py's reader and dequantizer).
+
+References are independent of the exporter: gguf-py's quantizer for every block byte, quantkit's own
+dequantized model (`load_quantized`) for logits, the source tokenizer for token ids, and a file
+written deliberately without the rotary q/k permutation for the negative case.
+"""
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import gguf
+from gguf import GGMLQuantizationType, GGUFReader
+
+import quantkit.exporters.gguf as gguf_export
+from quantkit.checkpoint import Checkpoint
+from quantkit.cli.main import cli
+from quantkit.evaluate import compare, eval_windows
+from quantkit.exporters import gguf_blocks
+from quantkit.exporters.gguf import export_gguf, rotary_row_permutation
+from quantkit.exporters.native import load_quantized
+from quantkit.pipeline import CalibrateConfig, calibrate
+
+from conftest import make_checkpoint, tiny_text
+
+VOCAB = 320
+FAST = dict(num_samples=4, seq_len=32)
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+def save_byte_level_bpe(directory, vocab_size=VOCAB):
+    """A GPT-2 style tokenizer (ByteLevel pre-tokenizer and decoder, BPE merges) trained on the tiny text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 3, special_tokens=["<|endoftext|>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([tiny_text(2000, seed=5)], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<|endoftext|>")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def train(directory, tokenizer, steps=60, seed=0):
+    """A few AdamW steps on the tiny text: predictions with real margins, so top-1 agreement and the
+    rotary permutation are meaningful (a random model's near-uniform logits are not)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor(tokenizer(tiny_text(6000, seed=1))["input_ids"])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        batch = torch.stack([ids[s:s + 64] for s in starts])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(directory)
+    return directory
+
+
+def trained_bpe_llama(tmp_path_factory):
+    """The tiny Llama with the byte-level BPE tokenizer, trained once per test session (both export test
+    modules use it; it is kept under the session's base temp directory)."""
+    directory = tmp_path_factory.getbasetemp() / "trained_bpe_llama"
+    if not (directory / "model.safetensors").is_file():
+        make_checkpoint(directory, "llama", vocab_size=VOCAB, outlier_channels=0)
+        train(directory, save_byte_level_bpe(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama_bpe(tmp_path_factory):
+    return trained_bpe_llama(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def windows(llama_bpe):
+    """6 windows x 64 tokens of held-out text: 378 predicted tokens."""
+    return eval_windows(Checkpoint(llama_bpe).tokenizer(), tiny_text(3000, seed=7), 64, 6)
+
+
+def quantize(source, out, **options):
+    calibrate(CalibrateConfig(model=str(source), out=out, overwrite=True, **FAST, **options))
+    return out
+
+
+def load_gguf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def tensors_by_name(path):
+    return {tensor.name: tensor for tensor in GGUFReader(path).tensors}
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+def assert_matches(model, reference, windows):
+    """The issue's acceptance test: top-1 agreement >= 99% and perplexity within 0.5%."""
+    result = compare(model, reference, windows)
+    assert result.top1_agreement >= 0.99, result
+    assert abs(result.perplexity / result.reference_perplexity - 1) < 0.005, result
+    return result
+
+
+@torch.no_grad()
+def max_logit_difference(model, reference, windows):
+    return float((model(windows).logits - reference(windows).logits).abs().max())
+
+
+def gguf_weight(path, name, rows, cols):
+    """The dequantized weight gguf-py reads from the file, [rows, cols] float32."""
+    tensor = tensors_by_name(path)[name]
+    return torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(rows, cols).copy())
+
+
+# --------------------------------------------------------------------------------- block formats
+
+
+@pytest.mark.parametrize("fmt", sorted(gguf_blocks.FORMATS))
+def test_block_quantizer_is_bit_identical_to_gguf_py(fmt):
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 256, generator=generator) * torch.logspace(-5, 2, 48)[:, None]
+    weight[0, :32] = 1.0                         # constant block (d = 0 for Q4_1/Q5_1)
+    weight[1, :32] = 0.0                         # all-zero block
+    weight[2, :16], weight[2, 16:32] = -3.0, 3.0   # magnitude tie: the first element's sign wins
+    weight[3, :32] = torch.round(weight[3, :32] * 4) / 4 + 0.5   # values on round-half boundaries
+    expected = gguf.quants.quantize(weight.numpy(), GGMLQuantizationType[fmt])
+    blocks = gguf_blocks.quantize_blocks(weight, fmt)
+    packed = gguf_blocks.pack(blocks)
+    assert packed.dtype == np.uint8 and np.array_equal(packed, expected)
+    unpacked = gguf_blocks.unpack(packed, fmt, 256)
+    assert torch.equal(unpacked.q, blocks.q) and torch.equal(unpacked.d, blocks.d)
+    reference = gguf.quants.dequantize(expected, GGMLQuantizationType[fmt])
+    assert np.array_equal(blocks.dequantize().numpy(), reference)
+
+
+@pytest.mark.parametrize("bits,symmetric,fmt", [(4, True, "Q4_0"), (3, True, "Q4_0"), (5, True, "Q5_0"),
+                                                (8, True, "Q8_0"), (4, False, "Q4_1"), (5, False, "Q5_1")])
+def test_carried_codes_dequantize_to_quantkit_weights(bits, symmetric, fmt):
+    from quantkit.algorithms.rtn import quantize_rtn
+    from quantkit.schemes import WeightSpec
+
+    weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(bits))
+    quant = quantize_rtn(weight, WeightSpec(bits, "group", symmetric, 32))
+    assert gguf_blocks.carrier_format(bits, symmetric) == fmt
+    per_block = quant.scale.float()           # group 32 = one scale per block
+    zero = None if quant.zero is None else quant.zero
+    blocks = gguf_blocks.carry_codes(quant.codes, per_block, zero, fmt)
+    read_back = gguf.quants.dequantize(gguf_blocks.pack(blocks), GGMLQuantizationType[fmt])
+    expected = quant.dequantize().numpy()
+    if symmetric:   # x = d * (q - offset) with d = scale: every product is exact in fp32
+        assert np.array_equal(read_back, expected)
+    else:           # only the f16 block minimum m = -scale * (zero + offset) rounds: |error| <= 2^-11 * |m|
+        bound = 2.0**-11 * np.abs(blocks.m.float().numpy()).repeat(32, axis=1) + 1e-7
+        assert np.all(np.abs(read_back - expected) <= bound)
+
+
+def test_rotary_permutation_matches_llama_cpp_definition():
+    heads, head_dim = 3, 8
+    weight = torch.arange(heads * head_dim * 5).reshape(heads * head_dim, 5)
+    # convert_hf_to_gguf.py: w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+    expected = weight.reshape(heads, 2, head_dim // 2, 5).swapaxes(1, 2).reshape(weight.shape)
+    assert torch.equal(weight[rotary_row_permutation(heads * head_dim, heads)], expected)
+
+
+# ----------------------------------------------------------------------------- float checkpoints
+
+
+@pytest.mark.parametrize("fmt", ["F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_float_checkpoint_matches_gguf_py_quantizer(llama_bpe, tmp_path, fmt):
+    from safetensors.torch import load_file
+
+    out = export_gguf(llama_bpe, tmp_path / "model.gguf", ggml_type=fmt).out
+    tensors = tensors_by_name(out)
+    state = load_file(llama_bpe / "model.safetensors")
+    config = Checkpoint(llama_bpe).config
+    for block in range(config.num_hidden_layers):
+        for linear, gguf_name in zip(LINEARS, ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                               "ffn_down")):
+            weight = state[f"model.layers.{block}.{linear}.weight"]
+            if linear.endswith(("q_proj", "k_proj")):
+                heads = config.num_attention_heads if "q_proj" in linear else config.num_key_value_heads
+                weight = weight[rotary_row_permutation(weight.shape[0], heads)]
+            tensor = tensors[f"blk.{block}.{gguf_name}.weight"]
+            assert tensor.tensor_type == GGMLQuantizationType[fmt]
+            expected = gguf.quants.quantize(weight.float().numpy(), GGMLQuantizationType[fmt])
+            assert np.array_equal(np.asarray(tensor.data).reshape(expected.shape).view(expected.dtype), expected)
+
+
+def test_float_checkpoint_f32_round_trip_is_lossless(llama_bpe, tmp_path, windows):
+    from transformers import AutoModelForCausalLM
+
+    out = export_gguf(llama_bpe, tmp_path / "float.gguf").out
+    reference = AutoModelForCausalLM.from_pretrained(llama_bpe, dtype=torch.float32).eval()
+    assert max_logit_difference(load_gguf(out), reference, windows) == 0.0
+
+
+# ------------------------------------------------------------------------------- quantkit outputs
+
+
+def test_exact_q4_0_export_loads_with_matching_logits(llama_bpe, tmp_path, windows):
+    from transformers import AutoTokenizer
+
+    source = quantize(llama_bpe, tmp_path / "w4g32", scheme="w4a16", group_size=32, symmetric=True)
+    result = export_gguf(source, tmp_path / "w4g32.gguf")
+    assert result.summary() == {"exact Q4_0": 14, "float F32": 1} and result.file_type == "MOSTLY_Q4_0"
+
+    reader = GGUFReader(result.out)
+    config = Checkpoint(llama_bpe).config
+    assert field(reader, "general.architecture") == "llama"
+    assert field(reader, "llama.block_count") == 2 and field(reader, "llama.embedding_length") == 64
+    assert field(reader, "llama.attention.head_count") == 4 and field(reader, "llama.attention.head_count_kv") == 2
+    assert field(reader, "llama.rope.dimension_count") == 16 and field(reader, "llama.feed_forward_length") == 160
+    assert math.isclose(field(reader, "llama.rope.freq_base"), config.rope_parameters["rope_theta"])
+    assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert field(reader, "general.quantization_version") == 2
+    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert len(field(reader, "tokenizer.ggml.tokens")) == VOCAB and field(reader, "tokenizer.ggml.merges")
+    assert field(reader, "tokenizer.ggml.bos_token_id") == 1 and field(reader, "tokenizer.ggml.eos_token_id") == 2
+    report = json.loads(field(reader, "quantkit.export"))
+    assert report["layers"]["blk.0.attn_q.weight"] == {"source": "model.layers.0.self_attn.q_proj", "type": "Q4_0",
+                                                       "status": "exact", "reason": ""}
+    tensors = tensors_by_name(result.out)
+    assert tensors["blk.1.ffn_down.weight"].tensor_type == GGMLQuantizationType.Q4_0
+    assert list(tensors["blk.1.ffn_down.weight"].shape) == [160, 64]          # ggml order: [cols, rows]
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32
+    assert tensors["output.weight"].tensor_type == GGMLQuantizationType.F32   # untied lm_head, fp32 source
+
+    # The file dequantizes (gguf-py) to exactly quantkit's weights, q/k rows in llama.cpp's order.
+    quantized = load_quantized(source, dtype=torch.float32)
+    q_proj = quantized.model.layers[0].self_attn.q_proj.dequantized_weight()
+    expected = q_proj[rotary_row_permutation(64, 4)]
+    assert torch.equal(gguf_weight(result.out, "blk.0.attn_q.weight", 64, 64), expected)
+
+    model = load_gguf(result.out)
+    assert_matches(model, quantized, windows)
+    assert max_logit_difference(model, quantized, windows) < 1e-4
+
+    text = tiny_text(200, seed=11) + " 12345 Don't!"
+    tokenizer = AutoTokenizer.from_pretrained(result.out.parent, gguf_file=result.out.name)
+    assert tokenizer(text)["input_ids"] == Checkpoint(llama_bpe).tokenizer()(text)["input_ids"]
+
+
+def test_file_without_rotary_permutation_fails_the_comparison(llama_bpe, tmp_path, windows, monkeypatch):
+    source = quantize(llama_bpe, tmp_path / "w4g32", scheme="w4a16", group_size=32, symmetric=True)
+    monkeypatch.setattr(gguf_export, "rotary_row_permutation", lambda rows, heads: torch.arange(rows))
+    out = export_gguf(source, tmp_path / "unpermuted.gguf").out
+    model = load_gguf(out)                       # it loads and runs ...
+    result = compare(model, load_quantized(source, dtype=torch.float32), windows)
+    assert math.isfinite(result.perplexity)
+    # ... but only the logits reveal it: the acceptance test fails.
+    assert result.top1_agreement < 0.99 or abs(result.perplexity / result.reference_perplexity - 1) > 0.005, result
+    with pytest.raises(AssertionError):
+        assert_matches(model, load_quantized(source, dtype=torch.float32), windows)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_asymmetric_codes_are_carried_as_q4_1(llama_bpe, tmp_path, windows, group_size):
+    source = quantize(llama_bpe, tmp_path / "asym", scheme="w4a16", group_size=group_size, symmetric=False)
+    result = export_gguf(source, tmp_path / "asym.gguf")
+    assert result.summary() == {"carried Q4_1": 14, "float F32": 1}
+    # The f16 block minimum is the only rounding: at most 15 * 2^-11 of a quantization step.
+    assert all(0 <= t.min_error_in_scales <= 15 * 2.0**-11 for t in result.linears if t.status == "carried")
+    quantized = load_quantized(source, dtype=torch.float32)
+    layer = quantized.model.layers[1].mlp.down_proj
+    blocks = gguf_blocks.unpack(np.asarray(tensors_by_name(result.out)["blk.1.ffn_down.weight"].data), "Q4_1", 160)
+    assert torch.equal(blocks.q, layer.weight_codes.long() + 8)           # codes as they are
+    # down_proj has 160 inputs: with group 64 its last group is ragged (32 columns) yet block-aligned
+    scale = layer.weight_scale.float().repeat_interleave(group_size // 32, dim=1)[:, :160 // 32]
+    assert torch.equal(blocks.d.float(), scale)                            # scales as they are
+    assert_matches(load_gguf(result.out), quantized, windows)
+
+
+def test_layers_not_on_a_block_grid_are_requantized(llama_bpe, tmp_path, windows):
+    source = quantize(llama_bpe, tmp_path / "g16", scheme="w4a16", group_size=16, symmetric=True)
+    result = export_gguf(source, tmp_path / "g16.gguf")
+    assert result.summary() == {"requantized Q4_0": 14, "float F32": 1}
+    assert all("group size 16" in t.reason for t in result.linears if t.status == "requantized")
+    quantized = load_quantized(source, dtype=torch.float32)
+    # Re-rounded from quantkit's dequantized weights exactly as gguf-py would.
+    down = quantized.model.layers[0].mlp.down_proj.dequantized_weight()
+    expected = gguf.quants.quantize(down.numpy(), GGMLQuantizationType.Q4_0)
+    data = np.asarray(tensors_by_name(result.out)["blk.0.ffn_down.weight"].data)
+    assert np.array_equal(data.reshape(expected.shape), expected)
+    # transformers computes with the file's tensors: rebuild quantkit's model from them and compare.
+    for block, layer in enumerate(quantized.model.layers):
+        for linear, name in zip(LINEARS, ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                          "ffn_down")):
+            module = layer.get_submodule(linear)
+            weight = gguf_weight(result.out, f"blk.{block}.{name}.weight", module.out_features, module.in_features)
+            if linear.endswith(("q_proj", "k_proj")):
+                heads = 4 if "q_proj" in linear else 2
+                weight = weight[torch.argsort(rotary_row_permutation(weight.shape[0], heads))]
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+            plain.weight.data = weight
+            layer.set_submodule(linear, plain)
+    assert max_logit_difference(load_gguf(result.out), quantized, windows) < 1e-4
+
+    requested = export_gguf(source, tmp_path / "g16-q8.gguf", ggml_type="Q8_0")
+    assert requested.summary() == {"requantized Q8_0": 14, "float F32": 1}
+
+
+def test_w8a8_weights_are_exact_and_the_activation_grid_is_reported_dropped(llama_bpe, tmp_path, windows):
+    source = quantize(llama_bpe, tmp_path / "w8a8", scheme="w8a8_dynamic", alpha=0.5)
+    result = export_gguf(source, tmp_path / "w8a8.gguf")
+    assert result.summary() == {"exact Q8_0": 14, "float F32": 1}
+    assert all("activation grid" in t.reason for t in result.linears if t.status == "exact")
+    assert any("activation quantization" in note for note in result.notes)
+    quantized = load_quantized(source, dtype=torch.float32)
+    for module in quantized.modules():
+        if hasattr(module, "activation_spec"):
+            module.activation_spec = None      # what GGUF can express: the same weights, float activations
+    assert max_logit_difference(load_gguf(result.out), quantized, windows) < 1e-4
+
+
+def test_qwen2_with_biases_and_tied_embeddings(tmp_path):
+    source_dir = make_checkpoint(tmp_path / "qwen2", "qwen2", seed=2, vocab_size=VOCAB, tie_word_embeddings=True)
+    save_byte_level_bpe(source_dir)
+    source = quantize(source_dir, tmp_path / "q", scheme="w4a16", group_size=32, symmetric=True)
+    result = export_gguf(source, tmp_path / "qwen2.gguf")
+    tensors = tensors_by_name(result.out)
+    assert "output.weight" not in tensors and tensors["blk.0.attn_q.bias"].tensor_type == GGMLQuantizationType.F32
+    assert result.summary() == {"exact Q4_0": 14}
+    reader = GGUFReader(result.out)
+    assert field(reader, "general.architecture") == "qwen2"
+    quantized = load_quantized(source, dtype=torch.float32)
+    model = load_gguf(result.out)
+    assert model.config.tie_word_embeddings
+    ids = eval_windows(Checkpoint(source_dir).tokenizer(), tiny_text(3000, seed=7), 64, 4)
+    assert max_logit_difference(model, quantized, ids) < 1e-4
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    source = make_checkpoint(tmp_path / "spm", "llama", vocab_size=VOCAB)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (source / name).unlink()
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_text(3000, seed=3).split("\n\n")), model_writer=model, vocab_size=VOCAB,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    (source / "tokenizer.model").write_bytes(model.getvalue())
+    result = export_gguf(source, tmp_path / "spm.gguf", ggml_type="F16")
+    assert result.tokenizer == "llama"
+    reader = GGUFReader(result.out)
+    assert len(field(reader, "tokenizer.ggml.scores")) == VOCAB and field(reader, "tokenizer.ggml.add_space_prefix")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    tokenizer = AutoTokenizer.from_pretrained(result.out.parent, gguf_file=result.out.name)
+    text = tiny_text(100, seed=4).replace("\n\n", " ")
+    assert tokenizer(text)["input_ids"] == [processor.bos_id()] + processor.encode(text)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.output
+
+
+def test_cli_json_and_overwrite(llama_bpe, tmp_path):
+    source = quantize(llama_bpe, tmp_path / "w4g32", scheme="w4a16", group_size=32, symmetric=True)
+    out = tmp_path / "exports" / "model.gguf"
+    result = run("export", source, "--format", "gguf", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["summary"] == {"exact Q4_0": 14, "float F32": 1} and summary["format"] == "gguf"
+    assert summary["layers"]["model.layers.0.mlp.up_proj"]["status"] == "exact"
+    before = out.read_bytes()
+    assert_one_line_error(run("export", source, "--format", "gguf", "--out", out), "--overwrite")
+    assert out.read_bytes() == before
+    result = run("export", source, "--format", "gguf", "--type", "q8_0", "--out", out, "--overwrite", "--quiet")
+    assert result.exit_code == 0 and result.output == ""
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]      # no temporary left behind
+
+
+def test_cli_bad_inputs_are_one_line(llama_dir, llama_bpe, tmp_path):
+    out = tmp_path / "x.gguf"
+    assert_one_line_error(run("export", tmp_path / "missing", "--format", "gguf", "--out", out), "not found")
+    # the conftest tokenizer is WordLevel: no GGUF tokenizer type describes it
+    assert_one_line_error(run("export", llama_dir, "--format", "gguf", "--out", out), "WordLevel")
+    assert_one_line_error(run("export", llama_bpe, "--format", "gguf", "--type", "Q4_0", "--out", llama_bpe / "x.gguf"),
+                          "overlaps the input")
+    assert_one_line_error(run("export", llama_bpe, "--format", "compressed-tensors", "--type", "Q4_0", "--out", out),
+                          "--type")
+    assert not out.exists() and list(tmp_path.glob(".*partial*")) == []
+
+
+def test_cli_refuses_unsupported_models_before_writing(llama_bpe, tmp_path):
+    import shutil
+
+    for change, fragment in ((lambda c: c.update(architectures=["GPT2LMHeadModel"]), "GPT2LMHeadModel"),
+                             (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                  "factor": 4.0,
+                                                                  "original_max_position_embeddings": 64}),
+                              "rope scaling 'yarn'")):
+        copy = tmp_path / "copy"
+        shutil.copytree(llama_bpe, copy, dirs_exist_ok=True)
+        config = json.loads((copy / "config.json").read_text())
+        change(config)
+        (copy / "config.json").write_text(json.dumps(config))
+        out = tmp_path / "refused.gguf"
+        assert_one_line_error(run("export", copy, "--format", "gguf", "--out", out), fragment)
+        assert not out.exists()
+
+
+def test_cli_corrupt_weights_are_one_line(llama_bpe, tmp_path):
+    import shutil
+
+    source = quantize(llama_bpe, tmp_path / "w4g32", scheme="w4a16", group_size=32, symmetric=True)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(source, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "corrupt.gguf"
+    assert_one_line_error(run("export", corrupt, "--format", "gguf", "--out", out), "corrupt")
+    (corrupt / "quant_manifest.json").write_text("{not json")
+    assert_one_line_error(run("export", corrupt, "--format", "gguf", "--out", out), "manifest")
+    assert not out.exists()
