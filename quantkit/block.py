@@ -23,6 +23,7 @@ from quantkit.architectures import Architecture, ScaleGroup, channel_map
 from quantkit.calibrate.hooks import (
     BlockInput,
     ObservationComplete,
+    all_finite,
     forward_hooks,
     observe_inputs,
     run_block,
@@ -239,8 +240,9 @@ class BlockQuantizer:
         return (None if best == "None" else float(best)), errors
 
     def first_samples(self, count: int) -> list[BlockInput]:
-        """This process's calls among the first ``count`` calibration samples."""
-        return [call for call in self.job.inputs if call.first_sample < count]
+        """This process's calls among the first ``count`` calibration samples (the batch that
+        crosses ``count`` cut to it)."""
+        return [call.head(count - call.first_sample) for call in self.job.inputs if call.first_sample < count]
 
     def transform(self, stats: dict[str, LayerStats], result: BlockResult) -> None:
         """Block-level transforms of the assigned algorithms (AWQ), after smoothing."""
@@ -307,7 +309,7 @@ class BlockQuantizer:
             for call in job.inputs:
                 measuring[0] = call.first_sample < job.metric_samples
                 hidden = run_block(runner, call)
-                if not bool(torch.isfinite(hidden).all()):
+                if not all_finite(hidden):
                     raise QuantkitError(f"NaN/Inf in the quantized outputs of {job.prefix}")
                 outputs.append(job.keep(BlockInput(hidden, call.kwargs, call.first_sample), len(outputs)))
         names = sorted(float_weights)

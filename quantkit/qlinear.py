@@ -35,6 +35,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self.register_buffer("input_zero", None if input_zero is None else input_zero.float().reshape(1))
         self.register_buffer("bias", bias)
+        self._cached_weight: tuple | None = None
 
     def quant_tensor(self) -> QuantTensor:
         return QuantTensor(self.weight_codes, self.weight_scale.float(), self.weight_zero, self.weight_spec,
@@ -44,13 +45,21 @@ class QuantLinear(nn.Module):
         """[out, in] float32."""
         return self.quant_tensor().dequantize()
 
+    def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight in the input dtype, computed once per dtype and device (the codes
+        never change after construction; the cache is not part of the state dict)."""
+        key = (dtype, self.weight_codes.device)
+        if self._cached_weight is None or self._cached_weight[0] != key:
+            self._cached_weight = (key, self.dequantized_weight().to(dtype))
+        return self._cached_weight[1]
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_spec is None:
             return x
         return primitives.fake_quantize_activation(x, self.activation_spec, self.input_scale, self.input_zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantized_weight().to(x.dtype)
+        weight = self._weight_as(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(self.quantize_input(x), weight, bias)
 

@@ -46,6 +46,11 @@ def unpack(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     assert bits in PACKABLE_BITS, bits
     rows = words.shape[0]
     assert words.shape[1] == packed_words_per_row(in_features, bits), (words.shape, in_features, bits)
+    if 32 % bits == 0:  # no code straddles a word: shift every word by each slot at once
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+        slots = torch.bitwise_right_shift(words[:, :, None], shifts) & ((1 << bits) - 1)
+        values = slots.reshape(rows, -1)[:, :in_features]
+        return (values - (1 << (bits - 1))).to(torch.int8)
     unsigned_words = words.long() & 0xFFFFFFFF
     start = torch.arange(in_features) * bits
     word, offset = start // 32, start % 32

@@ -183,14 +183,19 @@ def quantize_activation_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Ten
 
 def fake_quantize_activation(x: torch.Tensor, spec: ActivationSpec, scale: torch.Tensor | None = None,
                              zero: torch.Tensor | None = None) -> torch.Tensor:
-    """x_hat = dequantize(quantize(x)) in float32, cast back to x.dtype: [..., K] -> [..., K]."""
+    """x_hat = dequantize(quantize(x)) in float32, cast back to x.dtype: [..., K] -> [..., K].
+
+    The same arithmetic as quantize_activation_* followed by (code - zero) * scale, without the
+    int8 round trip (the codes are exact small integers in float32 either way)."""
+    qmin, qmax = signed_range(spec.bits)
+    xf = x.float()
     if spec.dynamic:
-        codes, token_scale = quantize_activation_per_token(x, spec.bits)
-        return (codes.float() * token_scale).to(x.dtype)
-    codes = quantize_activation_static(x, scale, zero, spec.bits).float()
-    if zero is not None:
-        codes = codes - zero
-    return (codes * scale).to(x.dtype)
+        scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=MIN_ACTIVATION_SCALE)
+        return (torch.round(xf / scale).clamp_(qmin, qmax) * scale).to(x.dtype)
+    codes = torch.round(xf / scale)
+    if zero is None:
+        return (codes.clamp_(qmin, qmax) * scale).to(x.dtype)
+    return (((codes + zero).clamp_(qmin, qmax) - zero) * scale).to(x.dtype)
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:

@@ -33,6 +33,12 @@ class NonFiniteActivation(QuantkitError):
     pass
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN/Inf in x: one reduction (a NaN or Inf anywhere makes the fp32 sum NaN or Inf)
+    instead of a full boolean mask; a finite tensor cannot overflow fp32 here."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32)))
+
+
 class ObservationComplete(Exception):
     """Raised by `observe_inputs(stop_when_done=True)` once every observed module ran in a forward:
     the rest of the forward is not needed for the statistics."""
@@ -57,7 +63,7 @@ def observe_inputs(modules: Mapping[str, nn.Module], kinds: frozenset[str] | Map
         def hook(module, args, output):
             x = args[0]
             if last["input"]() is not x:
-                if not bool(torch.isfinite(x).all()):
+                if not all_finite(x):
                     raise NonFiniteActivation(f"NaN/Inf in the input activations of {label(name)}")
                 last["input"], last["shared"] = weakref.ref(x), {}
             stats[name].update(x, last["shared"])
@@ -94,6 +100,23 @@ class BlockInput:
 
     def tensor(self) -> torch.Tensor:
         return self.hidden.load() if isinstance(self.hidden, OffloadedHidden) else self.hidden
+
+    def head(self, count: int) -> "BlockInput":
+        """The call restricted to its first ``count`` samples: the hidden states and every argument
+        whose leading dimension is the batch (rotary tables, masks) are sliced."""
+        hidden = self.tensor()
+        batch = hidden.shape[0]
+        if count >= batch:
+            return self
+
+        def cut(value):
+            if torch.is_tensor(value):
+                return value[:count] if value.dim() > 0 and value.shape[0] == batch else value
+            if isinstance(value, (tuple, list)):
+                return type(value)(cut(v) for v in value)
+            return value
+
+        return BlockInput(hidden[:count], {k: cut(v) for k, v in self.kwargs.items()}, self.first_sample)
 
 
 class _FirstBlockReached(Exception):

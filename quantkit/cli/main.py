@@ -25,7 +25,7 @@ class _Group(click.Group):
             raise
         except QuantkitError as error:
             click.echo(f"error: {_one_line(error)}", err=True)
-            ctx.exit(1)
+            ctx.exit(getattr(error, "exit_code", 1))
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written to the output", err=True)
             ctx.exit(130)

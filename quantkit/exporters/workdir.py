@@ -26,8 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quantkit.errors import QuantkitError
-
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+from quantkit.exporters.native import DEFAULT_SHARD_BYTES
 
 
 def _atomic_json(path: Path, data: dict) -> None:
