@@ -9,6 +9,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton reads this once, when first imported, and test modules collected before test_kernels
+    # (compressed-tensors, transformers integrations) may import it: without a GPU its kernels run
+    # in the CPU interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hum songs about "
          "numbers rivers mountains and bright stars above old towns near green fields").split()

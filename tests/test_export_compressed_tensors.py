@@ -65,6 +65,17 @@ def consumer_per_token(x, bits):
     return torch.round(xf / scale).clamp(qmin, qmax).to(torch.int8), scale
 
 
+_quantkit_fake_quantize = primitives.fake_quantize_activation
+
+
+def consumer_fake_quantize(x, spec, scale=None, zero=None):
+    """quantkit's QuantLinear activation path with the consumer's per-token scale."""
+    if not spec.dynamic:
+        return _quantkit_fake_quantize(x, spec, scale, zero)
+    codes, token_scale = consumer_per_token(x, spec.bits)
+    return (codes.float() * token_scale).to(x.dtype)
+
+
 def quantize(source, out, **options):
     calibrate(CalibrateConfig(model=str(source), out=out, overwrite=True, **FAST, **options))
     return out
@@ -118,7 +129,7 @@ def test_export_loads_in_transformers_with_matching_logits(trained_llama, window
     reference = load_quantized(source, dtype=torch.float32)
     assert_matches(model, reference, windows)
     if not exact:   # the file is exact; only the runtime's dynamic scale differs: compute it the consumer's way
-        monkeypatch.setattr(primitives, "quantize_activation_per_token", consumer_per_token)
+        monkeypatch.setattr(primitives, "fake_quantize_activation", consumer_fake_quantize)
     assert max_logit_difference(model, reference, windows) < 1e-4
 
 
@@ -192,7 +203,7 @@ def test_mixed_schemes_get_one_config_group_each(trained_llama, windows, tmp_pat
     assert model.model.layers[1].self_attn.o_proj.quantization_scheme.input_activations.dynamic
     reference = load_quantized(attention, dtype=torch.float32)
     assert_matches(model, reference, windows)
-    monkeypatch.setattr(primitives, "quantize_activation_per_token", consumer_per_token)
+    monkeypatch.setattr(primitives, "fake_quantize_activation", consumer_fake_quantize)
     assert max_logit_difference(model, reference, windows) < 1e-4
 
 
