@@ -5,7 +5,7 @@
 
 Runs `quantkit calibrate` on the Llama-2-7B-shaped random checkpoint (13.5 GB fp16, 27 GB in fp32)
 with w8a8_dynamic and with w4a16 --algo gptq, 16 x 256 dummy tokens, each in a fresh process, and
-prints wall time, the process's peak RSS (ru_maxrss, reported by quantkit itself), the estimate quantkit
+prints wall time, the process's peak RSS (VmHWM, reported by quantkit itself), the estimate quantkit
 printed before starting, and the output size. Target: peak RSS under 6 GB.
 """
 import argparse

@@ -68,6 +68,10 @@ def score(model, reference, windows) -> dict:
 
 
 def peak_rss_mib() -> float:
+    """VmHWM: the peak RSS of this process's own address space (ru_maxrss inherits the parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -133,6 +133,15 @@ def compute_dtype(name: str, source: torch.dtype) -> torch.dtype:
 
 
 def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM of its address space. (ru_maxrss is no
+    good here: Linux carries it over fork and exec, so a process started by a big parent reports the
+    parent's peak.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
