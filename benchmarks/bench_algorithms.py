@@ -16,15 +16,15 @@ import common
 
 VARIANTS = {
     "rtn": ["--algo", "rtn"],
-    "gptq": ["--algo", "gptq"],
-    "gptq act-order": ["--algo", "gptq", "--algo-option", "act_order=true", "--algo-option", "static_groups=true"],
+    "gptq": ["--algo", "gptq"],  # default: act-order with static groups
+    "gptq no act-order": ["--algo", "gptq", "--algo-option", "act_order=false"],
     "awq": ["--algo", "awq"],
     "hqq": ["--algo", "hqq"],
 }
 GRIDS = {
-    "int4 g64 sym": (["--bits", "4", "--group-size", "64", "--sym"], ["rtn", "gptq", "gptq act-order", "awq"]),
+    "int4 g64 sym": (["--bits", "4", "--group-size", "64", "--sym"], ["rtn", "gptq", "gptq no act-order", "awq"]),
     "int4 g64 asym": (["--bits", "4", "--group-size", "64", "--asym"], ["rtn", "hqq"]),
-    "int3 g64 asym": (["--bits", "3", "--group-size", "64", "--asym"], ["rtn", "gptq", "gptq act-order", "awq", "hqq"]),
+    "int3 g64 asym": (["--bits", "3", "--group-size", "64", "--asym"], ["rtn", "gptq", "gptq no act-order", "awq", "hqq"]),
 }
 PEERS = {
     "int4 g64 sym": [("run_llmcompressor.py", "gptq_w4g64", "llm-compressor GPTQ")],

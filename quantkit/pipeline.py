@@ -85,7 +85,7 @@ class CalibrateConfig:
     overwrite: bool = False
     dtype: str = "auto"                 # compute dtype of the forward passes
     trust_remote_code: bool = False
-    metric_samples: int = 8             # samples whose layer outputs are compared float vs quantized
+    metric_samples: int = 4             # samples whose layer outputs are compared float vs quantized
     keep_model: bool = False            # return the in-memory quantized model (tests, validation)
     resume: bool = False                # continue an interrupted run from its first unfinished block
     offload_activations: bool = False   # keep the cached block inputs on disk, one file per batch
