@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 from unittest import mock
 
 import torch
+
+import common
 
 # (label, CalibrateConfig overrides). SmolLM2's hidden size 576 is not a multiple of 128, so the
 # default w4a16 group of 128 would leave ragged groups, which compressed-tensors refuses: group 64.
@@ -56,12 +57,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep outputs here (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args()
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        results = run(args, args.workdir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-ct-") as workdir:
-            results = run(args, Path(workdir))
+    results = common.in_workdir(args.workdir, "bench-ct-", lambda workdir: run(args, workdir))
     print(f"model: {results['model']}\nprotocol: {results['protocol']}\n")
     print("| scheme | format | transformers ppl | quantkit ppl | ppl diff | top-1 agreement | KL | "
           "top-1 / KL vs quantkit computing compressed-tensors' per-token scale |")
@@ -80,18 +76,15 @@ def run(args, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     from quantkit.algorithms import primitives
-    from quantkit.checkpoint import Checkpoint, resolve_model
-    from quantkit.evaluate import compare, default_text, eval_windows
+    from quantkit.checkpoint import resolve_model
+    from quantkit.evaluate import compare
     from quantkit.exporters.compressed_tensors import export_compressed_tensors
     from quantkit.exporters.native import load_quantized
     from quantkit.pipeline import CalibrateConfig, calibrate
 
     source = resolve_model(args.model).path
-    text = default_text()[1]
-    split = text.index("\n\n", len(text) // 2)
-    calibration_file = workdir / "alice_first_half.txt"
-    calibration_file.write_text(text[:split])
-    windows = eval_windows(Checkpoint(source).tokenizer(), text[split:], 512, args.windows)
+    calibration_file, windows, protocol = common.alice_split(workdir, source, args.windows, args.num_samples,
+                                                             args.seq_len)
     rows = []
     for key in args.schemes.split(","):
         label, options = SCHEMES[key]
@@ -120,8 +113,6 @@ def run(args, workdir: Path) -> dict:
             row.update(top1_consumer_definition=same_definition.top1_agreement,
                        kl_consumer_definition=same_definition.kl_divergence)
         rows.append(row)
-    protocol = (f"{windows.shape[0]} x 512-token windows of the held-out second half of alice_in_wonderland.txt, "
-                f"calibration {args.num_samples} x {args.seq_len} tokens of the first half, float32, CPU")
     return {"model": args.model, "protocol": protocol, "rows": rows}
 
 

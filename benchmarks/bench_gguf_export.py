@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+import common
 
 
 def main() -> None:
@@ -43,12 +44,7 @@ def main() -> None:
     unknown = [a for a in args.algos.split(",") if a not in algorithm_names()]
     if unknown:
         parser.error(f"not registered: {', '.join(unknown)} (registered: {', '.join(algorithm_names())})")
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        results = run(args, args.workdir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-gguf-") as workdir:
-            results = run(args, Path(workdir))
+    results = common.in_workdir(args.workdir, "bench-gguf-", lambda workdir: run(args, workdir))
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -57,20 +53,15 @@ def main() -> None:
 def run(args, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from quantkit.checkpoint import Checkpoint, resolve_model
-    from quantkit.evaluate import compare, default_text, eval_windows, perplexity
+    from quantkit.checkpoint import resolve_model
+    from quantkit.evaluate import compare, perplexity
     from quantkit.exporters.gguf import export_gguf
     from quantkit.exporters.native import load_quantized
     from quantkit.pipeline import CalibrateConfig, calibrate
 
     source = resolve_model(args.model).path
-    text = default_text()[1]
-    split = text.index("\n\n", len(text) // 2)
-    calibration_file = workdir / "alice_first_half.txt"
-    calibration_file.write_text(text[:split])
-    windows = eval_windows(Checkpoint(source).tokenizer(), text[split:], 512, args.windows)
-    protocol = (f"{windows.shape[0]} x 512-token windows of the held-out second half of alice_in_wonderland.txt, "
-                f"calibration {args.num_samples} x {args.seq_len} tokens of the first half, float32, CPU")
+    calibration_file, windows, protocol = common.alice_split(workdir, source, args.windows, args.num_samples,
+                                                             args.seq_len)
 
     def gguf_model(path: Path):
         return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

@@ -139,7 +139,7 @@ class BlockQuantizer:
         with self.timed("quantize"):
             for stage_index, stage in enumerate(job.arch.sequential):
                 names = [name for name in stage if name in job.assigned]
-                resequence = any(get_algorithm(job.assigned[n].algorithm).sequential for n in names)
+                resequence = any(self.true_sequential(n) for n in names)
                 if calibrated and stage_index > 0 and resequence:
                     stats.update(self.observe(names, partial=True))
                 for name in names:
@@ -178,7 +178,15 @@ class BlockQuantizer:
         earlier stages are quantized: the first pass need not collect their algorithm statistics."""
         job = self.job
         later = [name for stage in job.arch.sequential[1:] for name in stage if name in job.assigned]
-        return frozenset(n for n in later if get_algorithm(job.assigned[n].algorithm).sequential)
+        return frozenset(n for n in later if self.true_sequential(n))
+
+    def true_sequential(self, name: str) -> bool:
+        """Whether the Linear's statistics are collected with the block's earlier stages already
+        quantized: its algorithm asks for it (GPTQ) unless the option ``true_sequential=false`` trades
+        that for one pass collecting every Linear's statistics from the float block (faster)."""
+        assignment = self.job.assigned[name]
+        requested = assignment.options.get("true_sequential", True)
+        return get_algorithm(assignment.algorithm).sequential and bool(requested)
 
     # SmoothQuant ---------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.algorithms.registry import get_algorithm
+from quantkit.algorithms.registry import check_options, get_algorithm
 from quantkit.architectures import Architecture, architecture_for
 from quantkit.block import (
     ALPHA_GRID,
@@ -191,6 +191,7 @@ def _plan(config: CalibrateConfig, layer_names: list[str]) -> tuple[dict, dict, 
         return plan, ignored, recipe
     scheme = make_scheme(config.scheme, config.bits, config.group_size, config.symmetric)
     get_algorithm(config.algorithm).validate(scheme.weight)
+    check_options(config.algorithm, config.options)
     overridden = " with weight overrides" if scheme != get_scheme(config.scheme) else ""
     rule = f"--scheme {config.scheme}{overridden} --algo {config.algorithm}"
     return uniform_plan(layer_names, LayerAssignment(scheme, config.algorithm, rule, dict(config.options))), {}, None

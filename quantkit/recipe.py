@@ -166,7 +166,7 @@ def _reject_unknown(data: dict, allowed: set[str], where: str) -> None:
 
 
 def _assignment(raw: dict, rule: str, where: str) -> LayerAssignment:
-    from quantkit.algorithms.registry import get_algorithm
+    from quantkit.algorithms.registry import check_options, get_algorithm
 
     if not isinstance(raw, dict) or "scheme" not in raw:
         raise QuantkitError(f"{where}: {rule} needs a 'scheme'")
@@ -174,4 +174,6 @@ def _assignment(raw: dict, rule: str, where: str) -> LayerAssignment:
     scheme = make_scheme(raw["scheme"], raw.get("bits"), raw.get("group_size"), raw.get("symmetric"))
     algorithm = raw.get("algorithm", "rtn")
     get_algorithm(algorithm).validate(scheme.weight)
-    return LayerAssignment(scheme, algorithm, rule, dict(raw.get("options") or {}))
+    options = dict(raw.get("options") or {})
+    check_options(algorithm, options)
+    return LayerAssignment(scheme, algorithm, rule, options)

@@ -19,6 +19,27 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly 
          "numbers rivers mountains and bright stars above old towns near green fields").split()
 
 
+
+def run_cli(*args):
+    """Invoke the quantkit CLI in-process with the arguments as strings; returns click's Result."""
+    from click.testing import CliRunner
+
+    from quantkit.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment):
+    """Exit 1 and exactly one error line, the last output line (the estimate printed before work may
+    precede it), naming the problem; never a traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == [lines[-1]], result.output
+    assert all(line.startswith("estimated peak memory") for line in lines[:-1]), result.output
+    assert fragment in lines[-1], lines[-1]
+    assert "Traceback" not in result.output
+
 def tiny_text(num_words: int = 4000, seed: int = 0) -> str:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, len(WORDS), (num_words,), generator=generator).tolist()

@@ -170,3 +170,20 @@ def test_gptq_act_order_reloads_exactly(llama_dir, tmp_path):
     tokens = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(result.model(tokens).logits, load_quantized(tmp_path / "o")(tokens).logits)
+
+
+def test_gptq_one_pass_takes_later_hessians_from_the_float_block(llama_dir, tmp_path):
+    """true_sequential=false: the first stage (q, k, v) sees the same inputs either way, so its codes
+    agree; o_proj's Hessian comes from the float attention instead of the quantized one, so its codes
+    differ. The stored codes are the packed weights of the output file."""
+    from safetensors.torch import load_file
+
+    def codes(options, out):
+        result = calibrate(CalibrateConfig(model=str(llama_dir), scheme="w4a16", algorithm="gptq", group_size=16,
+                                           options=options, num_samples=8, seq_len=32, out=tmp_path / out))
+        tensors = load_file(tmp_path / out / "model.safetensors")
+        return lambda name: tensors[result.manifest.layers[f"model.layers.0.{name}"].tensors["codes"]]
+
+    sequential, one_pass = codes({}, "seq"), codes({"true_sequential": False}, "one")
+    assert torch.equal(sequential("self_attn.q_proj"), one_pass("self_attn.q_proj"))
+    assert not torch.equal(sequential("self_attn.o_proj"), one_pass("self_attn.o_proj"))

@@ -4,31 +4,14 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from quantkit.cli.main import cli
-
-from conftest import make_checkpoint
+from conftest import assert_one_line_error, make_checkpoint, run_cli
 
 FAST = ["--num-samples", "4", "--seq-len", "32", "--batch-size", "4"]
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result
-
-
-def assert_one_line_error(result, fragment):
-    """Exit 1 and exactly one error line, the last output line (the estimate printed before work may
-    precede it), naming the problem; never a traceback."""
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert errors == [lines[-1]], result.output
-    assert all(line.startswith("estimated peak memory") for line in lines[:-1]), result.output
-    assert fragment in lines[-1], lines[-1]
-    assert "Traceback" not in result.output
+run = run_cli
 
 
 def test_schemes_lists_one_line_each():
@@ -66,6 +49,8 @@ def test_existing_output_needs_overwrite(llama_dir, tmp_path):
     (["calibrate", "/no/such/model"], "model path not found: /no/such/model"),
     (["calibrate", "{llama}", "--scheme", "smq_q8i8f16_3"], "did you mean smq_q8i8f16_2"),
     (["calibrate", "{llama}", "--algo", "gptqq"], "unknown algorithm 'gptqq'"),
+    (["calibrate", "{llama}", "--scheme", "w4a16", "--algo", "gptq", "--algo-option", "act_ordr=false"],
+     "algorithm 'gptq' has no option 'act_ordr'; did you mean act_order?"),
     (["calibrate", "{llama}", "--dataset", "gsm8k"], "gsm8k is not available offline"),
     (["calibrate", "{llama}", "--dataset", "{text}", "--num-samples", "100000"], "fewer than the 100000 asked"),
     (["calibrate", "{llama}", "--seq-len", "100000"], "over the model's maximum of 256"),

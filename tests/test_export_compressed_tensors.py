@@ -8,19 +8,17 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from quantkit.algorithms import primitives
 from quantkit.checkpoint import Checkpoint
-from quantkit.cli.main import cli
 from quantkit.evaluate import compare, eval_windows
 from quantkit.exporters.compressed_tensors import export_compressed_tensors
 from quantkit.exporters.manifest import Manifest
 from quantkit.exporters.native import load_quantized
 from quantkit.pipeline import CalibrateConfig, calibrate
 
-from conftest import tiny_text
+from conftest import assert_one_line_error, run_cli, tiny_text
 from test_export_gguf import trained_bpe_llama
 
 compressed_tensors = pytest.importorskip("compressed_tensors")
@@ -228,14 +226,7 @@ def test_unquantized_layers_are_ignored(trained_llama, windows, tmp_path):
 # ------------------------------------------------------------------------------------------ refusals
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.output
+run = run_cli
 
 
 def _with_g_idx(manifest, tensors):

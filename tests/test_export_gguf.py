@@ -11,21 +11,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import gguf
 from gguf import GGMLQuantizationType, GGUFReader
 
 import quantkit.exporters.gguf as gguf_export
 from quantkit.checkpoint import Checkpoint
-from quantkit.cli.main import cli
 from quantkit.evaluate import compare, eval_windows
 from quantkit.exporters import gguf_blocks
 from quantkit.exporters.gguf import export_gguf, rotary_row_permutation
 from quantkit.exporters.native import load_quantized
 from quantkit.pipeline import CalibrateConfig, calibrate
 
-from conftest import make_checkpoint, tiny_text
+from conftest import assert_one_line_error, run_cli, make_checkpoint, tiny_text
 
 VOCAB = 320
 FAST = dict(num_samples=4, seq_len=32)
@@ -374,14 +372,7 @@ def test_sentencepiece_tokenizer(tmp_path):
 # ------------------------------------------------------------------------------------------ the CLI
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.output
+run = run_cli
 
 
 def test_cli_json_and_overwrite(llama_bpe, tmp_path):

@@ -51,6 +51,8 @@ def test_rules_default_ignore_and_priority():
     ({"default": {"scheme": "w4a16", "algorithm": "hqq", "symmetric": True}}, "asymmetric"),
     ({"default": {"scheme": "w4a16", "grup_size": 32}}, "unknown key 'grup_size'"),
     ({"defaults": {"scheme": "w4a16"}}, "unknown key 'defaults'"),
+    ({"default": {"scheme": "w4a16", "algorithm": "awq", "options": {"sample": 8}}},
+     "algorithm 'awq' has no option 'sample'; did you mean samples?"),
 ])
 def test_recipe_errors(data, fragment):
     with pytest.raises(QuantkitError, match=fragment.replace("(", "\\(").replace(")", "\\)").replace("*", "\\*")):

@@ -166,6 +166,7 @@ class AWQ:
     """Options: samples (16: calibration samples the searches run on), clip (True)."""
 
     statistics = frozenset({"mean_abs"})
+    options = frozenset({"samples", "clip"})
     sequential = False
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:

@@ -29,22 +29,31 @@ def shrink_lp(residual: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(residual) * torch.relu(magnitude - magnitude.clamp(min=1e-12).pow(p - 1) / beta)
 
 
-def _codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """HQQ's rounding, q = clamp(round(w / s + z)): the zero point is added before rounding."""
+def _codes(scaled: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """HQQ's rounding, q = clamp(round(w / s + z)) from scaled = w / s: the zero point is added before rounding."""
     qmin, qmax = primitives.signed_range(bits)
-    return torch.round(groups / scale + zero).clamp(qmin, qmax)
+    return torch.round(scaled + zero).clamp_(qmin, qmax)
 
 
-def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _group_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Mean over the last dim counting only the real columns (a ragged group's padding excluded)."""
+    if valid is None:
+        return values.mean(dim=-1)
     return (values * valid).sum(dim=-1) / valid.sum(dim=-1)
 
 
+def _padding_mask(num_groups: int, group_size: int, in_features: int) -> torch.Tensor | None:
+    """[G, g] 1.0 on real columns, 0.0 on the padding of a ragged last group; None when nothing is padded."""
+    if num_groups * group_size == in_features:
+        return None
+    return (torch.arange(num_groups * group_size) < in_features).reshape(num_groups, group_size).float()
+
+
 def hqq_group_error(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                    valid: torch.Tensor) -> torch.Tensor:
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean |w - w_hat| per group: [out, G, g] weights, [out, G, 1] params -> [out, G]."""
-    codes = _codes(groups, scale, zero, bits)
-    return _masked_mean((groups - (codes - zero) * scale).abs(), valid)
+    codes = _codes(groups / scale, zero, bits)
+    return _group_mean((groups - (codes - zero) * scale).abs(), valid)
 
 
 def check_spec(spec: WeightSpec) -> None:
@@ -62,24 +71,29 @@ def hqq_quantize(weight: torch.Tensor, spec: WeightSpec, *, iterations: int = 20
     out_features, in_features = w.shape
     group_size = primitives.group_size_for(spec, in_features)
     groups = primitives.to_groups(w, group_size)           # [out, G, g]
-    valid = (torch.arange(groups.shape[1] * group_size) < in_features).reshape(groups.shape[1], group_size).float()
+    valid = _padding_mask(groups.shape[1], group_size, in_features)
     scale, zero = primitives.weight_qparams(w, spec)       # [out, G] min/max initialisation
     s, z = scale[..., None], zero[..., None].clone()
-    best_error = hqq_group_error(groups, s, z, spec.bits, valid)
+    scaled = groups / s                                    # w / s, fixed: the scale is not optimised
+    # Each round's codes and residual r = w - w_hat(z) serve both its error and the next round's step.
+    codes = _codes(scaled, z, spec.bits)
+    residual = groups - (codes - z) * s
+    best_error = _group_mean(residual.abs(), valid)
     initial_error = best_error.clone()
     best_zero = z.clone()
     for _ in range(iterations):
-        codes = _codes(groups, s, z, spec.bits)
-        sparse_error = shrink_lp(groups - (codes - z) * s, beta, p)
-        z = _masked_mean(codes - (groups - sparse_error) / s, valid)[..., None]
+        sparse_error = shrink_lp(residual, beta, p)
+        z = _group_mean(codes - scaled + sparse_error / s, valid)[..., None]   # z = mean(q - (w - e) / s)
         beta *= kappa
-        error = hqq_group_error(groups, s, z, spec.bits, valid)
+        codes = _codes(scaled, z, spec.bits)
+        residual = groups - (codes - z) * s
+        error = _group_mean(residual.abs(), valid)
         improved = error < best_error
         if not bool(improved.any()):  # the reference's early stop, applied per group
             break
         best_zero = torch.where(improved[..., None], z, best_zero)
         best_error = torch.minimum(error, best_error)
-    codes = _codes(groups, s, best_zero, spec.bits).reshape(out_features, -1)[:, :in_features]
+    codes = _codes(scaled, best_zero, spec.bits).reshape(out_features, -1)[:, :in_features]
     quant = QuantTensor(codes.to(torch.int8), scale, best_zero[..., 0], spec)
     return quant, {"error_init": initial_error.mean(), "error_final": best_error.mean()}
 
@@ -89,6 +103,7 @@ class HQQ:
     """Options: iterations (20), p (0.7), beta (10), kappa (1.01)."""
 
     statistics: frozenset[str] = frozenset()
+    options = frozenset({"iterations", "p", "beta", "kappa"})
     sequential = False
 
     def validate(self, spec: WeightSpec) -> None:

@@ -55,6 +55,7 @@ class BlockContext:
 class WeightAlgorithm(Protocol):
     statistics: frozenset[str]
     sequential: bool
+    options: frozenset[str]                  # the option names it reads (--algo-option, recipe options)
 
     def validate(self, spec: WeightSpec) -> None:
         """Raise QuantkitError, before any work, for a grid this algorithm cannot produce."""
@@ -96,3 +97,14 @@ def get_algorithm(name: str) -> WeightAlgorithm:
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(_REGISTRY))}"
         raise QuantkitError(f"unknown algorithm '{name}'{hint}")
     return _REGISTRY[name]()
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raise QuantkitError naming any option the algorithm does not read (a typo must not be ignored)."""
+    known = get_algorithm(name).options
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}? " if close else ""
+            listed = ", ".join(sorted(known)) or "none"
+            raise QuantkitError(f"algorithm '{name}' has no option '{key}'; {hint}(its options: {listed})")

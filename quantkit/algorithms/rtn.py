@@ -23,6 +23,7 @@ class RoundToNearest:
     """No statistics, no search."""
 
     statistics: frozenset[str] = frozenset()
+    options: frozenset[str] = frozenset()
     sequential = False
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
