@@ -90,7 +90,8 @@ def estimate_run(run) -> Estimate:
     output = _output_bytes(run, shapes, storage) + rest
     phases = {
         "capture": embeddings + activations,
-        "block": block_params * (4 + 4 + compute) + 2 * activations + batch_intermediate + stats,
+        # fp32 master copy, the compute-dtype runner, and the float reference weights of the metrics
+        "block": block_params * (4 + compute + compute) + 2 * activations + batch_intermediate + stats,
         "finish": rest + (output if output <= 2 * 1024**3 else 0),
     }
     disk = output + (output + activations)  # the work directory's blocks and inputs, then the output
@@ -101,18 +102,24 @@ def _statistics_bytes(run, shapes) -> int:
     """Statistics of one block's Linears (block 0's shapes; blocks are alike)."""
     from quantkit.algorithms.registry import get_algorithm
 
-    total = 0
+    total, gptq_working_set = 0, 0
     for name in run.arch.linears:
         assignment = run.plan.get(f"{run.arch.blocks}.0.{name}")
         weight = shapes.get(f"{run.arch.blocks}.0.{name}.weight")
         if assignment is None or weight is None:
             continue
-        in_features = weight[0][1]
+        out_features, in_features = weight[0]
         kinds = get_algorithm(assignment.algorithm).statistics
-        total += 2 * in_features * 4 + ("hessian" in kinds) * in_features * in_features * 4
+        total += 2 * in_features * 4
+        if "hessian" in kinds:
+            # the fp64 sum; while one Linear is swept: its fp32 matrix, the working copy, the damped
+            # copy and its Cholesky factor, plus two fp32 copies of the weight
+            total += in_features * in_features * 8
+            gptq_working_set = max(gptq_working_set, 4 * in_features * in_features * 4
+                                   + 2 * out_features * in_features * 4)
         if assignment.algorithm == "awq":
             total += int(assignment.options.get("samples", 16)) * run.config.seq_len * in_features * 4
-    return total
+    return total + gptq_working_set
 
 
 def _output_bytes(run, shapes, storage: int) -> int:

@@ -187,3 +187,15 @@ def test_gptq_one_pass_takes_later_hessians_from_the_float_block(llama_dir, tmp_
     sequential, one_pass = codes({}, "seq"), codes({"true_sequential": False}, "one")
     assert torch.equal(sequential("self_attn.q_proj"), one_pass("self_attn.q_proj"))
     assert not torch.equal(sequential("self_attn.o_proj"), one_pass("self_attn.o_proj"))
+
+
+def test_damped_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    from quantkit.algorithms.gptq import damped_inverse_cholesky
+
+    x = torch.randn(96, 48, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    hessian = x.t() @ x
+    upper, damp = damped_inverse_cholesky(hessian, 0.01)
+    damped = hessian + damp * torch.diag(hessian).mean() * torch.eye(48, dtype=torch.float64)
+    assert torch.equal(upper, upper.triu()) and bool((torch.diag(upper) > 0).all())
+    assert torch.allclose(upper.t() @ upper, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)
+    assert torch.allclose(upper, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-8, atol=1e-12)

@@ -146,6 +146,10 @@ class LayerStats:
                 shared[kind] = stat.contribution(shared["tokens"])
             stat.add(shared[kind])
 
+    def release(self, kind: str) -> None:
+        """Free a statistic once its Linear is quantized (no-op if it was never collected)."""
+        self.items.pop(kind, None)
+
     def scale_channels(self, divisor: torch.Tensor) -> None:
         for stat in self.items.values():
             stat.scale_channels(divisor)
