@@ -246,6 +246,7 @@ class BlockQuantizer:
             runner = cast_parameters(trial, job.compute_dtype)
             errors[str(alpha)] = sum(F.mse_loss(run_block(runner, call).float(), ref, reduction="sum").item()
                                      for call, ref in zip(subset, reference))
+            del trial, runner  # before the next deepcopy: two trial blocks would be alive at once
         errors = dict(zip(errors, job.processes.sum_values(list(errors.values()))))
         best = min(errors, key=errors.get)
         return (None if best == "None" else float(best)), errors

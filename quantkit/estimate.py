@@ -91,11 +91,20 @@ def estimate_run(run) -> Estimate:
     phases = {
         "capture": embeddings + activations,
         # fp32 master copy, the compute-dtype runner, and the float reference weights of the metrics
-        "block": block_params * (4 + compute + compute) + 2 * activations + batch_intermediate + stats,
+        "block": block_params * (4 + compute + compute) + 2 * activations + batch_intermediate + stats
+        + _alpha_search_bytes(run, block_params, compute),
         "finish": rest + (output if output <= 2 * 1024**3 else 0),
     }
     disk = output + (output + activations)  # the work directory's blocks and inputs, then the output
     return Estimate(BASELINE_BYTES + max(phases.values()), disk, phases, activations)
+
+
+def _alpha_search_bytes(run, block_params: int, compute: int) -> int:
+    """--alpha auto tries each alpha on a trial block: its fp32 copy, the codes and the dequantized
+    weights of its QuantLinears, and its compute-dtype runner, next to the float runner."""
+    if not run.needs_data or run.alpha is not None or not run.smooth:
+        return 0
+    return block_params * (4 + 1 + compute + compute + compute)
 
 
 def _statistics_bytes(run, shapes) -> int:
