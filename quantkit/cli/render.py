@@ -113,14 +113,16 @@ def calibration_json(result) -> dict:
 
 
 def eval_table(report) -> Table:
-    table = Table(title="quantkit eval", caption=f"protocol: {report.protocol.describe()}")
-    for column in ("model", "path", "perplexity", "vs reference", "KL(ref || model)", "top-1 agreement"):
-        table.add_column(column, justify="left" if column in ("model", "path") else "right",
-                         overflow="fold", min_width=8 if column == "path" else None)
+    # Paths go in the caption, one line each: as a column they fold into unreadable slivers at 80 columns.
+    paths = "\n".join(f"{row.label}: {row.model}" for row in report.rows)
+    table = Table(title="quantkit eval", caption=f"{paths}\nprotocol: {report.protocol.describe()}",
+                  caption_justify="left")
+    for column in ("model", "perplexity", "vs reference", "KL(ref || model)", "top-1 agreement"):
+        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
     reference = next((row.perplexity for row in report.rows if row.label == "reference"), None)
     for row in report.rows:
         delta = "" if reference is None or row.label == "reference" else f"{100 * (row.perplexity / reference - 1):+.2f}%"
-        table.add_row(row.label, row.model, f"{row.perplexity:.3f}", delta,
+        table.add_row(row.label, f"{row.perplexity:.3f}", delta,
                       "" if row.kl_divergence is None else f"{row.kl_divergence:.5f}",
                       "" if row.top1_agreement is None else f"{100 * row.top1_agreement:.2f}%")
     return table
