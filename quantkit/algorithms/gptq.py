@@ -56,9 +56,9 @@ def _aligned_block_size(block_size: int, group_size: int) -> int:
 
 @contextmanager
 def _single_thread() -> Iterator[None]:
-    """The column sweep inside a block is thousands of tiny ops: OpenMP threads only add
-    synchronisation (10x slower on a busy 2-core machine). The Cholesky factorisations and the lazy
-    block updates are large matrix products and keep the caller's threads, restored on exit."""
+    """For the column loop of one sweep block only: thousands of tiny ops, where OpenMP threads just add
+    synchronisation (10x slower on a busy 2-core machine). The factorisation and the lazy block updates
+    are large matrix products and run outside it, on the caller's threads (restored on exit)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

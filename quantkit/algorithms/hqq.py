@@ -30,7 +30,8 @@ def shrink_lp(residual: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 
 def _codes(scaled: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """HQQ's rounding, q = clamp(round(w / s + z)) from scaled = w / s: the zero point is added before rounding."""
+    """HQQ's rounding q = clamp(round(w / s + z)), given scaled = w / s: the zero point is added
+    before rounding."""
     qmin, qmax = primitives.signed_range(bits)
     return torch.round(scaled + zero).clamp_(qmin, qmax)
 
