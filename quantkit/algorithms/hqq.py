@@ -24,16 +24,18 @@ from quantkit.schemes import WeightSpec
 
 
 def shrink_lp(residual: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """Generalised soft-thresholding: the proximal step of (1/beta) * |e|^p."""
+    """Generalised soft-thresholding: the proximal step of (1/beta) * |e|^p (in-place temporaries: this
+    runs on every weight in every round)."""
     magnitude = residual.abs()
-    return torch.sign(residual) * torch.relu(magnitude - magnitude.clamp(min=1e-12).pow(p - 1) / beta)
+    threshold = magnitude.clamp(min=1e-12).pow_(p - 1).div_(beta)
+    return magnitude.sub_(threshold).relu_().mul_(residual.sign())
 
 
 def _codes(scaled: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """HQQ's rounding q = clamp(round(w / s + z)), given scaled = w / s: the zero point is added
     before rounding."""
     qmin, qmax = primitives.signed_range(bits)
-    return torch.round(scaled + zero).clamp_(qmin, qmax)
+    return (scaled + zero).round_().clamp_(qmin, qmax)
 
 
 def _group_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -83,11 +85,11 @@ def hqq_quantize(weight: torch.Tensor, spec: WeightSpec, *, iterations: int = 20
     initial_error = best_error.clone()
     best_zero = z.clone()
     for _ in range(iterations):
-        sparse_error = shrink_lp(residual, beta, p)
-        z = _group_mean(codes - scaled + sparse_error / s, valid)[..., None]   # z = mean(q - (w - e) / s)
+        step = shrink_lp(residual, beta, p).div_(s).add_(codes).sub_(scaled)  # q - (w - e) / s
+        z = _group_mean(step, valid)[..., None]                                # z = mean(q - (w - e) / s)
         beta *= kappa
         codes = _codes(scaled, z, spec.bits)
-        residual = groups - (codes - z) * s
+        residual = (codes - z).mul_(s).neg_().add_(groups)                     # w - (q - z) * s
         error = _group_mean(residual.abs(), valid)
         improved = error < best_error
         if not bool(improved.any()):  # the reference's early stop, applied per group
