@@ -143,8 +143,8 @@ class BlockQuantizer:
                 if calibrated and stage_index > 0 and resequence:
                     stats.update(self.observe(names, partial=True))
                 for name in names:
-                    # the metric's reference runs in the compute dtype: keep the float weight in it
-                    float_weights[name] = job.block.get_submodule(name).weight.to(job.compute_dtype, copy=True)
+                    if calibrated:  # the output-SQNR reference of propagate, which runs in the compute dtype
+                        float_weights[name] = job.block.get_submodule(name).weight.to(job.compute_dtype, copy=True)
                     self.quantize_linear(name, stats[name], result)
                     if stats[name] is not None:
                         stats[name].release("hessian")  # GPTQ's [C, C] sums: up to 1 GB per Linear
