@@ -17,11 +17,12 @@ from torch import nn
 
 from quantkit.algorithms import primitives, smoothquant
 from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.algorithms.registry import BlockContext, LayerContext, get_algorithm
+from quantkit.algorithms.registry import BlockContext, LayerContext, get_algorithm, parse_options
 from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.architectures import Architecture, ScaleGroup, channel_map
 from quantkit.calibrate.hooks import (
     BlockInput,
+    NonFiniteActivation,
     ObservationComplete,
     all_finite,
     forward_hooks,
@@ -47,6 +48,10 @@ def cast_parameters(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
     return module
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def runner_for(block: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -92,6 +97,7 @@ class BlockJob:
     metric_samples: int = 4                      # samples each layer's output SQNR is measured on
     processes: Processes = field(default_factory=Processes)  # torch.distributed ranks sharing the batches
     keep: Callable[[BlockInput, int], BlockInput] = lambda call, i: call  # where outputs live (memory/disk)
+    float_block: Callable[[], nn.Module] | None = None  # a fresh float copy (to tell overflow from quantization error)
 
 
 @dataclass
@@ -129,7 +135,11 @@ class BlockQuantizer:
         stats: dict[str, LayerStats | None] = dict.fromkeys(job.assigned)
         if calibrated:
             with self.timed("observe"):
-                stats = self.observe(list(job.assigned), deferred=self.resequenced())
+                try:
+                    stats = self.observe(list(job.assigned), deferred=self.resequenced())
+                except NonFiniteActivation as error:  # nothing is quantized yet: the float block overflows
+                    raise NonFiniteActivation(f"{error}: the float model overflows there, before any quantization "
+                                              f"({_dtype_name(job.compute_dtype)} forward)") from None
             if job.smooth:
                 with self.timed("smooth"):
                     self.smooth(stats, result)
@@ -155,6 +165,31 @@ class BlockQuantizer:
                 result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
         result.timings = self.timings
         return result
+
+    def explain_nonfinite(self, call: BlockInput) -> str:
+        """Why the quantized block gave NaN/Inf on ``call``: when the float block does too, the float
+        model overflows (named at its first module with a non-finite output), else quantization did it."""
+        job = self.job
+        if job.float_block is None:
+            return f"NaN/Inf in the quantized outputs of {job.prefix}"
+        runner = runner_for(job.float_block(), job.compute_dtype)
+        first: list[str] = []
+
+        def make_hook(name: str):
+            def hook(module, args, output):
+                value = output[0] if isinstance(output, tuple) else output
+                if not first and isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
+                    first.append(name)
+            return hook
+
+        leaves = {name: m for name, m in runner.named_modules() if name and not list(m.children())}
+        with forward_hooks(leaves, make_hook):
+            float_finite = all_finite(run_block(runner, call))
+        if float_finite:
+            return f"NaN/Inf in the quantized outputs of {job.prefix} (the float block's outputs are finite)"
+        where = f"{job.prefix}.{first[0]}" if first else job.prefix
+        return (f"the float model overflows: NaN/Inf in the output of {where} before any quantization "
+                f"({_dtype_name(job.compute_dtype)} forward); quantized outputs cannot be finite either")
 
     def observe(self, names: list[str], partial: bool = False, deferred: frozenset[str] = frozenset()
                 ) -> dict[str, LayerStats]:
@@ -188,8 +223,8 @@ class BlockQuantizer:
         quantized: its algorithm asks for it (GPTQ) unless the option ``true_sequential=false`` trades
         that for one pass collecting every Linear's statistics from the float block (faster)."""
         assignment = self.job.assigned[name]
-        requested = assignment.options.get("true_sequential", True)
-        return get_algorithm(assignment.algorithm).sequential and bool(requested)
+        options = parse_options(assignment.algorithm, assignment.options)
+        return get_algorithm(assignment.algorithm).sequential and getattr(options, "true_sequential", True)
 
     # SmoothQuant ---------------------------------------------------------------------------------
 
@@ -322,7 +357,7 @@ class BlockQuantizer:
                 measuring[0] = call.first_sample < job.metric_samples
                 hidden = run_block(runner, call)
                 if not all_finite(hidden):
-                    raise QuantkitError(f"NaN/Inf in the quantized outputs of {job.prefix}")
+                    raise QuantkitError(self.explain_nonfinite(call))
                 outputs.append(job.keep(BlockInput(hidden, call.kwargs, call.first_sample), len(outputs)))
         names = sorted(float_weights)
         sums = job.processes.sum_values([signal[n] for n in names] + [noise[n] for n in names])

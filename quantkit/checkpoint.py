@@ -1,10 +1,13 @@
 """Finding and reading HF checkpoints: aliases, local directories, hub ids, the embedded demo model.
 
-Weights are read tensor by tensor from safetensors (or ``torch.load(weights_only=True)`` for legacy
-``.bin`` files), never unpickled; the checkpoint directory is only ever read.
+Weights are read tensor by tensor from safetensors. Legacy pickle ``.bin`` files are read with
+``torch.load(weights_only=True)``, torch's restricted unpickler that rebuilds only tensors and plain
+containers and runs no code from the file (anything else is refused with one line); the
+checkpoint directory is only ever read.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import importlib.util
@@ -146,11 +149,7 @@ class Checkpoint:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.path / index_name
             if index.is_file():
-                try:
-                    mapping = json.loads(index.read_text())["weight_map"]
-                except (ValueError, KeyError) as error:
-                    raise QuantkitError(f"corrupt index {index}: {error}") from None
-                return {name: self.path / file for name, file in mapping.items()}
+                return _read_index(index)
         for single in ("model.safetensors", "pytorch_model.bin"):
             file = self.path / single
             if file.is_file():
@@ -194,6 +193,38 @@ class Checkpoint:
             result.update(_read_tensors(file, file_names))
         return result
 
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{name: (shape, dtype name)} of every stored tensor, from the safetensors headers alone
+        (legacy .bin files are memory-mapped)."""
+        from safetensors import safe_open
+
+        shapes = {}
+        for file in self.files:
+            if file.suffix != ".safetensors":
+                shapes.update({n: (tuple(t.shape), _DTYPE_NAMES.get(t.dtype, str(t.dtype)))
+                               for n, t in _load_bin(file).items()})
+                continue
+            try:
+                with safe_open(str(file), "pt") as handle:
+                    for name in handle.keys():
+                        view = handle.get_slice(name)
+                        shapes[name] = (tuple(view.get_shape()), view.get_dtype())
+            except Exception as error:
+                raise QuantkitError(f"corrupt or truncated safetensors file {file}: "
+                                    f"{str(error).splitlines()[0][:160]}") from None
+        return {name: shapes[name] for name in self.weight_map if name in shapes}
+
+    def check_finite(self) -> None:
+        """Every float tensor is free of NaN/Inf (read one tensor at a time)."""
+        by_file: dict[Path, list[str]] = {}
+        for name, file in self.weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            for name in names:
+                tensor = _read_tensors(file, [name])[name]
+                if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+                    raise QuantkitError(f"NaN/Inf in weight {name} of {self.path}")
+
     def sha256(self) -> str:
         """One digest over every weight file (name and bytes), in name order."""
         digest = hashlib.sha256()
@@ -203,6 +234,22 @@ class Checkpoint:
                 for chunk in iter(lambda: handle.read(1 << 22), b""):
                     digest.update(chunk)
         return digest.hexdigest()
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    """name -> shard file of a sharded checkpoint's index; every shard it names must exist."""
+    try:
+        mapping = json.loads(index.read_text())["weight_map"]
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise ValueError("weight_map is not a mapping of tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise QuantkitError(f"corrupt index {index}: {type(error).__name__}: {error}") from None
+    shards = {name: index.parent / file for name, file in mapping.items()}
+    missing = sorted({file for file in shards.values() if not file.is_file()})
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise QuantkitError(f"index {index} names shard {missing[0].name}, which is missing{more}")
+    return shards
 
 
 def _tensor_names(file: Path) -> list[str]:
@@ -217,10 +264,18 @@ def _tensor_names(file: Path) -> list[str]:
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A pickle checkpoint through torch's restricted unpickler (``weights_only=True``: tensors and
+    plain containers only, no code runs). A file it refuses gets our line, not torch's long text."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
-        raise QuantkitError(f"cannot read {file} safely (weights_only=True): {str(error).splitlines()[0][:160]}") from None
+        reason = "it holds objects other than tensors" if "weights_only" in str(error) else \
+            "it is not a readable torch checkpoint (corrupt or truncated?)"
+        raise QuantkitError(f"refusing to load {file}: {reason}; quantkit reads pickle checkpoints only with "
+                            "torch.load(weights_only=True) (convert it to safetensors)") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise QuantkitError(f"{file} is not a state dict of tensors")
+    return state
 
 
 def _read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -233,6 +288,69 @@ def _read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
             return {name: handle.get_tensor(name) for name in names}
     except Exception as error:
         raise QuantkitError(f"corrupt or truncated safetensors file {file}: {str(error).splitlines()[0][:160]}") from None
+
+
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_FLOAT_DTYPES = {"F64", "F32", "BF16", "F16", "F8_E4M3", "F8_E5M2"}
+# Tensors old checkpoints stored that today's transformers computes instead (Llama's per-layer rotary
+# inverse frequencies); transformers skips them on load, and so do we.
+_LEGACY_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class ExpectedTensors:
+    """What a model's state dict holds: {name: shape} and the names that may be absent (weights tied
+    to another, e.g. lm_head to the embeddings)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    optional: frozenset[str]
+
+
+def expected_tensors(config, *, trust_remote_code: bool = False) -> ExpectedTensors:
+    """The tensors a checkpoint of ``config`` must hold, from the model built on the meta device (from
+    a copy of the config: building a model writes its dtype and attention choice into the config)."""
+    model = build_skeleton(copy.deepcopy(config), torch.float32, trust_remote_code=trust_remote_code)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    first: dict[int, str] = {}
+    optional = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            optional.add(name)
+        first.setdefault(id(param), name)
+    # On the meta device transformers does not tie yet: its own table names the weights a tied model
+    # takes from another (a dict in transformers 5, a list before).
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "tie_word_embeddings", False):
+        optional.update(getattr(model, "_tied_weights_keys", None) or ())
+    return ExpectedTensors(shapes, frozenset(optional))
+
+
+def check_weights(path: Path, stored: dict[str, tuple[tuple[int, ...], str]], expected: ExpectedTensors,
+                  extra: frozenset[str] = frozenset()) -> None:
+    """Every tensor the model needs is stored with its shape and a float dtype, and nothing else is
+    stored (``extra``: names that belong to something else, such as quantized layers' tensors).
+    A missing weight would be initialised at random by transformers, an unexpected one ignored:
+    either way the numbers computed with the model would be wrong."""
+    missing = [n for n in expected.shapes if n not in stored and n not in expected.optional]
+    if missing:
+        raise QuantkitError(f"{path} is incomplete: no tensor for {missing[0]}" + _more(missing))
+    unexpected = [n for n in stored if n not in expected.shapes and n not in extra and not n.endswith(_LEGACY_SUFFIXES)]
+    if unexpected:
+        raise QuantkitError(f"{path} holds tensor {unexpected[0]}{_more(unexpected)} that the model its config "
+                            "describes has no place for; is the config the checkpoint's own?")
+    for name, want in expected.shapes.items():
+        if name not in stored:
+            continue
+        shape, dtype = stored[name]
+        if tuple(shape) != want:
+            raise QuantkitError(f"tensor {name} in {path} has shape {list(shape)} but its config expects {list(want)}")
+        if dtype not in _FLOAT_DTYPES:
+            raise QuantkitError(f"tensor {name} in {path} is {dtype}, not a float type")
+
+
+def _more(names: list) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 def build_skeleton(config, dtype: torch.dtype, *, trust_remote_code: bool = False) -> nn.Module:

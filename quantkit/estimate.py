@@ -24,8 +24,10 @@ import torch
 
 from quantkit.algorithms import primitives
 from quantkit.errors import QuantkitError
+from quantkit.outputs import nearest_existing
 
 BASELINE_BYTES = 700 * 2**20     # an idle Python with torch and transformers imported
+MANIFEST_LAYER_BYTES = 8192      # one Linear's entry in quant_manifest.json (measured: about 1.5 KB)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -48,17 +50,7 @@ class Estimate:
 
 def tensor_shapes(checkpoint) -> dict[str, tuple[tuple[int, ...], int]]:
     """{name: (shape, bytes per element)} from the safetensors headers alone."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for file in checkpoint.files:
-        if file.suffix != ".safetensors":
-            continue
-        with safe_open(str(file), "pt") as handle:
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                shapes[name] = (tuple(view.get_shape()), _DTYPE_BYTES.get(view.get_dtype(), 4))
-    return shapes
+    return {name: (shape, _DTYPE_BYTES.get(dtype, 4)) for name, (shape, dtype) in checkpoint.shapes().items()}
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -95,7 +87,8 @@ def estimate_run(run) -> Estimate:
         + _alpha_search_bytes(run, block_params, compute),
         "finish": rest + (output if output <= 2 * 1024**3 else 0),
     }
-    disk = output + (output + activations)  # the work directory's blocks and inputs, then the output
+    # the work directory's blocks and inputs, then the output with the copied config/tokenizer files
+    disk = output + (output + activations) + sum(f.stat().st_size for f in run.copied_files) + _side_bytes(run, shapes)
     return Estimate(BASELINE_BYTES + max(phases.values()), disk, phases, activations)
 
 
@@ -109,7 +102,7 @@ def _alpha_search_bytes(run, block_params: int, compute: int) -> int:
 
 def _statistics_bytes(run, shapes) -> int:
     """Statistics of one block's Linears (block 0's shapes; blocks are alike)."""
-    from quantkit.algorithms.registry import get_algorithm
+    from quantkit.algorithms.registry import get_algorithm, parse_options
 
     total, gptq_working_set = 0, 0
     for name in run.arch.linears:
@@ -127,7 +120,8 @@ def _statistics_bytes(run, shapes) -> int:
             gptq_working_set = max(gptq_working_set, 4 * in_features * in_features * 4
                                    + 2 * out_features * in_features * 4)
         if assignment.algorithm == "awq":
-            total += int(assignment.options.get("samples", 16)) * run.config.seq_len * in_features * 4
+            samples = parse_options("awq", assignment.options).samples
+            total += samples * run.config.seq_len * in_features * 4
     return total + gptq_working_set
 
 
@@ -148,6 +142,19 @@ def _output_bytes(run, shapes, storage: int) -> int:
     return total
 
 
+def _side_bytes(run, shapes) -> int:
+    """quant_manifest.json and search_results.safetensors: per quantized Linear its manifest entry
+    and at most a few fp32 vectors along its input and output dimension (smoothing factors, AWQ
+    scales and clip ratios, per-group errors)."""
+    total = 64 * 1024
+    for name, assignment in run.plan.items():
+        weight = shapes.get(f"{name}.weight")
+        if assignment is not None and weight is not None:
+            out_features, in_features = weight[0]
+            total += MANIFEST_LAYER_BYTES + 4 * 4 * (in_features + out_features)
+    return total
+
+
 def check_fits(estimate: Estimate, out: Path, *, memory_factor: float = 0.9) -> None:
     """Stop before any work when the machine cannot hold the run, naming what would make it fit."""
     available = psutil.virtual_memory().available
@@ -157,9 +164,7 @@ def check_fits(estimate: Estimate, out: Path, *, memory_factor: float = 0.9) -> 
                 "a machine with more memory (the largest block alone does not fit)")
         raise QuantkitError(f"this run needs about {estimate.peak_memory / 2**30:.1f} GiB of memory but "
                             f"{available / 2**30:.1f} GiB is available; try {hint}")
-    parent = Path(out).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(out)
     free = shutil.disk_usage(parent).free
     if estimate.disk > free:
         raise QuantkitError(f"this run needs about {estimate.disk / 2**30:.1f} GiB of disk in {parent} but "

@@ -54,6 +54,10 @@ def read_text(path: Path) -> str:
 
 def eval_windows(tokenizer, text: str, seq_len: int, max_windows: int | None) -> torch.Tensor:
     """[W, seq_len] int64 windows of the tokenized text."""
+    if seq_len < 2:
+        raise QuantkitError(f"--seq-len must be at least 2 tokens, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise QuantkitError(f"--max-windows must be at least 1, got {max_windows}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     count = len(ids) // seq_len
     if max_windows is not None:
@@ -139,21 +143,39 @@ class EvalReport:
 
 
 def load_model(name: str, dtype: torch.dtype) -> tuple[nn.Module, object, str, Path]:
-    """(model, tokenizer, kind, path) for a quantkit output directory or a float checkpoint."""
-    from quantkit.checkpoint import Checkpoint, resolve_model
+    """(model, tokenizer, kind, path) for a quantkit output directory or a float checkpoint. Every
+    weight the model has must come from the files: a missing or unexpected tensor is an error, never
+    a randomly initialised layer that would be scored."""
+    from quantkit.checkpoint import Checkpoint, check_weights, expected_tensors, resolve_model
     from quantkit.exporters.manifest import MANIFEST_NAME
-    from quantkit.exporters.native import load_quantized
+    from quantkit.exporters.native import check_manifest_present, load_quantized
 
     path = Path(name)
     if (path / MANIFEST_NAME).is_file():
         return load_quantized(path, dtype=dtype), Checkpoint(path).tokenizer(), "quantized", path
     source = resolve_model(name)
     checkpoint = Checkpoint(source.path)
+    check_manifest_present(checkpoint)
+    if getattr(checkpoint.config, "quantization_config", None) is None:
+        check_weights(source.path, checkpoint.shapes(), expected_tensors(checkpoint.config))
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa",
-                                                 use_safetensors=any(f.suffix == ".safetensors" for f in checkpoint.files))
+    model, info = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=dtype, attn_implementation="sdpa", output_loading_info=True,
+        use_safetensors=any(f.suffix == ".safetensors" for f in checkpoint.files))
+    for kind, what in (("missing_keys", "no tensor for"), ("unexpected_keys", "an unused tensor"),
+                       ("mismatched_keys", "a tensor of the wrong shape:")):
+        names = sorted(str(n) for n in info.get(kind) or ())
+        if names:
+            raise QuantkitError(f"{source.path} has {what} {names[0]}" +
+                                (f" (and {len(names) - 1} more)" if len(names) > 1 else "") + " as transformers loads it")
     return model.eval(), checkpoint.tokenizer(), "float", source.path
+
+
+def _check_vocabulary(windows: torch.Tensor, tokenizer, model: nn.Module) -> None:
+    from quantkit.calibrate.datasets import check_token_range
+
+    check_token_range(windows, tokenizer, model.get_input_embeddings().num_embeddings)
 
 
 def _eval_text(config: EvalConfig) -> tuple[str, str]:
@@ -183,16 +205,24 @@ def _reference_name(config: EvalConfig, target_path: Path, kind: str) -> str | N
 
 def run_eval(config: EvalConfig) -> EvalReport:
     """Perplexity of the target and, when a reference is known, of the reference with KL and top-1."""
+    if config.batch_size < 1:
+        raise QuantkitError(f"--batch-size must be at least 1, got {config.batch_size}")
     dtype = getattr(torch, config.dtype)
     model, tokenizer, kind, path = load_model(config.target, dtype)
     source_name, text = _eval_text(config)
     windows = eval_windows(tokenizer, text, config.seq_len, config.max_windows)
+    _check_vocabulary(windows, tokenizer, model)
     protocol = EvalProtocol(source_name, config.seq_len, windows.shape[0], windows.shape[0] * (config.seq_len - 1),
                             config.dtype)
     reference_name = _reference_name(config, path, kind)
     if reference_name is None:
         return EvalReport(protocol, [EvalRow(kind, str(path), perplexity(model, windows, config.batch_size))])
     reference, _, _, reference_path = load_model(reference_name, dtype)
+    _check_vocabulary(windows, tokenizer, reference)
+    sizes = (model.get_output_embeddings().out_features, reference.get_output_embeddings().out_features)
+    if sizes[0] != sizes[1]:
+        raise QuantkitError(f"the reference {reference_path} predicts {sizes[1]} tokens, the model {sizes[0]}: "
+                            "KL and agreement need the same vocabulary (use --no-reference)")
     result = compare(model, reference, windows, config.batch_size)
     return EvalReport(protocol, [
         EvalRow("reference", str(reference_path), result.reference_perplexity),

@@ -12,6 +12,7 @@ samples, whatever the number of blocks.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import resource
@@ -42,6 +43,8 @@ from quantkit.checkpoint import (
     Checkpoint,
     ModelSource,
     build_skeleton,
+    check_weights,
+    expected_tensors,
     materialize,
     release,
     resolve_model,
@@ -50,8 +53,9 @@ from quantkit.distributed import Processes, from_environment
 from quantkit.errors import QuantkitError, RunInterrupted
 from quantkit.estimate import Estimate, check_fits, estimate_run
 from quantkit.exporters.manifest import LayerEntry, Manifest
-from quantkit.exporters.native import check_output_path, quant_linear_tensors
-from quantkit.exporters.workdir import WorkDir
+from quantkit.exporters.native import quant_linear_tensors
+from quantkit.exporters.workdir import WorkDir, check_committed_work
+from quantkit.outputs import check_output_path, writing
 from quantkit.qlinear import QuantLinear
 from quantkit.recipe import LayerAssignment, Recipe, make_scheme, uniform_plan
 from quantkit.schemes import get_scheme, scheme_to_dict
@@ -167,6 +171,8 @@ class _Run:
     processes: Processes = field(default_factory=Processes)
     dataset: DatasetSpec | None = None
     calibration_tokens: int = 0
+    tokens: torch.Tensor | None = None  # [num_samples, seq_len] int64 calibration token ids
+    copied_files: list[Path] = field(default_factory=list)  # config and tokenizer files copied to the output
     block_alpha: dict[int, float | None] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -191,16 +197,22 @@ def _plan(config: CalibrateConfig, layer_names: list[str]) -> tuple[dict, dict, 
         return plan, ignored, recipe
     scheme = make_scheme(config.scheme, config.bits, config.group_size, config.symmetric)
     get_algorithm(config.algorithm).validate(scheme.weight)
-    check_options(config.algorithm, config.options)
     overridden = " with weight overrides" if scheme != get_scheme(config.scheme) else ""
     rule = f"--scheme {config.scheme}{overridden} --algo {config.algorithm}"
     return uniform_plan(layer_names, LayerAssignment(scheme, config.algorithm, rule, dict(config.options))), {}, None
 
 
 def _prepare(config: CalibrateConfig) -> _Run:
+    """Resolve and check every input before any heavy work: names, numbers, the checkpoint's weights
+    against its config, the plan and the output location."""
     if config.recipe is None:
         make_scheme(config.scheme, config.bits, config.group_size, config.symmetric)  # bad names stop here
         get_algorithm(config.algorithm)
+        check_options(config.algorithm, config.options)
+    if config.num_samples < 1 or config.batch_size < 1:
+        raise QuantkitError("--num-samples and --batch-size must be at least 1")
+    if config.seq_len < 2:
+        raise QuantkitError(f"--seq-len must be at least 2 tokens, got {config.seq_len}")
     source = resolve_model(config.model)
     checkpoint = Checkpoint(source.path, trust_remote_code=config.trust_remote_code)
     arch = architecture_for(checkpoint.config)
@@ -209,13 +221,15 @@ def _prepare(config: CalibrateConfig) -> _Run:
     max_len = getattr(checkpoint.config, "max_position_embeddings", None)
     if max_len is not None and config.seq_len > max_len:
         raise QuantkitError(f"--seq-len {config.seq_len} is over the model's maximum of {max_len} tokens")
-    if config.num_samples < 1 or config.batch_size < 1:
-        raise QuantkitError("--num-samples and --batch-size must be at least 1")
+    check_weights(source.path, checkpoint.shapes(),
+                  expected_tensors(checkpoint.config, trust_remote_code=config.trust_remote_code))
     names = [f"{arch.blocks}.{i}.{linear}" for i in range(checkpoint.config.num_hidden_layers) for linear in arch.linears]
     plan, ignored, recipe = _plan(config, names)
     label = Path(config.recipe).stem if recipe else config.scheme
     out = Path(config.out or Path("out") / f"{Path(config.model).name}-{label}")
     check_output_path(out, config.overwrite, [source.path])
+    if not config.resume:
+        check_committed_work(out, resume=False, overwrite=config.overwrite)
     assignments = [a for a in plan.values() if a is not None]
     smooth, alpha = config.smooth, config.alpha
     if recipe is not None:
@@ -229,7 +243,27 @@ def _prepare(config: CalibrateConfig) -> _Run:
         needs_data=smooth or any(_needs_calibration(a) for a in assignments),
         smooth=smooth, alpha=alpha, compute_dtype=compute_dtype(config.dtype, checkpoint.source_dtype),
         storage_dtype=checkpoint.source_dtype, out=out, weights_sha256=checkpoint.sha256(),
+        copied_files=_source_files(source.path),
     )
+
+
+def _preflight(run: _Run, progress: Progress) -> None:
+    """The checks that read the data: every weight finite, the calibration data loaded, tokenized and
+    within the model's vocabulary. A dry run stops after these, so it refuses what the run refuses."""
+    with _timed(run, "check"):
+        progress.stage("check weights")
+        run.checkpoint.check_finite()
+    if not run.needs_data:
+        return
+    config = run.config
+    with _timed(run, "data"):
+        progress.stage("data")
+        spec = DatasetSpec(config.dataset, tuple(config.data_files), config.text_column)
+        tokenizer = None if spec.name == "dummy" else run.checkpoint.tokenizer()  # random ids need none
+        run.tokens = calibration_tokens(spec, tokenizer, run.checkpoint.config.vocab_size, config.num_samples,
+                                        config.seq_len, config.seed)
+        run.calibration_tokens = run.tokens.numel()
+        run.dataset = spec
 
 
 def _needs_calibration(assignment: LayerAssignment) -> bool:
@@ -251,11 +285,12 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
     run.processes = processes
     run.estimate = estimate_run(run)
     progress.estimate(run.estimate)
+    check_fits(run.estimate, run.out)
+    _preflight(run, progress)
     if config.dry_run:
         return CalibrationResult(run.out, None, None, {}, _peak_rss(), estimate=run.estimate)
-    check_fits(run.estimate, run.out)
     work = WorkDir(run.out, _fingerprint(run), rank=processes.rank, writer=processes.writer)
-    first = work.start(config.resume)
+    first = work.start(config.resume, config.overwrite)
     processes.barrier()  # the work directory exists before any rank writes into it
     if first and config.keep_model:
         raise QuantkitError("keep_model needs every block in memory: it cannot resume a run")
@@ -344,10 +379,11 @@ def _finish(run: _Run, work: WorkDir, progress: Progress) -> Manifest:
             run.block_alpha[index] = record["alpha"]
             search_results.update(work.block_search_results(index))
         files = work.finish(num_blocks, _non_block_tensors(run))
-        results_file = _save_search_results(work.path, search_results)
-        _copy_source_files(run.source.path, work.path)
-        manifest = _build_manifest(run, layers, files, results_file)
-        manifest.save(work.path)
+        with writing(work.path):
+            results_file = _save_search_results(work.path, search_results)
+            _copy_source_files(run.copied_files, work.path)
+            manifest = _build_manifest(run, layers, files, results_file)
+            manifest.save(work.path)
     return manifest
 
 
@@ -368,15 +404,7 @@ def _fingerprint(run: _Run) -> dict:
 
 def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput]]:
     """Tokenize the calibration data and keep decoder block 0's inputs for every batch."""
-    config = run.config
-    with _timed(run, "data"):
-        progress.stage("data")
-        spec = DatasetSpec(config.dataset, tuple(config.data_files), config.text_column)
-        tokenizer = None if spec.name == "dummy" else run.checkpoint.tokenizer()  # random ids need none
-        tokens = calibration_tokens(spec, tokenizer, run.checkpoint.config.vocab_size, config.num_samples,
-                                    config.seq_len, config.seed)
-        run.calibration_tokens = tokens.numel()
-        run.dataset = spec
+    config, tokens = run.config, run.tokens
     with _timed(run, "capture"):
         progress.stage("capture")
         model = _skeleton(run)
@@ -400,13 +428,21 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
                     keep) -> tuple[BlockResult, dict[str, torch.Tensor]]:
     """Load, quantize (block.py) and release one decoder block; returns its result and tensors."""
     prefix = f"{run.arch.blocks}.{index}"
+    template = copy.deepcopy(block)  # still on the meta device: costs no memory
+
+    def float_block() -> nn.Module:
+        fresh = copy.deepcopy(template)
+        materialize(fresh, prefix, run.checkpoint, torch.float32)
+        return fresh
+
     with _timed(run, "load"):
         materialize(block, prefix, run.checkpoint, torch.float32)
     assigned = {name: run.plan[f"{prefix}.{name}"] for name in run.arch.linears if run.plan.get(f"{prefix}.{name}")}
     job = BlockJob(index=index, prefix=prefix, block=block, assigned=assigned, inputs=inputs, arch=run.arch,
                    model_config=run.checkpoint.config, compute_dtype=run.compute_dtype,
                    storage_dtype=run.storage_dtype, smooth=run.smooth, alpha=run.alpha,
-                   metric_samples=run.config.metric_samples, processes=run.processes, keep=keep)
+                   metric_samples=run.config.metric_samples, processes=run.processes, keep=keep,
+                   float_block=float_block)
     result = BlockQuantizer(job).run()
     for stage, seconds in result.timings.items():
         run.timings[stage] = run.timings.get(stage, 0.0) + seconds
@@ -450,12 +486,15 @@ def _save_search_results(directory: Path, results: dict[str, torch.Tensor]) -> s
     return "search_results.safetensors"
 
 
-def _copy_source_files(source: Path, directory: Path) -> None:
-    """config, generation config and tokenizer files (never the source weights)."""
-    for pattern in _SOURCE_FILE_PATTERNS:
-        for file in source.glob(pattern):
-            if file.is_file() and file.name not in _SKIPPED_SOURCE_FILES:
-                shutil.copy2(file, directory / file.name)
+def _source_files(source: Path) -> list[Path]:
+    """The config, generation config and tokenizer files the output gets (never the source weights)."""
+    files = {file for pattern in _SOURCE_FILE_PATTERNS for file in source.glob(pattern)}
+    return sorted(f for f in files if f.is_file() and f.name not in _SKIPPED_SOURCE_FILES)
+
+
+def _copy_source_files(files: list[Path], directory: Path) -> None:
+    for file in files:
+        shutil.copy2(file, directory / file.name)
 
 
 def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], results_file: str | None) -> Manifest:

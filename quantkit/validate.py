@@ -459,15 +459,12 @@ def validate(config: ValidateConfig, on_stage: Callable[[str], None] | None = No
         kernel_modules,
         resolve_backend,
     )
-    from quantkit.exporters.manifest import Manifest
-    from quantkit.exporters.native import load_quantized
+    from quantkit.exporters.native import load_quantized, open_native
 
     stage = on_stage or (lambda name: None)
     start = time.perf_counter()
     path = Path(config.path)
-    if not path.is_dir():
-        raise QuantkitError(f"quantized model directory not found: {path}")
-    manifest = Manifest.load(path)
+    _, manifest = open_native(path)
     if not manifest.layers:
         raise QuantkitError(f"{path} has no quantized layers to validate")
     device = _device(config.device)

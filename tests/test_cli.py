@@ -41,8 +41,11 @@ def test_existing_output_needs_overwrite(llama_dir, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert_one_line_error(run("calibrate", llama_dir, *FAST, "--out", out), "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only what quantkit wrote: a user's directory stays (test_bad_inputs.py)
+    assert_one_line_error(run("calibrate", llama_dir, *FAST, "--out", out, "--overwrite"), "refusing to replace")
+    (out / "keep.txt").unlink()
     result = run("calibrate", llama_dir, *FAST, "--out", out, "--overwrite", "--quiet")
-    assert result.exit_code == 0 and not (out / "keep.txt").exists()
+    assert result.exit_code == 0 and (out / "quant_manifest.json").is_file()
 
 
 @pytest.mark.parametrize("args, fragment", [

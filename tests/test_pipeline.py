@@ -13,6 +13,8 @@ from quantkit.pipeline import CalibrateConfig, Progress, calibrate
 from quantkit.qlinear import QuantLinear
 from quantkit.schemes import SCHEMES
 
+from conftest import make_checkpoint
+
 
 def _logits(model, seed=0):
     inputs = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
@@ -84,6 +86,17 @@ def test_outputs_and_input_untouched(llama_dir, tmp_path):
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"model.safetensors", "quant_manifest.json", "config.json", "tokenizer.json"} <= names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_half_precision_checkpoint_keeps_its_dtype(tmp_path):
+    # the checks before work build the model on the meta device from a copy of the config: building it
+    # from the checkpoint's own config object used to rewrite its dtype to float32 (fp32 outputs)
+    checkpoint = make_checkpoint(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    result = _calibrate(checkpoint, tmp_path / "out", scheme="w8a8_dynamic", keep_model=False)
+    assert result.manifest.storage_dtype == "bfloat16"
+    assert result.manifest.calibration["compute_dtype"] == "bfloat16"
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
+        assert handle.get_tensor("model.norm.weight").dtype == torch.bfloat16
 
 
 def test_four_bit_codes_take_four_bits(llama_dir, tmp_path):

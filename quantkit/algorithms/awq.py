@@ -16,13 +16,15 @@ Embeddings and lm_head are never scaled (only ops inside decoder blocks are in t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantkit.algorithms import primitives, smoothquant
 from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.algorithms.registry import BlockContext, LayerContext, register
+from quantkit.algorithms.registry import BlockContext, LayerContext, option, parse_options, register
 from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.architectures import ScaleGroup, channel_map
 from quantkit.calibrate.hooks import run_block
@@ -165,8 +167,12 @@ def apply_clip(linear: nn.Module, ratio: torch.Tensor, spec: WeightSpec) -> None
 class AWQ:
     """Options: samples (16: calibration samples the searches run on), clip (True)."""
 
+    @dataclass(frozen=True)
+    class Options:
+        samples: int = option(16, minimum=1)
+        clip: bool = option(True)
+
     statistics = frozenset({"mean_abs"})
-    options = frozenset({"samples", "clip"})
     sequential = False
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
@@ -176,9 +182,9 @@ class AWQ:
         """Search and fold AWQ scales, then search and apply clipping, for this block's AWQ layers."""
         awq_layers = {n for n, a in context.assigned.items() if a.algorithm == "awq"}
         groups = [g for g in context.groups if all(c in awq_layers for c in g.consumers)]
-        options = next(iter(context.assigned[n].options for n in awq_layers), {})
-        calls = context.first_samples(int(options.get("samples", 16)))
-        clip_layers = {n for n in awq_layers if n.rpartition(".")[2] not in NO_CLIP} if options.get("clip", True) else set()
+        options = parse_options(self.name, next(iter(context.assigned[n].options for n in awq_layers), {}))
+        calls = context.first_samples(options.samples)
+        clip_layers = {n for n in awq_layers if n.rpartition(".")[2] not in NO_CLIP} if options.clip else set()
         runner = context.runner()
         captured = _Captured(runner, {g.loss_on for g in groups}, clip_layers)
         try:

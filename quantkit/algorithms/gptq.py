@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from quantkit.algorithms import primitives
 from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.algorithms.registry import LayerContext, register
+from quantkit.algorithms.registry import LayerContext, option, parse_options, register
 from quantkit.errors import QuantkitError
 from quantkit.schemes import WeightSpec
 
@@ -166,14 +167,20 @@ class GPTQ:
     (docs/benchmarks.md), and the groups stay on the original columns, so no g_idx is needed by
     kernels or exporters."""
 
+    @dataclass(frozen=True)
+    class Options:
+        block_size: int = option(128, minimum=1)
+        damp: float = option(0.01, above=0.0)
+        act_order: bool = option(True)
+        static_groups: bool = option(True)
+        true_sequential: bool = option(True)
+
     statistics = frozenset({"hessian"})
-    options = frozenset({"block_size", "damp", "act_order", "static_groups", "true_sequential"})
     sequential = True  # true-sequential: each stage's Hessian sees the earlier stages quantized
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
-        options = context.options
+        options = parse_options(self.name, context.options)
         return gptq_quantize(
-            weight, context.stats.hessian.matrix, spec,
-            block_size=int(options.get("block_size", 128)), damp=float(options.get("damp", 0.01)),
-            act_order=bool(options.get("act_order", True)), static_groups=bool(options.get("static_groups", True)),
+            weight, context.stats.hessian.matrix, spec, block_size=options.block_size, damp=options.damp,
+            act_order=options.act_order, static_groups=options.static_groups,
         )

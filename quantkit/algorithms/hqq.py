@@ -14,11 +14,13 @@ the result is never worse than the min/max initialisation on that measure. Zero 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from quantkit.algorithms import primitives
 from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.algorithms.registry import LayerContext, register
+from quantkit.algorithms.registry import LayerContext, option, parse_options, register
 from quantkit.errors import QuantkitError
 from quantkit.schemes import WeightSpec
 
@@ -105,14 +107,20 @@ def hqq_quantize(weight: torch.Tensor, spec: WeightSpec, *, iterations: int = 20
 class HQQ:
     """Options: iterations (20), p (0.7), beta (10), kappa (1.01)."""
 
+    @dataclass(frozen=True)
+    class Options:
+        iterations: int = option(20, minimum=1)
+        p: float = option(0.7, above=0.0)
+        beta: float = option(10.0, above=0.0)
+        kappa: float = option(1.01, minimum=1.0)
+
     statistics: frozenset[str] = frozenset()
-    options = frozenset({"iterations", "p", "beta", "kappa"})
     sequential = False
 
     def validate(self, spec: WeightSpec) -> None:
         check_spec(spec)
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
-        options = context.options
-        return hqq_quantize(weight, spec, iterations=int(options.get("iterations", 20)), p=float(options.get("p", 0.7)),
-                            beta=float(options.get("beta", 10.0)), kappa=float(options.get("kappa", 1.01)))
+        options = parse_options(self.name, context.options)
+        return hqq_quantize(weight, spec, iterations=options.iterations, p=options.p, beta=options.beta,
+                            kappa=options.kappa)

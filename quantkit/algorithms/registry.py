@@ -9,9 +9,10 @@ pipeline saves so a run can be audited or re-applied without recalibrating.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, fields
+from typing import Protocol, get_type_hints
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ class BlockContext:
 class WeightAlgorithm(Protocol):
     statistics: frozenset[str]
     sequential: bool
-    options: frozenset[str]                  # the option names it reads (--algo-option, recipe options)
+    Options: type                            # frozen dataclass of its options (--algo-option, recipe options)
 
     def validate(self, spec: WeightSpec) -> None:
         """Raise QuantkitError, before any work, for a grid this algorithm cannot produce."""
@@ -99,12 +100,48 @@ def get_algorithm(name: str) -> WeightAlgorithm:
     return _REGISTRY[name]()
 
 
-def check_options(name: str, options: dict) -> None:
-    """Raise QuantkitError naming any option the algorithm does not read (a typo must not be ignored)."""
-    known = get_algorithm(name).options
-    for key in options:
+def option(default, *, minimum=None, above=None):
+    """A typed algorithm option: its default and bounds (``minimum`` inclusive, ``above`` exclusive)."""
+    return field(default=default, metadata={"minimum": minimum, "above": above})
+
+
+def parse_options(name: str, raw: dict):
+    """The algorithm's frozen options dataclass from KEY=VALUE values (YAML scalars): unknown keys and
+    values of the wrong type or out of range are a `QuantkitError` naming the option, before any work.
+    Booleans are true/false only; integers refuse fractions and text; floats must be finite."""
+    options_class = get_algorithm(name).Options
+    known = [f.name for f in fields(options_class)]
+    for key in raw:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]}? " if close else ""
             listed = ", ".join(sorted(known)) or "none"
             raise QuantkitError(f"algorithm '{name}' has no option '{key}'; {hint}(its options: {listed})")
+    hints = get_type_hints(options_class)
+    values = {f.name: _typed(name, f, hints[f.name], raw[f.name]) for f in fields(options_class) if f.name in raw}
+    return options_class(**values)
+
+
+def check_options(name: str, options: dict) -> None:
+    """Raise QuantkitError for any option the algorithm does not read or a value it cannot take."""
+    parse_options(name, options)
+
+
+def _typed(algorithm: str, spec, kind: type, value):
+    what = f"algorithm '{algorithm}' option {spec.name}={value!r}"
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise QuantkitError(f"{what}: expected true or false")
+        return value
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise QuantkitError(f"{what}: expected a whole number")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise QuantkitError(f"{what}: expected a finite number")
+        value = float(value)
+    minimum, above = spec.metadata.get("minimum"), spec.metadata.get("above")
+    if minimum is not None and value < minimum:
+        raise QuantkitError(f"{what}: must be at least {minimum}")
+    if above is not None and value <= above:
+        raise QuantkitError(f"{what}: must be greater than {above}")
+    return value

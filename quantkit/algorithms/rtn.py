@@ -1,6 +1,8 @@
 """Round-to-nearest: the baseline every other algorithm is measured against."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from quantkit.algorithms import primitives
@@ -22,8 +24,11 @@ def quantize_rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantTensor:
 class RoundToNearest:
     """No statistics, no search."""
 
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
     statistics: frozenset[str] = frozenset()
-    options: frozenset[str] = frozenset()
     sequential = False
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:

@@ -26,6 +26,10 @@ class _Group(click.Group):
         except QuantkitError as error:
             click.echo(f"error: {_one_line(error)}", err=True)
             ctx.exit(getattr(error, "exit_code", 1))
+        except OSError as error:  # an environment failure no write site caught: still one line, naming the file
+            where = f" {error.filename}" if error.filename else ""
+            click.echo(f"error: cannot access{where}: {error.strerror or _one_line(error)}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written to the output", err=True)
             ctx.exit(130)

@@ -29,8 +29,9 @@ import torch
 
 from quantkit.algorithms import packing
 from quantkit.errors import QuantkitError
-from quantkit.exporters.native import ShardedWriter, check_output_path, staged_directory
+from quantkit.exporters.native import ShardedWriter
 from quantkit.exporters.source import ExportSource
+from quantkit.outputs import EXPORT_MARKER, check_output_path, staged_directory
 from quantkit.qlinear import QuantLinear
 from quantkit.schemes import ActivationSpec, Scheme, WeightSpec
 
@@ -86,6 +87,7 @@ def export_compressed_tensors(source_dir, out, *, overwrite: bool = False) -> CT
         _write_tensors(source, writer)
         files = writer.finish()
         _write_config(source, staging, quantization_config)
+        _write_marker(source, staging)
         for name in _COPIED_FILES:
             if (source.path / name).is_file():
                 shutil.copy2(source.path / name, staging / name)
@@ -219,6 +221,14 @@ def _write_tensors(source: ExportSource, writer: ShardedWriter) -> None:
     for name in sorted(source.checkpoint.weight_map):
         if name not in quantized_tensors:
             writer.add({name: source.tensor(name)})
+
+
+def _write_marker(source: ExportSource, directory: Path) -> None:
+    """Marks the directory as quantkit's, so that ``--overwrite`` may replace it later."""
+    import quantkit
+
+    marker = {"tool": "quantkit", "version": quantkit.__version__, "format": QUANT_METHOD, "source": str(source.path)}
+    (directory / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def _write_config(source: ExportSource, directory: Path, quantization_config: dict) -> None:

@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +43,8 @@ from quantkit.algorithms.quant_tensor import QuantTensor
 from quantkit.errors import QuantkitError
 from quantkit.exporters import gguf_blocks
 from quantkit.exporters.gguf_vocab import GGUFVocab, read_vocab
-from quantkit.exporters.native import check_output_path
 from quantkit.exporters.source import ExportSource
+from quantkit.outputs import check_output_path, staged_file
 
 REQUANT_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 METADATA_KEY = "quantkit.export"
@@ -140,7 +137,7 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
         raise QuantkitError(f"output {out} is a directory; give the path of the .gguf file to write")
     check_output_path(out, overwrite, [source.path])
     plan = _plan(source, ggml_type)
-    with _staged_file(out, overwrite) as staging:
+    with staged_file(out, overwrite) as staging:
         _write(plan, staging)
     return GGUFExportResult(out.resolve(), plan.gguf_arch, _file_type(plan.records).name, plan.records,
                             plan.vocab.model, plan.notes, out.stat().st_size)
@@ -354,22 +351,6 @@ def _block_misalignment(spec, in_features: int, params: dict[str, torch.Tensor])
 
 
 # --------------------------------------------------------------------------------------------- write
-
-
-@contextmanager
-def _staged_file(out: Path, overwrite: bool):
-    """A temporary path beside ``out``, renamed onto it on success and removed on any error."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        yield staging
-        if out.exists() and not overwrite:
-            raise QuantkitError(f"output {out} appeared while working; pass --overwrite to replace it")
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            staging.unlink()
 
 
 def _write(plan: _Plan, path: Path) -> None:

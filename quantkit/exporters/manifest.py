@@ -24,6 +24,17 @@ def _finite_or_none(value):
     return value
 
 
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+_REQUIRED_FIELDS = {"tool": dict, "source": dict, "calibration": dict, "storage_dtype": str, "layers": dict}
+_OPTIONAL_FIELDS = {"smoothing": dict, "ignored": dict, "recipe": dict, "weight_files": list,
+                    "search_results": str, "summary": dict}
+_KIND_NAMES = {dict: "an object", str: "a string", list: "an array"}
+
+
 @dataclass
 class LayerEntry:
     """One quantized Linear: what grid it got, from which algorithm and rule, and where its tensors are.
@@ -51,9 +62,13 @@ class LayerEntry:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LayerEntry":
+        if not isinstance(data, dict):
+            raise TypeError(f"the entry is a JSON {_json_type(data)}, not an object")
         data = dict(data)
         data["scheme"] = scheme_from_dict(data["scheme"])
-        data["shape"] = tuple(data["shape"])
+        data["shape"] = tuple(int(size) for size in data["shape"])
+        if len(data["shape"]) != 2 or not isinstance(data.get("tensors"), dict) or "codes" not in data["tensors"]:
+            raise ValueError("shape must be [out, in] and tensors must name the codes")
         return cls(**data)
 
 
@@ -89,21 +104,36 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Manifest":
+    def from_dict(cls, data: dict, where: str = "quant manifest") -> "Manifest":
+        """The manifest of a parsed JSON document; any other shape is a `QuantkitError` naming ``where``
+        and what is wrong (never a bare AttributeError from a list or a null)."""
+        if not isinstance(data, dict):
+            raise QuantkitError(f"{where} is a JSON {_json_type(data)}, not an object")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise QuantkitError(f"quant manifest format_version {version} is not supported (this quantkit reads {FORMAT_VERSION})")
-        try:
-            return cls(
-                tool=data["tool"], source=data["source"], calibration=data["calibration"],
-                storage_dtype=data["storage_dtype"], smoothing=data.get("smoothing", {}),
-                ignored=dict(data.get("ignored", {})), recipe=data.get("recipe"),
-                weight_files=list(data.get("weight_files", [])), search_results=data.get("search_results"),
-                summary=data.get("summary", {}), format_version=version,
-                layers={name: LayerEntry.from_dict(entry) for name, entry in data["layers"].items()},
-            )
-        except (KeyError, TypeError) as error:
-            raise QuantkitError(f"quant manifest is missing or has a malformed field: {error}") from None
+            raise QuantkitError(f"{where}: format_version {version} is not supported (this quantkit reads {FORMAT_VERSION})")
+        for key, kind in _REQUIRED_FIELDS.items():
+            if key not in data:
+                raise QuantkitError(f"{where} has no '{key}' field")
+            if not isinstance(data[key], kind):
+                raise QuantkitError(f"{where}: '{key}' is a JSON {_json_type(data[key])}, expected {_KIND_NAMES[kind]}")
+        for key, kind in _OPTIONAL_FIELDS.items():
+            if data.get(key) is not None and not isinstance(data[key], kind):
+                raise QuantkitError(f"{where}: '{key}' is a JSON {_json_type(data[key])}, expected {_KIND_NAMES[kind]}")
+        layers = {}
+        for name, entry in data["layers"].items():
+            try:
+                layers[name] = LayerEntry.from_dict(entry)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise QuantkitError(f"{where}: layer {name} has a missing or malformed field "
+                                    f"({type(error).__name__}: {error})") from None
+        return cls(
+            tool=data["tool"], source=data["source"], calibration=data["calibration"],
+            storage_dtype=data["storage_dtype"], smoothing=data.get("smoothing") or {},
+            ignored=dict(data.get("ignored") or {}), recipe=data.get("recipe"),
+            weight_files=list(data.get("weight_files") or []), search_results=data.get("search_results"),
+            summary=data.get("summary") or {}, format_version=version, layers=layers,
+        )
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
@@ -119,4 +149,4 @@ class Manifest:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise QuantkitError(f"corrupt manifest {path}: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, where=str(path))

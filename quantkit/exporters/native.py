@@ -11,10 +11,6 @@ Shards: ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` with ``mo
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,9 +19,9 @@ from torch import nn
 
 from quantkit.algorithms import packing
 from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.checkpoint import Checkpoint, build_skeleton
+from quantkit.checkpoint import Checkpoint, ExpectedTensors, build_skeleton, check_weights, expected_tensors
 from quantkit.errors import QuantkitError
-from quantkit.exporters.manifest import LayerEntry, Manifest
+from quantkit.exporters.manifest import MANIFEST_NAME, LayerEntry, Manifest
 from quantkit.qlinear import QuantLinear, set_submodule
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -123,52 +119,61 @@ class ShardedWriter:
         return files
 
 
-def check_output_path(out: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse an existing output without ``overwrite``, and any output that is or holds an input."""
-    out = Path(out).resolve()
-    for path in protected:
-        path = Path(path).resolve()
-        if out == path or path.is_relative_to(out) or out.is_relative_to(path):
-            raise QuantkitError(f"output {out} overlaps the input {path}; the input is never modified")
-    if out.exists() and not overwrite:
-        raise QuantkitError(f"output {out} already exists; pass --overwrite to replace it")
+QUANT_TENSOR_SUFFIXES = (".weight_codes", ".weight_scale", ".weight_zero", ".weight_g_idx")
 
 
-@contextmanager
-def staged_directory(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh staging directory beside ``out``; on success it is renamed to ``out`` (replacing
-    an old one only with ``overwrite``), on any error it is deleted, so ``out`` is never half-written."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-        if out.exists():
-            if not overwrite:
-                raise QuantkitError(f"output {out} appeared while working; pass --overwrite to replace it")
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+def check_native_weights(path: Path, checkpoint: Checkpoint, manifest: Manifest) -> None:
+    """The output directory holds exactly the tensors its config and manifest call for: every quantized
+    layer's tensors, every other weight of the model with its shape, and nothing else."""
+    expected = expected_tensors(checkpoint.config)
+    for name, entry in manifest.layers.items():
+        if f"{name}.weight" not in expected.shapes:
+            raise QuantkitError(f"{path}: the manifest names layer {name}, which the model has no Linear for")
+        missing = [t for t in entry.tensors.values() if not checkpoint.has(t)]
+        if missing:
+            raise QuantkitError(f"{path} is incomplete: layer {name} lacks tensor {missing[0]}")
+    replaced = {f"{name}.weight" for name in manifest.layers}
+    plain = ExpectedTensors({n: s for n, s in expected.shapes.items() if n not in replaced}, expected.optional)
+    quantized = frozenset(t for entry in manifest.layers.values() for t in entry.tensors.values())
+    check_weights(path, checkpoint.shapes(), plain, extra=quantized)
+
+
+def check_manifest_present(checkpoint: Checkpoint) -> None:
+    """A directory with quantkit's packed tensors but no manifest cannot be read as a float model
+    (every quantized Linear's ``weight`` is missing): say what happened instead."""
+    packed = [n for n in checkpoint.weight_map if n.endswith(QUANT_TENSOR_SUFFIXES)]
+    if packed:
+        raise QuantkitError(f"{checkpoint.path} holds quantkit tensors ({packed[0]}, ...) but no {MANIFEST_NAME}; "
+                            "without its manifest the quantized model cannot be loaded (restore the file or "
+                            "recalibrate)")
+
+
+def open_native(path: Path) -> tuple[Checkpoint, Manifest]:
+    """The files and manifest of a native output directory, checked: the manifest is well formed, and
+    the tensors are exactly those it and the config call for."""
+    path = Path(path)
+    if not path.is_dir():
+        raise QuantkitError(f"quantized model directory not found: {path}")
+    if not (path / MANIFEST_NAME).is_file() and (path / "config.json").is_file():
+        check_manifest_present(Checkpoint(path))
+    manifest = Manifest.load(path)
+    storage = getattr(torch, str(manifest.storage_dtype), None)
+    if not isinstance(storage, torch.dtype) or not storage.is_floating_point:
+        raise QuantkitError(f"{path / MANIFEST_NAME}: storage_dtype '{manifest.storage_dtype}' is not a float dtype")
+    files = Checkpoint(path)
+    check_native_weights(path, files, manifest)
+    return files, manifest
 
 
 def load_quantized(path, *, dtype: torch.dtype | None = None, device="cpu") -> nn.Module:
     """The quantized model of a native output directory, from its manifest and safetensors alone.
 
     Float tensors kept from the source load in the manifest's storage dtype unless ``dtype`` is given;
-    QuantLinear buffers keep their stored integer/fp16/fp32 types.
+    QuantLinear buffers keep their stored integer/fp16/fp32 types. A missing, unexpected or misshapen
+    tensor is a `QuantkitError`: no weight is ever left at random.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise QuantkitError(f"quantized model directory not found: {path}")
-    manifest = Manifest.load(path)
-    files = Checkpoint(path)
+    files, manifest = open_native(path)
     dtype = dtype or getattr(torch, manifest.storage_dtype)
     model = build_skeleton(files.config, dtype)
     for name, entry in manifest.layers.items():

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from quantkit.architectures import Architecture, architecture_for
-from quantkit.checkpoint import Checkpoint
+from quantkit.checkpoint import Checkpoint, check_weights, expected_tensors
 from quantkit.errors import QuantkitError
 from quantkit.exporters.manifest import MANIFEST_NAME, Manifest
-from quantkit.exporters.native import quant_linear_from_tensors
+from quantkit.exporters.native import check_manifest_present, open_native, quant_linear_from_tensors
 from quantkit.qlinear import QuantLinear
 
 
@@ -36,16 +36,23 @@ class ExportSource:
         if not path.is_dir():
             raise QuantkitError(f"input {path} is a file; give a quantkit output directory")
         has_manifest = (path / MANIFEST_NAME).is_file()
-        if require_manifest and not has_manifest:
+        if has_manifest:
+            checkpoint, manifest = open_native(path)
+            return cls(path, checkpoint, architecture_for(checkpoint.config), manifest)
+        if (path / "config.json").is_file():
+            check_manifest_present(Checkpoint(path))
+        if require_manifest:
             raise QuantkitError(f"{path} has no {MANIFEST_NAME}; is it a quantkit output directory?")
-        manifest = Manifest.load(path) if has_manifest else None
-        if not has_manifest and not (path / "config.json").is_file():
+        if not (path / "config.json").is_file():
             raise QuantkitError(f"{path} is neither a quantkit output directory ({MANIFEST_NAME}) nor a "
                                 "Hugging Face checkpoint (config.json)")
         checkpoint = Checkpoint(path)
-        source = cls(path, checkpoint, architecture_for(checkpoint.config), manifest)
-        source._check_complete()
-        return source
+        arch = architecture_for(checkpoint.config)
+        if getattr(checkpoint.config, "quantization_config", None):
+            raise QuantkitError(f"{path} is already quantized (config.json has quantization_config) and has "
+                                f"no {MANIFEST_NAME}; export reads quantkit outputs and float checkpoints")
+        check_weights(path, checkpoint.shapes(), expected_tensors(checkpoint.config))
+        return cls(path, checkpoint, arch, None)
 
     @property
     def config(self):
@@ -102,15 +109,3 @@ class ExportSource:
         """The stored bias of a Linear, if it has one (quantized layers keep it as ``<name>.bias``)."""
         name = f"{linear}.bias"
         return name if self.checkpoint.has(name) else None
-
-    def _check_complete(self) -> None:
-        """Every weight the export will read exists, so a missing tensor fails before any writing."""
-        for name in self.linear_names():
-            if self.is_quantized(name):
-                missing = [t for t in self.manifest.layers[name].tensors.values() if not self.checkpoint.has(t)]
-                if missing:
-                    raise QuantkitError(f"{self.path} is incomplete: layer {name} lacks tensor {missing[0]}")
-            elif not self.checkpoint.has(f"{name}.weight"):
-                raise QuantkitError(f"{self.path} is incomplete: no tensor for {name}.weight")
-        if not self.checkpoint.has(f"{self.arch.embeddings}.weight"):
-            raise QuantkitError(f"{self.path} is incomplete: no tensor for {self.arch.embeddings}.weight")

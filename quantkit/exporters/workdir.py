@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -27,6 +26,36 @@ from safetensors.torch import load_file, save_file
 
 from quantkit.errors import QuantkitError
 from quantkit.exporters.native import DEFAULT_SHARD_BYTES
+from quantkit.outputs import fsync_tree, replace_into_place, writing
+
+
+def committed_blocks(out: Path) -> int:
+    """How many blocks an interrupted run for ``out`` has committed (0 when there is none)."""
+    progress = work_path(out) / "progress.json"
+    try:
+        return int(json.loads(progress.read_text())["next_block"]) if progress.is_file() else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def work_path(out: Path) -> Path:
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.partial"
+
+
+def check_committed_work(out: Path, resume: bool, overwrite: bool) -> None:
+    """A new run must not silently throw away the committed blocks of an interrupted one, nor delete
+    a work directory quantkit did not create."""
+    path = work_path(out)
+    if not path.exists():
+        return
+    if not path.is_dir() or (any(path.iterdir()) and not (path / "run.json").is_file()):
+        raise QuantkitError(f"{path} is in the way of the run's work directory and was not written by quantkit; "
+                            "move it away or choose another --out")
+    committed = committed_blocks(out)
+    if committed and not resume and not overwrite:
+        raise QuantkitError(f"{committed} committed block{'s' if committed != 1 else ''} of an interrupted run "
+                            f"found in {path}; use --resume to keep them, or --overwrite to start over")
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -43,8 +72,8 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 class WorkDir:
     def __init__(self, out: Path, fingerprint: dict, *, rank: int = 0, writer: bool = True):
-        self.out = Path(out).resolve()
-        self.path = self.out.parent / f".{self.out.name}.partial"
+        self.out = Path(out).absolute()
+        self.path = work_path(self.out)
         self.fingerprint = fingerprint
         self.rank = rank
         self.writer = writer           # only one process (rank 0) writes block files and the output
@@ -52,20 +81,23 @@ class WorkDir:
 
     # start / resume ------------------------------------------------------------------------------
 
-    def start(self, resume: bool) -> int:
+    def start(self, resume: bool, overwrite: bool = False) -> int:
         """Prepare the directory and return the first block to compute (0 unless resuming)."""
-        if resume and (self.path / "progress.json").is_file():
-            recorded = json.loads((self.path / "run.json").read_text())
-            if recorded != self.fingerprint:
-                changed = sorted(k for k in set(recorded) | set(self.fingerprint) if recorded.get(k) != self.fingerprint.get(k))
-                raise QuantkitError(f"--resume: the interrupted run in {self.path} used other settings "
-                                    f"({', '.join(changed)}); rerun without --resume to start over")
-            return int(json.loads((self.path / "progress.json").read_text())["next_block"])
-        if self.writer:
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            self.blocks.mkdir(parents=True)
-            _atomic_json(self.path / "run.json", self.fingerprint)
+        with writing(self.path):
+            if resume and (self.path / "progress.json").is_file():
+                recorded = json.loads((self.path / "run.json").read_text())
+                if recorded != self.fingerprint:
+                    changed = sorted(k for k in set(recorded) | set(self.fingerprint)
+                                     if recorded.get(k) != self.fingerprint.get(k))
+                    raise QuantkitError(f"--resume: the interrupted run in {self.path} used other settings "
+                                        f"({', '.join(changed)}); rerun without --resume to start over")
+                return int(json.loads((self.path / "progress.json").read_text())["next_block"])
+            if self.writer:
+                check_committed_work(self.out, resume, overwrite)
+                if self.path.exists():
+                    shutil.rmtree(self.path)
+                self.blocks.mkdir(parents=True)
+                _atomic_json(self.path / "run.json", self.fingerprint)
         return 0
 
     @property
@@ -77,6 +109,10 @@ class WorkDir:
     def commit_block(self, index: int, tensors: dict[str, torch.Tensor], record: dict,
                      search_results: dict[str, torch.Tensor], next_inputs: list[torch.Tensor] | None) -> None:
         """Persist one finished block; progress.json moves on only after everything else is on disk."""
+        with writing(self.path):
+            self._commit_block(index, tensors, record, search_results, next_inputs)
+
+    def _commit_block(self, index, tensors, record, search_results, next_inputs) -> None:
         if next_inputs is not None:
             _atomic_safetensors(self.path / f"activations-rank{self.rank}.safetensors",
                                 {f"batch_{i}": h for i, h in enumerate(next_inputs)})
@@ -120,6 +156,10 @@ class WorkDir:
         """Turn the block files (and ``rest``: embeddings, final norm, lm_head) into the output's
         weight files: one model.safetensors when everything fits one shard, else numbered shards
         (a block each, plus one for the rest) with model.safetensors.index.json."""
+        with writing(self.path):
+            return self._finish(num_blocks, rest, max_shard_bytes)
+
+    def _finish(self, num_blocks: int, rest: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
         parts = [self.blocks / f"block-{i:05d}.safetensors" for i in range(num_blocks)]
         rest_path = self.blocks / "rest.safetensors"
         _atomic_safetensors(rest_path, rest)
@@ -143,7 +183,8 @@ class WorkDir:
         return files
 
     def publish(self, overwrite: bool) -> None:
-        """Remove the bookkeeping and rename the directory to OUT (replacing it only with overwrite)."""
+        """Remove the bookkeeping and rename the directory to OUT (replacing a quantkit output only with
+        overwrite)."""
         leftovers = [p.name for p in self.path.glob("activations-*")] + [p.name for p in self.path.glob("offload-*")]
         for leftover in ["blocks", "run.json", "progress.json", *leftovers]:
             target = self.path / leftover
@@ -151,15 +192,9 @@ class WorkDir:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        if self.out.exists():
-            if not overwrite:
-                raise QuantkitError(f"output {self.out} appeared while working; pass --overwrite to replace it")
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            self.out.rename(old)
-            self.path.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.path.rename(self.out)
+        with writing(self.out):
+            fsync_tree(self.path)
+            replace_into_place(self.path, self.out, overwrite)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
