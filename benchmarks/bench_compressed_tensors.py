@@ -39,7 +39,7 @@ def consumer_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     """compressed-tensors' CPU definition of dynamic symmetric per-token int8 (calculate_qparams):
     scale = absmax / ((qmax - qmin) / 2) = absmax / 127.5, codes = clamp(round(x / scale), -128, 127).
     quantkit and vLLM's kernel use absmax / 127."""
-    from quantkit.algorithms import primitives
+    from quantkit.formats import primitives
 
     qmin, qmax = primitives.signed_range(bits)
     xf = x.float()
@@ -75,12 +75,12 @@ def main() -> None:
 def run(args, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from quantkit.algorithms import primitives
-    from quantkit.checkpoint import resolve_model
-    from quantkit.evaluate import compare
+    from quantkit.formats import primitives
+    from quantkit.model.checkpoint import resolve_model
+    from quantkit.check.evaluate import compare
     from quantkit.exporters.compressed_tensors import export_compressed_tensors
-    from quantkit.exporters.native import load_quantized
-    from quantkit.pipeline import CalibrateConfig, calibrate
+    from quantkit.native.loader import load_quantized
+    from quantkit.run.pipeline import CalibrateConfig, calibrate
 
     source = resolve_model(args.model).path
     calibration_file, windows, protocol = common.alice_split(workdir, source, args.windows, args.num_samples,

@@ -128,8 +128,8 @@ def swap_in_kernels(model, scheme_name, backend):
 
     from quantkit.algorithms.rtn import quantize_rtn
     from quantkit.cuda import KernelLinear
-    from quantkit.qlinear import QuantLinear, set_submodule
-    from quantkit.schemes import get_scheme
+    from quantkit.model.qlinear import QuantLinear, set_submodule
+    from quantkit.formats.schemes import get_scheme
 
     scheme = get_scheme(scheme_name)
     originals = {name: module for name, module in model.named_modules()
@@ -144,7 +144,7 @@ def swap_in_kernels(model, scheme_name, backend):
 
 
 def restore(model, originals) -> None:
-    from quantkit.qlinear import set_submodule
+    from quantkit.model.qlinear import set_submodule
 
     for name, module in originals.items():
         set_submodule(model, name, module)

@@ -53,11 +53,11 @@ def main() -> None:
 def run(args, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from quantkit.checkpoint import resolve_model
-    from quantkit.evaluate import compare, perplexity
+    from quantkit.model.checkpoint import resolve_model
+    from quantkit.check.evaluate import compare, perplexity
     from quantkit.exporters.gguf import export_gguf
-    from quantkit.exporters.native import load_quantized
-    from quantkit.pipeline import CalibrateConfig, calibrate
+    from quantkit.native.loader import load_quantized
+    from quantkit.run.pipeline import CalibrateConfig, calibrate
 
     source = resolve_model(args.model).path
     calibration_file, windows, protocol = common.alice_split(workdir, source, args.windows, args.num_samples,

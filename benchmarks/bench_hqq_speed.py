@@ -28,7 +28,7 @@ def weights() -> list[torch.Tensor]:
 
 def run_quantkit(ws: list[torch.Tensor], bits: int) -> tuple[float, float]:
     from quantkit.algorithms.hqq import hqq_quantize
-    from quantkit.schemes import WeightSpec
+    from quantkit.formats.schemes import WeightSpec
 
     spec = WeightSpec(bits, "group", False, 64)
     start = time.perf_counter()

@@ -55,7 +55,7 @@ def make_operands(k: int, n: int, device, seed: int = 0):
     dequantize to (the baseline multiplies the same function)."""
     import torch
 
-    from quantkit.algorithms import primitives
+    from quantkit.formats import primitives
     from quantkit.cuda import layout
 
     generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -29,7 +29,7 @@ SAMPLES, SEQ_LEN, EVAL_WINDOWS = 64, 512, 16
 
 
 def demo_model() -> Path:
-    from quantkit.checkpoint import ensure_demo_model
+    from quantkit.model.checkpoint import ensure_demo_model
 
     return ensure_demo_model()
 
@@ -41,7 +41,7 @@ def tokenizer():
 
 
 def eval_windows(windows: int = EVAL_WINDOWS) -> torch.Tensor:
-    from quantkit.evaluate import default_text, eval_windows as make_windows
+    from quantkit.check.evaluate import default_text, eval_windows as make_windows
 
     return make_windows(tokenizer(), default_text()[1], SEQ_LEN, windows)
 
@@ -60,7 +60,7 @@ def float_model():
 
 
 def score(model, reference, windows) -> dict:
-    from quantkit.evaluate import compare
+    from quantkit.check.evaluate import compare
 
     result = compare(model, reference, windows)
     return {"ppl": result.perplexity, "float_ppl": result.reference_perplexity,
@@ -148,8 +148,8 @@ def alice_split(workdir: Path, source: Path, windows: int, num_samples: int, seq
     the second half gives `windows` 512-token evaluation windows.
 
     Returns (calibration file, windows [n, 512] int64, protocol sentence)."""
-    from quantkit.checkpoint import Checkpoint
-    from quantkit.evaluate import default_text, eval_windows as make_windows
+    from quantkit.model.checkpoint import Checkpoint
+    from quantkit.check.evaluate import default_text, eval_windows as make_windows
 
     text = default_text()[1]
     split = text.index("\n\n", len(text) // 2)

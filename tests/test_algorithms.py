@@ -6,16 +6,16 @@ from transformers import AutoModelForCausalLM
 from quantkit import load_quantized
 from quantkit.algorithms.gptq import gptq_quantize
 from quantkit.algorithms.hqq import hqq_group_error, hqq_quantize
-from quantkit.algorithms import primitives
+from quantkit.formats import primitives
 from quantkit.algorithms.registry import get_algorithm
 from quantkit.algorithms.rtn import quantize_rtn
-from quantkit.architectures import architecture_for
-from quantkit.block import BlockJob, BlockQuantizer
+from quantkit.model.architectures import architecture_for
+from quantkit.run.block import BlockJob, BlockQuantizer
 from quantkit.calibrate.hooks import capture_first_block_inputs, run_block
 from quantkit.errors import QuantkitError
-from quantkit.pipeline import CalibrateConfig, calibrate
-from quantkit.recipe import LayerAssignment, make_scheme
-from quantkit.schemes import WeightSpec
+from quantkit.run.pipeline import CalibrateConfig, calibrate
+from quantkit.run.recipe import LayerAssignment, make_scheme
+from quantkit.formats.schemes import WeightSpec
 
 SPECS = [WeightSpec(4, "group", True, 32), WeightSpec(3, "group", False, 48), WeightSpec(4, "channel", True)]
 
@@ -117,7 +117,7 @@ def test_awq_scaling_preserves_the_float_block(llama_dir):
     quantizer = BlockQuantizer(job)
     with torch.no_grad():
         stats = quantizer.observe(list(job.assigned))
-        from quantkit.block import BlockResult
+        from quantkit.run.block import BlockResult
         result = BlockResult(outputs=None, entries={})
         quantizer.transform(stats, result)
         after = [run_block(block, call) for call in inputs]

@@ -175,7 +175,7 @@ def test_compressed_tensors_overwrite_replaces_its_own_export(quantized_dir, tmp
 
 def test_rerun_without_resume_keeps_committed_blocks(llama_dir, tmp_path):
     from quantkit.errors import RunInterrupted
-    from quantkit.pipeline import CalibrateConfig, Progress, calibrate
+    from quantkit.run.pipeline import CalibrateConfig, Progress, calibrate
 
     class KillAfterFirstBlock(Progress):
         def block_done(self, index, layers):
@@ -240,10 +240,10 @@ def test_disk_too_small_for_the_estimate(llama_dir, tmp_path):
 
 
 def test_disk_full_while_writing(llama_dir, gguf_ready_dir, tmp_path, monkeypatch):
-    import quantkit.pipeline
+    import quantkit.run.pipeline
 
     # the disk fills up behind the estimate's back (another process, a wrong estimate)
-    monkeypatch.setattr(quantkit.pipeline, "check_fits", lambda estimate, out: None)
+    monkeypatch.setattr(quantkit.run.pipeline, "check_fits", lambda estimate, out: None)
     with _tmpfs(tmp_path, "96k") as mount:
         assert_one_line_error(run_cli("calibrate", llama_dir, *FAST, "--out", mount / "out"), "No space left on device")
         assert list(mount.iterdir()) == []

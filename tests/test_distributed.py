@@ -8,8 +8,8 @@ import pytest
 from safetensors.torch import load_file
 
 from quantkit import load_quantized
-from quantkit.exporters.manifest import Manifest
-from quantkit.qlinear import QuantLinear
+from quantkit.native.manifest import Manifest
+from quantkit.model.qlinear import QuantLinear
 
 ARGS = ["--num-samples", "8", "--seq-len", "32", "--batch-size", "2", "--quiet"]
 
@@ -45,7 +45,7 @@ def test_two_processes_match_one(llama_dir, tmp_path, flags, exact):
                 wa, wb = la.dequantized_weight(), lb.dequantized_weight()
                 assert (wa - wb).norm() <= 0.02 * wa.norm(), name
     one, two = Manifest.load(tmp_path / "single"), Manifest.load(tmp_path / "double")
-    assert two.calibration["processes"] == 2 and one.calibration["processes"] == 1
+    assert two.calibration.processes == 2 and one.calibration.processes == 1
     assert one.smoothing == two.smoothing
     for name, entry in one.layers.items():
         a, b = entry.metrics.get("output_sqnr_db"), two.layers[name].metrics.get("output_sqnr_db")

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantkit.algorithms import primitives
-from quantkit.checkpoint import Checkpoint
-from quantkit.evaluate import compare, eval_windows
+from quantkit.formats import primitives
+from quantkit.model.checkpoint import Checkpoint
+from quantkit.check.evaluate import compare, eval_windows
 from quantkit.exporters.compressed_tensors import export_compressed_tensors
-from quantkit.exporters.manifest import Manifest
-from quantkit.exporters.native import load_quantized
-from quantkit.pipeline import CalibrateConfig, calibrate
+from quantkit.native.manifest import Manifest
+from quantkit.native.loader import load_quantized
+from quantkit.run.pipeline import CalibrateConfig, calibrate
 
 from conftest import assert_one_line_error, run_cli, tiny_text
 from test_export_gguf import trained_bpe_llama

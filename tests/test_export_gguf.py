@@ -16,12 +16,12 @@ import gguf
 from gguf import GGMLQuantizationType, GGUFReader
 
 import quantkit.exporters.gguf as gguf_export
-from quantkit.checkpoint import Checkpoint
-from quantkit.evaluate import compare, eval_windows
+from quantkit.model.checkpoint import Checkpoint
+from quantkit.check.evaluate import compare, eval_windows
 from quantkit.exporters import gguf_blocks
 from quantkit.exporters.gguf import export_gguf, rotary_row_permutation
-from quantkit.exporters.native import load_quantized
-from quantkit.pipeline import CalibrateConfig, calibrate
+from quantkit.native.loader import load_quantized
+from quantkit.run.pipeline import CalibrateConfig, calibrate
 
 from conftest import assert_one_line_error, run_cli, make_checkpoint, tiny_text
 
@@ -155,7 +155,7 @@ def test_block_quantizer_is_bit_identical_to_gguf_py(fmt):
                                                 (8, True, "Q8_0"), (4, False, "Q4_1"), (5, False, "Q5_1")])
 def test_carried_codes_dequantize_to_quantkit_weights(bits, symmetric, fmt):
     from quantkit.algorithms.rtn import quantize_rtn
-    from quantkit.schemes import WeightSpec
+    from quantkit.formats.schemes import WeightSpec
 
     weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(bits))
     quant = quantize_rtn(weight, WeightSpec(bits, "group", symmetric, 32))

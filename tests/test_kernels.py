@@ -17,13 +17,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from quantkit.algorithms import packing, primitives  # noqa: E402
-from quantkit.algorithms.quant_tensor import QuantTensor  # noqa: E402
+from quantkit.formats import packing, primitives  # noqa: E402
+from quantkit.formats.quant_tensor import QuantTensor  # noqa: E402
 from quantkit.algorithms.rtn import quantize_rtn  # noqa: E402
 from quantkit.cuda import forward, layout, reference  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
-from quantkit.qlinear import QuantLinear  # noqa: E402
-from quantkit.schemes import SCHEMES, ActivationSpec, WeightSpec  # noqa: E402
+from quantkit.model.qlinear import QuantLinear  # noqa: E402
+from quantkit.formats.schemes import SCHEMES, ActivationSpec, WeightSpec  # noqa: E402
 
 M_VALUES = (1, 7, 16, 33, 257)
 # One ulp at 1.0 (twice the unit roundoff): Triton's interpreter converts fp32 -> bf16 by truncation,

@@ -8,10 +8,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from quantkit import load_quantized
-from quantkit.exporters.manifest import Manifest
-from quantkit.pipeline import CalibrateConfig, Progress, calibrate
-from quantkit.qlinear import QuantLinear
-from quantkit.schemes import SCHEMES
+from quantkit.native.manifest import Manifest
+from quantkit.run.pipeline import CalibrateConfig, Progress, calibrate
+from quantkit.model.qlinear import QuantLinear
+from quantkit.formats.schemes import SCHEMES
 
 from conftest import make_checkpoint
 
@@ -70,9 +70,9 @@ def test_manifest_round_trips_and_describes_every_layer(llama_dir, tmp_path):
     assert Manifest.from_dict(manifest.to_dict()) == manifest
     assert json.loads(json.dumps(manifest.to_dict())) == manifest.to_dict()
     assert manifest.to_dict() == result.manifest.to_dict()
-    assert manifest.source["weights_sha256"] and manifest.source["architecture"] == "LlamaForCausalLM"
-    assert manifest.calibration["seed"] == 3 and manifest.calibration["num_samples"] == 8
-    assert manifest.smoothing["enabled"] and set(manifest.smoothing["block_alpha"]) == {"0", "1"}
+    assert manifest.source.weights_sha256 and manifest.source.architecture == "LlamaForCausalLM"
+    assert manifest.calibration.seed == 3 and manifest.calibration.num_samples == 8
+    assert manifest.smoothing.enabled and set(manifest.smoothing.block_alpha) == {"0", "1"}
     entry = manifest.layers["model.layers.1.mlp.down_proj"]
     assert entry.scheme.name == "smq_q8i8f16_2" and entry.algorithm == "rtn"
     assert set(entry.tensors) == {"codes", "scale", "zero", "input_scale", "input_zero"}
@@ -94,7 +94,7 @@ def test_half_precision_checkpoint_keeps_its_dtype(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
     result = _calibrate(checkpoint, tmp_path / "out", scheme="w8a8_dynamic", keep_model=False)
     assert result.manifest.storage_dtype == "bfloat16"
-    assert result.manifest.calibration["compute_dtype"] == "bfloat16"
+    assert result.manifest.calibration.compute_dtype == "bfloat16"
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
         assert handle.get_tensor("model.norm.weight").dtype == torch.bfloat16
 

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from quantkit.algorithms import packing, primitives
-from quantkit.algorithms.quant_tensor import QuantTensor
+from quantkit.formats import packing, primitives
+from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.algorithms.rtn import quantize_rtn
-from quantkit.schemes import ActivationSpec, WeightSpec
+from quantkit.formats.schemes import ActivationSpec, WeightSpec
 
 
 def test_symmetric_int4_per_channel_by_hand():

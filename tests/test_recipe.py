@@ -4,10 +4,10 @@ import torch
 
 from quantkit import load_quantized
 from quantkit.errors import QuantkitError
-from quantkit.exporters.manifest import Manifest
-from quantkit.pipeline import CalibrateConfig, calibrate
-from quantkit.recipe import Recipe, pattern_matches
-from quantkit.qlinear import QuantLinear
+from quantkit.native.manifest import Manifest
+from quantkit.run.pipeline import CalibrateConfig, calibrate
+from quantkit.run.recipe import Recipe, pattern_matches
+from quantkit.model.qlinear import QuantLinear
 
 LAYERS = [f"model.layers.{i}.{n}" for i in range(2) for n in
           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -83,3 +83,23 @@ def test_mixed_recipe_end_to_end(llama_dir, tmp_path):
     tokens = torch.randint(4, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(result.model(tokens).logits, reloaded(tokens).logits)
+
+
+def test_awq_options_apply_per_layer(llama_dir, tmp_path):
+    # one set of AWQ options used to win for the whole block (in set order); each layer now gets its own
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("default: {scheme: w4a16, algorithm: awq, group_size: 32}\n"
+                      "rules:\n  - match: '*.mlp.down_proj'\n    scheme: w4a16\n    algorithm: awq\n"
+                      "    group_size: 32\n    options: {clip: false}\n")
+    calibrate(CalibrateConfig(model=str(llama_dir), recipe=recipe, out=tmp_path / "out", num_samples=4, seq_len=32,
+                              batch_size=4))
+    from safetensors.torch import load_file
+
+    clipped = {k.removesuffix(".awq_clip") for k in load_file(tmp_path / "out" / "search_results.safetensors")
+               if k.endswith(".awq_clip")}
+    for block in range(2):
+        prefix = f"model.layers.{block}"
+        assert f"{prefix}.mlp.down_proj" not in clipped
+        assert {f"{prefix}.mlp.up_proj", f"{prefix}.mlp.gate_proj", f"{prefix}.self_attn.o_proj",
+                f"{prefix}.self_attn.v_proj"} <= clipped
+        assert f"{prefix}.self_attn.q_proj" not in clipped   # the architecture's no-clip layers

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from quantkit import load_quantized
-from quantkit.checkpoint import Checkpoint, ensure_demo_model
-from quantkit.evaluate import default_text, eval_windows, perplexity
-from quantkit.pipeline import CalibrateConfig, calibrate
+from quantkit.model.checkpoint import Checkpoint, ensure_demo_model
+from quantkit.check.evaluate import default_text, eval_windows, perplexity
+from quantkit.run.pipeline import CalibrateConfig, calibrate
 
 pytestmark = pytest.mark.slow
 

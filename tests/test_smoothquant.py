@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from quantkit.algorithms import smoothquant
-from quantkit.architectures import architecture_for, channel_map
+from quantkit.model.architectures import architecture_for, channel_map
 from quantkit.calibrate.hooks import observe_inputs
 
 

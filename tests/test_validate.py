@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from quantkit.cli.main import cli  # noqa: E402
 from quantkit.cuda import forward  # noqa: E402
-from quantkit.exporters.manifest import Manifest  # noqa: E402
-from quantkit.pipeline import CalibrateConfig, calibrate  # noqa: E402
-from quantkit.validate import ValidateConfig, validate  # noqa: E402
+from quantkit.native.manifest import Manifest  # noqa: E402
+from quantkit.run.pipeline import CalibrateConfig, calibrate  # noqa: E402
+from quantkit.check.validate import ValidateConfig, validate  # noqa: E402
 
 SMALL = ["--device", "cpu", "--num-samples", "2"]   # at the calibration sequence length (32)
 
@@ -79,7 +79,7 @@ def test_validate_passes_and_records(copy_of, scheme):
     # written: validation.json and the manifest summary; the weights untouched, the manifest still loads
     written = json.loads((out / "validation.json").read_text())
     assert written["passed"] and set(written["layers"]) == set(manifest.layers)
-    assert manifest.summary["validation"]["passed"] and manifest.summary["validation"]["report"] == "validation.json"
+    assert manifest.summary.validation["passed"] and manifest.summary.validation["report"] == "validation.json"
     assert _digest(out / "model.safetensors") == weights_before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]          # no temporary files left
 
@@ -102,17 +102,17 @@ def test_damaged_codes_fail_naming_the_layer(copy_of, scheme, corruption):
         result.output
     report = json.loads((out / "validation.json").read_text())
     assert not report["passed"] and not report["layers"][layer]["passed"]
-    assert Manifest.load(out).summary["validation"]["passed"] is False
+    assert Manifest.load(out).summary.validation["passed"] is False
 
 
 def test_kernel_disagreement_fails(copy_of, monkeypatch):
     out = copy_of("smq_q8i8f16_2")
-    real = forward._Ops.int8_mm
+    real = forward.ReferenceOps.int8_mm
 
     def off_by_a_bit(self, *args):
         y = real(self, *args)
         return y * 1.01
-    monkeypatch.setattr(forward._Ops, "int8_mm", off_by_a_bit)
+    monkeypatch.setattr(forward.ReferenceOps, "int8_mm", off_by_a_bit)
     report = validate(ValidateConfig(out, backend="reference", device="cpu", num_samples=2, write=False))
     assert not report.passed
     assert all("kernel disagrees with the reference" in failure for failure in report.failures)

@@ -22,18 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.algorithms import primitives, smoothquant
-from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.algorithms.registry import BlockContext, LayerContext, option, parse_options, register
+from quantkit.algorithms import smoothquant
+from quantkit.algorithms.registry import (
+    BlockContext,
+    LayerContext,
+    option,
+    parse_options,
+    register,
+)
 from quantkit.algorithms.rtn import quantize_rtn
-from quantkit.architectures import ScaleGroup, channel_map
-from quantkit.calibrate.hooks import run_block
-from quantkit.schemes import WeightSpec
+from quantkit.calibrate.hooks import forward_hooks, run_block
+from quantkit.formats import primitives
+from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.formats.schemes import WeightSpec
+from quantkit.model.architectures import ScaleGroup, channel_map
 
 GRID = 20
 MAX_SHRINK = 0.5
 CLIP_TOKENS = 512
-NO_CLIP = ("q_proj", "k_proj")  # their errors are squashed by the softmax; AutoAWQ skips them too
 
 
 def fake_quantize(weight: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
@@ -63,16 +69,19 @@ def _mean_per_prev_channel(values: torch.Tensor, column_map: torch.Tensor | None
 
 
 class _Captured:
-    """Inputs of the loss modules and the Linears on the search samples (hooks come off on exit)."""
+    """Inputs of the loss modules and the Linears on the search samples, captured while `run`
+    passes the calls through the block (the hooks come off afterwards)."""
 
-    def __init__(self, block: nn.Module, module_names: set[str], linear_names: set[str]):
+    def __init__(self, module_names: set[str], linear_names: set[str]):
         self.calls: dict[str, list[tuple[tuple, dict]]] = {name: [] for name in module_names}
         self.linear_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linear_names}
-        self.handles = []
-        for name in module_names:
-            self.handles.append(block.get_submodule(name).register_forward_pre_hook(self._keep_call(name), with_kwargs=True))
-        for name in linear_names:
-            self.handles.append(block.get_submodule(name).register_forward_pre_hook(self._keep_input(name)))
+
+    def run(self, block: nn.Module, calls) -> "_Captured":
+        with forward_hooks({n: block.get_submodule(n) for n in self.calls}, self._keep_call, pre=True, with_kwargs=True), \
+                forward_hooks({n: block.get_submodule(n) for n in self.linear_inputs}, self._keep_input, pre=True):
+            for call in calls:
+                run_block(block, call)
+        return self
 
     def _keep_call(self, name):
         def hook(module, args, kwargs):
@@ -83,10 +92,6 @@ class _Captured:
         def hook(module, args):
             self.linear_inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
         return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def _module_output(module: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
@@ -163,6 +168,23 @@ def apply_clip(linear: nn.Module, ratio: torch.Tensor, spec: WeightSpec) -> None
     linear.weight.data = torch.maximum(torch.minimum(weight, limit), -limit).to(linear.weight.dtype)
 
 
+# The search results this module saves (names it owns): per scaling group ``<block>.<prev>.awq_scales``
+# and ``.awq_losses``, per clipped Linear ``<block>.<linear>.awq_clip`` (per-group ratios).
+SCALES, LOSSES, CLIP = "awq_scales", "awq_losses", "awq_clip"
+
+
+def replay(block: nn.Module, block_prefix: str, groups, results: dict[str, torch.Tensor], config,
+           norm_offset: float, specs: dict[str, WeightSpec]) -> None:
+    """Re-apply saved AWQ scale folds, then clipping, to a float block (``specs``: full Linear name ->
+    its weight grid, which sets the clipping groups)."""
+    smoothquant.replay(block, block_prefix, groups, results, config, norm_offset, kind=SCALES)
+    suffix = f".{CLIP}"
+    for key, ratio in sorted(results.items()):
+        if key.startswith(block_prefix + ".") and key.endswith(suffix):
+            name = key.removesuffix(suffix)
+            apply_clip(block.get_submodule(name[len(block_prefix) + 1:]), ratio, specs[name])
+
+
 @register("awq")
 class AWQ:
     """Options: samples (16: calibration samples the searches run on), clip (True)."""
@@ -182,16 +204,13 @@ class AWQ:
         """Search and fold AWQ scales, then search and apply clipping, for this block's AWQ layers."""
         awq_layers = {n for n, a in context.assigned.items() if a.algorithm == "awq"}
         groups = [g for g in context.groups if all(c in awq_layers for c in g.consumers)]
-        options = parse_options(self.name, next(iter(context.assigned[n].options for n in awq_layers), {}))
-        calls = context.first_samples(options.samples)
-        clip_layers = {n for n in awq_layers if n.rpartition(".")[2] not in NO_CLIP} if options.clip else set()
+        # Each layer's own options (a recipe may give layers different ones): the searches share one
+        # capture of the block's inputs, on the most samples any of its AWQ layers asks for.
+        options = {n: parse_options(self.name, context.assigned[n].options) for n in awq_layers}
+        calls = context.first_samples(max(o.samples for o in options.values()))
+        clip_layers = {n for n in awq_layers if n not in context.no_clip and options[n].clip}
         runner = context.runner()
-        captured = _Captured(runner, {g.loss_on for g in groups}, clip_layers)
-        try:
-            for call in calls:
-                run_block(runner, call)
-        finally:
-            captured.remove()
+        captured = _Captured({g.loss_on for g in groups}, clip_layers).run(runner, calls)
         results: dict[str, torch.Tensor] = {}
         column_scales: dict[str, torch.Tensor] = {}
         for group in groups:
@@ -206,8 +225,8 @@ class AWQ:
             for consumer in group.consumers:
                 column_scales[consumer] = consumer_scales
                 context.stats[consumer].scale_channels(consumer_scales)
-            results[f"{group.prev}.awq_scales"] = scales
-            results[f"{group.prev}.awq_losses"] = torch.tensor(losses)
+            results[f"{group.prev}.{SCALES}"] = scales
+            results[f"{group.prev}.{LOSSES}"] = torch.tensor(losses)
         for name in sorted(clip_layers):
             linear = context.block.get_submodule(name)
             spec = context.assigned[name].scheme.weight
@@ -217,5 +236,5 @@ class AWQ:
                 inputs = inputs / column_scales[name]
             ratio = search_clip(linear.weight, inputs, spec, context.sum_)
             apply_clip(linear, ratio, spec)
-            results[f"{name}.awq_clip"] = ratio
+            results[f"{name}.{CLIP}"] = ratio
         return results

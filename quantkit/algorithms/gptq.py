@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algorithms import primitives
-from quantkit.algorithms.quant_tensor import QuantTensor
 from quantkit.algorithms.registry import LayerContext, option, parse_options, register
 from quantkit.errors import QuantkitError
-from quantkit.schemes import WeightSpec
+from quantkit.formats import primitives
+from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.formats.schemes import WeightSpec
 
 
 def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:

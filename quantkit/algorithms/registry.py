@@ -12,15 +12,15 @@ import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Protocol, get_type_hints
+from typing import Protocol, get_type_hints, runtime_checkable
 
 import torch
 from torch import nn
 
-from quantkit.algorithms.quant_tensor import QuantTensor
 from quantkit.calibrate.stats import LayerStats
 from quantkit.errors import QuantkitError
-from quantkit.schemes import WeightSpec
+from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.formats.schemes import WeightSpec
 
 
 @dataclass
@@ -51,6 +51,7 @@ class BlockContext:
     first_samples: Callable[[int], list]     # the captured block inputs covering the first n samples
     runner: Callable[[], nn.Module]          # a copy of the block in the compute dtype
     sum_: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # in-place sum over distributed ranks
+    no_clip: tuple[str, ...] = ()            # Linears the clip search skips (Architecture.no_clip)
 
 
 class WeightAlgorithm(Protocol):
@@ -64,8 +65,15 @@ class WeightAlgorithm(Protocol):
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
         ...
 
-    # Optional: ``transform_block(context: BlockContext) -> dict[str, Tensor]`` runs once per block
-    # after smoothing and before quantization (AWQ). Its results are saved like search results.
+
+
+@runtime_checkable
+class BlockTransform(Protocol):
+    """An algorithm that also transforms the whole block (AWQ: scale and clip search) once per block,
+    after smoothing and before its Linears are quantized. Its results are saved like search results."""
+
+    def transform_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
+        ...
 
 
 _REGISTRY: dict[str, type] = {}

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algorithms import primitives
-from quantkit.algorithms.quant_tensor import QuantTensor
 from quantkit.algorithms.registry import LayerContext, register
-from quantkit.schemes import WeightSpec
+from quantkit.formats import primitives
+from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.formats.schemes import WeightSpec
 
 
 def quantize_rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantTensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.architectures import ScaleGroup
+from quantkit.model.architectures import ScaleGroup, channel_map
 
 # Both maxima are clamped to >= 1e-5 (the reference implementation's floor).
 _FLOOR = 1e-5
@@ -84,6 +84,24 @@ def fold_into_consumers(consumers: list[nn.Module], factors: torch.Tensor) -> No
     for linear in consumers:
         s = factors.to(linear.weight.device, torch.float64)
         linear.weight.copy_((linear.weight.double() * s[None, :]).to(linear.weight.dtype))
+
+
+# The search result this module saves, per group: ``<block>.<prev>.smooth_factors`` [channels of prev].
+FACTORS = "smooth_factors"
+
+
+def result_name(block_prefix: str, prev: str, kind: str = FACTORS) -> str:
+    return f"{block_prefix}.{prev}.{kind}"
+
+
+def replay(block: nn.Module, block_prefix: str, groups: tuple[ScaleGroup, ...], results: dict[str, torch.Tensor],
+           config, norm_offset: float = 0.0, kind: str = FACTORS) -> None:
+    """Re-apply saved per-channel folds (of this module, or AWQ's scales: ``kind``) to a float block."""
+    factors = {g.prev: results[result_name(block_prefix, g.prev, kind)].float()
+               for g in groups if result_name(block_prefix, g.prev, kind) in results}
+    groups = tuple(g for g in groups if g.prev in factors)
+    maps = {g.prev: channel_map(g, config, block.get_submodule(g.consumers[0]).in_features) for g in groups}
+    apply(block, groups, factors, maps, norm_offset)
 
 
 def apply(block: nn.Module, groups: tuple[ScaleGroup, ...], factors: dict[str, torch.Tensor],

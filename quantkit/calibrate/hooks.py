@@ -16,13 +16,17 @@ from quantkit.errors import QuantkitError
 
 
 @contextmanager
-def forward_hooks(modules: Mapping[str, nn.Module], make_hook: Callable[[str], Callable]) -> Iterator[None]:
-    """Register ``make_hook(name)`` as a forward hook on every module; all are removed on exit,
-    also when the body raises."""
+def forward_hooks(modules: Mapping[str, nn.Module], make_hook: Callable[[str], Callable], *, pre: bool = False,
+                  with_kwargs: bool = False) -> Iterator[None]:
+    """Register ``make_hook(name)`` on every module, as a forward hook ``(module, args, output)`` or,
+    with ``pre``, a forward pre-hook ``(module, args)`` (``(module, args, kwargs)`` with
+    ``with_kwargs``); all are removed on exit, also when the body raises. The one place hooks are
+    registered."""
     handles = []
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            handles.append(register(make_hook(name), with_kwargs=with_kwargs) if with_kwargs else register(make_hook(name)))
         yield
     finally:
         for handle in handles:
@@ -137,17 +141,14 @@ def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, batches
         captured.append(BlockInput(hidden.detach(), {k: v for k, v in kwargs.items()}))
         raise _FirstBlockReached
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     batches = list(batches)
-    try:
+    with forward_hooks({"block 0": first_block}, lambda name: hook, pre=True, with_kwargs=True):
         for batch in batches:
             try:
                 model(input_ids=batch, use_cache=False)
             except _FirstBlockReached:
                 continue
             raise RuntimeError("the model finished a forward without calling its first decoder block")
-    finally:
-        handle.remove()
     starts = list(first_samples) if first_samples is not None else [sum(b.shape[0] for b in batches[:i]) for i in range(len(batches))]
     for call, start in zip(captured, starts):
         call.first_sample = start

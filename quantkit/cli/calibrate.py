@@ -46,8 +46,8 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
     quantized model: packed safetensors plus quant_manifest.json."""
     from quantkit.cli import render
     from quantkit.errors import QuantkitError
-    from quantkit.pipeline import CalibrateConfig, Progress
-    from quantkit.pipeline import calibrate as run_calibration
+    from quantkit.run.pipeline import CalibrateConfig, Progress
+    from quantkit.run.pipeline import calibrate as run_calibration
 
     if alpha is not None and smooth is False:
         raise QuantkitError("--alpha and --no-smooth contradict each other; give one")

@@ -21,9 +21,9 @@ import click
 def evaluate(target, reference, no_reference, text, dataset, data_files, text_column, seq_len, max_windows,
              batch_size, as_json):
     """Perplexity over non-overlapping windows; with a reference also KL and top-1 agreement."""
+    from quantkit.check.evaluate import EvalConfig, run_eval
     from quantkit.cli import render
     from quantkit.errors import QuantkitError
-    from quantkit.evaluate import EvalConfig, run_eval
 
     if text is not None and dataset is not None:
         raise QuantkitError("give --text or --dataset, not both")

@@ -58,7 +58,7 @@ def cli() -> None:
 @cli.command()
 def schemes() -> None:
     """List the quantization schemes, one line each."""
-    from quantkit.schemes import SCHEMES
+    from quantkit.formats.schemes import SCHEMES
 
     width = max(len(name) for name in SCHEMES)
     for scheme in SCHEMES.values():

@@ -15,7 +15,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from quantkit.pipeline import Progress as PipelineProgress
+from quantkit.run.pipeline import Progress as PipelineProgress
 
 stderr = Console(stderr=True)
 stdout = Console()
@@ -108,7 +108,7 @@ def calibration_json(result) -> dict:
         "peak_rss_mib": round(result.peak_rss_bytes / 2**20, 1),
         "layers_quantized": len(layers),
         "worst_output_sqnr": {"layer": worst[1], "db": worst[0] if worst[0] != math.inf else None},
-        "estimate": manifest.summary.get("estimate"),
+        "estimate": manifest.summary.estimate,
     }
 
 

@@ -32,10 +32,10 @@ def validate(directory, backend, device, dtype, num_samples, seq_len, sqnr_margi
     if backend == "interpreter":
         # Triton builds its interpreter helpers at import: the switch must precede the first import.
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    from quantkit.check.validate import REPORT_NAME, ValidateConfig
+    from quantkit.check.validate import validate as run_validation
     from quantkit.cli import render
     from quantkit.errors import QuantkitError
-    from quantkit.validate import REPORT_NAME, ValidateConfig
-    from quantkit.validate import validate as run_validation
 
     config = ValidateConfig(path=directory, backend=backend, device=device, dtype=dtype, num_samples=num_samples,
                             seq_len=seq_len, sqnr_margin_db=sqnr_margin)

@@ -22,7 +22,8 @@ from torch import nn
 
 from quantkit.cuda import layout, reference
 from quantkit.errors import QuantkitError
-from quantkit.qlinear import QuantLinear, set_submodule
+from quantkit.formats.primitives import signed_range
+from quantkit.model.qlinear import QuantLinear, set_submodule
 
 BACKENDS = ("auto", "triton", "interpreter", "reference")
 
@@ -99,55 +100,67 @@ def describe_backend(backend: str, device: torch.device) -> str:
     return f"pure-torch reference ops on {device.type}"
 
 
-class _Ops:
-    """The four operations of one backend."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
+class ReferenceOps:
+    """The four kernel operations as pure-torch references (any device)."""
 
     def quantize_dynamic(self, x, bits):
-        if self.backend == "reference":
-            return reference.quantize_int8_dynamic(x, bits)
-        if self.backend == "interpreter":
-            from quantkit.cuda import triton_kernels
+        return reference.quantize_int8_dynamic(x, bits)
 
-            return triton_kernels.quantize_int8(x, None, None, -(1 << (bits - 1)), (1 << (bits - 1)) - 1,
-                                                interpret=True)
+    def quantize_static(self, x, scale, zero, bits):
+        return reference.quantize_int8_static(x, scale, zero, bits)
+
+    def int8_mm(self, *args):
+        return reference.int8_scaled_mm(*args)
+
+    def weight_only_mm(self, *args):
+        return reference.weight_only_mm(*args)
+
+
+class InterpreterOps:
+    """The Triton kernels run by Triton's CPU interpreter (Triton imported on first use)."""
+
+    def __init__(self):
+        from quantkit.cuda import triton_kernels
+
+        self.kernels = triton_kernels
+
+    def quantize_dynamic(self, x, bits):
+        return self.kernels.quantize_int8(x, None, None, *signed_range(bits), interpret=True)
+
+    def quantize_static(self, x, scale, zero, bits):
+        return self.kernels.quantize_int8(x, scale, zero, *signed_range(bits), interpret=True)[0]
+
+    def int8_mm(self, *args):
+        return self.kernels.int8_gemm(*args, interpret=True)
+
+    def weight_only_mm(self, *args):
+        return self.kernels.weight_only_gemm(*args, interpret=True)
+
+
+class TritonOps:
+    """The compiled Triton kernels behind the ``torch.ops.quantkit`` ops (registered on first use)."""
+
+    def __init__(self):
+        import quantkit.cuda.ops  # noqa: F401  (registers torch.ops.quantkit)
+
+    def quantize_dynamic(self, x, bits):
         return torch.ops.quantkit.quantize_int8_dynamic(x, bits)
 
     def quantize_static(self, x, scale, zero, bits):
-        if self.backend == "reference":
-            return reference.quantize_int8_static(x, scale, zero, bits)
-        if self.backend == "interpreter":
-            from quantkit.cuda import triton_kernels
-
-            return triton_kernels.quantize_int8(x, scale, zero, -(1 << (bits - 1)), (1 << (bits - 1)) - 1,
-                                                interpret=True)[0]
         return torch.ops.quantkit.quantize_int8_static(x, scale, zero, bits)
 
     def int8_mm(self, *args):
-        if self.backend == "reference":
-            return reference.int8_scaled_mm(*args)
-        if self.backend == "interpreter":
-            from quantkit.cuda import triton_kernels
-
-            return triton_kernels.int8_gemm(*args, interpret=True)
         return torch.ops.quantkit.int8_scaled_mm(*args)
 
     def weight_only_mm(self, *args):
-        if self.backend == "reference":
-            return reference.weight_only_mm(*args)
-        if self.backend == "interpreter":
-            from quantkit.cuda import triton_kernels
-
-            return triton_kernels.weight_only_gemm(*args, interpret=True)
         return torch.ops.quantkit.weight_only_mm(*args)
 
 
-def _ops(backend: str) -> _Ops:
-    if backend == "triton":
-        import quantkit.cuda.ops  # noqa: F401  (registers torch.ops.quantkit)
-    return _Ops(backend)
+_OPS = {"reference": ReferenceOps, "interpreter": InterpreterOps, "triton": TritonOps}
+
+
+def _ops(backend: str):
+    return _OPS[backend]()
 
 
 def run_operands(operands: layout.Operands, x: torch.Tensor, backend: str) -> torch.Tensor:

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algorithms import packing, primitives
 from quantkit.cuda.reference import PACKED_BITS
 from quantkit.errors import QuantkitError
-from quantkit.qlinear import QuantLinear
+from quantkit.formats import packing, primitives
+from quantkit.model.qlinear import QuantLinear
 
 
 @dataclass

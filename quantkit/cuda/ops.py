@@ -21,6 +21,7 @@ import torch
 
 from quantkit.cuda import reference
 from quantkit.errors import QuantkitError
+from quantkit.formats.primitives import signed_range
 
 
 def _triton_kernels():
@@ -32,10 +33,6 @@ def _triton_kernels():
     return triton_kernels
 
 
-def _signed_range(bits: int) -> tuple:
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
 @torch.library.custom_op("quantkit::quantize_int8_dynamic", mutates_args=())
 def quantize_int8_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return reference.quantize_int8_dynamic(x, bits)
@@ -43,7 +40,7 @@ def quantize_int8_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, tor
 
 @quantize_int8_dynamic.register_kernel("cuda")
 def _(x, bits):
-    qmin, qmax = _signed_range(bits)
+    qmin, qmax = signed_range(bits)
     return _triton_kernels().quantize_int8(x, None, None, qmin, qmax)
 
 
@@ -59,7 +56,7 @@ def quantize_int8_static(x: torch.Tensor, scale: torch.Tensor, zero: Optional[to
 
 @quantize_int8_static.register_kernel("cuda")
 def _(x, scale, zero, bits):
-    qmin, qmax = _signed_range(bits)
+    qmin, qmax = signed_range(bits)
     return _triton_kernels().quantize_int8(x, scale, zero, qmin, qmax)[0]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantkit.algorithms import packing, primitives
+from quantkit.formats import packing, primitives
 
 PACKED_BITS = (2, 4)   # bit widths the weight-only kernels read packed; others are int8 codes [K, N]
 

@@ -27,13 +27,17 @@ from pathlib import Path
 
 import torch
 
-from quantkit.algorithms import packing
 from quantkit.errors import QuantkitError
-from quantkit.exporters.native import ShardedWriter
 from quantkit.exporters.source import ExportSource
-from quantkit.outputs import EXPORT_MARKER, check_output_path, staged_directory
-from quantkit.qlinear import QuantLinear
-from quantkit.schemes import ActivationSpec, Scheme, WeightSpec
+from quantkit.files import (
+    EXPORT_MARKER,
+    ShardedWriter,
+    check_output_path,
+    staged_directory,
+)
+from quantkit.formats import packing
+from quantkit.formats.schemes import ActivationSpec, Scheme, WeightSpec
+from quantkit.native.writer import LinearRecord
 
 QUANT_METHOD = "compressed-tensors"
 INT_QUANTIZED = "int-quantized"
@@ -168,14 +172,14 @@ def _notes(groups: dict[str, dict]) -> list[str]:
     return notes
 
 
-def linear_tensors(name: str, layer: QuantLinear, scheme: Scheme,
+def linear_tensors(name: str, record: LinearRecord, scheme: Scheme,
                    scale_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors of one quantized Linear (module-relative names prefixed by ``name``).
     ``scale_dtype``: float16 or float32, both hold quantkit's fp16 scale values exactly."""
-    quant = layer.quant_tensor()
+    quant = record.quant
     spec = quant.spec
     out_features, in_features = quant.shape
-    tensors = {"weight_scale": _shaped(layer.weight_scale.to(scale_dtype), spec)}
+    tensors = {"weight_scale": _shaped(quant.scale.to(scale_dtype), spec)}
     if layer_format(scheme) == INT_QUANTIZED:
         tensors["weight"] = quant.codes.to(torch.int8)
     else:
@@ -189,12 +193,12 @@ def linear_tensors(name: str, layer: QuantLinear, scheme: Scheme,
             words = -(-out_features * spec.bits // 32)
             zero = packing.pack(zero.t().contiguous(), spec.bits)[:, :words].t().contiguous()
         tensors["weight_zero_point"] = zero
-    if layer.input_scale is not None:
-        tensors["input_scale"] = layer.input_scale.float().reshape(1)
-    if layer.input_zero is not None:
-        tensors["input_zero_point"] = layer.input_zero.round().to(torch.int8).reshape(1)
-    if layer.bias is not None:
-        tensors["bias"] = layer.bias
+    if record.input_scale is not None:
+        tensors["input_scale"] = record.input_scale.float().reshape(1)
+    if record.input_zero is not None:
+        tensors["input_zero_point"] = record.input_zero.round().to(torch.int8).reshape(1)
+    if record.bias is not None:
+        tensors["bias"] = record.bias
     return {f"{name}.{key}": value for key, value in tensors.items()}
 
 
@@ -217,7 +221,7 @@ def _write_tensors(source: ExportSource, writer: ShardedWriter) -> None:
         if source.is_quantized(name):
             entry = source.manifest.layers[name]
             quantized_tensors |= set(entry.tensors.values())
-            writer.add(linear_tensors(name, source.quant_linear(name), entry.scheme, scale_dtype))
+            writer.add(linear_tensors(name, source.record(name), entry.scheme, scale_dtype))
     for name in sorted(source.checkpoint.weight_map):
         if name not in quantized_tensors:
             writer.add({name: source.tensor(name)})

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 import quantkit
-from quantkit.algorithms import primitives
-from quantkit.algorithms.quant_tensor import QuantTensor
 from quantkit.errors import QuantkitError
 from quantkit.exporters import gguf_blocks
 from quantkit.exporters.gguf_vocab import GGUFVocab, read_vocab
 from quantkit.exporters.source import ExportSource
-from quantkit.outputs import check_output_path, staged_file
+from quantkit.files import check_output_path, staged_file
+from quantkit.formats import primitives
+from quantkit.formats.quant_tensor import QuantTensor
 
 REQUANT_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 METADATA_KEY = "quantkit.export"
@@ -225,13 +225,13 @@ def _permutations(source: ExportSource, gguf_arch: str) -> dict[str, torch.Tenso
     if gguf_arch != "llama":
         return {}
     config = source.config
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     head_dim = _head_dim(config)
     result = {}
     for index in range(source.num_blocks):
         block = f"{source.arch.blocks}.{index}"
-        result[f"{block}.self_attn.q_proj"] = rotary_row_permutation(heads * head_dim, heads)
-        result[f"{block}.self_attn.k_proj"] = rotary_row_permutation(kv_heads * head_dim, kv_heads)
+        for projection, heads_field in source.arch.rotary_projections:
+            heads = getattr(config, heads_field, None) or config.num_attention_heads
+            result[f"{block}.{projection}"] = rotary_row_permutation(heads * head_dim, heads)
     return result
 
 
@@ -251,7 +251,7 @@ def _gguf_name(name_map, hf_name: str) -> str:
 
 def _block_norms(source: ExportSource, index: int) -> list[str]:
     prefix = f"{source.arch.blocks}.{index}."
-    return [f"{prefix}{norm}.weight" for norm in ("input_layernorm", "post_attention_layernorm")]
+    return [f"{prefix}{norm}.weight" for norm in source.arch.block_norms]
 
 
 def _shape(source: ExportSource, name: str) -> list[int]:
@@ -431,8 +431,7 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
         return _float_bytes(tensor, record.ggml_type)
     linear = record.source
     if source.is_quantized(linear):
-        layer = source.quant_linear(linear)
-        quant = _permute_quant(plan, linear, layer.quant_tensor())
+        quant = _permute_quant(plan, linear, source.record(linear).quant)
         reference = quant.dequantize()
         if record.status in ("exact", "carried"):
             blocks = _carried_blocks(quant, record.ggml_type)
@@ -443,20 +442,14 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
         reference = _permute(plan, linear, source.tensor(linear + ".weight").float())
     if record.ggml_type in ("F32", "F16"):
         data = _float_bytes(reference, record.ggml_type)
-        record.weight_sqnr_db = _sqnr_db(reference, torch.from_numpy(data).float())
+        record.weight_sqnr_db = primitives.sqnr_db(reference, torch.from_numpy(data).float(), elementwise_fp64=False)
         return data
     return _blocks_bytes(record, gguf_blocks.quantize_blocks(reference, record.ggml_type), reference)
 
 
 def _blocks_bytes(record: TensorRecord, blocks: gguf_blocks.Blocks, reference: torch.Tensor) -> np.ndarray:
-    record.weight_sqnr_db = _sqnr_db(reference, blocks.dequantize())
+    record.weight_sqnr_db = primitives.sqnr_db(reference, blocks.dequantize(), elementwise_fp64=False)
     return gguf_blocks.pack(blocks)
-
-
-def _sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """10*log10(sum ref^2 / sum (ref - approx)^2), float32 elementwise with float64 sums."""
-    noise = (reference - approximation).pow(2).sum(dtype=torch.float64).item()
-    return primitives.sqnr_db_from_sums(reference.pow(2).sum(dtype=torch.float64).item(), noise)
 
 
 def _float_bytes(tensor: torch.Tensor, ggml_type: str) -> np.ndarray:

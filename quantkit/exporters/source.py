@@ -1,8 +1,8 @@
 """What exporters read: a quantkit output directory (manifest + packed safetensors), or a float HF
 checkpoint directory, behind one interface that never modifies the input.
 
-A Linear is either quantized (the manifest has an entry: its `QuantLinear` is rebuilt from the file
-tensors alone) or float (its ``.weight`` is read as stored).
+A Linear is either quantized (the manifest has an entry: its `LinearRecord`, a `QuantTensor` plus
+activation parameters, is read from the file tensors alone) or float (its ``.weight`` is read as stored).
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from quantkit.architectures import Architecture, architecture_for
-from quantkit.checkpoint import Checkpoint, check_weights, expected_tensors
 from quantkit.errors import QuantkitError
-from quantkit.exporters.manifest import MANIFEST_NAME, Manifest
-from quantkit.exporters.native import check_manifest_present, open_native, quant_linear_from_tensors
-from quantkit.qlinear import QuantLinear
+from quantkit.model.architectures import Architecture, architecture_for
+from quantkit.model.checkpoint import Checkpoint, check_weights, expected_tensors
+from quantkit.native.loader import check_manifest_present, open_native, read_record
+from quantkit.native.manifest import MANIFEST_NAME, Manifest
+from quantkit.native.writer import LinearRecord
 
 
 @dataclass
@@ -65,7 +65,7 @@ class ExportSource:
     @property
     def name(self) -> str:
         if self.manifest is not None:
-            requested = self.manifest.source.get("requested") or self.manifest.source.get("path") or self.path.name
+            requested = self.manifest.source.requested or self.manifest.source.path or self.path.name
             return Path(str(requested)).name
         return self.path.name
 
@@ -85,9 +85,10 @@ class ExportSource:
     def is_quantized(self, name: str) -> bool:
         return self.manifest is not None and name in self.manifest.layers
 
-    def quant_linear(self, name: str) -> QuantLinear:
+    def record(self, name: str) -> LinearRecord:
+        """A quantized Linear as the files hold it: its `QuantTensor` and activation parameters."""
         entry = self.manifest.layers[name]
-        return quant_linear_from_tensors(entry, self.checkpoint.tensors(list(entry.tensors.values())))
+        return read_record(entry, self.checkpoint.tensors(list(entry.tensors.values())))
 
     def quant_params(self, name: str) -> dict[str, torch.Tensor]:
         """The small tensors of a quantized layer (everything but the codes), by role."""

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.algorithms import primitives
-from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.schemes import ActivationSpec, WeightSpec
+from quantkit.formats import primitives
+from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.formats.schemes import ActivationSpec, WeightSpec
 
 
 class QuantLinear(nn.Module):

@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from quantkit.schemes import ActivationSpec, WeightSpec
+from quantkit.formats.numbers import signed_int
+from quantkit.formats.schemes import ActivationSpec, WeightSpec
 
 # Smallest normal float16: weight scales below it would lose precision when stored as fp16.
 MIN_WEIGHT_SCALE = 2.0**-14
@@ -25,8 +26,9 @@ MIN_ACTIVATION_SCALE = 1e-8
 
 
 def signed_range(bits: int) -> tuple[int, int]:
-    """(qmin, qmax) of a signed ``bits``-bit code."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    """(qmin, qmax) of a signed ``bits``-bit code: the ends of the ``int{bits}`` element grid."""
+    grid = signed_int(bits)
+    return int(grid.min), int(grid.max)
 
 
 def group_size_for(spec: WeightSpec, in_features: int) -> int:
@@ -198,8 +200,13 @@ def fake_quantize_activation(x: torch.Tensor, spec: ActivationSpec, scale: torch
     return (((codes + zero).clamp_(qmin, qmax) - zero) * scale).to(x.dtype)
 
 
-def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio 10*log10(sum ref^2 / sum (ref - approx)^2), in dB."""
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor, *, elementwise_fp64: bool = True) -> float:
+    """Signal-to-quantization-noise ratio 10*log10(sum ref^2 / sum (ref - approx)^2), in dB; the sums in
+    float64, the elementwise differences too unless ``elementwise_fp64`` is False (then in the inputs'
+    dtype: half the memory and time for whole-model tensors, as the GGUF export reports)."""
+    if not elementwise_fp64:
+        noise = (reference - approximation).pow(2).sum(dtype=torch.float64).item()
+        return sqnr_db_from_sums(reference.pow(2).sum(dtype=torch.float64).item(), noise)
     ref = reference.double()
     noise = (ref - approximation.double()).pow(2).sum().item()
     return sqnr_db_from_sums(ref.pow(2).sum().item(), noise)

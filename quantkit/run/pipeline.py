@@ -28,18 +28,18 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.algorithms.registry import check_options, get_algorithm
-from quantkit.architectures import Architecture, architecture_for
-from quantkit.block import (
-    ALPHA_GRID,
-    BlockJob,
-    BlockQuantizer,
-    BlockResult,
-    cast_parameters,
-)
+from quantkit.algorithms.registry import BlockTransform, check_options, get_algorithm
 from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
-from quantkit.calibrate.hooks import BlockInput, OffloadedHidden, capture_first_block_inputs
-from quantkit.checkpoint import (
+from quantkit.calibrate.hooks import (
+    BlockInput,
+    OffloadedHidden,
+    capture_first_block_inputs,
+)
+from quantkit.errors import QuantkitError, RunInterrupted
+from quantkit.files import check_output_path, writing
+from quantkit.formats.schemes import get_scheme, scheme_to_dict
+from quantkit.model.architectures import Architecture, architecture_for
+from quantkit.model.checkpoint import (
     Checkpoint,
     ModelSource,
     build_skeleton,
@@ -49,16 +49,24 @@ from quantkit.checkpoint import (
     release,
     resolve_model,
 )
-from quantkit.distributed import Processes, from_environment
-from quantkit.errors import QuantkitError, RunInterrupted
-from quantkit.estimate import Estimate, check_fits, estimate_run
-from quantkit.exporters.manifest import LayerEntry, Manifest
-from quantkit.exporters.native import quant_linear_tensors
-from quantkit.exporters.workdir import WorkDir, check_committed_work
-from quantkit.outputs import check_output_path, writing
-from quantkit.qlinear import QuantLinear
-from quantkit.recipe import LayerAssignment, Recipe, make_scheme, uniform_plan
-from quantkit.schemes import get_scheme, scheme_to_dict
+from quantkit.model.qlinear import QuantLinear
+from quantkit.native.manifest import (
+    CalibrationInfo,
+    LayerEntry,
+    Manifest,
+    SmoothingInfo,
+    SourceInfo,
+    Summary,
+    ToolInfo,
+)
+from quantkit.native.writer import LinearRecord, record_tensors
+from quantkit.run.block import BlockJob, BlockQuantizer, BlockResult
+from quantkit.run.distributed import Processes, from_environment
+from quantkit.run.estimate import Estimate, check_fits, estimate_run
+from quantkit.run.layers import cast_parameters
+from quantkit.run.recipe import LayerAssignment, Recipe, make_scheme, uniform_plan
+from quantkit.run.smoothing import ALPHA_GRID
+from quantkit.run.workdir import WorkDir, check_committed_work
 
 _SOURCE_FILE_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken")
 _SKIPPED_SOURCE_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
@@ -75,7 +83,7 @@ class CalibrateConfig:
     text_column: str = "text"
     num_samples: int = 64
     seq_len: int = 512
-    alpha: float | None = None          # None: searched per block over block.ALPHA_GRID
+    alpha: float | None = None          # None: searched per block over smoothing.ALPHA_GRID
     smooth: bool | None = None          # None: on exactly when the scheme quantizes activations
     algorithm: str = "rtn"
     options: dict = field(default_factory=dict)   # algorithm options (e.g. GPTQ act_order)
@@ -270,7 +278,7 @@ def _needs_calibration(assignment: LayerAssignment) -> bool:
     """Whether a layer's quantization uses calibration activations at all."""
     algorithm = get_algorithm(assignment.algorithm)
     static_activations = assignment.scheme.activation is not None and not assignment.scheme.activation.dynamic
-    return bool(algorithm.statistics) or hasattr(algorithm, "transform_block") or static_activations
+    return bool(algorithm.statistics) or isinstance(algorithm, BlockTransform) or static_activations
 
 
 def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> CalibrationResult:
@@ -459,7 +467,7 @@ def _block_tensors(run: _Run, prefix: str, block: nn.Module) -> dict[str, torch.
     tensors = {}
     quantized = {name for name, m in block.named_modules() if isinstance(m, QuantLinear)}
     for name in quantized:
-        tensors.update(quant_linear_tensors(f"{prefix}.{name}", block.get_submodule(name))[0])
+        tensors.update(record_tensors(f"{prefix}.{name}", LinearRecord.of(block.get_submodule(name)))[0])
     for name, param in block.named_parameters():
         if name.rpartition(".")[0] not in quantized:
             tensors[f"{prefix}.{name}"] = param.detach().to(run.storage_dtype)
@@ -499,20 +507,19 @@ def _copy_source_files(files: list[Path], directory: Path) -> None:
 
 def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], results_file: str | None) -> Manifest:
     quantized_sqnr = [e.metrics["output_sqnr_db"] for e in layers.values() if "output_sqnr_db" in e.metrics]
-    summary = {
-        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
-        "peak_rss_bytes": _peak_rss(),
-        "layers_quantized": len(layers),
-        "min_output_sqnr_db": min(quantized_sqnr) if quantized_sqnr else None,
-        "min_weight_sqnr_db": min((e.metrics["weight_sqnr_db"] for e in layers.values()), default=None),
-        "estimate": run.estimate.to_dict() if run.estimate else None,
-    }
+    summary = Summary(
+        timings_s={k: round(v, 3) for k, v in run.timings.items()},
+        peak_rss_bytes=_peak_rss(),
+        layers_quantized=len(layers),
+        min_output_sqnr_db=min(quantized_sqnr) if quantized_sqnr else None,
+        min_weight_sqnr_db=min((e.metrics["weight_sqnr_db"] for e in layers.values()), default=None),
+        estimate=run.estimate.to_dict() if run.estimate else None,
+    )
     return Manifest(
-        tool={"name": "quantkit", "version": quantkit.__version__,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-        source={"requested": run.source.requested, "path": str(run.source.path), "hub_id": run.source.hub_id,
-                "architecture": run.arch.name, "dtype": str(run.storage_dtype).removeprefix("torch."),
-                "files": [f.name for f in run.checkpoint.files], "weights_sha256": run.weights_sha256},
+        tool=ToolInfo("quantkit", quantkit.__version__, datetime.now(timezone.utc).isoformat(timespec="seconds")),
+        source=SourceInfo(requested=run.source.requested, path=str(run.source.path), hub_id=run.source.hub_id,
+                          architecture=run.arch.name, dtype=str(run.storage_dtype).removeprefix("torch."),
+                          files=[f.name for f in run.checkpoint.files], weights_sha256=run.weights_sha256),
         calibration=_calibration_record(run),
         storage_dtype=str(run.storage_dtype).removeprefix("torch."),
         smoothing=_smoothing_record(run),
@@ -521,27 +528,28 @@ def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], 
     )
 
 
-def _calibration_record(run: _Run) -> dict:
+def _calibration_record(run: _Run) -> CalibrationInfo:
     config = run.config
     if not run.needs_data:
-        return {"dataset": None, "skipped": "no layer needs calibration data (calibration-free algorithm, "
-                                            "no smoothing, no static activations)"}
-    return {"dataset": run.dataset.describe(), "num_samples": config.num_samples, "seq_len": config.seq_len,
-            "tokens": run.calibration_tokens, "seed": config.seed, "batch_size": config.batch_size,
-            "compute_dtype": str(run.compute_dtype).removeprefix("torch."), "metric_samples": config.metric_samples,
-            "processes": run.processes.world_size}
+        return CalibrationInfo(skipped="no layer needs calibration data (calibration-free algorithm, "
+                                       "no smoothing, no static activations)")
+    return CalibrationInfo(
+        dataset=run.dataset.describe(), num_samples=config.num_samples, seq_len=config.seq_len,
+        tokens=run.calibration_tokens, seed=config.seed, batch_size=config.batch_size,
+        compute_dtype=str(run.compute_dtype).removeprefix("torch."), metric_samples=config.metric_samples,
+        processes=run.processes.world_size)
 
 
-def _smoothing_record(run: _Run) -> dict:
+def _smoothing_record(run: _Run) -> SmoothingInfo:
     if not run.smooth:
-        return {"enabled": False}
-    return {
-        "enabled": True,
-        "alpha": "auto" if run.alpha is None else run.alpha,
-        "alpha_grid": list(ALPHA_GRID) if run.alpha is None else None,
-        "block_alpha": {str(i): a for i, a in run.block_alpha.items()},  # null: smoothing lost the search
-        "groups": [{"prev": g.prev, "consumers": list(g.consumers), "gqa_shared": g.gqa_shared} for g in run.arch.smooth],
-    }
+        return SmoothingInfo(enabled=False)
+    return SmoothingInfo(
+        enabled=True,
+        alpha="auto" if run.alpha is None else run.alpha,
+        alpha_grid=list(ALPHA_GRID) if run.alpha is None else None,
+        block_alpha={str(i): a for i, a in run.block_alpha.items()},  # null: smoothing lost the search
+        groups=[{"prev": g.prev, "consumers": list(g.consumers), "gqa_shared": g.gqa_shared} for g in run.arch.smooth],
+    )
 
 
 def _finish_in_memory(run: _Run, model: nn.Module) -> None:

@@ -1,4 +1,6 @@
-"""Where quantkit writes: output paths checked before any work, written beside and renamed into place.
+"""Every file quantkit writes goes through here: output paths checked before any work, files and
+directories written beside and renamed into place, atomic JSON/safetensors, sharded safetensors
+with their index, and JSON-safe numbers.
 
 Rules (docs/bad-inputs.md):
   - an output never overlaps an input (the input is only read);
@@ -14,6 +16,8 @@ Rules (docs/bad-inputs.md):
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,9 +26,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from quantkit.errors import QuantkitError
 
 NATIVE_MARKER = "quant_manifest.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 EXPORT_MARKER = "quantkit_export.json"
 _GGUF_MAGIC = b"GGUF"
 
@@ -219,3 +228,99 @@ def fsync_tree(directory: Path) -> None:
     for path in Path(directory).rglob("*"):
         if path.is_file():
             _fsync(path)
+
+
+# ------------------------------------------------------------------------------- atomic small files
+
+
+def json_safe(value):
+    """JSON has no Infinity/NaN: exact (infinite SQNR) or undefined values are written as null;
+    tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path`` and rename it into place."""
+    path = Path(path)
+    temporary = _temporary(path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def atomic_json(path: Path, data) -> None:
+    atomic_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    temporary = _temporary(path)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(temporary), metadata={"format": "pt"})
+    os.replace(temporary, path)
+
+
+# ------------------------------------------------------------------------------- sharded safetensors
+
+
+def name_shards(directory: Path, parts: list[tuple[Path, list[str]]]) -> list[str]:
+    """Rename written parts (each a safetensors file and its tensor names) to their final names: one
+    ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``."""
+    directory = Path(directory)
+    if len(parts) == 1:
+        os.replace(parts[0][0], directory / SINGLE_FILE)
+        return [SINGLE_FILE]
+    weight_map, files = {}, []
+    for i, (path, names) in enumerate(parts):
+        final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(path, directory / final)
+        files.append(final)
+        weight_map.update({name: final for name in names})
+    index = {"metadata": {"total_size": sum((directory / f).stat().st_size for f in files)}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return files
+
+
+class ShardedWriter:
+    """Writes tensors as they come in shards of at most ``max_shard_bytes``; `finish` names them."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            assert name not in self.buffer, name
+            self.buffer[name] = tensor.detach().contiguous()
+            self.buffer_bytes += tensor.numel() * tensor.element_size()
+        if self.buffer_bytes >= self.max_shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        path = self.directory / f"part-{len(self.parts):05d}.safetensors"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.parts.append((path, list(self.buffer)))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        return name_shards(self.directory, self.parts)

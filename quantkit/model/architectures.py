@@ -43,6 +43,11 @@ class Architecture:
     awq: tuple[ScaleGroup, ...]           # AWQ scaling groups (norms, plus linear -> linear folds)
     norm_offset: float = 0.0              # 1.0 for Gemma-style norms computing x * (1 + w)
     gguf_arch: str | None = None          # llama.cpp architecture name when GGUF export supports it
+    block_norms: tuple[str, ...] = ()     # the block's norm modules, in order
+    # Projections whose output rows are rotary head halves, and the config field giving their head
+    # count (llama.cpp's llama layout interleaves them: the GGUF export permutes these rows).
+    rotary_projections: tuple[tuple[str, str], ...] = ()
+    no_clip: tuple[str, ...] = ()         # Linears AWQ's clip search skips (softmax squashes their error)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -75,6 +80,9 @@ _LLAMA_LIKE = dict(
         ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ),
+    block_norms=("input_layernorm", "post_attention_layernorm"),
+    rotary_projections=(("self_attn.q_proj", "num_attention_heads"), ("self_attn.k_proj", "num_key_value_heads")),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),  # AutoAWQ skips them too
 )
 
 ARCHITECTURES: dict[str, Architecture] = {

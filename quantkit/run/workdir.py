@@ -16,7 +16,6 @@ the output (merged into one model.safetensors when small) and the directory is r
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -25,8 +24,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quantkit.errors import QuantkitError
-from quantkit.exporters.native import DEFAULT_SHARD_BYTES
-from quantkit.outputs import fsync_tree, replace_into_place, writing
+from quantkit.files import (
+    DEFAULT_SHARD_BYTES,
+    atomic_json,
+    atomic_safetensors,
+    fsync_tree,
+    name_shards,
+    replace_into_place,
+    writing,
+)
 
 
 def committed_blocks(out: Path) -> int:
@@ -58,18 +64,6 @@ def check_committed_work(out: Path, resume: bool, overwrite: bool) -> None:
                             f"found in {path}; use --resume to keep them, or --overwrite to start over")
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(temporary), metadata={"format": "pt"})
-    os.replace(temporary, path)
-
-
 class WorkDir:
     def __init__(self, out: Path, fingerprint: dict, *, rank: int = 0, writer: bool = True):
         self.out = Path(out).absolute()
@@ -97,7 +91,7 @@ class WorkDir:
                 if self.path.exists():
                     shutil.rmtree(self.path)
                 self.blocks.mkdir(parents=True)
-                _atomic_json(self.path / "run.json", self.fingerprint)
+                atomic_json(self.path / "run.json", self.fingerprint)
         return 0
 
     @property
@@ -114,15 +108,15 @@ class WorkDir:
 
     def _commit_block(self, index, tensors, record, search_results, next_inputs) -> None:
         if next_inputs is not None:
-            _atomic_safetensors(self.path / f"activations-rank{self.rank}.safetensors",
+            atomic_safetensors(self.path / f"activations-rank{self.rank}.safetensors",
                                 {f"batch_{i}": h for i, h in enumerate(next_inputs)})
         if not self.writer:
             return
-        _atomic_safetensors(self.blocks / f"block-{index:05d}.safetensors", tensors)
+        atomic_safetensors(self.blocks / f"block-{index:05d}.safetensors", tensors)
         if search_results:
-            _atomic_safetensors(self.blocks / f"search-{index:05d}.safetensors", search_results)
-        _atomic_json(self.blocks / f"block-{index:05d}.json", record)
-        _atomic_json(self.path / "progress.json", {"next_block": index + 1})
+            atomic_safetensors(self.blocks / f"search-{index:05d}.safetensors", search_results)
+        atomic_json(self.blocks / f"block-{index:05d}.json", record)
+        atomic_json(self.path / "progress.json", {"next_block": index + 1})
 
     def offloaded(self, block: int, batch: int) -> Path:
         """The file holding batch ``batch`` of block ``block``'s inputs (--offload-activations)."""
@@ -162,25 +156,20 @@ class WorkDir:
     def _finish(self, num_blocks: int, rest: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
         parts = [self.blocks / f"block-{i:05d}.safetensors" for i in range(num_blocks)]
         rest_path = self.blocks / "rest.safetensors"
-        _atomic_safetensors(rest_path, rest)
+        atomic_safetensors(rest_path, rest)
         parts.append(rest_path)
-        total = sum(p.stat().st_size for p in parts)
-        if total <= max_shard_bytes:
+        if sum(p.stat().st_size for p in parts) <= max_shard_bytes:
             merged: dict[str, torch.Tensor] = {}
             for part in parts:
                 merged.update(load_file(str(part)))
-            save_file(merged, str(self.path / "model.safetensors"), metadata={"format": "pt"})
-            return ["model.safetensors"]
-        files, weight_map = [], {}
-        for i, part in enumerate(parts):
-            name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            single = self.path / "merged.safetensors"
+            save_file(merged, str(single), metadata={"format": "pt"})
+            return name_shards(self.path, [(single, list(merged))])
+        named = []
+        for part in parts:
             with safe_open(str(part), "pt") as handle:
-                weight_map.update({key: name for key in handle.keys()})
-            os.replace(part, self.path / name)
-            files.append(name)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return files
+                named.append((part, list(handle.keys())))
+        return name_shards(self.path, named)
 
     def publish(self, overwrite: bool) -> None:
         """Remove the bookkeeping and rename the directory to OUT (replacing a quantkit output only with

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.schemes import Scheme, get_scheme
+from quantkit.formats.schemes import Scheme, get_scheme
 
 
 @dataclass(frozen=True)

@@ -5,16 +5,18 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algorithms import primitives
-from quantkit.schemes import WeightSpec
+from quantkit.formats import primitives
+from quantkit.formats.schemes import WeightSpec
 
 
 @dataclass
 class QuantTensor:
     """A quantized weight matrix.
 
-    codes:  [out, in] int8, signed codes in [-2^(b-1), 2^(b-1)-1], unpacked (packing is the file's job)
-    scale:  [R, G] float32 holding float16 values; R = 1 (per-tensor) or out; G = ceil(in / group_size)
+    codes:  [out, in] int8, values of the element grid ``spec.element`` (int{b}: [-2^(b-1), 2^(b-1)-1]),
+            unpacked (packing is the file's job)
+    scale:  [R, G] float32 holding values of ``spec.scale_format`` (fp16); R = 1 (per-tensor) or out;
+            G = ceil(in / group_size)
     zero:   [R, G] float32 or None (symmetric). Integer-valued for RTN/GPTQ/AWQ grids; HQQ's
             optimised zero points may be fractional (see `integer_zero`).
     spec:   the grid (bits, granularity, symmetric, group_size)
@@ -34,6 +36,8 @@ class QuantTensor:
         assert self.scale.shape[1] == primitives.group_count(in_features, self.group_size), self.scale.shape
         assert self.zero is None or self.zero.shape == self.scale.shape
         assert self.spec.symmetric == (self.zero is None)
+        element = self.spec.element
+        assert self.codes.numel() == 0 or element.min <= int(self.codes.min()) <= int(self.codes.max()) <= element.max
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -22,9 +22,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from quantkit.algorithms import primitives
 from quantkit.errors import QuantkitError
-from quantkit.outputs import nearest_existing
+from quantkit.files import nearest_existing
+from quantkit.formats import primitives
 
 BASELINE_BYTES = 700 * 2**20     # an idle Python with torch and transformers imported
 MANIFEST_LAYER_BYTES = 8192      # one Linear's entry in quant_manifest.json (measured: about 1.5 KB)

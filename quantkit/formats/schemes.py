@@ -18,31 +18,55 @@ from dataclasses import dataclass
 from typing import Literal
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.numbers import ElementFormat, scale_format, signed_int
 
-WeightGranularity = Literal["tensor", "channel", "group"]
+WeightGranularity = Literal["tensor", "channel", "group", "block"]
 ActivationGranularity = Literal["tensor", "token"]
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """Integer weight grid: ``w ~ (code - zero) * scale``, codes signed in [-2^(b-1), 2^(b-1)-1].
+    """Integer weight grid: ``w ~ (code - zero) * scale``, codes from the element format ``int{bits}``
+    (signed, [-2^(b-1), 2^(b-1)-1]), scales stored in ``scale_format`` (formats/numbers.py).
 
-    granularity: one scale for the tensor, per output channel, or per group of ``group_size``
-    consecutive input channels within each output channel (the last group may be shorter).
+    granularity: one scale for the tensor, per output channel, per group of ``group_size``
+    consecutive input channels within each output channel (the last group may be shorter), or per
+    2-D ``block_shape`` = (rows, columns) tile (DeepSeek-style FP8 blocks).
+    second_scale: the scale format of a per-tensor scale over the block scales (NVFP4: fp32 over fp8
+    block scales), or None.
+    The integer pipeline produces fp16 scales per tensor, channel or group; the other fields name
+    what the floating-point formats (FP8, MXFP4, NVFP4) will use and are refused until they exist.
     """
 
     bits: int
     granularity: WeightGranularity
     symmetric: bool
     group_size: int | None = None
+    scale_format: str = "fp16"
+    block_shape: tuple[int, int] | None = None
+    second_scale: str | None = None
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise QuantkitError(f"weight bits must be between 2 and 8, got {self.bits}")
+        scale_format(self.scale_format)  # an unknown name stops here
+        if self.second_scale is not None:
+            scale_format(self.second_scale)
+        unsupported = [what for what, used in (
+            (f"scale format {self.scale_format}", self.scale_format != "fp16"),
+            ("2-D block scales", self.granularity == "block" or self.block_shape is not None),
+            (f"a second-level {self.second_scale} scale", self.second_scale is not None)) if used]
+        if unsupported:
+            raise QuantkitError(f"integer weight grids have fp16 scales per tensor, channel or group; "
+                                f"{unsupported[0]} comes with the floating-point formats")
         if (self.granularity == "group") != (self.group_size is not None):
             raise QuantkitError("group_size is set exactly when granularity is 'group'")
         if self.group_size is not None and self.group_size < 1:
             raise QuantkitError(f"group size must be positive, got {self.group_size}")
+
+    @property
+    def element(self) -> ElementFormat:
+        return signed_int(self.bits)
 
     def describe(self) -> str:
         grain = f"g{self.group_size}" if self.granularity == "group" else f"per-{self.granularity}"
@@ -118,7 +142,17 @@ def get_scheme(name: str) -> Scheme:
 
 
 def scheme_to_dict(scheme: Scheme) -> dict:
-    return dataclasses.asdict(scheme)
+    """JSON form of a scheme; fields at their defaults that older manifests lack (`_WEIGHT_DEFAULTS`)
+    are left out, so the integer schemes' records are unchanged."""
+    data = dataclasses.asdict(scheme)
+    for name, default in _WEIGHT_DEFAULTS.items():
+        if data["weight"].get(name, default) == default:
+            data["weight"].pop(name, None)
+    return data
+
+
+# Fields newer than the first manifests, left out of a scheme's record at their defaults.
+_WEIGHT_DEFAULTS = {"scale_format": "fp16", "block_shape": None, "second_scale": None}
 
 
 def scheme_from_dict(data: dict) -> Scheme:

@@ -1,27 +1,22 @@
 """The quant manifest (``quant_manifest.json``): with the safetensors it alone suffices to load the model.
 
-Versioned (`FORMAT_VERSION`); `Manifest.to_dict` / `Manifest.from_dict` round-trip exactly, and a
-manifest of another format version or with missing fields is refused with a clear error.
+Versioned (`FORMAT_VERSION`); every section is a dataclass (`ToolInfo`, `SourceInfo`,
+`CalibrationInfo`, `SmoothingInfo`, `Summary`, `LayerEntry` per layer), and `Manifest.to_dict` /
+`Manifest.from_dict` round-trip exactly; a manifest of another format version or of the wrong shape
+is refused with a clear error.
 """
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.schemes import Scheme, scheme_from_dict, scheme_to_dict
+from quantkit.files import json_safe
+from quantkit.formats.schemes import Scheme, scheme_from_dict, scheme_to_dict
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "quant_manifest.json"
-
-
-def _finite_or_none(value):
-    """JSON has no Infinity: an exact (infinite-SQNR) metric is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _json_type(value) -> str:
@@ -40,7 +35,7 @@ class LayerEntry:
     """One quantized Linear: what grid it got, from which algorithm and rule, and where its tensors are.
 
     tensors maps a role (codes, scale, zero, g_idx, input_scale, input_zero, bias) to its tensor name.
-    codes_layout: "int8" (one code per byte) or "int32-packed" (see quantkit.algorithms.packing).
+    codes_layout: "int8" (one code per byte) or "int32-packed" (see quantkit.formats.packing).
     """
 
     scheme: Scheme
@@ -57,7 +52,7 @@ class LayerEntry:
         data = asdict(self)
         data["scheme"] = scheme_to_dict(self.scheme)
         data["shape"] = list(self.shape)
-        data["metrics"] = {k: _finite_or_none(v) for k, v in self.metrics.items()}
+        data["metrics"] = {k: json_safe(v) for k, v in self.metrics.items()}
         return data
 
     @classmethod
@@ -72,34 +67,127 @@ class LayerEntry:
         return cls(**data)
 
 
+def _section(cls, data, where: str, name: str):
+    """``cls`` from a JSON object: known fields taken, missing ones defaulted (older writers), a value
+    of the wrong shape a `QuantkitError`."""
+    if not isinstance(data, dict):
+        raise QuantkitError(f"{where}: '{name}' is a JSON {_json_type(data)}, expected an object")
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class ToolInfo:
+    """Who wrote the output."""
+
+    name: str = "quantkit"
+    version: str = ""
+    created: str = ""                      # ISO 8601, UTC
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SourceInfo:
+    """The checkpoint that was quantized: what the user asked for, where it was, and its weights' digest."""
+
+    requested: str | None = None
+    path: str | None = None
+    hub_id: str | None = None
+    architecture: str | None = None
+    dtype: str | None = None
+    files: list[str] = field(default_factory=list)
+    weights_sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CalibrationInfo:
+    """The calibration data and settings; ``skipped`` (and no dataset) when no layer needed data."""
+
+    dataset: dict | None = None            # DatasetSpec.describe(): name, data_files, text_column
+    num_samples: int | None = None
+    seq_len: int | None = None
+    tokens: int | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+    compute_dtype: str | None = None
+    metric_samples: int | None = None
+    processes: int | None = None
+    skipped: str | None = None
+
+    def to_dict(self) -> dict:
+        if self.skipped is not None:
+            return {"dataset": self.dataset, "skipped": self.skipped}
+        return {k: v for k, v in asdict(self).items() if k != "skipped"}
+
+
+@dataclass
+class SmoothingInfo:
+    """SmoothQuant as applied: alpha ("auto": searched per block over alpha_grid), the alpha each
+    block kept (None: smoothing lost the search) and the groups smoothed."""
+
+    enabled: bool = False
+    alpha: float | str | None = None
+    alpha_grid: list[float] | None = None
+    block_alpha: dict[str, float | None] = field(default_factory=dict)
+    groups: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self) if self.enabled else {"enabled": False}
+
+
+@dataclass
+class Summary:
+    """Timings, peak memory, error extremes, the estimate made before work and, once `quantkit
+    validate` ran, its summary."""
+
+    timings_s: dict[str, float] = field(default_factory=dict)
+    peak_rss_bytes: int | None = None
+    layers_quantized: int | None = None
+    min_output_sqnr_db: float | None = None
+    min_weight_sqnr_db: float | None = None
+    estimate: dict | None = None
+    validation: dict | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.validation is None:
+            del data["validation"]
+        return data
+
+
 @dataclass
 class Manifest:
-    tool: dict                    # {"name": "quantkit", "version": ...}
-    source: dict                  # requested, path, hub_id, architecture, dtype, weights_sha256, files
-    calibration: dict             # dataset, data_files, num_samples, seq_len, seed, alpha, smooth, ...
+    tool: ToolInfo
+    source: SourceInfo
+    calibration: CalibrationInfo
     storage_dtype: str            # dtype of every float tensor kept from the source (norms, embeddings)
     layers: dict[str, LayerEntry]
-    smoothing: dict = field(default_factory=dict)      # alpha and the smoothed norm/linear names
+    smoothing: SmoothingInfo = field(default_factory=SmoothingInfo)
     ignored: dict[str, str] = field(default_factory=dict)  # block Linears kept in the source dtype, and why
     recipe: dict | None = None                         # the recipe as parsed, when one was used
     weight_files: list[str] = field(default_factory=list)
-    search_results: str | None = None                  # file holding AWQ scales, GPTQ g_idx, ...
-    summary: dict = field(default_factory=dict)        # timings, peak memory, error extremes
+    search_results: str | None = None                  # file holding smoothing factors, AWQ scales, ...
+    summary: Summary = field(default_factory=Summary)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
         return {
             "format_version": self.format_version,
-            "tool": self.tool,
-            "source": self.source,
-            "calibration": self.calibration,
+            "tool": self.tool.to_dict(),
+            "source": self.source.to_dict(),
+            "calibration": self.calibration.to_dict(),
             "storage_dtype": self.storage_dtype,
-            "smoothing": self.smoothing,
+            "smoothing": self.smoothing.to_dict(),
             "ignored": self.ignored,
             "recipe": self.recipe,
             "weight_files": self.weight_files,
             "search_results": self.search_results,
-            "summary": self.summary,
+            "summary": self.summary.to_dict(),
             "layers": {name: entry.to_dict() for name, entry in self.layers.items()},
         }
 
@@ -127,12 +215,20 @@ class Manifest:
             except (KeyError, TypeError, ValueError, AttributeError) as error:
                 raise QuantkitError(f"{where}: layer {name} has a missing or malformed field "
                                     f"({type(error).__name__}: {error})") from None
+        try:
+            sections = dict(
+                tool=_section(ToolInfo, data["tool"], where, "tool"),
+                source=_section(SourceInfo, data["source"], where, "source"),
+                calibration=_section(CalibrationInfo, data["calibration"], where, "calibration"),
+                smoothing=_section(SmoothingInfo, data.get("smoothing") or {}, where, "smoothing"),
+                summary=_section(Summary, data.get("summary") or {}, where, "summary"),
+            )
+        except TypeError as error:
+            raise QuantkitError(f"{where}: a section has a malformed field ({error})") from None
         return cls(
-            tool=data["tool"], source=data["source"], calibration=data["calibration"],
-            storage_dtype=data["storage_dtype"], smoothing=data.get("smoothing") or {},
-            ignored=dict(data.get("ignored") or {}), recipe=data.get("recipe"),
+            storage_dtype=data["storage_dtype"], ignored=dict(data.get("ignored") or {}), recipe=data.get("recipe"),
             weight_files=list(data.get("weight_files") or []), search_results=data.get("search_results"),
-            summary=data.get("summary") or {}, format_version=version, layers=layers,
+            format_version=version, layers=layers, **sections,
         )
 
     def save(self, directory: Path) -> Path:

@@ -1,11 +1,12 @@
-"""One decoder block through the pipeline: observe -> smooth -> quantize -> propagate.
+"""One decoder block through the pipeline: observe -> smooth -> transform -> quantize -> propagate.
+Each stage's work lives with its owner: statistics in calibrate/, smoothing in run/smoothing.py,
+block transforms (AWQ) and weight quantizers in algorithms/; this module orders them.
 
 The block arrives materialized in fp32 (the master copy every weight transform and quantizer works
 on); forward passes run on a copy in the compute dtype. Nothing here writes files.
 """
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.algorithms import primitives, smoothquant
-from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.algorithms.registry import BlockContext, LayerContext, get_algorithm, parse_options
-from quantkit.algorithms.rtn import quantize_rtn
-from quantkit.architectures import Architecture, ScaleGroup, channel_map
+from quantkit.algorithms.registry import (
+    BlockContext,
+    BlockTransform,
+    LayerContext,
+    get_algorithm,
+    parse_options,
+)
 from quantkit.calibrate.hooks import (
     BlockInput,
     NonFiniteActivation,
@@ -30,52 +33,21 @@ from quantkit.calibrate.hooks import (
     run_block,
 )
 from quantkit.calibrate.stats import LayerStats
-from quantkit.distributed import Processes
 from quantkit.errors import QuantkitError
-from quantkit.exporters.manifest import LayerEntry
-from quantkit.exporters.native import codes_layout, quant_linear_tensors
-from quantkit.qlinear import QuantLinear, set_submodule
-from quantkit.recipe import LayerAssignment
-from quantkit.schemes import Scheme
-
-# SmoothQuant strengths tried per block by --alpha auto (plus "no smoothing").
-ALPHA_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def cast_parameters(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast float parameters (not buffers: QuantLinear's fp16 scales and int codes keep their types)."""
-    for param in module.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-    return module
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def runner_for(block: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The block as forward passes run it: itself in fp32, else a copy in the compute dtype."""
-    return block if dtype == torch.float32 else cast_parameters(copy.deepcopy(block), dtype)
-
-
-def input_range(stats: LayerStats, factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor (min, max) of the layer input, or of input / factors after smoothing (exact: s > 0)."""
-    lo, hi = stats.range.min, stats.range.max
-    if factors is not None:
-        lo, hi = lo / factors, hi / factors
-    return lo.min(), hi.max()
-
-
-def make_quant_linear(linear: nn.Module, scheme: Scheme, quant: QuantTensor,
-                      activation_range: tuple[torch.Tensor, torch.Tensor] | None, bias_dtype: torch.dtype) -> QuantLinear:
-    """A QuantLinear for ``linear``'s quantized weight; static activation grids come from the range."""
-    activation = scheme.activation
-    input_scale = input_zero = None
-    if activation is not None and not activation.dynamic:
-        input_scale, input_zero = primitives.activation_qparams(*activation_range, activation)
-    bias = None if linear.bias is None else linear.bias.detach().to(bias_dtype)
-    return QuantLinear(quant, activation, input_scale, input_zero, bias)
+from quantkit.formats import primitives
+from quantkit.model.architectures import Architecture
+from quantkit.model.qlinear import set_submodule
+from quantkit.native.manifest import LayerEntry
+from quantkit.native.writer import LinearRecord, codes_layout, record_tensors
+from quantkit.run.distributed import Processes
+from quantkit.run.layers import (
+    dtype_name,
+    input_range,
+    make_quant_linear,
+    runner_for,
+)
+from quantkit.run.recipe import LayerAssignment
+from quantkit.run.smoothing import smooth_block
 
 
 @dataclass
@@ -92,7 +64,7 @@ class BlockJob:
     compute_dtype: torch.dtype
     storage_dtype: torch.dtype
     smooth: bool
-    alpha: float | None                          # None: search ALPHA_GRID per block
+    alpha: float | None                          # None: search smoothing.ALPHA_GRID per block
     search_samples: int = 4                      # samples the alpha search compares block outputs on
     metric_samples: int = 4                      # samples each layer's output SQNR is measured on
     processes: Processes = field(default_factory=Processes)  # torch.distributed ranks sharing the batches
@@ -139,10 +111,12 @@ class BlockQuantizer:
                     stats = self.observe(list(job.assigned), deferred=self.resequenced())
                 except NonFiniteActivation as error:  # nothing is quantized yet: the float block overflows
                     raise NonFiniteActivation(f"{error}: the float model overflows there, before any quantization "
-                                              f"({_dtype_name(job.compute_dtype)} forward)") from None
+                                              f"({dtype_name(job.compute_dtype)} forward)") from None
             if job.smooth:
                 with self.timed("smooth"):
-                    self.smooth(stats, result)
+                    outcome = smooth_block(job, stats, self.first_samples)
+                    result.alpha, result.alpha_errors = outcome.alpha, outcome.alpha_errors
+                    result.search_results.update(outcome.factors)
             with self.timed("transform"):
                 self.transform(stats, result)
         float_weights: dict[str, torch.Tensor] = {}
@@ -189,7 +163,7 @@ class BlockQuantizer:
             return f"NaN/Inf in the quantized outputs of {job.prefix} (the float block's outputs are finite)"
         where = f"{job.prefix}.{first[0]}" if first else job.prefix
         return (f"the float model overflows: NaN/Inf in the output of {where} before any quantization "
-                f"({_dtype_name(job.compute_dtype)} forward); quantized outputs cannot be finite either")
+                f"({dtype_name(job.compute_dtype)} forward); quantized outputs cannot be finite either")
 
     def observe(self, names: list[str], partial: bool = False, deferred: frozenset[str] = frozenset()
                 ) -> dict[str, LayerStats]:
@@ -226,66 +200,6 @@ class BlockQuantizer:
         options = parse_options(assignment.algorithm, assignment.options)
         return get_algorithm(assignment.algorithm).sequential and getattr(options, "true_sequential", True)
 
-    # SmoothQuant ---------------------------------------------------------------------------------
-
-    def smooth_groups(self) -> tuple[ScaleGroup, ...]:
-        """Groups whose consumers are all quantized, at least one of them with quantized activations."""
-        assigned = self.job.assigned
-        return tuple(g for g in self.job.arch.smooth
-                     if all(c in assigned for c in g.consumers)
-                     and any(assigned[c].scheme.activation for c in g.consumers))
-
-    def smooth(self, stats: dict[str, LayerStats], result: BlockResult) -> None:
-        job = self.job
-        groups = self.smooth_groups()
-        if not groups:
-            return
-        maps = {g.prev: channel_map(g, job.model_config, job.block.get_submodule(g.consumers[0]).in_features)
-                for g in groups}
-        absmax = {g.consumers[0]: stats[g.consumers[0]].range.absmax for g in groups}
-        if job.alpha is None:
-            result.alpha, result.alpha_errors = self.search_alpha(groups, maps, absmax, stats)
-        else:
-            result.alpha = job.alpha
-        if result.alpha is None:
-            return
-        factors = smoothquant.search(job.block, groups, absmax, result.alpha, maps)
-        smoothquant.apply(job.block, groups, factors, maps, job.arch.norm_offset)
-        for group in groups:
-            for consumer in group.consumers:  # their input is now x / s
-                stats[consumer].scale_channels(smoothquant.consumer_factors(factors[group.prev], maps[group.prev]))
-        result.search_results.update({f"{self.full_name(prev)}.smooth_factors": s for prev, s in factors.items()})
-
-    def search_alpha(self, groups, maps, absmax, stats) -> tuple[float | None, dict[str, float]]:
-        """The alpha (or None: no smoothing) whose smoothed, RTN-quantized block reproduces the float
-        block's output best (sum of squared errors) on the first ``search_samples`` samples."""
-        job = self.job
-        subset = self.first_samples(job.search_samples)
-        float_runner = runner_for(job.block, job.compute_dtype)
-        reference = [run_block(float_runner, call).float() for call in subset]
-        errors: dict[str, float] = {}
-        for alpha in (None, *ALPHA_GRID):
-            trial = copy.deepcopy(job.block)
-            consumer_factors: dict[str, torch.Tensor] = {}
-            if alpha is not None:
-                factors = smoothquant.search(trial, groups, absmax, alpha, maps)
-                smoothquant.apply(trial, groups, factors, maps, job.arch.norm_offset)
-                consumer_factors = {c: smoothquant.consumer_factors(factors[g.prev], maps[g.prev])
-                                    for g in groups for c in g.consumers}
-            for name, assignment in job.assigned.items():
-                linear = trial.get_submodule(name)
-                quant = quantize_rtn(linear.weight, assignment.scheme.weight)
-                set_submodule(trial, name, make_quant_linear(
-                    linear, assignment.scheme, quant, input_range(stats[name], consumer_factors.get(name)),
-                    job.storage_dtype))
-            runner = cast_parameters(trial, job.compute_dtype)
-            errors[str(alpha)] = sum(F.mse_loss(run_block(runner, call).float(), ref, reduction="sum").item()
-                                     for call, ref in zip(subset, reference))
-            del trial, runner  # before the next deepcopy: two trial blocks would be alive at once
-        errors = dict(zip(errors, job.processes.sum_values(list(errors.values()))))
-        best = min(errors, key=errors.get)
-        return (None if best == "None" else float(best)), errors
-
     def first_samples(self, count: int) -> list[BlockInput]:
         """This process's calls among the first ``count`` calibration samples (the batch that
         crosses ``count`` cut to it)."""
@@ -296,12 +210,13 @@ class BlockQuantizer:
         job = self.job
         for name in sorted({a.algorithm for a in job.assigned.values()}):
             algorithm = get_algorithm(name)
-            if not hasattr(algorithm, "transform_block"):
+            if not isinstance(algorithm, BlockTransform):
                 continue
             context = BlockContext(
                 prefix=job.prefix, block=job.block, assigned=job.assigned, stats=stats, groups=job.arch.awq,
                 model_config=job.model_config, norm_offset=job.arch.norm_offset, first_samples=self.first_samples,
                 runner=lambda: runner_for(job.block, job.compute_dtype), sum_=job.processes.sum_,
+                no_clip=job.arch.no_clip,
             )
             found = algorithm.transform_block(context)
             result.search_results.update({f"{job.prefix}.{key}": value for key, value in found.items()})
@@ -321,7 +236,7 @@ class BlockQuantizer:
         layer = make_quant_linear(linear, assignment.scheme, quant, input_range(stats) if stats else None,
                                   job.storage_dtype)
         set_submodule(job.block, name, layer)
-        _, tensor_names = quant_linear_tensors(full_name, layer)
+        _, tensor_names = record_tensors(full_name, LinearRecord.of(layer))
         result.entries[full_name] = LayerEntry(
             scheme=assignment.scheme, algorithm=assignment.algorithm, rule=assignment.rule,
             shape=quant.shape, tensors=tensor_names, codes_layout=codes_layout(quant.spec.bits),

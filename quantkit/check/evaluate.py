@@ -146,9 +146,14 @@ def load_model(name: str, dtype: torch.dtype) -> tuple[nn.Module, object, str, P
     """(model, tokenizer, kind, path) for a quantkit output directory or a float checkpoint. Every
     weight the model has must come from the files: a missing or unexpected tensor is an error, never
     a randomly initialised layer that would be scored."""
-    from quantkit.checkpoint import Checkpoint, check_weights, expected_tensors, resolve_model
-    from quantkit.exporters.manifest import MANIFEST_NAME
-    from quantkit.exporters.native import check_manifest_present, load_quantized
+    from quantkit.model.checkpoint import (
+        Checkpoint,
+        check_weights,
+        expected_tensors,
+        resolve_model,
+    )
+    from quantkit.native.loader import check_manifest_present, load_quantized
+    from quantkit.native.manifest import MANIFEST_NAME
 
     path = Path(name)
     if (path / MANIFEST_NAME).is_file():
@@ -196,11 +201,11 @@ def _reference_name(config: EvalConfig, target_path: Path, kind: str) -> str | N
         return config.reference
     if kind != "quantized":
         return None
-    from quantkit.exporters.manifest import Manifest
+    from quantkit.native.manifest import Manifest
 
     source = Manifest.load(target_path).source
-    path = source.get("path")
-    return path if path and Path(path).is_dir() else source.get("requested")
+    path = source.path
+    return path if path and Path(path).is_dir() else source.requested
 
 
 def run_eval(config: EvalConfig) -> EvalReport:

@@ -36,9 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -48,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.algorithms import primitives
+from quantkit.calibrate.hooks import forward_hooks
 from quantkit.errors import QuantkitError
-from quantkit.qlinear import QuantLinear
+from quantkit.files import atomic_text, json_safe
+from quantkit.formats import primitives
+from quantkit.model.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +161,12 @@ class ValidationReport:
             entry = asdict(layer)
             entry["problems"] = [text for _, text in layer.problems]
             entry["passed"] = layer.passed
-            layers[name] = {k: _json_number(v) for k, v in entry.items()}
+            layers[name] = {k: json_safe(v) for k, v in entry.items()}
         return {
             "passed": self.passed, "failures": self.failures, "path": self.path, "backend": self.backend,
             "backend_description": self.backend_description, "device": self.device, "dtype": self.dtype,
             "activations": self.activations, "float_reference": self.float_reference,
-            "tolerances": self.tolerances, "end_to_end": {k: _json_number(v) for k, v in self.end_to_end.items()},
+            "tolerances": self.tolerances, "end_to_end": {k: json_safe(v) for k, v in self.end_to_end.items()},
             "seconds": round(self.seconds, 2), "layers": layers,
         }
 
@@ -178,21 +178,12 @@ class ValidationReport:
             "passed": self.passed, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "backend": self.backend, "device": self.device, "dtype": self.dtype, "layers": len(self.layers),
             "failures": self.failures[:10], "float_reference": self.float_reference,
-            "worst_kernel_sqnr_db": {"layer": kernel_layer, "db": _json_number(kernel_db)},
-            "worst_float_sqnr_db": {"layer": float_layer, "db": _json_number(float_db)},
-            "kl_divergence": _json_number(self.end_to_end.get("kernel_kl_divergence")),
-            "top1_agreement": _json_number(self.end_to_end.get("kernel_top1_agreement")),
+            "worst_kernel_sqnr_db": {"layer": kernel_layer, "db": json_safe(kernel_db)},
+            "worst_float_sqnr_db": {"layer": float_layer, "db": json_safe(float_db)},
+            "kl_divergence": json_safe(self.end_to_end.get("kernel_kl_divergence")),
+            "top1_agreement": json_safe(self.end_to_end.get("kernel_top1_agreement")),
             "report": REPORT_NAME,
         }
-
-
-def _json_number(value):
-    """JSON has no Infinity/NaN: exact (infinite SQNR) or undefined values are written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, tuple):
-        return list(value)
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,13 +215,13 @@ def activation_tokens(manifest, tokenizer, vocab_size: int, num_samples: int,
                       seq_len: int) -> tuple[torch.Tensor, dict]:
     """[num_samples, seq_len] token ids from the calibration dataset spec, else the bundled text."""
     from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
-    from quantkit.evaluate import default_text, eval_windows
+    from quantkit.check.evaluate import default_text, eval_windows
 
     if num_samples < 1 or seq_len < 2:
         raise QuantkitError(f"need at least 1 sample of 2 tokens, got {num_samples} x {seq_len}")
-    calibration = manifest.calibration or {}
-    dataset = calibration.get("dataset")
-    seed = int(calibration.get("seed", 0) or 0)
+    calibration = manifest.calibration
+    dataset = calibration.dataset
+    seed = int(calibration.seed or 0)
     if isinstance(dataset, dict) and dataset.get("name"):
         spec = DatasetSpec(dataset["name"], tuple(dataset.get("data_files") or ()), dataset.get("text_column", "text"))
         try:
@@ -249,10 +240,9 @@ def activation_tokens(manifest, tokenizer, vocab_size: int, num_samples: int,
 
 def _sample_shape(config: ValidateConfig, manifest, model_config) -> tuple[int, int]:
     """(num_samples, seq_len): as asked, else the calibration's sequence length and at most 4 samples."""
-    calibration = manifest.calibration or {}
-    num_samples = config.num_samples if config.num_samples is not None else \
-        min(4, int(calibration.get("num_samples") or 4))
-    seq_len = config.seq_len if config.seq_len is not None else int(calibration.get("seq_len") or 128)
+    calibration = manifest.calibration
+    num_samples = config.num_samples if config.num_samples is not None else min(4, int(calibration.num_samples or 4))
+    seq_len = config.seq_len if config.seq_len is not None else int(calibration.seq_len or 128)
     max_len = getattr(model_config, "max_position_embeddings", None)
     if max_len and seq_len > max_len:
         if config.seq_len is not None:
@@ -263,16 +253,16 @@ def _sample_shape(config: ValidateConfig, manifest, model_config) -> tuple[int, 
 
 def _source_checkpoint(manifest):
     """(Checkpoint of the float source, None) when it still exists unchanged, else (None, reason)."""
-    from quantkit.checkpoint import Checkpoint
+    from quantkit.model.checkpoint import Checkpoint
 
-    path = manifest.source.get("path")
+    path = manifest.source.path
     if not path or not Path(path).is_dir():
         return None, f"source checkpoint {path} not found"
     try:
         checkpoint = Checkpoint(Path(path))
     except QuantkitError as error:
         return None, f"source checkpoint unreadable: {error}"
-    recorded = manifest.source.get("weights_sha256")
+    recorded = manifest.source.weights_sha256
     if recorded and checkpoint.sha256() != recorded:
         return None, f"source weights in {path} changed since calibration (sha256 differs)"
     return checkpoint, None
@@ -291,15 +281,13 @@ def _search_results(path: Path, manifest) -> dict[str, torch.Tensor]:
 
 class FloatWeights:
     """The float weight each QuantLinear was quantized from: the source block in fp32 with the recorded
-    block transforms replayed in the pipeline's order (smooth -> transform -> quantize):
-      SmoothQuant folds  ``<block>.<prev>.smooth_factors``  (architecture ``smooth`` groups)
-      AWQ scale folds    ``<block>.<prev>.awq_scales``      (architecture ``awq`` groups)
-      AWQ clipping       ``<block>.<linear>.awq_clip``      (per-group clamp of the weight)
+    block transforms replayed in the pipeline's order (smooth -> transform -> quantize), each by the
+    algorithm that saved it (`smoothquant.replay`: its folds; `awq.replay`: scale folds, then clipping).
     One block is materialized at a time."""
 
     def __init__(self, checkpoint, manifest, search_results: dict[str, torch.Tensor]):
-        from quantkit.architectures import architecture_for
-        from quantkit.checkpoint import build_skeleton
+        from quantkit.model.architectures import architecture_for
+        from quantkit.model.checkpoint import build_skeleton
 
         self.checkpoint = checkpoint
         self.manifest = manifest
@@ -323,42 +311,21 @@ class FloatWeights:
         return self.cached[name]
 
     def _load_block(self, prefix: str) -> dict[str, torch.Tensor]:
-        from quantkit.checkpoint import materialize, release
+        from quantkit.algorithms import awq, smoothquant
+        from quantkit.model.checkpoint import materialize, release
 
         block = self.skeleton.get_submodule(prefix)
         materialize(block, prefix, self.checkpoint, torch.float32)
+        config, offset = self.checkpoint.config, self.arch.norm_offset
         try:
             with torch.no_grad():
-                for groups, suffix in ((self.arch.smooth, "smooth_factors"), (self.arch.awq, "awq_scales")):
-                    self._fold(block, prefix, groups, suffix)
-                self._clip(block, prefix)
+                smoothquant.replay(block, prefix, self.arch.smooth, self.results, config, offset)
+                specs = {name: entry.scheme.weight for name, entry in self.manifest.layers.items()}
+                awq.replay(block, prefix, self.arch.awq, self.results, config, offset, specs)
             wanted = [n for n in self.manifest.layers if n.startswith(prefix + ".")]
             return {n: block.get_submodule(n[len(prefix) + 1:]).weight.detach().float().clone() for n in wanted}
         finally:
             release(block)
-
-    def _fold(self, block: nn.Module, prefix: str, groups, suffix: str) -> None:
-        """Replay the recorded per-channel folds (prev /= s, consumers' columns *= s) of one transform."""
-        from quantkit.algorithms import smoothquant
-        from quantkit.architectures import channel_map
-
-        factors = {g.prev: self.results[f"{prefix}.{g.prev}.{suffix}"].float()
-                   for g in groups if f"{prefix}.{g.prev}.{suffix}" in self.results}
-        groups = tuple(g for g in groups if g.prev in factors)
-        maps = {g.prev: channel_map(g, self.checkpoint.config, block.get_submodule(g.consumers[0]).in_features)
-                for g in groups}
-        smoothquant.apply(block, groups, factors, maps, self.arch.norm_offset)
-
-    def _clip(self, block: nn.Module, prefix: str) -> None:
-        clipped = {name: ratio for name, ratio in self.results.items()
-                   if name.startswith(prefix + ".") and name.endswith(".awq_clip")}
-        if not clipped:
-            return
-        from quantkit.algorithms.awq import apply_clip
-
-        for key, ratio in sorted(clipped.items()):
-            name = key.removesuffix(".awq_clip")
-            apply_clip(block.get_submodule(name[len(prefix) + 1:]), ratio, self.manifest.layers[name].scheme.weight)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,14 +419,14 @@ def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def validate(config: ValidateConfig, on_stage: Callable[[str], None] | None = None) -> ValidationReport:
     """Validate the quantized model in ``config.path``; writes the report unless ``config.write`` is off."""
-    from quantkit.checkpoint import Checkpoint
     from quantkit.cuda import (
         KernelLinear,
         describe_backend,
         kernel_modules,
         resolve_backend,
     )
-    from quantkit.exporters.native import load_quantized, open_native
+    from quantkit.model.checkpoint import Checkpoint
+    from quantkit.native.loader import load_quantized, open_native
 
     stage = on_stage or (lambda name: None)
     start = time.perf_counter()
@@ -490,13 +457,8 @@ def validate(config: ValidateConfig, on_stage: Callable[[str], None] | None = No
               for name in modules}
 
     stage("layers")
-    handles = [module.register_forward_hook(probes[name]) for name, module in modules.items()]
-    try:
-        with torch.inference_mode():
-            reference_logits = _logits(model, tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(modules, lambda name: probes[name]), torch.inference_mode():
+        reference_logits = _logits(model, tokens)
     layers = {}
     for name, module in modules.items():
         entry = manifest.layers[name]
@@ -547,23 +509,13 @@ def _end_to_end(source, dtype, device, tokens, reference_logits, kernel_logits) 
     return result
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 def write_report(directory: Path, report: ValidationReport) -> None:
     """validation.json, then the manifest's summary.validation (each replaced atomically); the rest of
     the manifest is kept exactly as read."""
-    from quantkit.exporters.manifest import MANIFEST_NAME
+    from quantkit.native.manifest import MANIFEST_NAME
 
-    _atomic_write(directory / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_text(directory / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     manifest_path = directory / MANIFEST_NAME
     data = json.loads(manifest_path.read_text())
     data.setdefault("summary", {})["validation"] = report.summary()
-    _atomic_write(manifest_path, json.dumps(data, indent=2) + "\n")
+    atomic_text(manifest_path, json.dumps(data, indent=2) + "\n")

@@ -1,61 +1,30 @@
-"""The native output: packed safetensors + ``quant_manifest.json``, and the loader that rebuilds the model.
-
-Tensors of a quantized Linear ``L`` (roles recorded in the manifest's ``tensors`` map):
-  L.weight_codes  int8 [out, in] for 8-bit; int32 [out, ceil(in/32)*bits] packed (packing.py) below 8
-  L.weight_scale  float16 [R, G]          L.weight_zero  int8 [R, G] (float32 when fractional)
-  L.weight_g_idx  int32 [in] (act-order)  L.input_scale  float32 [1] (static activations)
-  L.input_zero    int8 [1] (static asym)  L.bias         storage dtype [out]
-Everything else (embeddings, smoothed norms, lm_head) is stored under its HF name in the source dtype.
-Shards: ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``.
+"""Reading the native output: a checked directory (manifest and tensors), each quantized Linear as a
+`LinearRecord`, and the runnable model (`load_quantized`). File layout: `quantkit.native.writer`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from quantkit.algorithms import packing
-from quantkit.algorithms.quant_tensor import QuantTensor
-from quantkit.checkpoint import Checkpoint, ExpectedTensors, build_skeleton, check_weights, expected_tensors
 from quantkit.errors import QuantkitError
-from quantkit.exporters.manifest import MANIFEST_NAME, LayerEntry, Manifest
-from quantkit.qlinear import QuantLinear, set_submodule
-
-DEFAULT_SHARD_BYTES = 2 * 1024**3
-
-
-def codes_layout(bits: int) -> str:
-    return "int8" if bits == 8 else "int32-packed"
-
-
-def quant_linear_tensors(name: str, layer: QuantLinear) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The file tensors of one QuantLinear and the role -> tensor-name map for the manifest."""
-    spec = layer.weight_spec
-    codes = layer.weight_codes if spec.bits == 8 else packing.pack(layer.weight_codes, spec.bits)
-    by_role = {"codes": codes, "scale": layer.weight_scale}
-    if layer.weight_zero is not None:
-        zero = layer.weight_zero
-        integral = torch.equal(zero, torch.round(zero))
-        by_role["zero"] = zero.to(torch.int8) if integral else zero.float()
-    if layer.weight_g_idx is not None:
-        by_role["g_idx"] = layer.weight_g_idx
-    if layer.input_scale is not None:
-        by_role["input_scale"] = layer.input_scale
-    if layer.input_zero is not None:
-        by_role["input_zero"] = layer.input_zero.to(torch.int8)
-    if layer.bias is not None:
-        by_role["bias"] = layer.bias
-    suffix = {"codes": "weight_codes", "scale": "weight_scale", "zero": "weight_zero", "g_idx": "weight_g_idx",
-              "input_scale": "input_scale", "input_zero": "input_zero", "bias": "bias"}
-    names = {role: f"{name}.{suffix[role]}" for role in by_role}
-    return {names[role]: t.contiguous() for role, t in by_role.items()}, names
+from quantkit.formats import packing
+from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.model.checkpoint import (
+    Checkpoint,
+    ExpectedTensors,
+    build_skeleton,
+    check_weights,
+    expected_tensors,
+)
+from quantkit.model.qlinear import QuantLinear, set_submodule
+from quantkit.native.manifest import MANIFEST_NAME, LayerEntry, Manifest
+from quantkit.native.writer import LinearRecord
 
 
-def quant_linear_from_tensors(entry: LayerEntry, tensors: dict[str, torch.Tensor]) -> QuantLinear:
-    """Inverse of `quant_linear_tensors`, driven by the manifest entry alone."""
+def read_record(entry: LayerEntry, tensors: dict[str, torch.Tensor]) -> LinearRecord:
+    """Inverse of `record_tensors`, driven by the manifest entry alone."""
     spec, names = entry.scheme.weight, entry.tensors
     out_features, in_features = entry.shape
     codes = tensors[names["codes"]]
@@ -66,57 +35,15 @@ def quant_linear_from_tensors(entry: LayerEntry, tensors: dict[str, torch.Tensor
     zero = tensors[names["zero"]].float() if "zero" in names else None
     g_idx = tensors[names["g_idx"]] if "g_idx" in names else None
     weight = QuantTensor(codes.to(torch.int8), tensors[names["scale"]].float(), zero, spec, g_idx)
-    return QuantLinear(
-        weight, entry.scheme.activation,
-        input_scale=tensors.get(names.get("input_scale", "")),
+    return LinearRecord(
+        weight, input_scale=tensors.get(names.get("input_scale", "")),
         input_zero=tensors[names["input_zero"]].float() if "input_zero" in names else None,
         bias=tensors.get(names.get("bias", "")),
     )
 
 
-class ShardedWriter:
-    """Writes tensors as they come in shards of at most ``max_shard_bytes``; `finish` names them."""
-
-    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        self.directory = Path(directory)
-        self.max_shard_bytes = max_shard_bytes
-        self.parts: list[tuple[Path, list[str]]] = []
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, tensor in tensors.items():
-            assert name not in self.buffer, name
-            self.buffer[name] = tensor.detach().contiguous()
-            self.buffer_bytes += tensor.numel() * tensor.element_size()
-        if self.buffer_bytes >= self.max_shard_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        path = self.directory / f"part-{len(self.parts):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.parts.append((path, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        """Final file names: one ``model.safetensors``, or numbered shards plus an index."""
-        self.flush()
-        if len(self.parts) == 1:
-            self.parts[0][0].rename(self.directory / "model.safetensors")
-            return ["model.safetensors"]
-        total = len(self.parts)
-        weight_map, files = {}, []
-        for i, (path, names) in enumerate(self.parts):
-            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            path.rename(self.directory / final)
-            files.append(final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": sum((self.directory / f).stat().st_size for f in files)},
-                 "weight_map": weight_map}
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return files
+def quant_linear_from_tensors(entry: LayerEntry, tensors: dict[str, torch.Tensor]) -> QuantLinear:
+    return read_record(entry, tensors).module(entry.scheme.activation)
 
 
 QUANT_TENSOR_SUFFIXES = (".weight_codes", ".weight_scale", ".weight_zero", ".weight_g_idx")

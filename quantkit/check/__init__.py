@@ -1,0 +1,1 @@
+"""Checking a quantized model: perplexity/KL evaluation, kernel validation."""

@@ -1,0 +1,1 @@
+"""The model side: HF checkpoints, the architecture tables, the QuantLinear module."""

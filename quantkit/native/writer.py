@@ -1,0 +1,74 @@
+"""The native output's tensors: one quantized Linear as the files hold it, and the names it gets.
+
+Tensors of a quantized Linear ``L`` (roles recorded in the manifest's ``tensors`` map):
+  L.weight_codes  int8 [out, in] for 8-bit; int32 [out, ceil(in/32)*bits] packed (packing.py) below 8
+  L.weight_scale  float16 [R, G]          L.weight_zero  int8 [R, G] (float32 when fractional)
+  L.weight_g_idx  int32 [in] (act-order)  L.input_scale  float32 [1] (static activations)
+  L.input_zero    int8 [1] (static asym)  L.bias         storage dtype [out]
+Everything else (embeddings, smoothed norms, lm_head) is stored under its HF name in the source dtype.
+Shards: ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``
+(`quantkit.files.ShardedWriter`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.formats import packing
+from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.model.qlinear import QuantLinear
+
+# role -> tensor-name suffix
+SUFFIXES = {"codes": "weight_codes", "scale": "weight_scale", "zero": "weight_zero", "g_idx": "weight_g_idx",
+            "input_scale": "input_scale", "input_zero": "input_zero", "bias": "bias"}
+
+
+@dataclass
+class LinearRecord:
+    """One quantized Linear as the native files hold it: the hand-off to the writer, from the loader
+    and to exporters.
+
+    quant:        the weight (`QuantTensor`: codes [out, in] int8, scale/zero [R, G] float32)
+    input_scale:  float32 [1] for static activation grids, else None
+    input_zero:   float32 [1] holding an integer, for static asymmetric grids, else None
+    bias:         [out] in the storage dtype, or None
+    """
+
+    quant: QuantTensor
+    input_scale: torch.Tensor | None = None
+    input_zero: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, layer: QuantLinear) -> "LinearRecord":
+        return cls(layer.quant_tensor(), layer.input_scale, layer.input_zero, layer.bias)
+
+    def module(self, activation) -> QuantLinear:
+        """The runnable QuantLinear of this record under an activation grid (or None)."""
+        return QuantLinear(self.quant, activation, input_scale=self.input_scale, input_zero=self.input_zero,
+                           bias=self.bias)
+
+
+def codes_layout(bits: int) -> str:
+    return "int8" if bits == 8 else "int32-packed"
+
+
+def record_tensors(name: str, record: LinearRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file tensors of one quantized Linear and the role -> tensor-name map for the manifest."""
+    quant = record.quant
+    codes = quant.codes if quant.spec.bits == 8 else packing.pack(quant.codes, quant.spec.bits)
+    by_role = {"codes": codes, "scale": quant.scale.to(torch.float16)}
+    if quant.zero is not None:
+        integral = torch.equal(quant.zero, torch.round(quant.zero))
+        by_role["zero"] = quant.zero.to(torch.int8) if integral else quant.zero.float()
+    if quant.g_idx is not None:
+        by_role["g_idx"] = quant.g_idx.to(torch.int32)
+    if record.input_scale is not None:
+        by_role["input_scale"] = record.input_scale
+    if record.input_zero is not None:
+        by_role["input_zero"] = record.input_zero.to(torch.int8)
+    if record.bias is not None:
+        by_role["bias"] = record.bias
+    names = {role: f"{name}.{SUFFIXES[role]}" for role in by_role}
+    return {names[role]: t.contiguous() for role, t in by_role.items()}, names
