@@ -88,6 +88,22 @@ def test_weight_spec_names_float_features_it_cannot_produce_yet(fields, fragment
         WeightSpec(**spec)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quant_tensor_codes_index_their_element_grid(bits):
+    from quantkit.formats import packing
+    from quantkit.formats.quant_tensor import QuantTensor
+    from quantkit.algorithms.rtn import quantize_rtn
+
+    quant = quantize_rtn(torch.randn(16, 64), WeightSpec(bits, "group", True, 32))
+    assert isinstance(quant, QuantTensor) and quant.spec.element.name == f"int{bits}"
+    indices = quant.grid_indices()
+    assert torch.equal(quant.spec.element.values()[indices.long()], quant.codes.float())
+    # the packed file stores exactly these indices: code 0 of each row in the low bits of word 0
+    words = packing.pack(quant.codes, bits)
+    if bits < 8:
+        assert torch.equal(words[:, 0] & ((1 << bits) - 1), indices[:, 0].to(torch.int32))
+
+
 def test_manifest_sections_round_trip(llama_dir, tmp_path):
     from quantkit.native.manifest import CalibrationInfo, Manifest, SmoothingInfo, Summary
     from quantkit.run.pipeline import CalibrateConfig, calibrate

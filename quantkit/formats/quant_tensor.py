@@ -56,6 +56,11 @@ class QuantTensor:
     def integer_zero(self) -> bool:
         return self.zero is None or bool(torch.equal(self.zero, torch.round(self.zero)))
 
+    def grid_indices(self) -> torch.Tensor:
+        """[out, in] uint8 position of each code in ``spec.element.grid`` (for int{b}: code - qmin, the
+        unsigned value the packer stores)."""
+        return (self.codes.to(torch.int16) - int(self.spec.element.min)).to(torch.uint8)
+
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32."""
         return primitives.dequantize(self.codes, self.scale, self.zero, self.group_size, self.g_idx)
