@@ -422,3 +422,24 @@ def test_float_overflow_is_named_as_such(llama_dir, tmp_path):
     assert_one_line_error(run_cli("calibrate", checkpoint, "--scheme", "w8a8_dynamic", "--alpha", "0.5", *FAST,
                                   "--out", tmp_path / "o"),
                           "the float model overflows: NaN/Inf in the output of model.layers.1.mlp.down_proj")
+
+
+def test_output_taken_by_the_user_while_working_keeps_the_finished_run(llama_dir, tmp_path, monkeypatch):
+    from quantkit.errors import QuantkitError
+    from quantkit.run import workdir
+    from quantkit.run.pipeline import CalibrateConfig, calibrate
+
+    out = tmp_path / "out"
+    real_publish = workdir.WorkDir.publish
+
+    def user_writes_first(self, overwrite):
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("mine")    # the user puts a file there while the run works
+        return real_publish(self, overwrite)
+
+    monkeypatch.setattr(workdir.WorkDir, "publish", user_writes_first)
+    with pytest.raises(QuantkitError, match="rerun with --resume"):
+        calibrate(CalibrateConfig(model=str(llama_dir), out=out, overwrite=True, num_samples=4, seq_len=32,
+                                  batch_size=4))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (tmp_path / ".out.partial" / "progress.json").is_file()

@@ -215,13 +215,12 @@ class Checkpoint:
         return {name: shapes[name] for name in self.weight_map if name in shapes}
 
     def check_finite(self) -> None:
-        """Every float tensor is free of NaN/Inf (read one tensor at a time)."""
+        """Every float tensor is free of NaN/Inf (each file opened once, one tensor in memory at a time)."""
         by_file: dict[Path, list[str]] = {}
         for name, file in self.weight_map.items():
             by_file.setdefault(file, []).append(name)
         for file, names in by_file.items():
-            for name in names:
-                tensor = _read_tensors(file, [name])[name]
+            for name, tensor in _iter_tensors(file, names):
                 if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
                     raise QuantkitError(f"NaN/Inf in weight {name} of {self.path}")
 
@@ -276,6 +275,21 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise QuantkitError(f"{file} is not a state dict of tensors")
     return state
+
+
+def _iter_tensors(file: Path, names: list[str]):
+    """(name, tensor) for each name, reading one tensor at a time from a file opened once."""
+    if file.suffix != ".safetensors":
+        state = _load_bin(file)  # memory-mapped
+        yield from ((name, state[name]) for name in names)
+        return
+    from safetensors import safe_open
+    try:
+        with safe_open(file, framework="pt") as handle:
+            for name in names:
+                yield name, handle.get_tensor(name)
+    except Exception as error:
+        raise QuantkitError(f"corrupt or truncated safetensors file {file}: {str(error).splitlines()[0][:160]}") from None
 
 
 def _read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from quantkit.files import (
     DEFAULT_SHARD_BYTES,
     atomic_json,
     atomic_safetensors,
+    describe_existing,
     fsync_tree,
     name_shards,
     replace_into_place,
@@ -174,6 +175,10 @@ class WorkDir:
     def publish(self, overwrite: bool) -> None:
         """Remove the bookkeeping and rename the directory to OUT (replacing a quantkit output only with
         overwrite)."""
+        if self.out.exists() and overwrite and describe_existing(self.out) is not None:
+            # refuse before the bookkeeping goes, so that the finished blocks stay resumable
+            raise QuantkitError(f"refusing to replace {self.out}: it became {describe_existing(self.out)} "
+                                f"while working; the finished run is kept in {self.path} (rerun with --resume)")
         leftovers = [p.name for p in self.path.glob("activations-*")] + [p.name for p in self.path.glob("offload-*")]
         for leftover in ["blocks", "run.json", "progress.json", *leftovers]:
             target = self.path / leftover
