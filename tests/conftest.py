@@ -61,16 +61,17 @@ def save_tokenizer(directory: Path) -> None:
 
 
 def tiny_config(architecture: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=256, bos_token_id=1,
                   eos_token_id=2, tie_word_embeddings=False)
     common.update(overrides)
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[architecture]
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+                    "qwen3": Qwen3Config}[architecture]
     config = config_class(**common)
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                             "qwen2": "Qwen2ForCausalLM"}[architecture]]
+                             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[architecture]]
     return config
 
 
@@ -109,6 +110,12 @@ def mistral_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    # head_dim 32 != hidden / heads (16), as in real Qwen3 models: GGUF must carry key/value lengths
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3", seed=3, head_dim=32)
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,7 @@ def test_every_scheme_reloads_bit_exact(llama_dir, tmp_path, scheme):
     assert torch.equal(_logits(result.model), _logits(reloaded))
 
 
-@pytest.mark.parametrize("fixture", ["mistral_dir", "qwen2_dir"])
+@pytest.mark.parametrize("fixture", ["mistral_dir", "qwen2_dir", "qwen3_dir"])
 @pytest.mark.parametrize("scheme", ["smq_q8i8f16_2", "w8a8_dynamic", "w4a16"])
 def test_other_architectures_reload_bit_exact(fixture, scheme, tmp_path, request):
     checkpoint = request.getfixturevalue(fixture)

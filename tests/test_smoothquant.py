@@ -25,7 +25,7 @@ def _smooth_all_blocks(model, alpha, inputs):
     return arch
 
 
-@pytest.mark.parametrize("fixture", ["llama_dir", "mistral_dir", "qwen2_dir"])
+@pytest.mark.parametrize("fixture", ["llama_dir", "mistral_dir", "qwen2_dir", "qwen3_dir"])
 @pytest.mark.parametrize("alpha", [0.5, 0.85])
 def test_smoothing_preserves_logits(fixture, alpha, request):
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=torch.float64).eval()

@@ -89,6 +89,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("LlamaForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
     "MistralForCausalLM": Architecture("MistralForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
     "Qwen2ForCausalLM": Architecture("Qwen2ForCausalLM", gguf_arch="qwen2", **_LLAMA_LIKE),
+    # Qwen3: Llama's layout plus an RMSNorm over each head of q and k after their projections (the
+    # smoothing/AWQ folds only touch q/k input columns, never their output rows, so the per-head norms
+    # see the same values); llama.cpp's qwen3 uses NEOX rotary like qwen2 (no row permutation).
+    "Qwen3ForCausalLM": Architecture("Qwen3ForCausalLM", gguf_arch="qwen3", **{
+        **_LLAMA_LIKE,
+        "block_norms": _LLAMA_LIKE["block_norms"] + ("self_attn.q_norm", "self_attn.k_norm")}),
 }
 
 
