@@ -61,17 +61,20 @@ def save_tokenizer(directory: Path) -> None:
 
 
 def tiny_config(architecture: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=256, bos_token_id=1,
                   eos_token_id=2, tie_word_embeddings=False)
+    if architecture == "phi3":
+        common["pad_token_id"] = 0   # Phi3Config's default pad id (32000) is outside a tiny vocabulary
     common.update(overrides)
     config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
-                    "qwen3": Qwen3Config}[architecture]
+                    "qwen3": Qwen3Config, "phi3": Phi3Config}[architecture]
     config = config_class(**common)
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[architecture]]
+                             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                             "phi3": "Phi3ForCausalLM"}[architecture]]
     return config
 
 

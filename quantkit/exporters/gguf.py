@@ -203,6 +203,10 @@ def _check_config(config, gguf_arch: str) -> list[str]:
         raise QuantkitError(f"rope scaling '{rope_type}' is not supported by the GGUF exporter (only unscaled rope)")
     if _rope_theta(config) is None:
         raise QuantkitError("config has no rope_theta (rope_parameters)")
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise QuantkitError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported by the "
+                            "GGUF exporter yet")
     if getattr(config, "mlp_bias", False):
         raise QuantkitError(f"MLP biases are not part of GGUF's {gguf_arch} architecture")
     window = getattr(config, "sliding_window", None)

@@ -85,6 +85,29 @@ _LLAMA_LIKE = dict(
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),  # AutoAWQ skips them too
 )
 
+# Phi-3 / Phi-4-mini: q, k and v are one fused Linear (rows [q | k | v]) and gate/up another (rows
+# [gate | up]). The norms fold into the fused Linears' input columns exactly; the v -> o and up -> down
+# folds would scale a row slice of a fused Linear and are not done (o_proj and down_proj get no
+# smoothing or AWQ scales). The fused q/k/v Linear is not clipped (its q and k rows feed the softmax).
+_PHI3 = dict(
+    blocks="model.layers",
+    embeddings="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    rotary="model.rotary_emb",
+    sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    smooth=(
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+    ),
+    awq=(
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+    ),
+    block_norms=("input_layernorm", "post_attention_layernorm"),
+    no_clip=("self_attn.qkv_proj",),
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("LlamaForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
     "MistralForCausalLM": Architecture("MistralForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
@@ -95,6 +118,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3ForCausalLM": Architecture("Qwen3ForCausalLM", gguf_arch="qwen3", **{
         **_LLAMA_LIKE,
         "block_norms": _LLAMA_LIKE["block_norms"] + ("self_attn.q_norm", "self_attn.k_norm")}),
+    # llama.cpp's phi3 takes the fused attn_qkv and ffn_up (gate and up rows) as they are, NEOX rotary.
+    "Phi3ForCausalLM": Architecture("Phi3ForCausalLM", gguf_arch="phi3", **_PHI3),
 }
 
 
