@@ -40,6 +40,21 @@ def assert_one_line_error(result, fragment):
     assert fragment in lines[-1], lines[-1]
     assert "Traceback" not in result.output
 
+def calibrate_and_reload(checkpoint: Path, out: Path, **options):
+    """Calibrate a tiny checkpoint (kept in memory) and reload its output; returns (result, reloaded),
+    after checking the reloaded logits equal the in-memory model's bit for bit."""
+    from quantkit import load_quantized
+    from quantkit.run.pipeline import CalibrateConfig, calibrate
+
+    result = calibrate(CalibrateConfig(model=str(checkpoint), out=out, num_samples=4, seq_len=32, batch_size=4,
+                                       keep_model=True, **options))
+    reloaded = load_quantized(out)
+    ids = torch.randint(0, reloaded.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(result.model(ids).logits, reloaded(ids).logits)
+    return result, reloaded
+
+
 def tiny_text(num_words: int = 4000, seed: int = 0) -> str:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, len(WORDS), (num_words,), generator=generator).tolist()

@@ -54,12 +54,12 @@ class Architecture:
         return tuple(name for stage in self.sequential for name in stage)
 
 
+# Where transformers' decoder-only models keep their parts.
+_HF_DECODER = dict(blocks="model.layers", embeddings="model.embed_tokens", final_norm="model.norm",
+                   lm_head="lm_head", rotary="model.rotary_emb")
+
 _LLAMA_LIKE = dict(
-    blocks="model.layers",
-    embeddings="model.embed_tokens",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    rotary="model.rotary_emb",
+    **_HF_DECODER,
     sequential=(
         ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"),
         ("self_attn.o_proj",),
@@ -90,11 +90,7 @@ _LLAMA_LIKE = dict(
 # folds would scale a row slice of a fused Linear and are not done (o_proj and down_proj get no
 # smoothing or AWQ scales). The fused q/k/v Linear is not clipped (its q and k rows feed the softmax).
 _PHI3 = dict(
-    blocks="model.layers",
-    embeddings="model.embed_tokens",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    rotary="model.rotary_emb",
+    **_HF_DECODER,
     sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
     smooth=(
         ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
