@@ -39,14 +39,14 @@ class ExportSource:
         if has_manifest:
             checkpoint, manifest = open_native(path)
             return cls(path, checkpoint, architecture_for(checkpoint.config), manifest)
-        if (path / "config.json").is_file():
-            check_manifest_present(Checkpoint(path))
+        checkpoint = Checkpoint(path) if (path / "config.json").is_file() else None
+        if checkpoint is not None:
+            check_manifest_present(checkpoint)
         if require_manifest:
             raise QuantkitError(f"{path} has no {MANIFEST_NAME}; is it a quantkit output directory?")
-        if not (path / "config.json").is_file():
+        if checkpoint is None:
             raise QuantkitError(f"{path} is neither a quantkit output directory ({MANIFEST_NAME}) nor a "
                                 "Hugging Face checkpoint (config.json)")
-        checkpoint = Checkpoint(path)
         arch = architecture_for(checkpoint.config)
         if getattr(checkpoint.config, "quantization_config", None):
             raise QuantkitError(f"{path} is already quantized (config.json has quantization_config) and has "

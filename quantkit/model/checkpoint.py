@@ -134,6 +134,7 @@ class Checkpoint:
         self.trust_remote_code = trust_remote_code
         self.config = self._load_config()
         self.weight_map = self._weight_map()
+        self._shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
 
     def _load_config(self):
         from transformers import AutoConfig
@@ -183,19 +184,21 @@ class Checkpoint:
         """Read the named tensors (each file opened once); missing names are an error."""
         missing = [n for n in names if n not in self.weight_map]
         if missing:
-            raise QuantkitError(f"checkpoint {self.path} lacks tensor {missing[0]}" +
-                                (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise QuantkitError(f"checkpoint {self.path} lacks tensor {missing[0]}" + _more(missing))
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
-        result = {}
-        for file, file_names in by_file.items():
-            result.update(_read_tensors(file, file_names))
-        return result
+        return {name: tensor for file, file_names in by_file.items() for name, tensor in _iter_tensors(file, file_names)}
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """{name: (shape, dtype name)} of every stored tensor, from the safetensors headers alone
-        (legacy .bin files are memory-mapped)."""
+        (legacy .bin files are memory-mapped); read once per Checkpoint (the checks before work and the
+        estimate both ask)."""
+        if self._shapes is None:
+            self._shapes = self._read_shapes()
+        return self._shapes
+
+    def _read_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         from safetensors import safe_open
 
         shapes = {}
@@ -246,8 +249,7 @@ def _read_index(index: Path) -> dict[str, Path]:
     shards = {name: index.parent / file for name, file in mapping.items()}
     missing = sorted({file for file in shards.values() if not file.is_file()})
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise QuantkitError(f"index {index} names shard {missing[0].name}, which is missing{more}")
+        raise QuantkitError(f"index {index} names shard {missing[0].name}, which is missing{_more(missing)}")
     return shards
 
 
@@ -288,18 +290,6 @@ def _iter_tensors(file: Path, names: list[str]):
         with safe_open(file, framework="pt") as handle:
             for name in names:
                 yield name, handle.get_tensor(name)
-    except Exception as error:
-        raise QuantkitError(f"corrupt or truncated safetensors file {file}: {str(error).splitlines()[0][:160]}") from None
-
-
-def _read_tensors(file: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    if file.suffix != ".safetensors":
-        state = _load_bin(file)
-        return {name: state[name] for name in names}
-    from safetensors import safe_open
-    try:
-        with safe_open(file, framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in names}
     except Exception as error:
         raise QuantkitError(f"corrupt or truncated safetensors file {file}: {str(error).splitlines()[0][:160]}") from None
 

@@ -54,8 +54,16 @@ def codes_layout(bits: int) -> str:
     return "int8" if bits == 8 else "int32-packed"
 
 
-def record_tensors(name: str, record: LinearRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The file tensors of one quantized Linear and the role -> tensor-name map for the manifest."""
+def tensor_names(name: str, record: LinearRecord) -> dict[str, str]:
+    """The role -> tensor-name map of one quantized Linear for the manifest (nothing is packed)."""
+    present = {"codes": True, "scale": True, "zero": record.quant.zero is not None,
+               "g_idx": record.quant.g_idx is not None, "input_scale": record.input_scale is not None,
+               "input_zero": record.input_zero is not None, "bias": record.bias is not None}
+    return {role: f"{name}.{SUFFIXES[role]}" for role, here in present.items() if here}
+
+
+def record_tensors(name: str, record: LinearRecord) -> dict[str, torch.Tensor]:
+    """The file tensors of one quantized Linear, under the names `tensor_names` gives."""
     quant = record.quant
     codes = quant.codes if quant.spec.bits == 8 else packing.pack(quant.codes, quant.spec.bits)
     by_role = {"codes": codes, "scale": quant.scale.to(torch.float16)}
@@ -70,5 +78,5 @@ def record_tensors(name: str, record: LinearRecord) -> tuple[dict[str, torch.Ten
         by_role["input_zero"] = record.input_zero.to(torch.int8)
     if record.bias is not None:
         by_role["bias"] = record.bias
-    names = {role: f"{name}.{SUFFIXES[role]}" for role in by_role}
-    return {names[role]: t.contiguous() for role, t in by_role.items()}, names
+    names = tensor_names(name, record)
+    return {names[role]: t.contiguous() for role, t in by_role.items()}

@@ -38,7 +38,7 @@ from quantkit.formats import primitives
 from quantkit.model.architectures import Architecture
 from quantkit.model.qlinear import set_submodule
 from quantkit.native.manifest import LayerEntry
-from quantkit.native.writer import LinearRecord, codes_layout, record_tensors
+from quantkit.native.writer import LinearRecord, codes_layout, tensor_names
 from quantkit.run.distributed import Processes
 from quantkit.run.layers import (
     dtype_name,
@@ -236,10 +236,10 @@ class BlockQuantizer:
         layer = make_quant_linear(linear, assignment.scheme, quant, input_range(stats) if stats else None,
                                   job.storage_dtype)
         set_submodule(job.block, name, layer)
-        _, tensor_names = record_tensors(full_name, LinearRecord.of(layer))
+        names = tensor_names(full_name, LinearRecord.of(layer))
         result.entries[full_name] = LayerEntry(
             scheme=assignment.scheme, algorithm=assignment.algorithm, rule=assignment.rule,
-            shape=quant.shape, tensors=tensor_names, codes_layout=codes_layout(quant.spec.bits),
+            shape=quant.shape, tensors=names, codes_layout=codes_layout(quant.spec.bits),
             ragged_last_group=quant.ragged, integer_zero=quant.integer_zero,
             metrics={"weight_sqnr_db": primitives.sqnr_db(weight, quant.dequantize())},
         )

@@ -467,7 +467,7 @@ def _block_tensors(run: _Run, prefix: str, block: nn.Module) -> dict[str, torch.
     tensors = {}
     quantized = {name for name, m in block.named_modules() if isinstance(m, QuantLinear)}
     for name in quantized:
-        tensors.update(record_tensors(f"{prefix}.{name}", LinearRecord.of(block.get_submodule(name)))[0])
+        tensors.update(record_tensors(f"{prefix}.{name}", LinearRecord.of(block.get_submodule(name))))
     for name, param in block.named_parameters():
         if name.rpartition(".")[0] not in quantized:
             tensors[f"{prefix}.{name}"] = param.detach().to(run.storage_dtype)
@@ -478,10 +478,7 @@ def _non_block_tensors(run: _Run) -> dict[str, torch.Tensor]:
     """Embeddings, final norm and an untied lm_head, as the source stored them."""
     block_prefix = run.arch.blocks + "."
     names = [n for n in run.checkpoint.weight_map if not n.startswith(block_prefix)]
-    tensors = run.checkpoint.tensors(names)
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise QuantkitError(f"NaN/Inf in weight {name} of {run.checkpoint.path}")
+    tensors = run.checkpoint.tensors(names)  # finite: _preflight scanned every weight
     return {name: t.to(run.storage_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
 
 
