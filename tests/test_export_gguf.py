@@ -347,6 +347,39 @@ def test_qwen2_with_biases_and_tied_embeddings(tmp_path):
     assert max_logit_difference(model, quantized, ids) < 1e-4
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def test_llama3_rope_scaling_and_tied_embeddings(tmp_path):
+    """Llama 3.2: rope_freqs carries the llama3 scaling (checked against transformers' own llama3
+    frequencies) and the tied lm_head is left to token_embd; the weights, put under the source
+    config's rope, give load_quantized's logits."""
+    from transformers import AutoModelForCausalLM
+
+    source_dir = make_checkpoint(tmp_path / "llama3", "llama", seed=5, vocab_size=VOCAB, tie_word_embeddings=True,
+                                 rope_parameters=dict(LLAMA3_ROPE), head_dim=32)
+    save_byte_level_bpe(source_dir)
+    source = quantize(source_dir, tmp_path / "q", scheme="w4a16", group_size=32, symmetric=True)
+    result = export_gguf(source, tmp_path / "llama3.gguf")
+    tensors = tensors_by_name(result.out)
+    assert "output.weight" not in tensors
+    factors = torch.from_numpy(np.array(tensors["rope_freqs.weight"].data, dtype=np.float32))
+    quantized = load_quantized(source, dtype=torch.float32)
+    head_dim, theta = 32, LLAMA3_ROPE["rope_theta"]
+    unscaled = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scaled = quantized.model.rotary_emb.inv_freq.double()      # transformers' llama3 frequencies
+    assert factors.shape == (head_dim // 2,) and not torch.allclose(factors, torch.ones_like(factors))
+    torch.testing.assert_close(unscaled / factors.double(), scaled, rtol=1e-6, atol=0)
+    # transformers' GGUF reader does not read rope_freqs: its weights go into the source config's model
+    weights = load_gguf(result.out).state_dict()
+    model = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32).eval()
+    model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False)
+    model.tie_weights()
+    ids = eval_windows(Checkpoint(source_dir).tokenizer(), tiny_text(3000, seed=7), 64, 4)
+    assert max_logit_difference(model, quantized, ids) < 1e-4
+
+
 def test_sentencepiece_tokenizer(tmp_path):
     import sentencepiece
     from transformers import AutoTokenizer

@@ -123,6 +123,7 @@ class _Plan:
     vocab: GGUFVocab
     records: list[TensorRecord]
     permutations: dict[str, torch.Tensor]       # HF linear name -> row permutation (q, k)
+    computed: dict[str, torch.Tensor]           # GGUF name -> a tensor derived from the config (rope_freqs)
     notes: list[str]
     requested: str | None
 
@@ -170,11 +171,16 @@ def _plan(source: ExportSource, requested: str | None) -> _Plan:
             records += _linear_records(source, source.arch.lm_head, name_map, requested)
         else:
             records += _float_record(source, source.arch.lm_head + ".weight", "output.weight", is_linear=True)
+    computed = {}
+    if _rope_type(source.config) == "llama3":
+        computed["rope_freqs.weight"] = llama3_rope_factors(source.config)
+        records.append(TensorRecord("rope_freqs.weight", "rope_parameters", tuple(computed["rope_freqs.weight"].shape),
+                                    "F32", "float", "Llama 3 rope scaling factors, from the config"))
     _check_all_consumed(source, records)
     if any(r.activation_dropped for r in records):
         notes.append("activation quantization (W8A8/W4A8) has no GGUF equivalent and was dropped: llama.cpp "
                      "computes those layers with its own activation handling")
-    return _Plan(source, gguf_arch, vocab, records, permutations, notes, requested)
+    return _Plan(source, gguf_arch, vocab, records, permutations, computed, notes, requested)
 
 
 def _check_all_consumed(source: ExportSource, records: list[TensorRecord]) -> None:
@@ -197,10 +203,12 @@ def _check_config(config, gguf_arch: str) -> list[str]:
     if act != "silu":
         raise QuantkitError(f"hidden_act '{act}' is not expressible in GGUF's {gguf_arch} architecture (silu)")
     rope = dict(getattr(config, "rope_parameters", None) or {})
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise QuantkitError(f"rope scaling '{rope_type}' is not supported by the GGUF exporter (only unscaled rope)")
+    rope_type = _rope_type(config)
+    if rope_type == "llama3" and gguf_arch != "llama":
+        raise QuantkitError(f"rope scaling 'llama3' has no place in GGUF's {gguf_arch} architecture")
+    if rope_type not in ("default", "llama3"):
+        raise QuantkitError(f"rope scaling '{rope_type}' is not supported by the GGUF exporter "
+                            "(unscaled rope and Llama 3's 'llama3' are)")
     if _rope_theta(config) is None:
         raise QuantkitError("config has no rope_theta (rope_parameters)")
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
@@ -215,8 +223,39 @@ def _check_config(config, gguf_arch: str) -> list[str]:
     return notes
 
 
+def _rope_parameters(config) -> dict:
+    """The config's rope settings: transformers 5's ``rope_parameters`` merged over the older ``rope_scaling``."""
+    return {**(getattr(config, "rope_scaling", None) or {}), **(getattr(config, "rope_parameters", None) or {})}
+
+
+def _rope_type(config) -> str:
+    rope = _rope_parameters(config)
+    return rope.get("rope_type") or rope.get("type") or "default"
+
+
+def llama3_rope_factors(config) -> torch.Tensor:
+    """llama.cpp's ``rope_freqs`` for Llama 3.x rope scaling: [head_dim / 2] float32 divisors of the
+    unscaled frequencies f_i = theta^(-2i/d) (llama.cpp rotates by pos * f_i / factor_i).
+
+    With wavelength w_i = 2*pi / f_i, L = original_max_position_embeddings and the config's factor,
+    low_freq_factor, high_freq_factor: factor_i = 1 where w_i < L / high_freq_factor (kept), ``factor``
+    where w_i > L / low_freq_factor (fully scaled), and in between 1 / ((1 - s) / factor + s) with
+    s = (L / w_i - low_freq_factor) / (high_freq_factor - low_freq_factor) (Meta's interpolation)."""
+    rope = _rope_parameters(config)
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    original = float(rope["original_max_position_embeddings"])
+    dim = _head_dim(config)
+    freqs = 1.0 / float(_rope_theta(config)) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    wavelength = 2 * math.pi / freqs
+    smooth = (original / wavelength - low) / (high - low)
+    factors = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = torch.where(wavelength < original / high, torch.ones_like(factors), factors)
+    factors = torch.where(wavelength > original / low, torch.full_like(factors, factor), factors)
+    return factors.float()
+
+
 def _rope_theta(config) -> float | None:
-    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope = _rope_parameters(config)
     return rope.get("rope_theta", getattr(config, "rope_theta", None))
 
 
@@ -428,6 +467,8 @@ def _file_type(records: list[TensorRecord]):
 
 def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
     source = plan.source
+    if record.name in plan.computed:
+        return _float_bytes(plan.computed[record.name], record.ggml_type)
     if not record.is_linear:
         tensor = source.tensor(record.source)
         if record.source.endswith(".bias"):
