@@ -76,7 +76,8 @@ def save_tokenizer(directory: Path) -> None:
 
 
 def tiny_config(architecture: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig,
+                              Qwen3Config, Qwen3MoeConfig)
 
     common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=256, bos_token_id=1,
@@ -84,12 +85,19 @@ def tiny_config(architecture: str, **overrides):
     if architecture == "phi3":
         common["pad_token_id"] = 0   # Phi3Config's default pad id (32000) is outside a tiny vocabulary
     common.update(overrides)
+    # Mixture of experts: small experts, top-2 routing (many experts, few per token, as in Qwen3-MoE).
+    moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+    moe_defaults = {"qwen3_moe": moe, "qwen2_moe": dict(moe, shared_expert_intermediate_size=48, norm_topk_prob=False),
+                    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)}
+    common = {**common, **moe_defaults.get(architecture, {}), **overrides}
     config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
-                    "qwen3": Qwen3Config, "phi3": Phi3Config}[architecture]
+                    "qwen3": Qwen3Config, "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig,
+                    "qwen2_moe": Qwen2MoeConfig, "mixtral": MixtralConfig}[architecture]
     config = config_class(**common)
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                             "phi3": "Phi3ForCausalLM"}[architecture]]
+                             "phi3": "Phi3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                             "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[architecture]]
     return config
 
 
@@ -128,6 +136,21 @@ def mistral_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe", seed=4)
+
+
+@pytest.fixture(scope="session")
+def qwen2_moe_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe", seed=5)
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("mixtral"), "mixtral", seed=6, sliding_window=None)
 
 
 @pytest.fixture(scope="session")

@@ -51,12 +51,12 @@ def consumer_factors(factors: torch.Tensor, column_map: torch.Tensor | None) -> 
 
 def search(block: nn.Module, groups: tuple[ScaleGroup, ...], act_absmax: dict[str, torch.Tensor],
            alpha: float, column_maps: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    """{group.prev: s} for every group; ``act_absmax`` is keyed by consumer name (consumers of a
-    group share their input, so any consumer's statistic is the group's)."""
+    """{group.prev: s} for every group; ``act_absmax`` is keyed by the module observed for the
+    group's input (`ScaleGroup.observed`)."""
     factors = {}
     for group in groups:
         weights = [block.get_submodule(name).weight for name in group.consumers]
-        factors[group.prev] = smoothing_factors(act_absmax[group.consumers[0]], weights, alpha,
+        factors[group.prev] = smoothing_factors(act_absmax[group.observed], weights, alpha,
                                                 column_maps.get(group.prev))
     return factors
 
@@ -111,5 +111,5 @@ def apply(block: nn.Module, groups: tuple[ScaleGroup, ...], factors: dict[str, t
         if group.prev not in factors:
             continue
         fold_into_previous(block.get_submodule(group.prev), factors[group.prev], norm_offset)
-        fold_into_consumers([block.get_submodule(name) for name in group.consumers],
+        fold_into_consumers([block.get_submodule(name) for name in group.consumers + group.also_scaled],
                             consumer_factors(factors[group.prev], column_maps.get(group.prev)))

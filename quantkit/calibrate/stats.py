@@ -134,6 +134,7 @@ class LayerStats:
         unknown = kinds - STATISTICS.keys()
         assert not unknown, unknown
         self.items = {kind: STATISTICS[kind]() for kind in sorted(kinds)}
+        self.tokens = torch.zeros((), dtype=torch.float64)   # rows observed (0: the Linear saw no input)
 
     def update(self, x: torch.Tensor, shared: dict | None = None) -> None:
         """Fold one batch in. ``shared`` caches each statistic's batch contribution, so Linears
@@ -145,6 +146,7 @@ class LayerStats:
                     shared["tokens"] = _tokens(x)
                 shared[kind] = stat.contribution(shared["tokens"])
             stat.add(shared[kind])
+        self.tokens += x.numel() // x.shape[-1]
 
     def release(self, kind: str) -> None:
         """Free a statistic once its Linear is quantized (no-op if it was never collected)."""
@@ -157,6 +159,7 @@ class LayerStats:
     def all_reduce(self) -> None:
         for stat in self.items.values():
             stat.all_reduce()
+        dist.all_reduce(self.tokens)
 
     @property
     def range(self) -> ChannelRange:

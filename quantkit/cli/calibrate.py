@@ -35,13 +35,17 @@ import click
 @click.option("--offload-activations", is_flag=True,
               help="Keep the calibration activations on disk (one batch in memory at a time).")
 @click.option("--dtype", default="auto", show_default=True, help="Compute dtype of the calibration passes.")
+@click.option("--moe-all-experts/--moe-routed-only", default=True, show_default=True,
+              help="MoE: every expert's statistics from every calibration token (the block output keeps the "
+                   "true routing), or only from the tokens routed to it.")
+@click.option("--expert-batch", default=16, show_default=True, type=int,
+              help="MoE: experts whose Hessians (GPTQ) are collected at once; bounds memory.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, symmetric, dataset, data_files,
               text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, dry_run, resume,
-              offload_activations, dtype,
-              trust_remote_code, as_json, quiet):
+              offload_activations, dtype, moe_all_experts, expert_batch, trust_remote_code, as_json, quiet):
     """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
     quantized model: packed safetensors plus quant_manifest.json."""
     from quantkit.cli import render
@@ -62,6 +66,7 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
         dataset=dataset, data_files=tuple(data_files), text_column=text_column, num_samples=num_samples,
         seq_len=seq_len, batch_size=batch_size, alpha=alpha, smooth=smooth, seed=seed, out=out,
         overwrite=overwrite, dry_run=dry_run, resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
+        moe_all_experts=moe_all_experts, expert_batch=expert_batch,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports
         run_calibration(config, Progress())
@@ -80,6 +85,8 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
         render.emit_json(render.calibration_json(result))
     elif not quiet:
         render.stderr.print(render.calibration_table(result))
+        if render.notes_line(result.manifest):
+            render.stderr.print(render.notes_line(result.manifest), markup=False)
         render.stderr.print(f"wrote {result.out}")
 
 

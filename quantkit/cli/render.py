@@ -109,7 +109,23 @@ def calibration_json(result) -> dict:
         "layers_quantized": len(layers),
         "worst_output_sqnr": {"layer": worst[1], "db": worst[0] if worst[0] != math.inf else None},
         "estimate": manifest.summary.estimate,
+        "notes": layer_notes(manifest),
     }
+
+
+def layer_notes(manifest) -> dict[str, str]:
+    """{layer: note} of the layers whose run departed from the plan (MoE experts without tokens)."""
+    return {name: entry.note for name, entry in manifest.layers.items() if entry.note}
+
+
+def notes_line(manifest) -> str | None:
+    """One line summarising the layer notes, or None."""
+    notes = layer_notes(manifest)
+    if not notes:
+        return None
+    first = next(iter(notes))
+    more = f" and {len(notes) - 1} more layers" if len(notes) > 1 else ""
+    return f"note: {first}{more}: {notes[first]} (see the manifest's per-layer 'note')"
 
 
 def eval_table(report) -> Table:

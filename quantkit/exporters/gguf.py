@@ -28,6 +28,7 @@ recorded in the ``quantkit.export`` metadata key (JSON) and returned as `GGUFExp
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -65,6 +66,7 @@ class TensorRecord:
     activation_dropped: bool = False         # the scheme quantized activations; GGUF cannot
     weight_sqnr_db: float | None = None      # GGUF weights vs the source's (dequantized) weights
     min_error_in_scales: float | None = None  # carried Q4_1/Q5_1: max |m_f16 - m| / scale
+    experts: tuple[str, ...] = ()            # MoE: the expert Linears stacked in this [E, rows, cols] tensor
 
     def nbytes(self) -> int:
         count = math.prod(self.shape)
@@ -156,13 +158,23 @@ def _plan(source: ExportSource, requested: str | None) -> _Plan:
     permutations = _permutations(source, gguf_arch)
     records = _float_record(source, source.arch.embeddings + ".weight", "token_embd.weight")
     name_map = _tensor_name_map(gguf_arch, source.num_blocks)
+    stacked = _expert_stacks(source)
+    in_stacks = {name for names in stacked.values() for name in names}
     for linear in source.linear_names():
-        if linear == source.arch.lm_head:
+        if linear == source.arch.lm_head or linear in in_stacks:
             continue
         records += _linear_records(source, linear, name_map, requested)
+    for merged, experts in stacked.items():
+        records.append(_stacked_record(source, _gguf_name(name_map, merged + ".weight"), experts, requested))
     for index in range(source.num_blocks):
         for norm in _block_norms(source, index):
             records.append(TensorRecord(_gguf_name(name_map, norm), norm, tuple(_shape(source, norm)), "F32", "float"))
+        for module in source.arch.float_modules:   # routers: F32, as llama.cpp's converter keeps them
+            name = f"{source.arch.blocks}.{index}.{module}.weight"
+            shape = tuple(_shape(source, name))
+            if shape[0] == 1:      # a one-row gate (Qwen2-MoE's shared-expert gate): llama.cpp wants [n_embd]
+                shape = shape[1:]
+            records.append(TensorRecord(_gguf_name(name_map, name), name, shape, "F32", "float"))
     final_norm = source.arch.final_norm + ".weight"
     records.append(TensorRecord(_gguf_name(name_map, final_norm), final_norm, tuple(_shape(source, final_norm)),
                                 "F32", "float"))
@@ -187,10 +199,13 @@ def _check_all_consumed(source: ExportSource, records: list[TensorRecord]) -> No
     """Every stored tensor has a place in the file: nothing is silently dropped."""
     used = set()
     for record in records:
-        if record.is_linear and source.is_quantized(record.source):
-            used |= set(source.manifest.layers[record.source].tensors.values())
-        else:
-            used.add(record.source + ".weight" if record.is_linear else record.source)
+        for linear in record.experts or ((record.source,) if record.is_linear else ()):
+            if source.is_quantized(linear):
+                used |= set(source.manifest.layers[linear].tensors.values())
+            else:
+                used.add(linear + ".weight")
+        if not record.is_linear:
+            used.add(record.source)
     leftover = sorted(set(source.checkpoint.weight_map) - used)
     if leftover:
         raise QuantkitError(f"tensor {leftover[0]} of {source.path} has no place in a GGUF {source.arch.gguf_arch} "
@@ -215,12 +230,57 @@ def _check_config(config, gguf_arch: str) -> list[str]:
     if partial not in (None, 1, 1.0):
         raise QuantkitError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported by the "
                             "GGUF exporter yet")
+    if gguf_arch in _ROUTING_NORMALIZED and bool(getattr(config, "norm_topk_prob", True)) != _ROUTING_NORMALIZED[gguf_arch]:
+        raise QuantkitError(f"norm_topk_prob {getattr(config, 'norm_topk_prob', None)} differs from llama.cpp's "
+                            f"{gguf_arch}, which {'always' if _ROUTING_NORMALIZED[gguf_arch] else 'never'} "
+                            "renormalizes the top-k routing weights")
     if getattr(config, "mlp_bias", False):
         raise QuantkitError(f"MLP biases are not part of GGUF's {gguf_arch} architecture")
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
         notes.append(f"sliding window {window} is not written: llama.cpp attends to the whole context")
     return notes
+
+
+# Whether llama.cpp renormalizes the chosen experts' routing weights to sum to 1, per architecture.
+_ROUTING_NORMALIZED = {"qwen2moe": False, "qwen3moe": True}
+
+
+def _expert_stacks(source: ExportSource) -> dict[str, list[str]]:
+    """MoE: {merged HF name (``<block>.mlp.experts.gate_proj``): the expert Linears stacked into it}."""
+    layout = source.arch.experts
+    if layout is None:
+        return {}
+    count = layout.num_experts(source.config)
+    stacks = {}
+    for index in range(source.num_blocks):
+        container = f"{source.arch.blocks}.{index}.{layout.container}"
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            stacks[f"{container}.{part}"] = [f"{container}.{e}.{part}" for e in range(count)]
+    return stacks
+
+
+def _stacked_record(source: ExportSource, gguf_name: str, experts: list[str], requested: str | None) -> TensorRecord:
+    """One [E, rows, cols] tensor of every expert's Linear: one ggml type for all (llama.cpp's layout).
+    Each expert keeps its codes when its own decision is that type and exact or carried; otherwise
+    the stack takes the closest type and the experts that cannot carry their codes are requantized."""
+    records = [_linear_records(source, name, None, requested, weight_name=gguf_name)[0] for name in experts]
+    types = {r.ggml_type for r in records}
+    first = records[0]
+    if len(types) == 1:
+        ggml_type = first.ggml_type
+    elif any(t in ("F16", "F32") for t in types):
+        ggml_type = "F16"
+    else:
+        ggml_type = requested or next(r.ggml_type for r in records if r.status == "requantized")
+    statuses = {r.status if r.ggml_type == ggml_type else "requantized" for r in records}
+    status = next(s for s in ("float", "requantized", "carried", "exact") if s in statuses)
+    reason = next((r.reason for r in records if r.status == status and r.reason), "")
+    if len(types) > 1:
+        reason = f"experts' own types differ ({', '.join(sorted(types))}); one type per stacked tensor"
+    return TensorRecord(gguf_name, experts[0].rsplit(".", 2)[0] + "." + experts[0].rsplit(".", 1)[1],
+                        (len(experts), *first.shape), ggml_type, status, reason, is_linear=True,
+                        activation_dropped=first.activation_dropped, experts=tuple(experts))
 
 
 def _rope_parameters(config) -> dict:
@@ -298,15 +358,10 @@ def _block_norms(source: ExportSource, index: int) -> list[str]:
 
 
 def _shape(source: ExportSource, name: str) -> list[int]:
-    from safetensors import safe_open
-
-    file = source.checkpoint.weight_map.get(name)
-    if file is None:
+    stored = source.checkpoint.shapes().get(name)
+    if stored is None:
         raise QuantkitError(f"{source.path} is incomplete: no tensor for {name}")
-    if file.suffix == ".safetensors":
-        with safe_open(file, framework="pt") as handle:
-            return list(handle.get_slice(name).get_shape())
-    return list(source.tensor(name).shape)
+    return list(stored[0])
 
 
 def _float_type(source: ExportSource, name: str) -> str:
@@ -325,8 +380,9 @@ def _float_record(source: ExportSource, hf_name: str, gguf_name: str, *,
                          is_linear=is_linear)]
 
 
-def _linear_records(source: ExportSource, linear: str, name_map, requested: str | None) -> list[TensorRecord]:
-    weight_name = _gguf_name(name_map, linear + ".weight")
+def _linear_records(source: ExportSource, linear: str, name_map, requested: str | None, *,
+                    weight_name: str | None = None) -> list[TensorRecord]:
+    weight_name = weight_name or _gguf_name(name_map, linear + ".weight")
     records = []
     if source.is_quantized(linear):
         entry = source.manifest.layers[linear]
@@ -437,6 +493,13 @@ def _add_metadata(writer, plan: _Plan) -> None:
         writer.add_key_length(_head_dim(config))
         writer.add_value_length(_head_dim(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if source.arch.experts is not None:
+        writer.add_expert_count(source.arch.experts.num_experts(config))
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        if getattr(config, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if getattr(config, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_file_type(plan.records))
     writer.add_quantization_version(gguf_quantization_version())
@@ -469,11 +532,13 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
     source = plan.source
     if record.name in plan.computed:
         return _float_bytes(plan.computed[record.name], record.ggml_type)
+    if record.experts:
+        return _stacked_bytes(plan, record)
     if not record.is_linear:
         tensor = source.tensor(record.source)
         if record.source.endswith(".bias"):
             tensor = _permute(plan, record.source.removesuffix(".bias"), tensor)
-        return _float_bytes(tensor, record.ggml_type)
+        return _float_bytes(tensor.reshape(record.shape), record.ggml_type)
     linear = record.source
     if source.is_quantized(linear):
         quant = _permute_quant(plan, linear, source.record(linear).quant)
@@ -490,6 +555,30 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
         record.weight_sqnr_db = primitives.sqnr_db(reference, torch.from_numpy(data).float(), elementwise_fp64=False)
         return data
     return _blocks_bytes(record, gguf_blocks.quantize_blocks(reference, record.ggml_type), reference)
+
+
+def _stacked_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
+    """The experts' bytes one after another (expert e at [e]); each expert's codes carried when its
+    own decision allows the stack's type, else requantized from its dequantized weight."""
+    parts, signal, noise = [], 0.0, 0.0
+    for expert in record.experts:
+        single = _linear_records(plan.source, expert, None, plan.requested, weight_name=record.name)[0]
+        if single.ggml_type != record.ggml_type:
+            single = dataclasses.replace(single, ggml_type=record.ggml_type, status="requantized")
+        parts.append(_tensor_bytes(plan, single).reshape(-1))
+        reference = _expert_reference(plan, expert)
+        # SQNR of the stack from each expert's: 10 log10(sum |w|^2 / sum |w - q|^2)
+        power = float(reference.double().pow(2).sum())
+        signal += power
+        noise += power / 10 ** (single.weight_sqnr_db / 10) if math.isfinite(single.weight_sqnr_db) else 0.0
+    record.weight_sqnr_db = primitives.sqnr_db_from_sums(signal, noise)
+    return np.concatenate(parts)
+
+
+def _expert_reference(plan: _Plan, linear: str) -> torch.Tensor:
+    source = plan.source
+    return source.record(linear).quant.dequantize() if source.is_quantized(linear) else \
+        source.tensor(linear + ".weight").float()
 
 
 def _blocks_bytes(record: TensorRecord, blocks: gguf_blocks.Blocks, reference: torch.Tensor) -> np.ndarray:

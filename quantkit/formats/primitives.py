@@ -60,7 +60,7 @@ def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     padded = group_count(in_features, group_size) * group_size
     if padded != in_features:
         w = torch.cat([w, w[:, -1:].expand(out_features, padded - in_features)], dim=1)
-    return w.reshape(out_features, -1, group_size)
+    return w.reshape(out_features, padded // group_size, group_size)
 
 
 def weight_range(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,11 +5,13 @@ error, never a silent Llama fallback. All names inside a block are relative to t
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.model.moe import ExpertLayout
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,16 @@ class ScaleGroup:
     # The consumers' input channels repeat prev's output channels once per query head of a GQA
     # group (v_proj -> o_proj): one factor per prev channel, shared by its copies.
     gqa_shared: bool = False
+    # Float modules reading the same input (a MoE router, the shared-expert gate): they absorb the
+    # consumers' factor too, so the fold stays exact, but are not quantized.
+    also_scaled: tuple[str, ...] = ()
+    # The module whose input is the group's input, observed for the group's statistics when the
+    # consumers each see only part of it (experts fed their routed tokens); None: the first consumer.
+    observe_at: str | None = None
+
+    @property
+    def observed(self) -> str:
+        return self.observe_at or self.consumers[0]
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,13 @@ class Architecture:
     # count (llama.cpp's llama layout interleaves them: the GGUF export permutes these rows).
     rotary_projections: tuple[tuple[str, str], ...] = ()
     no_clip: tuple[str, ...] = ()         # Linears AWQ's clip search skips (softmax squashes their error)
+    # Mixture of experts: where the experts are. Names containing "{e}" are templates, one per expert,
+    # expanded by `architecture_for` with the config's expert count.
+    experts: ExpertLayout | None = None
+    # Float modules inside a block that are neither norms nor quantized (MoE routers, the shared-expert gate).
+    float_modules: tuple[str, ...] = ()
+    # Stored checkpoint names -> ours (regex, replacement), e.g. Mixtral's block_sparse_moe.experts.N.w1.
+    stored_names: tuple[tuple[str, str], ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -104,6 +123,37 @@ _PHI3 = dict(
     no_clip=("self_attn.qkv_proj",),
 )
 
+# Sparse MoE blocks (transformers 5): attention as Llama's, the MLP replaced by a router (mlp.gate)
+# and experts split one Linear per expert (model/moe.py). The post-attention norm feeds every expert's
+# gate/up (and the router, which absorbs the factor but stays float); each expert's up -> down fold is
+# its own group. Expert Linears are quantized like MLP Linears, each with its own statistics.
+_MOE_LAYOUT = ExpertLayout(container="mlp.experts", count="num_experts", moe_block="mlp", router="mlp.gate")
+_EXPERT = "mlp.experts.{e}"
+
+
+def _moe(shared_expert: bool, layout: ExpertLayout = _MOE_LAYOUT, **overrides) -> dict:
+    """A sparse-MoE table entry; ``shared_expert``: Qwen2-MoE's always-on MLP with its sigmoid gate."""
+    up_gate = (f"{_EXPERT}.up_proj", f"{_EXPERT}.gate_proj")
+    shared = ("mlp.shared_expert.up_proj", "mlp.shared_expert.gate_proj") if shared_expert else ()
+    sequential = (_LLAMA_LIKE["sequential"][0], _LLAMA_LIKE["sequential"][1], up_gate + shared,
+                  (f"{_EXPERT}.down_proj",) + (("mlp.shared_expert.down_proj",) if shared_expert else ()))
+    feeds = ScaleGroup("post_attention_layernorm", (f"{_EXPERT}.gate_proj", f"{_EXPERT}.up_proj") + shared[::-1],
+                       "mlp", also_scaled=(layout.router,) + (("mlp.shared_expert_gate",) if shared_expert else ()),
+                       observe_at=layout.moe_block)
+    per_expert = ScaleGroup(f"{_EXPERT}.up_proj", (f"{_EXPERT}.down_proj",), f"{_EXPERT}.down_proj")
+    shared_fold = (ScaleGroup("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",),
+                              "mlp.shared_expert.down_proj"),) if shared_expert else ()
+    attention = _LLAMA_LIKE["smooth"][0], _LLAMA_LIKE["smooth"][2]
+    return dict(_LLAMA_LIKE, sequential=sequential, smooth=(*attention, feeds, per_expert, *shared_fold),
+                awq=(*attention, feeds, per_expert, *shared_fold), experts=layout,
+                float_modules=feeds.also_scaled, **overrides)
+
+
+# Mixtral stores its experts as block_sparse_moe.experts.N.{w1 (gate), w3 (up), w2 (down)}; transformers
+# renames them on load, and so does the checkpoint reader.
+_MIXTRAL_NAMES = ((r"\.block_sparse_moe\.", ".mlp."), (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
+                  (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."))
+
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("LlamaForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
     "MistralForCausalLM": Architecture("MistralForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
@@ -116,6 +166,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         "block_norms": _LLAMA_LIKE["block_norms"] + ("self_attn.q_norm", "self_attn.k_norm")}),
     # llama.cpp's phi3 takes the fused attn_qkv and ffn_up (gate and up rows) as they are, NEOX rotary.
     "Phi3ForCausalLM": Architecture("Phi3ForCausalLM", gguf_arch="phi3", **_PHI3),
+    "MixtralForCausalLM": Architecture("MixtralForCausalLM", gguf_arch="llama", **_moe(
+        False, ExpertLayout("mlp.experts", "num_local_experts", "mlp", "mlp.gate"), stored_names=_MIXTRAL_NAMES)),
+    "Qwen2MoeForCausalLM": Architecture("Qwen2MoeForCausalLM", gguf_arch="qwen2moe", **_moe(True)),
+    "Qwen3MoeForCausalLM": Architecture("Qwen3MoeForCausalLM", gguf_arch="qwen3moe", **_moe(
+        False, block_norms=_LLAMA_LIKE["block_norms"] + ("self_attn.q_norm", "self_attn.k_norm"))),
 }
 
 
@@ -139,7 +194,45 @@ def architecture_for(config) -> Architecture:
         raise QuantkitError("config.json names no architecture ('architectures' is empty); cannot map its layers")
     for name in names:
         if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
+            return expand_experts(ARCHITECTURES[name], config)
     raise QuantkitError(
         f"architecture {names[0]} has no layer mapping; supported: {', '.join(sorted(ARCHITECTURES))}"
     )
+
+
+def expand_experts(arch: Architecture, config) -> Architecture:
+    """``arch`` with its per-expert templates ("{e}") written out for the config's expert count: a
+    group whose prev is per expert becomes one group per expert; one whose consumers are per expert
+    (the norm feeding all experts) lists every expert's Linears."""
+    if arch.experts is None:
+        return arch
+    _check_uniform_moe(config)
+    experts = range(arch.experts.num_experts(config))
+
+    def names(templates: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(n.format(e=e) for e in experts for n in templates if "{e}" in n) + \
+            tuple(n for n in templates if "{e}" not in n)
+
+    def groups(table: tuple[ScaleGroup, ...]) -> tuple[ScaleGroup, ...]:
+        out = []
+        for group in table:
+            if "{e}" in group.prev:
+                out += [ScaleGroup(group.prev.format(e=e), tuple(c.format(e=e) for c in group.consumers),
+                                   group.loss_on.format(e=e), group.gqa_shared) for e in experts]
+            else:
+                out.append(ScaleGroup(group.prev, names(group.consumers), group.loss_on, group.gqa_shared,
+                                      group.also_scaled, group.observe_at))
+        return tuple(out)
+
+    return dataclasses.replace(arch, sequential=tuple(names(stage) for stage in arch.sequential),
+                               smooth=groups(arch.smooth), awq=groups(arch.awq))
+
+
+def _check_uniform_moe(config) -> None:
+    """Every block sparse (the table describes one block layout): Qwen-MoE configs can make some
+    blocks dense (mlp_only_layers, decoder_sparse_step)."""
+    dense = list(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    if dense or step != 1:
+        raise QuantkitError(f"this MoE config mixes dense and sparse blocks (mlp_only_layers {dense}, "
+                            f"decoder_sparse_step {step}); only models whose every block is sparse are mapped")

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -133,7 +134,9 @@ class Checkpoint:
         self.path = Path(path)
         self.trust_remote_code = trust_remote_code
         self.config = self._load_config()
-        self.weight_map = self._weight_map()
+        # Our name -> the name stored in the file (they differ where the table renames, e.g. Mixtral's experts).
+        self.stored_names = _canonical_names(self.config, self._weight_map())
+        self.weight_map = {name: stored[0] for name, stored in self.stored_names.items()}
         self._shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
 
     def _load_config(self):
@@ -188,7 +191,13 @@ class Checkpoint:
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
-        return {name: tensor for file, file_names in by_file.items() for name, tensor in _iter_tensors(file, file_names)}
+        return {name: tensor for file, file_names in by_file.items() for name, tensor in self._read(file, file_names)}
+
+    def _read(self, file: Path, names: list[str]):
+        """(our name, tensor) for ``names`` stored in ``file``."""
+        stored = [self.stored_names[name][1] for name in names]
+        for name, (_, tensor) in zip(names, _iter_tensors(file, stored)):
+            yield name, tensor
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """{name: (shape, dtype name)} of every stored tensor, from the safetensors headers alone
@@ -215,7 +224,7 @@ class Checkpoint:
             except Exception as error:
                 raise QuantkitError(f"corrupt or truncated safetensors file {file}: "
                                     f"{str(error).splitlines()[0][:160]}") from None
-        return {name: shapes[name] for name in self.weight_map if name in shapes}
+        return {name: shapes[stored] for name, (_, stored) in self.stored_names.items() if stored in shapes}
 
     def check_finite(self) -> None:
         """Every float tensor is free of NaN/Inf (each file opened once, one tensor in memory at a time)."""
@@ -223,7 +232,7 @@ class Checkpoint:
         for name, file in self.weight_map.items():
             by_file.setdefault(file, []).append(name)
         for file, names in by_file.items():
-            for name, tensor in _iter_tensors(file, names):
+            for name, tensor in self._read(file, names):
                 if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
                     raise QuantkitError(f"NaN/Inf in weight {name} of {self.path}")
 
@@ -236,6 +245,23 @@ class Checkpoint:
                 for chunk in iter(lambda: handle.read(1 << 22), b""):
                     digest.update(chunk)
         return digest.hexdigest()
+
+
+def _canonical_names(config, stored: dict[str, Path]) -> dict[str, tuple[Path, str]]:
+    """{our name: (file, stored name)}: the architecture table's renames applied (none for most)."""
+    from quantkit.model.architectures import ARCHITECTURES
+
+    renames = next((ARCHITECTURES[n].stored_names for n in getattr(config, "architectures", None) or []
+                    if n in ARCHITECTURES), ())
+    result = {}
+    for name, file in stored.items():
+        ours = name
+        for pattern, replacement in renames:
+            ours = re.sub(pattern, replacement, ours)
+        if ours in result:
+            raise QuantkitError(f"checkpoint tensors {result[ours][1]} and {name} both map to {ours}")
+        result[ours] = (file, name)
+    return result
 
 
 def _read_index(index: Path) -> dict[str, Path]:
@@ -366,7 +392,18 @@ def build_skeleton(config, dtype: torch.dtype, *, trust_remote_code: bool = Fals
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
                                                  trust_remote_code=trust_remote_code)
+    split_moe_experts(model, config)
     return model.eval()
+
+
+def split_moe_experts(model: nn.Module, config) -> None:
+    """A mapped MoE model's fused experts as one Linear per expert (model/moe.py); others unchanged."""
+    from quantkit.model.architectures import ARCHITECTURES
+    from quantkit.model.moe import split_experts
+
+    arch = next((ARCHITECTURES[n] for n in getattr(config, "architectures", None) or [] if n in ARCHITECTURES), None)
+    if arch is not None and arch.experts is not None:
+        split_experts(model, arch.blocks, arch.experts)
 
 
 def materialize(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: torch.dtype,

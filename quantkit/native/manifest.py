@@ -47,6 +47,7 @@ class LayerEntry:
     ragged_last_group: bool = False
     integer_zero: bool = True
     metrics: dict[str, float | None] = field(default_factory=dict)
+    note: str = ""          # what happened beyond the plan (a MoE expert without calibration tokens)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -36,6 +36,7 @@ from quantkit.calibrate.stats import LayerStats
 from quantkit.errors import QuantkitError
 from quantkit.formats import primitives
 from quantkit.model.architectures import Architecture
+from quantkit.model.moe import expert_calibration, expert_index, expert_modules
 from quantkit.model.qlinear import set_submodule
 from quantkit.native.manifest import LayerEntry
 from quantkit.native.writer import LinearRecord, codes_layout, tensor_names
@@ -70,6 +71,8 @@ class BlockJob:
     processes: Processes = field(default_factory=Processes)  # torch.distributed ranks sharing the batches
     keep: Callable[[BlockInput, int], BlockInput] = lambda call, i: call  # where outputs live (memory/disk)
     float_block: Callable[[], nn.Module] | None = None  # a fresh float copy (to tell overflow from quantization error)
+    moe_all_experts: bool = True                 # experts' statistics from every token (outputs keep the routing)
+    expert_batch: int = 16                       # experts whose Hessians are collected at once
 
 
 @dataclass
@@ -86,6 +89,7 @@ class BlockQuantizer:
     def __init__(self, job: BlockJob):
         self.job = job
         self.timings: dict[str, float] = {}
+        self.routed_tokens: dict[int, float] = {}   # MoE: expert -> calibration tokens routed to it
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -105,10 +109,11 @@ class BlockQuantizer:
         calibrated = job.inputs is not None
         result = BlockResult(outputs=None, entries={})
         stats: dict[str, LayerStats | None] = dict.fromkeys(job.assigned)
+        deferred = self.resequenced()
         if calibrated:
             with self.timed("observe"):
                 try:
-                    stats = self.observe(list(job.assigned), deferred=self.resequenced())
+                    stats = self.observe(list(job.assigned), deferred=deferred, count_routes=True)
                 except NonFiniteActivation as error:  # nothing is quantized yet: the float block overflows
                     raise NonFiniteActivation(f"{error}: the float model overflows there, before any quantization "
                                               f"({dtype_name(job.compute_dtype)} forward)") from None
@@ -121,17 +126,17 @@ class BlockQuantizer:
                 self.transform(stats, result)
         float_weights: dict[str, torch.Tensor] = {}
         with self.timed("quantize"):
-            for stage_index, stage in enumerate(job.arch.sequential):
-                names = [name for name in stage if name in job.assigned]
-                resequence = any(self.true_sequential(n) for n in names)
-                if calibrated and stage_index > 0 and resequence:
-                    stats.update(self.observe(names, partial=True))
-                for name in names:
-                    if calibrated:  # the output-SQNR reference of propagate, which runs in the compute dtype
-                        float_weights[name] = job.block.get_submodule(name).weight.to(job.compute_dtype, copy=True)
-                    self.quantize_linear(name, stats[name], result)
-                    if stats[name] is not None:
-                        stats[name].release("hessian")  # GPTQ's [C, C] sums: up to 1 GB per Linear
+            for stage in job.arch.sequential:
+                for batch in self.batches([name for name in stage if name in job.assigned]):
+                    later = [name for name in batch if name in deferred]
+                    if calibrated and later:
+                        stats.update(self.observe(later, partial=True))
+                    for name in batch:
+                        if calibrated:  # the output-SQNR reference of propagate, which runs in the compute dtype
+                            float_weights[name] = job.block.get_submodule(name).weight.to(job.compute_dtype, copy=True)
+                        self.quantize_linear(name, stats[name], result)
+                        if stats[name] is not None:
+                            stats[name].release("hessian")  # GPTQ's [C, C] sums: up to 1 GB per Linear
         if calibrated:
             with self.timed("propagate"):
                 result.outputs, output_sqnr = self.propagate(float_weights)
@@ -165,32 +170,78 @@ class BlockQuantizer:
         return (f"the float model overflows: NaN/Inf in the output of {where} before any quantization "
                 f"({dtype_name(job.compute_dtype)} forward); quantized outputs cannot be finite either")
 
-    def observe(self, names: list[str], partial: bool = False, deferred: frozenset[str] = frozenset()
-                ) -> dict[str, LayerStats]:
+    def observe(self, names: list[str], partial: bool = False, deferred: frozenset[str] = frozenset(),
+                count_routes: bool = False) -> dict[str, LayerStats]:
         """One pass over the inputs with hooks keeping each named Linear's input statistics (its range,
         plus what its algorithm needs unless the Linear is ``deferred`` to a later re-observe); with
-        ``partial`` each forward stops once all named Linears have run (true-sequential re-observes)."""
+        ``partial`` each forward stops once all named Linears have run (true-sequential re-observes).
+        The first pass (not ``partial``) also observes the inputs of scaling groups whose consumers
+        see only part of them (MoE experts); ``count_routes`` counts each expert's routed tokens."""
         job = self.job
         kinds = {name: frozenset({"range"}) | (frozenset() if name in deferred else
                                                get_algorithm(job.assigned[name].algorithm).statistics)
                  for name in names}
+        if not partial:
+            kinds.update(dict.fromkeys(self.group_inputs(), frozenset({"range", "mean_abs"})))
         runner = runner_for(job.block, job.compute_dtype)
-        modules = {name: runner.get_submodule(name) for name in names}
-        with observe_inputs(modules, kinds, label=self.full_name, stop_when_done=partial) as stats:
+        modules = {name: runner.get_submodule(name) for name in kinds}
+        experts = expert_modules(runner)
+        with observe_inputs(modules, kinds, label=self.full_name, stop_when_done=partial) as stats, \
+                expert_calibration(experts, self.dense_experts(names), count_routes) as routed:
             for call in job.inputs:
                 try:
                     run_block(runner, call)
                 except ObservationComplete:
                     pass
         job.processes.all_reduce_stats(stats)
+        if count_routes and routed:
+            self.routed_tokens = dict(enumerate(job.processes.sum_values(routed)))
         return stats
 
+    def group_inputs(self) -> list[str]:
+        """Modules observed for a scaling group's input (the MoE block: its experts each see part)."""
+        job = self.job
+        groups = (*job.arch.smooth, *job.arch.awq)
+        return sorted({g.observe_at for g in groups if g.observe_at and any(c in job.assigned for c in g.consumers)})
+
+    def dense_experts(self, names: list[str]) -> frozenset[int]:
+        """Experts whose Linears are observed on every token (all those among ``names``, unless the
+        job keeps statistics to routed tokens)."""
+        layout = self.job.arch.experts
+        if layout is None or not self.job.moe_all_experts:
+            return frozenset()
+        return frozenset(e for e in map(lambda n: expert_index(n, layout), names) if e is not None)
+
+    def batches(self, names: list[str]) -> list[list[str]]:
+        """A stage's Linears in the batches they are observed and quantized in: experts at most
+        ``expert_batch`` at a time (their Hessians would not all fit at once), other Linears first."""
+        layout = self.job.arch.experts
+        if layout is None:
+            return [names] if names else []
+        by_expert: dict[int | None, list[str]] = {}
+        for name in names:
+            by_expert.setdefault(expert_index(name, layout), []).append(name)
+        shared = by_expert.pop(None, [])
+        experts = sorted(by_expert)
+        step = max(1, self.job.expert_batch)
+        batches = [shared] if shared else []
+        batches += [[n for e in experts[i:i + step] for n in by_expert[e]] for i in range(0, len(experts), step)]
+        return batches
+
     def resequenced(self) -> frozenset[str]:
-        """Linears past the first stage whose (sequential) algorithm re-observes them after the
-        earlier stages are quantized: the first pass need not collect their algorithm statistics."""
+        """Linears whose algorithm statistics the first pass does not collect: past the first stage,
+        those whose (sequential) algorithm re-observes them after the earlier stages are quantized,
+        and MoE experts needing Hessians when a stage has more than one batch of experts (each batch
+        is observed when its turn comes, so only one batch of Hessians is alive)."""
         job = self.job
         later = [name for stage in job.arch.sequential[1:] for name in stage if name in job.assigned]
-        return frozenset(n for n in later if self.true_sequential(n))
+        deferred = {n for n in later if self.true_sequential(n)}
+        for stage in job.arch.sequential:
+            batches = self.batches([name for name in stage if name in job.assigned])
+            if len(batches) > 1:
+                deferred |= {n for batch in batches for n in batch
+                             if "hessian" in get_algorithm(job.assigned[n].algorithm).statistics}
+        return frozenset(deferred)
 
     def true_sequential(self, name: str) -> bool:
         """Whether the Linear's statistics are collected with the block's earlier stages already
@@ -224,27 +275,37 @@ class BlockQuantizer:
     # Quantize and propagate -----------------------------------------------------------------------
 
     def quantize_linear(self, name: str, stats: LayerStats | None, result: BlockResult) -> None:
-        """Quantize one Linear with its algorithm and swap in a QuantLinear."""
+        """Quantize one Linear with its algorithm and swap in a QuantLinear. A Linear that saw no
+        calibration token (an expert no token was routed to) gets the data-free RTN instead."""
         job = self.job
         assignment = job.assigned[name]
         linear = job.block.get_submodule(name)
         weight = linear.weight.float()
         full_name = self.full_name(name)
-        algorithm = get_algorithm(assignment.algorithm)
-        quant, results = algorithm.quantize(weight, assignment.scheme.weight,
-                                            LayerContext(full_name, stats, dict(assignment.options)))
+        algorithm_name, note = assignment.algorithm, ""
+        if stats is not None and not stats.tokens:
+            algorithm_name, stats = "rtn", None
+            note = f"no calibration token reached it: {assignment.algorithm} fell back to rtn (data-free)"
+        if assignment.scheme.activation is not None and stats is None and job.inputs is not None:
+            raise QuantkitError(f"{full_name} saw no calibration token, so its static activation range is unknown; "
+                                "calibrate with more samples or keep MoE statistics on every token")
+        quant, results = get_algorithm(algorithm_name).quantize(
+            weight, assignment.scheme.weight, LayerContext(full_name, stats, dict(assignment.options)))
         layer = make_quant_linear(linear, assignment.scheme, quant, input_range(stats) if stats else None,
                                   job.storage_dtype)
         set_submodule(job.block, name, layer)
         names = tensor_names(full_name, LinearRecord.of(layer))
         result.entries[full_name] = LayerEntry(
-            scheme=assignment.scheme, algorithm=assignment.algorithm, rule=assignment.rule,
+            scheme=assignment.scheme, algorithm=algorithm_name, rule=assignment.rule,
             shape=quant.shape, tensors=names, codes_layout=codes_layout(quant.spec.bits),
             ragged_last_group=quant.ragged, integer_zero=quant.integer_zero,
-            metrics={"weight_sqnr_db": primitives.sqnr_db(weight, quant.dequantize())},
+            metrics={"weight_sqnr_db": primitives.sqnr_db(weight, quant.dequantize())}, note=note,
         )
         if stats is not None:
             result.entries[full_name].metrics["input_absmax"] = float(stats.range.absmax.max())
+        expert = expert_index(name, job.arch.experts) if job.arch.experts else None
+        if expert is not None and expert in self.routed_tokens:
+            result.entries[full_name].metrics["routed_tokens"] = float(self.routed_tokens[expert])
         result.search_results.update({f"{full_name}.{key}": value for key, value in results.items()})
 
     def propagate(self, float_weights: dict[str, torch.Tensor]) -> tuple[list[BlockInput], dict[str, float]]:
@@ -276,4 +337,6 @@ class BlockQuantizer:
                 outputs.append(job.keep(BlockInput(hidden, call.kwargs, call.first_sample), len(outputs)))
         names = sorted(float_weights)
         sums = job.processes.sum_values([signal[n] for n in names] + [noise[n] for n in names])
-        return outputs, {n: primitives.sqnr_db_from_sums(sums[i], sums[len(names) + i]) for i, n in enumerate(names)}
+        # A Linear no measured token reached (a MoE expert routed nothing in those samples) gets no figure.
+        return outputs, {n: primitives.sqnr_db_from_sums(sums[i], sums[len(names) + i]) for i, n in enumerate(names)
+                         if sums[i] > 0 or sums[len(names) + i] > 0}

@@ -102,6 +102,8 @@ class CalibrateConfig:
     resume: bool = False                # continue an interrupted run from its first unfinished block
     offload_activations: bool = False   # keep the cached block inputs on disk, one file per batch
     dry_run: bool = False               # validate everything and estimate memory/disk, then stop
+    moe_all_experts: bool = True        # MoE: every expert's statistics from every token (outputs keep the routing)
+    expert_batch: int = 16              # MoE: experts whose Hessians are collected at once
 
 
 @dataclass
@@ -221,6 +223,8 @@ def _prepare(config: CalibrateConfig) -> _Run:
         raise QuantkitError("--num-samples and --batch-size must be at least 1")
     if config.seq_len < 2:
         raise QuantkitError(f"--seq-len must be at least 2 tokens, got {config.seq_len}")
+    if config.expert_batch < 1:
+        raise QuantkitError(f"--expert-batch must be at least 1, got {config.expert_batch}")
     source = resolve_model(config.model)
     checkpoint = Checkpoint(source.path, trust_remote_code=config.trust_remote_code)
     arch = architecture_for(checkpoint.config)
@@ -407,6 +411,8 @@ def _fingerprint(run: _Run) -> dict:
         "seq_len": config.seq_len, "seed": config.seed, "batch_size": config.batch_size, "smooth": run.smooth,
         "alpha": run.alpha, "compute_dtype": str(run.compute_dtype), "metric_samples": config.metric_samples,
         "world_size": run.processes.world_size, "offload_activations": config.offload_activations,
+        **({"moe_all_experts": config.moe_all_experts, "expert_batch": config.expert_batch}
+           if run.arch.experts is not None else {}),
     }
 
 
@@ -450,7 +456,8 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
                    model_config=run.checkpoint.config, compute_dtype=run.compute_dtype,
                    storage_dtype=run.storage_dtype, smooth=run.smooth, alpha=run.alpha,
                    metric_samples=run.config.metric_samples, processes=run.processes, keep=keep,
-                   float_block=float_block)
+                   float_block=float_block, moe_all_experts=run.config.moe_all_experts,
+                   expert_batch=run.config.expert_batch)
     result = BlockQuantizer(job).run()
     for stage, seconds in result.timings.items():
         run.timings[stage] = run.timings.get(stage, 0.0) + seconds
@@ -503,7 +510,7 @@ def _copy_source_files(files: list[Path], directory: Path) -> None:
 
 
 def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], results_file: str | None) -> Manifest:
-    quantized_sqnr = [e.metrics["output_sqnr_db"] for e in layers.values() if "output_sqnr_db" in e.metrics]
+    quantized_sqnr = [e.metrics["output_sqnr_db"] for e in layers.values() if e.metrics.get("output_sqnr_db") is not None]
     summary = Summary(
         timings_s={k: round(v, 3) for k, v in run.timings.items()},
         peak_rss_bytes=_peak_rss(),
