@@ -40,6 +40,13 @@ def assert_one_line_error(result, fragment):
     assert fragment in lines[-1], lines[-1]
     assert "Traceback" not in result.output
 
+# One run per scheme kind and algorithm: a new model family is checked against all of them.
+EVERY_SCHEME_AND_ALGORITHM = [dict(scheme="w8a8_dynamic"), dict(scheme="smq_q8i8f16_2"),
+                              dict(scheme="w4a16", algorithm="gptq"),
+                              dict(scheme="w4a16", algorithm="awq", group_size=32),
+                              dict(scheme="w4a16", algorithm="hqq", group_size=32)]
+
+
 def calibrate_and_reload(checkpoint: Path, out: Path, **options):
     """Calibrate a tiny checkpoint (kept in memory) and reload its output; returns (result, reloaded),
     after checking the reloaded logits equal the in-memory model's bit for bit."""
@@ -76,8 +83,8 @@ def save_tokenizer(directory: Path) -> None:
 
 
 def tiny_config(architecture: str, **overrides):
-    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig,
-                              Qwen3Config, Qwen3MoeConfig)
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config,
+                              Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=256, bos_token_id=1,
@@ -89,15 +96,22 @@ def tiny_config(architecture: str, **overrides):
     moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
     moe_defaults = {"qwen3_moe": moe, "qwen2_moe": dict(moe, shared_expert_intermediate_size=48, norm_topk_prob=False),
                     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32)}
+    # Gemma: small heads (query scale 1/sqrt(head_dim) as llama.cpp computes it), a sliding window
+    # shorter than the calibration samples and both layer types, so per-layer masks matter.
+    gemma = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                 layer_types=["sliding_attention", "full_attention"])
+    moe_defaults.update(gemma2=gemma, gemma3=gemma)
     common = {**common, **moe_defaults.get(architecture, {}), **overrides}
     config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
                     "qwen3": Qwen3Config, "phi3": Phi3Config, "qwen3_moe": Qwen3MoeConfig,
-                    "qwen2_moe": Qwen2MoeConfig, "mixtral": MixtralConfig}[architecture]
+                    "qwen2_moe": Qwen2MoeConfig, "mixtral": MixtralConfig, "gemma2": Gemma2Config,
+                    "gemma3": Gemma3TextConfig}[architecture]
     config = config_class(**common)
     config.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                              "phi3": "Phi3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                             "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[architecture]]
+                             "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                             "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[architecture]]
     return config
 
 
@@ -139,13 +153,23 @@ def qwen2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma2_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("gemma2"), "gemma2", seed=8)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("gemma3"), "gemma3", seed=9)
+
+
+@pytest.fixture(scope="session")
 def qwen3_moe_dir(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe", seed=4)
 
 
 @pytest.fixture(scope="session")
 def qwen2_moe_dir(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe", seed=5)
+    return make_checkpoint(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe", seed=5, shared_expert_intermediate_size=64)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from quantkit.algorithms.registry import get_algorithm
 from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.model.architectures import architecture_for
 from quantkit.run.block import BlockJob, BlockQuantizer
-from quantkit.calibrate.hooks import capture_first_block_inputs, run_block
+from quantkit.calibrate.hooks import capture_block_inputs, run_block
 from quantkit.errors import QuantkitError
 from quantkit.run.pipeline import CalibrateConfig, calibrate
 from quantkit.run.recipe import LayerAssignment, make_scheme
@@ -102,7 +102,7 @@ def _block_zero(checkpoint, samples=8, seq_len=32):
     tokens = torch.randint(4, model.config.vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     block = model.get_submodule(f"{arch.blocks}.0")
     with torch.no_grad():
-        inputs = capture_first_block_inputs(model, block, tokens.split(4))
+        inputs, _ = capture_block_inputs(model, model.get_submodule(arch.blocks), tokens.split(4))
     return model, arch, block, inputs
 
 

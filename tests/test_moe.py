@@ -20,7 +20,7 @@ from quantkit.model.moe import SplitExperts
 from quantkit.model.qlinear import QuantLinear
 from quantkit.run.pipeline import CalibrateConfig, calibrate
 
-from conftest import calibrate_and_reload, run_cli
+from conftest import EVERY_SCHEME_AND_ALGORITHM, calibrate_and_reload, run_cli
 
 FAMILIES = ["qwen3_moe_dir", "qwen2_moe_dir", "mixtral_dir"]
 FAST = dict(num_samples=8, seq_len=32, batch_size=4)
@@ -81,10 +81,7 @@ def test_every_expert_is_its_own_source_expert(fixture, tmp_path, request):
 
 
 @pytest.mark.parametrize("fixture", FAMILIES)
-@pytest.mark.parametrize("options", [dict(scheme="w8a8_dynamic"), dict(scheme="smq_q8i8f16_2"),
-                                     dict(scheme="w4a16", algorithm="gptq"),
-                                     dict(scheme="w4a16", algorithm="awq", group_size=32),
-                                     dict(scheme="w4a16", algorithm="hqq", group_size=32)])
+@pytest.mark.parametrize("options", EVERY_SCHEME_AND_ALGORITHM)
 def test_every_scheme_and_algorithm_reloads_exactly(fixture, options, tmp_path, request):
     directory = request.getfixturevalue(fixture)
     result, reloaded = calibrate_and_reload(directory, tmp_path / "out", **options)
@@ -256,3 +253,41 @@ def test_gguf_refuses_routing_llama_cpp_does_not_compute(tmp_path):
     with pytest.raises(QuantkitError, match="norm_topk_prob"):
         export_gguf(source_dir, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ----------------------------------------------------------------------------------- compressed-tensors
+
+
+@pytest.mark.parametrize("fixture", FAMILIES)
+def test_compressed_tensors_writes_each_expert_under_its_own_name(fixture, tmp_path, request):
+    """Per-expert tensors under the names the family's checkpoints use (what vLLM loads: Mixtral's
+    block_sparse_moe.experts.N.w1/w3/w2), each decompressed by compressed-tensors' own decompressor to
+    exactly quantkit's expert; routers are float and in the ignore list."""
+    import json
+
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    from quantkit.exporters.compressed_tensors import export_compressed_tensors
+
+    directory = request.getfixturevalue(fixture)
+    calibrate(CalibrateConfig(model=str(directory), out=tmp_path / "q", scheme="w4a16", algorithm="gptq",
+                              group_size=32, options={"act_order": False}, **FAST))
+    result = export_compressed_tensors(tmp_path / "q", tmp_path / "ct")
+    config = QuantizationConfig.model_validate(json.loads((result.out / "config.json").read_text())["quantization_config"])
+    tensors = load_file(result.out / "model.safetensors")
+    quantized = load_quantized(tmp_path / "q", dtype=torch.float32)
+    mixtral = fixture == "mixtral_dir"
+    names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if mixtral else None
+    moe = "block_sparse_moe" if mixtral else "mlp"
+    assert f"model.layers.1.{moe}.gate" in config.ignore
+    assert f"model.layers.1.{moe}.gate.weight" in tensors
+    for block, layer in enumerate(quantized.model.layers):
+        for e, expert in enumerate(layer.mlp.experts):
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                name = f"model.layers.{block}.{moe}.experts.{e}.{names[part] if mixtral else part}"
+                state = {key.removeprefix(name + "."): value for key, value in tensors.items()
+                         if key.startswith(name + ".")}
+                weight = PackedQuantizationCompressor.decompress(state, config.config_groups["group_0"])["weight"]
+                assert torch.equal(weight.float(), getattr(expert, part).dequantized_weight().float()), name

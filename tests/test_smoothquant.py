@@ -25,14 +25,14 @@ def _smooth_all_blocks(model, alpha, inputs):
         maps = {g.prev: channel_map(g, model.config, block.get_submodule(g.consumers[0]).in_features) for g in groups}
         absmax = {g.observed: stats[f"{i}.{g.observed}"].range.absmax for g in groups}
         factors = smoothquant.search(block, groups, absmax, alpha, maps)
-        smoothquant.apply(block, groups, factors, maps)
+        smoothquant.apply(block, groups, factors, maps, arch.norm_offset)
         # the factors are far from 1, so an unchanged output is a real test of the folds
         assert max(float((f.log().abs()).max()) for f in factors.values()) > 0.5
     return arch
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "mistral_dir", "qwen2_dir", "qwen3_dir", "qwen3_moe_dir",
-                                     "qwen2_moe_dir", "mixtral_dir"])
+                                     "qwen2_moe_dir", "mixtral_dir", "gemma2_dir", "gemma3_dir"])
 @pytest.mark.parametrize("alpha", [0.5, 0.85])
 def test_smoothing_preserves_logits(fixture, alpha, request):
     # MoE: transformers' fused experts in eager mode (its grouped_mm has no float64); ours are split
@@ -45,7 +45,10 @@ def test_smoothing_preserves_logits(fixture, alpha, request):
     assert any(g.gqa_shared for g in arch.smooth)  # v -> o under GQA is exercised
     with torch.no_grad():
         after = model(inputs).logits
-    assert torch.allclose(before, after, rtol=1e-9, atol=1e-9)
+    # Gemma's norms compute in float32 even in a float64 model: the fold is exact, the norm is not
+    # (a wrong norm offset moves the logits by ~1)
+    tolerance = 1e-4 if "gemma" in fixture else 1e-9
+    assert torch.allclose(before, after, rtol=tolerance, atol=tolerance)
 
 
 def test_gqa_channel_map_follows_repeat_kv(llama_dir):

@@ -123,36 +123,67 @@ class BlockInput:
         return BlockInput(hidden[:count], {k: cut(v) for k, v in self.kwargs.items()}, self.first_sample)
 
 
-class _FirstBlockReached(Exception):
+class _LastBlockReached(Exception):
     pass
 
 
-def capture_first_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[torch.Tensor],
-                               first_samples: Iterable[int] | None = None) -> list[BlockInput]:
-    """Run the model on each batch [B, L] of token ids only up to decoder block 0 and keep that
-    block's inputs. Works for any architecture: the model computes masks and rotary embeddings
-    itself, and a pre-hook stops the forward at block 0 (so later blocks may be unloaded).
-    ``first_samples`` gives each batch's first sample index (default: consecutive batches)."""
-    captured: list[BlockInput] = []
+class _Recorder(nn.Module):
+    """Stands in for a decoder block while the model's forward runs: keeps the block's arguments and
+    returns its hidden states unchanged, so the forward goes on to the next block without computing
+    anything. Attributes the model reads off its blocks (Qwen2's ``attention_type``) come from the
+    block it replaces."""
 
-    def hook(module, args, kwargs):
+    def __init__(self, block: nn.Module, index: int, last: bool, calls: list):
+        super().__init__()
+        self.__dict__["_block"] = block
+        self.index, self.last, self.calls = index, last, calls
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, *args, **kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(BlockInput(hidden.detach(), {k: v for k, v in kwargs.items()}))
-        raise _FirstBlockReached
+        self.calls.append((self.index, hidden.detach(), kwargs))
+        if self.last:
+            raise _LastBlockReached
+        return hidden
 
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Iterable[torch.Tensor],
+                         first_samples: Iterable[int] | None = None) -> tuple[list[BlockInput], list[list[dict]]]:
+    """Run the model on each batch [B, L] of token ids with every decoder block stood in for by a
+    recorder, and keep block 0's inputs plus every block's keyword arguments ([batch][block]): models
+    with several layer types pass each its own mask and rotary table (Gemma's sliding and full
+    attention), the rest the same objects to all. Works for any architecture: the model computes masks
+    and rotary embeddings itself; no block is computed (they may be unloaded).
+    ``first_samples`` gives each batch's first sample index (default: consecutive batches)."""
     batches = list(batches)
-    with forward_hooks({"block 0": first_block}, lambda name: hook, pre=True, with_kwargs=True):
-        for batch in batches:
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _FirstBlockReached:
-                continue
-            raise RuntimeError("the model finished a forward without calling its first decoder block")
+    originals = list(blocks)
+    captured: list[BlockInput] = []
+    block_kwargs: list[list[dict]] = []
+    for batch in batches:
+        calls: list = []
+        for index, block in enumerate(originals):
+            blocks[index] = _Recorder(block, index, index == len(originals) - 1, calls)
+        try:
+            model(input_ids=batch, use_cache=False)
+        except _LastBlockReached:
+            pass
+        finally:
+            for index, block in enumerate(originals):
+                blocks[index] = block
+        if [index for index, _, _ in calls] != list(range(len(originals))):
+            raise RuntimeError("the model did not call its decoder blocks once each, in order")
+        captured.append(BlockInput(calls[0][1], calls[0][2]))
+        block_kwargs.append([kwargs for _, _, kwargs in calls])
     starts = list(first_samples) if first_samples is not None else [sum(b.shape[0] for b in batches[:i]) for i in range(len(batches))]
     for call, start in zip(captured, starts):
         call.first_sample = start
-    return captured
+    return captured, block_kwargs
 
 
 def run_block(block: nn.Module, call: BlockInput) -> torch.Tensor:

@@ -165,8 +165,10 @@ def load_model(name: str, dtype: torch.dtype) -> tuple[nn.Module, object, str, P
         check_weights(source.path, checkpoint.shapes(), expected_tensors(checkpoint.config))
     from transformers import AutoModelForCausalLM
 
+    from quantkit.model.architectures import attention_implementation
+
     model, info = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype, attn_implementation="sdpa", output_loading_info=True,
+        source.path, dtype=dtype, attn_implementation=attention_implementation(checkpoint.config), output_loading_info=True,
         use_safetensors=any(f.suffix == ".safetensors" for f in checkpoint.files))
     for kind, what in (("missing_keys", "no tensor for"), ("unexpected_keys", "an unused tensor"),
                        ("mismatched_keys", "a tensor of the wrong shape:")):

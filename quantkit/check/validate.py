@@ -498,8 +498,11 @@ def _end_to_end(source, dtype, device, tokens, reference_logits, kernel_logits) 
         return result
     from transformers import AutoModelForCausalLM
 
+    from quantkit.model.architectures import attention_implementation
+
     safetensors = any(f.suffix == ".safetensors" for f in source.files)
-    float_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa",
+    float_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
+                                                       attn_implementation=attention_implementation(source.config),
                                                        use_safetensors=safetensors)
     with torch.inference_mode():
         log_p = F.log_softmax(_logits(float_model.to(device).eval(), tokens), dim=-1)

@@ -119,11 +119,15 @@ def _plan(source: ExportSource) -> tuple[dict[str, dict], list[str]]:
         group = by_scheme.setdefault(key, {"format": layer_format(scheme), "scheme": scheme.describe(),
                                            "weights": weight_args(scheme.weight), "input_activations": inputs,
                                            "layers": []})
-        group["layers"].append(name)
+        group["layers"].append(source.arch.exported_name(name))
     if not by_scheme:
         raise QuantkitError(f"{source.path} has no quantized layers to export")
     if source.arch.lm_head not in ignore and not source.is_quantized(source.arch.lm_head):
         ignore.append(source.arch.lm_head)        # tied to the embeddings: still never a quantization target
+    # float Linears inside blocks (MoE routers, the shared-expert gate) are never targets either
+    ignore += [f"{source.arch.blocks}.{i}.{module}" for i in range(source.num_blocks)
+               for module in source.arch.float_modules]
+    ignore = [source.arch.exported_name(name) for name in ignore]
     return {f"group_{i}": group for i, group in enumerate(by_scheme.values())}, ignore
 
 
@@ -221,10 +225,10 @@ def _write_tensors(source: ExportSource, writer: ShardedWriter) -> None:
         if source.is_quantized(name):
             entry = source.manifest.layers[name]
             quantized_tensors |= set(entry.tensors.values())
-            writer.add(linear_tensors(name, source.record(name), entry.scheme, scale_dtype))
+            writer.add(linear_tensors(source.arch.exported_name(name), source.record(name), entry.scheme, scale_dtype))
     for name in sorted(source.checkpoint.weight_map):
         if name not in quantized_tensors:
-            writer.add({name: source.tensor(name)})
+            writer.add({source.arch.exported_name(name): source.tensor(name)})
 
 
 def _write_marker(source: ExportSource, directory: Path) -> None:

@@ -214,16 +214,22 @@ def _check_all_consumed(source: ExportSource, records: list[TensorRecord]) -> No
 
 def _check_config(config, gguf_arch: str) -> list[str]:
     notes = []
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise QuantkitError(f"hidden_act '{act}' is not expressible in GGUF's {gguf_arch} architecture (silu)")
-    rope = dict(getattr(config, "rope_parameters", None) or {})
+    gemma = gguf_arch in _GEMMA_ARCHS
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    wanted = "gelu_pytorch_tanh" if gemma else "silu"
+    if act != wanted:
+        raise QuantkitError(f"hidden activation '{act}' is not expressible in GGUF's {gguf_arch} architecture ({wanted})")
+    rope = _rope_parameters(config)
     rope_type = _rope_type(config)
     if rope_type == "llama3" and gguf_arch != "llama":
         raise QuantkitError(f"rope scaling 'llama3' has no place in GGUF's {gguf_arch} architecture")
-    if rope_type not in ("default", "llama3"):
+    if rope_type == "linear" and gguf_arch != "gemma3":
+        raise QuantkitError(f"linear rope scaling is written for gemma3 only, not {gguf_arch}")
+    if rope_type not in ("default", "llama3", "linear"):
         raise QuantkitError(f"rope scaling '{rope_type}' is not supported by the GGUF exporter "
-                            "(unscaled rope and Llama 3's 'llama3' are)")
+                            "(unscaled rope, Llama 3's 'llama3' and Gemma 3's 'linear' are)")
+    if gemma:
+        _check_gemma(config, gguf_arch)
     if _rope_theta(config) is None:
         raise QuantkitError("config has no rope_theta (rope_parameters)")
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
@@ -237,9 +243,34 @@ def _check_config(config, gguf_arch: str) -> list[str]:
     if getattr(config, "mlp_bias", False):
         raise QuantkitError(f"MLP biases are not part of GGUF's {gguf_arch} architecture")
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+    if window and not gemma and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
         notes.append(f"sliding window {window} is not written: llama.cpp attends to the whole context")
     return notes
+
+
+_GEMMA_ARCHS = ("gemma2", "gemma3")
+# Block counts llama.cpp takes for the 27B models, whose queries it scales by 1/sqrt(hidden / heads).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_GEMMA3_SWA_THETA = 10000.0   # llama.cpp's gemma3 fixes the sliding layers' rope base
+
+
+def _check_gemma(config, gguf_arch: str) -> None:
+    """What llama.cpp's gemma2/gemma3 compute: queries scaled by 1/sqrt(head_dim) (by 1/sqrt(hidden /
+    heads) in the 27B models, recognised by their block count), Gemma 3's sliding layers at rope base
+    10000 and no soft-capping, Gemma 2's soft-capping as written."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    head_dim = _head_dim(config)
+    big = config.num_hidden_layers == _GEMMA_27B_LAYERS[gguf_arch] and scalar == config.hidden_size // config.num_attention_heads
+    if scalar is not None and scalar != head_dim and not big:
+        raise QuantkitError(f"query_pre_attn_scalar {scalar} is not what llama.cpp's {gguf_arch} uses (head_dim {head_dim})")
+    if gguf_arch == "gemma3":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, key, None) is not None:
+                raise QuantkitError(f"{key} {getattr(config, key)} is not computed by llama.cpp's gemma3")
+        sliding = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
+        if sliding and float(sliding.get("rope_theta", _GEMMA3_SWA_THETA)) != _GEMMA3_SWA_THETA:
+            raise QuantkitError(f"sliding layers' rope_theta {sliding['rope_theta']} differs from llama.cpp's gemma3 "
+                                f"({_GEMMA3_SWA_THETA:g})")
 
 
 # Whether llama.cpp renormalizes the chosen experts' routing weights to sum to 1, per architecture.
@@ -284,8 +315,10 @@ def _stacked_record(source: ExportSource, gguf_name: str, experts: list[str], re
 
 
 def _rope_parameters(config) -> dict:
-    """The config's rope settings: transformers 5's ``rope_parameters`` merged over the older ``rope_scaling``."""
-    return {**(getattr(config, "rope_scaling", None) or {}), **(getattr(config, "rope_parameters", None) or {})}
+    """The config's rope settings: transformers 5's ``rope_parameters`` merged over the older
+    ``rope_scaling``; per layer type (Gemma 3), those of the full-attention layers (GGUF's rope.* keys)."""
+    rope = {**(getattr(config, "rope_scaling", None) or {}), **(getattr(config, "rope_parameters", None) or {})}
+    return dict(rope["full_attention"]) if isinstance(rope.get("full_attention"), dict) else rope
 
 
 def _rope_type(config) -> str:
@@ -489,10 +522,21 @@ def _add_metadata(writer, plan: _Plan) -> None:
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", config.num_attention_heads))
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_rope_dimension_count(_head_dim(config))
-    if _head_dim(config) != config.hidden_size // config.num_attention_heads:
+    if _head_dim(config) != config.hidden_size // config.num_attention_heads and plan.gguf_arch not in _GEMMA_ARCHS:
         writer.add_key_length(_head_dim(config))
         writer.add_value_length(_head_dim(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if plan.gguf_arch in _GEMMA_ARCHS:
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
+        if getattr(config, "sliding_window", None):
+            writer.add_sliding_window(config.sliding_window)
+        if plan.gguf_arch == "gemma2":
+            writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
+    if _rope_type(config) == "linear":
+        writer.add_rope_scaling_type(gguf_rope_scaling_linear())
+        writer.add_rope_scaling_factor(float(_rope_parameters(config)["factor"]))
     if source.arch.experts is not None:
         writer.add_expert_count(source.arch.experts.num_experts(config))
         writer.add_expert_used_count(config.num_experts_per_tok)
@@ -508,6 +552,12 @@ def _add_metadata(writer, plan: _Plan) -> None:
               "layers": {r.name: {"source": r.source, "type": r.ggml_type, "status": r.status, "reason": r.reason}
                          for r in plan.records if r.is_linear}}
     writer.add_string(METADATA_KEY, json.dumps(report, sort_keys=True))
+
+
+def gguf_rope_scaling_linear():
+    import gguf
+
+    return gguf.RopeScalingType.LINEAR
 
 
 def gguf_quantization_version() -> int:
@@ -538,6 +588,8 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
         tensor = source.tensor(record.source)
         if record.source.endswith(".bias"):
             tensor = _permute(plan, record.source.removesuffix(".bias"), tensor)
+        if record.source.endswith("norm.weight") and source.arch.norm_offset:
+            tensor = tensor.float() + source.arch.norm_offset   # llama.cpp computes x * w: store 1 + w
         return _float_bytes(tensor.reshape(record.shape), record.ggml_type)
     linear = record.source
     if source.is_quantized(linear):

@@ -6,6 +6,7 @@ error, never a silent Llama fallback. All names inside a block are relative to t
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -63,10 +64,19 @@ class Architecture:
     # Mixture of experts: where the experts are. Names containing "{e}" are templates, one per expert,
     # expanded by `architecture_for` with the config's expert count.
     experts: ExpertLayout | None = None
+    attention: str = "sdpa"               # transformers attention implementation (eager where SDPA is refused)
     # Float modules inside a block that are neither norms nor quantized (MoE routers, the shared-expert gate).
     float_modules: tuple[str, ...] = ()
-    # Stored checkpoint names -> ours (regex, replacement), e.g. Mixtral's block_sparse_moe.experts.N.w1.
+    # Stored checkpoint names -> ours (regex, replacement), e.g. Mixtral's block_sparse_moe.experts.N.w1,
+    # and back (exports write the family's own names, which its runtimes load).
     stored_names: tuple[tuple[str, str], ...] = ()
+    export_names: tuple[tuple[str, str], ...] = ()
+
+    def exported_name(self, name: str) -> str:
+        """A (module or tensor) name of ours as the family's checkpoints spell it."""
+        for pattern, replacement in self.export_names:
+            name = re.sub(pattern, replacement, name)
+        return name
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -123,6 +133,29 @@ _PHI3 = dict(
     no_clip=("self_attn.qkv_proj",),
 )
 
+# Gemma 2 / Gemma 3: RMSNorms computing x * (1 + w) (folds keep the offset: w' = (1 + w) / s - 1) and
+# four norms per block; input_layernorm feeds q/k/v and pre_feedforward_layernorm feeds gate/up, while
+# post_attention_layernorm and post_feedforward_layernorm normalize the attention and MLP outputs (they
+# feed no Linear, so nothing folds into them). Sliding and full attention layers get their own masks
+# and rotary tables (captured per block). Gemma 3 adds Qwen3-style per-head q/k norms.
+_GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_GEMMA = dict(
+    _LLAMA_LIKE,
+    smooth=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        _LLAMA_LIKE["smooth"][2], _LLAMA_LIKE["smooth"][3],
+    ),
+    awq=(
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        _LLAMA_LIKE["awq"][1],
+        ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        _LLAMA_LIKE["awq"][3],
+    ),
+    block_norms=_GEMMA_NORMS,
+    norm_offset=1.0,
+)
+
 # Sparse MoE blocks (transformers 5): attention as Llama's, the MLP replaced by a router (mlp.gate)
 # and experts split one Linear per expert (model/moe.py). The post-attention norm feeds every expert's
 # gate/up (and the router, which absorbs the factor but stays float); each expert's up -> down fold is
@@ -154,6 +187,11 @@ def _moe(shared_expert: bool, layout: ExpertLayout = _MOE_LAYOUT, **overrides) -
 _MIXTRAL_NAMES = ((r"\.block_sparse_moe\.", ".mlp."), (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
                   (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."))
 
+_MIXTRAL_EXPORT = ((r"\.mlp\.experts\.(\d+)\.gate_proj(\.|$)", r".block_sparse_moe.experts.\1.w1\2"),
+                   (r"\.mlp\.experts\.(\d+)\.up_proj(\.|$)", r".block_sparse_moe.experts.\1.w3\2"),
+                   (r"\.mlp\.experts\.(\d+)\.down_proj(\.|$)", r".block_sparse_moe.experts.\1.w2\2"),
+                   (r"\.mlp\.gate(\.|$)", r".block_sparse_moe.gate\1"))
+
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("LlamaForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
     "MistralForCausalLM": Architecture("MistralForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
@@ -166,8 +204,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         "block_norms": _LLAMA_LIKE["block_norms"] + ("self_attn.q_norm", "self_attn.k_norm")}),
     # llama.cpp's phi3 takes the fused attn_qkv and ffn_up (gate and up rows) as they are, NEOX rotary.
     "Phi3ForCausalLM": Architecture("Phi3ForCausalLM", gguf_arch="phi3", **_PHI3),
+    # Gemma 2's attention soft-capping: transformers refuses SDPA for it
+    "Gemma2ForCausalLM": Architecture("Gemma2ForCausalLM", gguf_arch="gemma2", attention="eager", **_GEMMA),
+    "Gemma3ForCausalLM": Architecture("Gemma3ForCausalLM", gguf_arch="gemma3", **{
+        **_GEMMA, "block_norms": _GEMMA_NORMS + ("self_attn.q_norm", "self_attn.k_norm")}),
     "MixtralForCausalLM": Architecture("MixtralForCausalLM", gguf_arch="llama", **_moe(
-        False, ExpertLayout("mlp.experts", "num_local_experts", "mlp", "mlp.gate"), stored_names=_MIXTRAL_NAMES)),
+        False, ExpertLayout("mlp.experts", "num_local_experts", "mlp", "mlp.gate"), stored_names=_MIXTRAL_NAMES,
+        export_names=_MIXTRAL_EXPORT)),
     "Qwen2MoeForCausalLM": Architecture("Qwen2MoeForCausalLM", gguf_arch="qwen2moe", **_moe(True)),
     "Qwen3MoeForCausalLM": Architecture("Qwen3MoeForCausalLM", gguf_arch="qwen3moe", **_moe(
         False, block_norms=_LLAMA_LIKE["block_norms"] + ("self_attn.q_norm", "self_attn.k_norm"))),
@@ -236,3 +279,9 @@ def _check_uniform_moe(config) -> None:
     if dense or step != 1:
         raise QuantkitError(f"this MoE config mixes dense and sparse blocks (mlp_only_layers {dense}, "
                             f"decoder_sparse_step {step}); only models whose every block is sparse are mapped")
+
+
+def attention_implementation(config) -> str:
+    """The attention implementation to build a model of ``config`` with: the table's, else SDPA."""
+    names = getattr(config, "architectures", None) or []
+    return next((ARCHITECTURES[n].attention for n in names if n in ARCHITECTURES), "sdpa")

@@ -385,12 +385,14 @@ def _more(names: list) -> str:
 
 def build_skeleton(config, dtype: torch.dtype, *, trust_remote_code: bool = False) -> nn.Module:
     """The model with every parameter on the meta device (no memory) and real buffers (rotary
-    tables), using SDPA attention, whose missing mask means causal."""
+    tables), using SDPA attention (eager where the table says transformers refuses SDPA)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from quantkit.model.architectures import attention_implementation
+
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_implementation(config),
                                                  trust_remote_code=trust_remote_code)
     split_moe_experts(model, config)
     return model.eval()

@@ -25,6 +25,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.files import nearest_existing
 from quantkit.formats import primitives
+from quantkit.model.moe import expert_index
 
 BASELINE_BYTES = 700 * 2**20     # an idle Python with torch and transformers imported
 MANIFEST_LAYER_BYTES = 8192      # one Linear's entry in quant_manifest.json (measured: about 1.5 KB)
@@ -105,6 +106,8 @@ def _statistics_bytes(run, shapes) -> int:
     from quantkit.algorithms.registry import get_algorithm, parse_options
 
     total, gptq_working_set = 0, 0
+    layout = run.arch.experts
+    experts = layout.num_experts(run.checkpoint.config) if layout else 1
     for name in run.arch.linears:
         assignment = run.plan.get(f"{run.arch.blocks}.0.{name}")
         weight = shapes.get(f"{run.arch.blocks}.0.{name}.weight")
@@ -112,16 +115,21 @@ def _statistics_bytes(run, shapes) -> int:
             continue
         out_features, in_features = weight[0]
         kinds = get_algorithm(assignment.algorithm).statistics
+        # MoE experts: Hessians of at most --expert-batch experts are alive at once; AWQ captures the
+        # routed tokens, top_k of every E experts' worth in all
+        expert = layout is not None and expert_index(name, layout) is not None
+        alive = min(experts, run.config.expert_batch) / experts if expert else 1.0
+        routed = run.checkpoint.config.num_experts_per_tok / experts if expert else 1.0
         total += 2 * in_features * 4
         if "hessian" in kinds:
             # the fp64 sum; while one Linear is swept: its fp32 matrix, the working copy, the damped
             # copy and its Cholesky factor, plus two fp32 copies of the weight
-            total += in_features * in_features * 8
+            total += int(in_features * in_features * 8 * alive)
             gptq_working_set = max(gptq_working_set, 4 * in_features * in_features * 4
                                    + 2 * out_features * in_features * 4)
         if assignment.algorithm == "awq":
             samples = parse_options("awq", assignment.options).samples
-            total += samples * run.config.seq_len * in_features * 4
+            total += int(samples * run.config.seq_len * in_features * 4 * routed)
     return total + gptq_working_set
 
 

@@ -13,6 +13,7 @@ samples, whatever the number of blocks.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import resource
@@ -33,7 +34,7 @@ from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
 from quantkit.calibrate.hooks import (
     BlockInput,
     OffloadedHidden,
-    capture_first_block_inputs,
+    capture_block_inputs,
 )
 from quantkit.errors import QuantkitError, RunInterrupted
 from quantkit.files import check_output_path, writing
@@ -331,7 +332,7 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
 
 def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.Module:
     """Every block from ``first`` on: load, quantize, commit (with the next block's inputs), release."""
-    model, inputs = _capture(run, progress) if run.needs_data else (_skeleton(run), None)
+    model, inputs, block_kwargs = _capture(run, progress) if run.needs_data else (_skeleton(run), None, None)
     if inputs is not None:
         inputs = _restore_or_offload(run, work, first, inputs)
     num_blocks = run.checkpoint.config.num_hidden_layers
@@ -340,6 +341,8 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
         if index < first:
             progress.advance("blocks", f"block {index} (committed earlier)")
             continue
+        if inputs is not None:  # this block's own mask and rotary table (layer types differ in Gemma)
+            inputs = [dataclasses.replace(call, kwargs=block_kwargs[i][index]) for i, call in enumerate(inputs)]
         result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs,
                                           _keeper(run, work, index + 1))
         inputs = result.outputs
@@ -416,8 +419,9 @@ def _fingerprint(run: _Run) -> dict:
     }
 
 
-def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput]]:
-    """Tokenize the calibration data and keep decoder block 0's inputs for every batch."""
+def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput], list[list[dict]]]:
+    """Tokenize the calibration data and keep decoder block 0's inputs for every batch, and every
+    block's other arguments ([batch][block])."""
     config, tokens = run.config, run.tokens
     with _timed(run, "capture"):
         progress.stage("capture")
@@ -427,11 +431,11 @@ def _capture(run: _Run, progress: Progress) -> tuple[nn.Module, list[BlockInput]
         # Batch i belongs to rank i % world_size: each batch is the one a single process would run.
         owned = [i for i in range(-(-tokens.shape[0] // config.batch_size)) if run.processes.owns_batch(i)]
         batches = [tokens[i * config.batch_size:(i + 1) * config.batch_size] for i in owned]
-        first_block = model.get_submodule(f"{run.arch.blocks}.0")
-        inputs = capture_first_block_inputs(model, first_block, batches, [i * config.batch_size for i in owned])
+        inputs, block_kwargs = capture_block_inputs(model, model.get_submodule(run.arch.blocks), batches,
+                                                    [i * config.batch_size for i in owned])
         if not config.keep_model:
             release(embeddings)
-    return model, inputs
+    return model, inputs, block_kwargs
 
 
 def _skeleton(run: _Run) -> nn.Module:
