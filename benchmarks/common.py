@@ -159,3 +159,25 @@ def alice_split(workdir: Path, source: Path, windows: int, num_samples: int, seq
     protocol = (f"{ids.shape[0]} x 512-token windows of the held-out second half of alice_in_wonderland.txt, "
                 f"calibration {num_samples} x {seq_len} tokens of the first half, float32, CPU")
     return calibration_file, ids, protocol
+
+
+def llama_cpp_logits(path: Path, windows: torch.Tensor) -> torch.Tensor:
+    """[n, L, vocab] float32 logits llama.cpp (llama-cpp-python) computes for each window [n, L] of token
+    ids, each evaluated from an empty context (no BOS added)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1], logits_all=True,
+                verbose=False, n_threads=2)
+    out = []
+    for window in windows:
+        llm.reset()
+        llm.eval(window.tolist())
+        out.append(torch.from_numpy(np.array(llm.scores[: window.shape[0]], dtype=np.float32)))
+    return torch.stack(out)
+
+
+def next_token_agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(ours || theirs)) of two [..., vocab] logits' next-token distributions."""
+    p, q = torch.log_softmax(ours.double(), -1), torch.log_softmax(theirs.double(), -1)
+    return float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()), float((p.exp() * (p - q)).sum(-1).mean())

@@ -56,7 +56,7 @@ def calibrate_and_reload(checkpoint: Path, out: Path, **options):
     result = calibrate(CalibrateConfig(model=str(checkpoint), out=out, num_samples=4, seq_len=32, batch_size=4,
                                        keep_model=True, **options))
     reloaded = load_quantized(out)
-    ids = torch.randint(0, reloaded.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, reloaded.config.get_text_config().vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(result.model(ids).logits, reloaded(ids).logits)
     return result, reloaded
@@ -80,6 +80,19 @@ def save_tokenizer(directory: Path) -> None:
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tokenizer.save_pretrained(directory)
+
+
+def tiny_multimodal_gemma3(**text_overrides):
+    """Gemma3ForConditionalGeneration: the tiny Gemma 3 text tower plus a one-layer SigLIP vision tower."""
+    from transformers import Gemma3Config
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    text = tiny_config("gemma3", **{"tie_word_embeddings": True, **text_overrides})
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision,
+                          mm_tokens_per_image=4, tie_word_embeddings=True)
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    return config
 
 
 def tiny_config(architecture: str, **overrides):
@@ -122,7 +135,8 @@ def make_checkpoint(directory: Path, architecture: str = "llama", seed: int = 0,
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(architecture, **overrides)
+    config = tiny_multimodal_gemma3(**overrides) if architecture == "gemma3_multimodal" else \
+        tiny_config(architecture, **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -99,6 +99,8 @@ def test_gguf_is_read_back_by_transformers(architecture, tmp_path):
     reader = GGUFReader(result.out)
     assert reader.fields["general.architecture"].contents() == architecture
     assert reader.fields[f"{architecture}.attention.sliding_window"].contents() == 8
+    pattern = [kind == "sliding_attention" for kind in defaults["layer_types"]]
+    assert reader.fields[f"{architecture}.attention.sliding_window_pattern"].contents() == pattern
     tensors = tensors_by_name(result.out)
     assert "blk.0.post_ffw_norm.weight" in tensors and "output.weight" not in tensors
     quantized = load_quantized(tmp_path / "q", dtype=torch.float32)
@@ -126,7 +128,62 @@ def test_compressed_tensors_loads_in_transformers(fixture, tmp_path, request, mo
 def test_gguf_refuses_what_llama_cpp_does_not_compute(tmp_path):
     from quantkit.errors import QuantkitError
 
-    source_dir = make_checkpoint(tmp_path / "g", "gemma3", query_pre_attn_scalar=32)
-    with pytest.raises(QuantkitError, match="query_pre_attn_scalar"):
-        export_gguf(source_dir, tmp_path / "x.gguf")
-    assert not (tmp_path / "x.gguf").exists()
+    for architecture, change, message in (("gemma3", dict(query_pre_attn_scalar=32), "query_pre_attn_scalar"),
+                                          ("gemma2", dict(tie_word_embeddings=False), "separate lm_head")):
+        source_dir = make_checkpoint(tmp_path / architecture, architecture, **change)
+        with pytest.raises(QuantkitError, match=message):
+            export_gguf(source_dir, tmp_path / "x.gguf")
+        assert not (tmp_path / "x.gguf").exists()
+
+
+# ------------------------------------------------------------------ the text tower of multimodal Gemma 3
+
+
+@pytest.fixture(scope="module")
+def gemma3_multimodal(tmp_path_factory):
+    """A multimodal checkpoint as transformers saves it (language_model.model.*, vision_tower.*, ...)."""
+    from test_export_gguf import VOCAB, save_byte_level_bpe
+
+    directory = make_checkpoint(tmp_path_factory.mktemp("g3mm") / "model", "gemma3_multimodal", seed=11,
+                                vocab_size=VOCAB, outlier_channels=0, head_dim=256, query_pre_attn_scalar=256,
+                                layer_types=["sliding_attention", "sliding_attention"])
+    save_byte_level_bpe(directory)
+    return directory
+
+
+def test_multimodal_text_tower_is_quantized_and_the_vision_tower_kept(gemma3_multimodal, tmp_path):
+    from safetensors import safe_open
+
+    result, reloaded = calibrate_and_reload(gemma3_multimodal, tmp_path / "out", scheme="w4a16", algorithm="gptq",
+                                            group_size=32)
+    assert set(result.manifest.layers) == {f"model.language_model.layers.{b}.{linear}" for b in range(2)
+                                           for linear in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                          "mlp.down_proj")}
+    source = AutoModelForCausalLM.from_pretrained(gemma3_multimodal, dtype=torch.float32).eval()
+    vision = reloaded.model.vision_tower.state_dict()
+    assert all(torch.equal(v, source.model.vision_tower.state_dict()[k]) for k, v in vision.items())
+    with safe_open(str(gemma3_multimodal / "model.safetensors"), "pt") as handle:
+        assert any(k.startswith("language_model.model.layers.") for k in handle.keys())   # stored names differ
+
+
+def test_multimodal_exports(gemma3_multimodal, tmp_path, monkeypatch):
+    """GGUF: the text model (vision tower left to llama.cpp's mmproj, noted), read back by transformers;
+    compressed-tensors: the checkpoint's own names, loaded by transformers as the multimodal model."""
+    from test_export_compressed_tensors import consumer_fake_quantize, load_export
+    from test_export_gguf import load_gguf, max_logit_difference
+
+    calibrate(CalibrateConfig(model=str(gemma3_multimodal), out=tmp_path / "q", scheme="w4a16", group_size=32,
+                              symmetric=True, num_samples=4, seq_len=32))
+    quantized = load_quantized(tmp_path / "q", dtype=torch.float32)
+    windows = eval_windows(Checkpoint(gemma3_multimodal).tokenizer(), tiny_text(2000, seed=7), 32, 2)
+    result = export_gguf(tmp_path / "q", tmp_path / "g3.gguf")
+    assert result.summary() == {"exact Q4_0": 14} and any("mmproj" in note for note in result.notes)
+    assert max_logit_difference(load_gguf(result.out), quantized, windows) < 1e-4
+    calibrate(CalibrateConfig(model=str(gemma3_multimodal), out=tmp_path / "w8", scheme="w8a8_dynamic",
+                              num_samples=4, seq_len=32))
+    exported = export_compressed_tensors(tmp_path / "w8", tmp_path / "ct")
+    model = load_export(exported.out)
+    monkeypatch.setattr(primitives, "fake_quantize_activation", consumer_fake_quantize)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert max_logit_difference(model, load_quantized(tmp_path / "w8", dtype=torch.float32), windows) < 1e-4

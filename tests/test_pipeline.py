@@ -136,11 +136,16 @@ def _files(directory):
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "quant_manifest.json"}
 
 
-@pytest.mark.parametrize("scheme, algorithm", [("smq_q8i8f16_2", "rtn"), ("w4a16", "gptq")])
-def test_resume_after_kill_is_bit_identical(llama_dir, tmp_path, scheme, algorithm):
+@pytest.mark.parametrize("fixture, scheme, algorithm", [
+    ("llama_dir", "smq_q8i8f16_2", "rtn"), ("llama_dir", "w4a16", "gptq"),
+    ("gemma3_dir", "smq_q8i8f16_2", "rtn"),   # block 1's own (full-attention) mask is recaptured on resume
+    ("qwen3_moe_dir", "w4a16", "gptq"),       # experts in batches of 3
+])
+def test_resume_after_kill_is_bit_identical(fixture, tmp_path, scheme, algorithm, request):
     from quantkit.errors import RunInterrupted
 
-    options = dict(model=str(llama_dir), scheme=scheme, algorithm=algorithm, num_samples=8, seq_len=32, batch_size=4)
+    options = dict(model=str(request.getfixturevalue(fixture)), scheme=scheme, algorithm=algorithm, num_samples=8,
+                   seq_len=32, batch_size=4, expert_batch=3)
     calibrate(CalibrateConfig(out=tmp_path / "straight", **options))
     with pytest.raises(RunInterrupted, match="--resume"):
         calibrate(CalibrateConfig(out=tmp_path / "resumed", **options), progress=_KillAfter(0))

@@ -316,7 +316,7 @@ class FloatWeights:
 
         block = self.skeleton.get_submodule(prefix)
         materialize(block, prefix, self.checkpoint, torch.float32)
-        config, offset = self.checkpoint.config, self.arch.norm_offset
+        config, offset = self.checkpoint.text_config, self.arch.norm_offset
         try:
             with torch.no_grad():
                 smoothquant.replay(block, prefix, self.arch.smooth, self.results, config, offset)
@@ -414,7 +414,7 @@ def _kl_top1(log_p_reference: torch.Tensor, logits: torch.Tensor) -> tuple[float
 
 
 def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=tokens, use_cache=False).logits.reshape(-1, model.config.vocab_size).float()
+    return model(input_ids=tokens, use_cache=False).logits.reshape(-1, model.config.get_text_config().vocab_size).float()
 
 
 def validate(config: ValidateConfig, on_stage: Callable[[str], None] | None = None) -> ValidationReport:
@@ -441,8 +441,8 @@ def validate(config: ValidateConfig, on_stage: Callable[[str], None] | None = No
     stage("load")
     model = load_quantized(path, dtype=dtype, device=device)
     files = Checkpoint(path)
-    num_samples, seq_len = _sample_shape(config, manifest, files.config)
-    tokens, activations = activation_tokens(manifest, files.tokenizer(), files.config.vocab_size, num_samples, seq_len)
+    num_samples, seq_len = _sample_shape(config, manifest, files.text_config)
+    tokens, activations = activation_tokens(manifest, files.tokenizer(), files.text_config.vocab_size, num_samples, seq_len)
     tokens = tokens.to(device)
     source, source_problem = _source_checkpoint(manifest)
     float_weights = FloatWeights(source, manifest, _search_results(path, manifest)) if source else None

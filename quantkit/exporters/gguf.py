@@ -153,11 +153,11 @@ def _plan(source: ExportSource, requested: str | None) -> _Plan:
     gguf_arch = source.arch.gguf_arch
     if gguf_arch is None:
         raise QuantkitError(f"architecture {source.arch.name} has no GGUF mapping")
-    notes = _check_config(source.config, gguf_arch)
+    notes = _check_config(source.config, gguf_arch, source.tied_embeddings)
     vocab = read_vocab(source.path, source.config.vocab_size)
     permutations = _permutations(source, gguf_arch)
     records = _float_record(source, source.arch.embeddings + ".weight", "token_embd.weight")
-    name_map = _tensor_name_map(gguf_arch, source.num_blocks)
+    name_map = _tensor_name_map(source, gguf_arch)
     stacked = _expert_stacks(source)
     in_stacks = {name for names in stacked.values() for name in names}
     for linear in source.linear_names():
@@ -189,6 +189,8 @@ def _plan(source: ExportSource, requested: str | None) -> _Plan:
         records.append(TensorRecord("rope_freqs.weight", "rope_parameters", tuple(computed["rope_freqs.weight"].shape),
                                     "F32", "float", "Llama 3 rope scaling factors, from the config"))
     _check_all_consumed(source, records)
+    if any(name.startswith(source.arch.gguf_skipped) for name in source.checkpoint.weight_map):
+        notes.append("the vision tower is not written: llama.cpp reads it from a separate mmproj file")
     if any(r.activation_dropped for r in records):
         notes.append("activation quantization (W8A8/W4A8) has no GGUF equivalent and was dropped: llama.cpp "
                      "computes those layers with its own activation handling")
@@ -206,13 +208,13 @@ def _check_all_consumed(source: ExportSource, records: list[TensorRecord]) -> No
                 used.add(linear + ".weight")
         if not record.is_linear:
             used.add(record.source)
-    leftover = sorted(set(source.checkpoint.weight_map) - used)
+    leftover = sorted(n for n in set(source.checkpoint.weight_map) - used if not n.startswith(source.arch.gguf_skipped))
     if leftover:
         raise QuantkitError(f"tensor {leftover[0]} of {source.path} has no place in a GGUF {source.arch.gguf_arch} "
                             "file" + (f" (and {len(leftover) - 1} more)" if len(leftover) > 1 else ""))
 
 
-def _check_config(config, gguf_arch: str) -> list[str]:
+def _check_config(config, gguf_arch: str, tied: bool) -> list[str]:
     notes = []
     gemma = gguf_arch in _GEMMA_ARCHS
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
@@ -229,7 +231,7 @@ def _check_config(config, gguf_arch: str) -> list[str]:
         raise QuantkitError(f"rope scaling '{rope_type}' is not supported by the GGUF exporter "
                             "(unscaled rope, Llama 3's 'llama3' and Gemma 3's 'linear' are)")
     if gemma:
-        _check_gemma(config, gguf_arch)
+        _check_gemma(config, gguf_arch, tied)
     if _rope_theta(config) is None:
         raise QuantkitError("config has no rope_theta (rope_parameters)")
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
@@ -251,26 +253,33 @@ def _check_config(config, gguf_arch: str) -> list[str]:
 _GEMMA_ARCHS = ("gemma2", "gemma3")
 # Block counts llama.cpp takes for the 27B models, whose queries it scales by 1/sqrt(hidden / heads).
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
-_GEMMA3_SWA_THETA = 10000.0   # llama.cpp's gemma3 fixes the sliding layers' rope base
 
 
-def _check_gemma(config, gguf_arch: str) -> None:
-    """What llama.cpp's gemma2/gemma3 compute: queries scaled by 1/sqrt(head_dim) (by 1/sqrt(hidden /
-    heads) in the 27B models, recognised by their block count), Gemma 3's sliding layers at rope base
-    10000 and no soft-capping, Gemma 2's soft-capping as written."""
+def _check_gemma(config, gguf_arch: str, tied: bool) -> None:
+    """What llama.cpp's gemma2/gemma3 compute and the file cannot change: queries scaled by
+    1/sqrt(head_dim) (1/sqrt(hidden / heads) in the 27B models, recognised by their block count), and
+    Gemma 2's output layer is always the token embeddings."""
     scalar = getattr(config, "query_pre_attn_scalar", None)
     head_dim = _head_dim(config)
     big = config.num_hidden_layers == _GEMMA_27B_LAYERS[gguf_arch] and scalar == config.hidden_size // config.num_attention_heads
     if scalar is not None and scalar != head_dim and not big:
         raise QuantkitError(f"query_pre_attn_scalar {scalar} is not what llama.cpp's {gguf_arch} uses (head_dim {head_dim})")
-    if gguf_arch == "gemma3":
-        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if getattr(config, key, None) is not None:
-                raise QuantkitError(f"{key} {getattr(config, key)} is not computed by llama.cpp's gemma3")
-        sliding = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention", {})
-        if sliding and float(sliding.get("rope_theta", _GEMMA3_SWA_THETA)) != _GEMMA3_SWA_THETA:
-            raise QuantkitError(f"sliding layers' rope_theta {sliding['rope_theta']} differs from llama.cpp's gemma3 "
-                                f"({_GEMMA3_SWA_THETA:g})")
+    if gguf_arch == "gemma2" and not tied:
+        raise QuantkitError("llama.cpp's gemma2 always uses the token embeddings as its output layer; this "
+                            "checkpoint has a separate lm_head")
+    if gguf_arch == "gemma3" and getattr(config, "attn_logit_softcapping", None) is not None:
+        raise QuantkitError(f"attn_logit_softcapping {config.attn_logit_softcapping} is not computed by llama.cpp's gemma3")
+
+
+def _sliding_layers(config) -> list[bool]:
+    """Which blocks use sliding-window attention (llama.cpp's per-layer sliding_window_pattern)."""
+    return [kind == "sliding_attention" for kind in getattr(config, "layer_types", None) or []]
+
+
+def _sliding_rope_theta(config) -> float | None:
+    """The sliding layers' own rope base (Gemma 3's rope_parameters per layer type), if any."""
+    sliding = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
+    return float(sliding["rope_theta"]) if isinstance(sliding, dict) and "rope_theta" in sliding else None
 
 
 # Whether llama.cpp renormalizes the chosen experts' routing weights to sum to 1, per architecture.
@@ -371,11 +380,22 @@ def _permutations(source: ExportSource, gguf_arch: str) -> dict[str, torch.Tenso
     return result
 
 
-def _tensor_name_map(gguf_arch: str, blocks: int):
+@dataclass
+class _NameMap:
+    """gguf-py's HF -> GGUF tensor names, after the table's renames (a multimodal text tower's prefix)."""
+
+    table: object
+    arch: object
+
+    def get_name(self, name: str, try_suffixes=()) -> str | None:
+        return self.table.get_name(self.arch.gguf_source_name(name), try_suffixes=try_suffixes)
+
+
+def _tensor_name_map(source: ExportSource, gguf_arch: str) -> _NameMap:
     import gguf
 
     arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == gguf_arch)
-    return gguf.get_tensor_name_map(arch, blocks)
+    return _NameMap(gguf.get_tensor_name_map(arch, source.num_blocks), source.arch)
 
 
 def _gguf_name(name_map, hf_name: str) -> str:
@@ -531,6 +551,12 @@ def _add_metadata(writer, plan: _Plan) -> None:
         writer.add_value_length(_head_dim(config))
         if getattr(config, "sliding_window", None):
             writer.add_sliding_window(config.sliding_window)
+            if _sliding_layers(config):
+                writer.add_sliding_window_pattern(_sliding_layers(config))
+        if _sliding_rope_theta(config) is not None:
+            writer.add_rope_freq_base_swa(_sliding_rope_theta(config))
+        if plan.gguf_arch == "gemma3" and getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
         if plan.gguf_arch == "gemma2":
             writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
             writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))

@@ -56,7 +56,8 @@ class ExportSource:
 
     @property
     def config(self):
-        return self.checkpoint.config
+        """The language model's settings (a multimodal checkpoint's text_config)."""
+        return self.checkpoint.text_config
 
     @property
     def num_blocks(self) -> int:
@@ -71,7 +72,7 @@ class ExportSource:
 
     @property
     def tied_embeddings(self) -> bool:
-        return bool(getattr(self.config, "tie_word_embeddings", False))
+        return bool(getattr(self.checkpoint.config, "tie_word_embeddings", False))
 
     def linear_names(self) -> list[str]:
         """Every Linear the exporters handle: the blocks' linears in table order, then the lm_head

@@ -71,6 +71,15 @@ class Architecture:
     # and back (exports write the family's own names, which its runtimes load).
     stored_names: tuple[tuple[str, str], ...] = ()
     export_names: tuple[tuple[str, str], ...] = ()
+    # GGUF: our names -> the text model's names gguf-py's table knows, and what the file leaves out
+    # (a multimodal checkpoint's vision tower: llama.cpp takes it as a separate mmproj file).
+    gguf_names: tuple[tuple[str, str], ...] = ()
+    gguf_skipped: tuple[str, ...] = ()
+
+    def gguf_source_name(self, name: str) -> str:
+        for pattern, replacement in self.gguf_names:
+            name = re.sub(pattern, replacement, name)
+        return name
 
     def exported_name(self, name: str) -> str:
         """A (module or tensor) name of ours as the family's checkpoints spell it."""
@@ -192,6 +201,15 @@ _MIXTRAL_EXPORT = ((r"\.mlp\.experts\.(\d+)\.gate_proj(\.|$)", r".block_sparse_m
                    (r"\.mlp\.experts\.(\d+)\.down_proj(\.|$)", r".block_sparse_moe.experts.\1.w2\2"),
                    (r"\.mlp\.gate(\.|$)", r".block_sparse_moe.gate\1"))
 
+# Multimodal Gemma 3 checkpoints store language_model.model.*, vision_tower.*, multi_modal_projector.*
+# (and language_model.lm_head when untied); transformers 5 keeps them under model.*.
+_GEMMA3_MULTIMODAL_NAMES = ((r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head."),
+                            (r"^vision_tower\.", "model.vision_tower."),
+                            (r"^multi_modal_projector\.", "model.multi_modal_projector."))
+_GEMMA3_MULTIMODAL_EXPORT = ((r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head."),
+                             (r"^model\.vision_tower\.", "vision_tower."),
+                             (r"^model\.multi_modal_projector\.", "multi_modal_projector."))
+
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("LlamaForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
     "MistralForCausalLM": Architecture("MistralForCausalLM", gguf_arch="llama", **_LLAMA_LIKE),
@@ -208,6 +226,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Gemma2ForCausalLM": Architecture("Gemma2ForCausalLM", gguf_arch="gemma2", attention="eager", **_GEMMA),
     "Gemma3ForCausalLM": Architecture("Gemma3ForCausalLM", gguf_arch="gemma3", **{
         **_GEMMA, "block_norms": _GEMMA_NORMS + ("self_attn.q_norm", "self_attn.k_norm")}),
+    # The text tower of multimodal Gemma 3: the same blocks under model.language_model; the vision tower
+    # and projector are carried as float tensors (not quantized, left out of GGUF).
+    "Gemma3ForConditionalGeneration": Architecture("Gemma3ForConditionalGeneration", gguf_arch="gemma3", **{
+        **_GEMMA, "block_norms": _GEMMA_NORMS + ("self_attn.q_norm", "self_attn.k_norm"),
+        "blocks": "model.language_model.layers", "embeddings": "model.language_model.embed_tokens",
+        "final_norm": "model.language_model.norm", "rotary": "model.language_model.rotary_emb",
+        "stored_names": _GEMMA3_MULTIMODAL_NAMES, "export_names": _GEMMA3_MULTIMODAL_EXPORT,
+        "gguf_names": ((r"^model\.language_model\.", "model."),),
+        "gguf_skipped": ("model.vision_tower.", "model.multi_modal_projector.")}),
     "MixtralForCausalLM": Architecture("MixtralForCausalLM", gguf_arch="llama", **_moe(
         False, ExpertLayout("mlp.experts", "num_local_experts", "mlp", "mlp.gate"), stored_names=_MIXTRAL_NAMES,
         export_names=_MIXTRAL_EXPORT)),
@@ -237,7 +264,8 @@ def architecture_for(config) -> Architecture:
         raise QuantkitError("config.json names no architecture ('architectures' is empty); cannot map its layers")
     for name in names:
         if name in ARCHITECTURES:
-            return expand_experts(ARCHITECTURES[name], config)
+            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            return expand_experts(ARCHITECTURES[name], text_config)
     raise QuantkitError(
         f"architecture {names[0]} has no layer mapping; supported: {', '.join(sorted(ARCHITECTURES))}"
     )

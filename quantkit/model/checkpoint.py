@@ -134,6 +134,8 @@ class Checkpoint:
         self.path = Path(path)
         self.trust_remote_code = trust_remote_code
         self.config = self._load_config()
+        # The language model's own settings (a multimodal config keeps them in text_config).
+        self.text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
         # Our name -> the name stored in the file (they differ where the table renames, e.g. Mixtral's experts).
         self.stored_names = _canonical_names(self.config, self._weight_map())
         self.weight_map = {name: stored[0] for name, stored in self.stored_names.items()}
@@ -351,7 +353,7 @@ def expected_tensors(config, *, trust_remote_code: bool = False) -> ExpectedTens
     # On the meta device transformers does not tie yet: its own table names the weights a tied model
     # takes from another (a dict in transformers 5, a list before).
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text_config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False):
         optional.update(getattr(model, "_tied_weights_keys", None) or ())
     return ExpectedTensors(shapes, frozenset(optional))
 

@@ -63,7 +63,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def estimate_run(run) -> Estimate:
     """The estimate for a prepared pipeline run (pipeline._Run)."""
-    config = run.checkpoint.config
+    config = run.checkpoint.text_config
     shapes = tensor_shapes(run.checkpoint)
     compute = torch.finfo(run.compute_dtype).bits // 8
     storage = torch.finfo(run.storage_dtype).bits // 8
@@ -107,7 +107,7 @@ def _statistics_bytes(run, shapes) -> int:
 
     total, gptq_working_set = 0, 0
     layout = run.arch.experts
-    experts = layout.num_experts(run.checkpoint.config) if layout else 1
+    experts = layout.num_experts(run.checkpoint.text_config) if layout else 1
     for name in run.arch.linears:
         assignment = run.plan.get(f"{run.arch.blocks}.0.{name}")
         weight = shapes.get(f"{run.arch.blocks}.0.{name}.weight")
@@ -119,7 +119,7 @@ def _statistics_bytes(run, shapes) -> int:
         # routed tokens, top_k of every E experts' worth in all
         expert = layout is not None and expert_index(name, layout) is not None
         alive = min(experts, run.config.expert_batch) / experts if expert else 1.0
-        routed = run.checkpoint.config.num_experts_per_tok / experts if expert else 1.0
+        routed = run.checkpoint.text_config.num_experts_per_tok / experts if expert else 1.0
         total += 2 * in_features * 4
         if "hessian" in kinds:
             # the fp64 sum; while one Linear is swept: its fp32 matrix, the working copy, the damped

@@ -231,12 +231,12 @@ def _prepare(config: CalibrateConfig) -> _Run:
     arch = architecture_for(checkpoint.config)
     if getattr(checkpoint.config, "quantization_config", None):
         raise QuantkitError(f"{source.path} is already quantized (config.json has quantization_config); give a float checkpoint")
-    max_len = getattr(checkpoint.config, "max_position_embeddings", None)
+    max_len = getattr(checkpoint.text_config, "max_position_embeddings", None)
     if max_len is not None and config.seq_len > max_len:
         raise QuantkitError(f"--seq-len {config.seq_len} is over the model's maximum of {max_len} tokens")
     check_weights(source.path, checkpoint.shapes(),
                   expected_tensors(checkpoint.config, trust_remote_code=config.trust_remote_code))
-    names = [f"{arch.blocks}.{i}.{linear}" for i in range(checkpoint.config.num_hidden_layers) for linear in arch.linears]
+    names = [f"{arch.blocks}.{i}.{linear}" for i in range(checkpoint.text_config.num_hidden_layers) for linear in arch.linears]
     plan, ignored, recipe = _plan(config, names)
     label = Path(config.recipe).stem if recipe else config.scheme
     out = Path(config.out or Path("out") / f"{Path(config.model).name}-{label}")
@@ -273,7 +273,7 @@ def _preflight(run: _Run, progress: Progress) -> None:
         progress.stage("data")
         spec = DatasetSpec(config.dataset, tuple(config.data_files), config.text_column)
         tokenizer = None if spec.name == "dummy" else run.checkpoint.tokenizer()  # random ids need none
-        run.tokens = calibration_tokens(spec, tokenizer, run.checkpoint.config.vocab_size, config.num_samples,
+        run.tokens = calibration_tokens(spec, tokenizer, run.checkpoint.text_config.vocab_size, config.num_samples,
                                         config.seq_len, config.seed)
         run.calibration_tokens = run.tokens.numel()
         run.dataset = spec
@@ -335,7 +335,7 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
     model, inputs, block_kwargs = _capture(run, progress) if run.needs_data else (_skeleton(run), None, None)
     if inputs is not None:
         inputs = _restore_or_offload(run, work, first, inputs)
-    num_blocks = run.checkpoint.config.num_hidden_layers
+    num_blocks = run.checkpoint.text_config.num_hidden_layers
     progress.stage("blocks", num_blocks)
     for index in range(num_blocks):
         if index < first:
@@ -385,7 +385,7 @@ def _finish(run: _Run, work: WorkDir, progress: Progress) -> Manifest:
     """Weights of the rest of the model, shards, search results, source files and the manifest."""
     with _timed(run, "write"):
         progress.stage("write")
-        num_blocks = run.checkpoint.config.num_hidden_layers
+        num_blocks = run.checkpoint.text_config.num_hidden_layers
         layers: dict[str, LayerEntry] = {}
         search_results: dict[str, torch.Tensor] = {}
         for index in range(num_blocks):
@@ -457,7 +457,7 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
         materialize(block, prefix, run.checkpoint, torch.float32)
     assigned = {name: run.plan[f"{prefix}.{name}"] for name in run.arch.linears if run.plan.get(f"{prefix}.{name}")}
     job = BlockJob(index=index, prefix=prefix, block=block, assigned=assigned, inputs=inputs, arch=run.arch,
-                   model_config=run.checkpoint.config, compute_dtype=run.compute_dtype,
+                   model_config=run.checkpoint.text_config, compute_dtype=run.compute_dtype,
                    storage_dtype=run.storage_dtype, smooth=run.smooth, alpha=run.alpha,
                    metric_samples=run.config.metric_samples, processes=run.processes, keep=keep,
                    float_block=float_block, moe_all_experts=run.config.moe_all_experts,
