@@ -57,13 +57,8 @@ def main() -> None:
                              **common.score(common.load_quantized_fp32(out), reference, windows)})
                 print(json.dumps(rows[-1]), flush=True)
             for script, argument, label in PEERS.get(grid, []):
-                peer = common.run_peer(args.peer_python, script, argument)
-                if peer is not None:
-                    rows.append({"tool": label, "config": grid, **peer})
-                    print(json.dumps(rows[-1]), flush=True)
-    print(common.table(rows, [("tool", "tool"), ("config", "config"), ("ppl", "perplexity"), ("kl", "KL"),
-                              ("top1", "top-1"), ("wall_s", "process wall s"), ("quantize_s", "calibrate+quantize s"),
-                              ("peak_rss_mib", "peak RSS MiB")]))
+                common.add_peer_row(rows, args.peer_python, script, argument, label, grid)
+    print(common.table(rows, common.QUALITY_COLUMNS))
 
 
 if __name__ == "__main__":

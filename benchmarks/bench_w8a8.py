@@ -41,13 +41,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for kind, label in (("w8a8", "W8A8 dynamic, no smoothing"), ("w8a8_smooth", "W8A8 dynamic + SmoothQuant 0.8")):
-        peer = common.run_peer(args.peer_python, "run_llmcompressor.py", kind)
-        if peer is not None:
-            rows.append({"tool": "llm-compressor", "config": label, **peer})
-            print(json.dumps(rows[-1]), flush=True)
-    print(common.table(rows, [("tool", "tool"), ("config", "config"), ("ppl", "perplexity"), ("kl", "KL"),
-                              ("top1", "top-1"), ("wall_s", "process wall s"), ("quantize_s", "calibrate+quantize s"),
-                              ("peak_rss_mib", "peak RSS MiB")]))
+        common.add_peer_row(rows, args.peer_python, "run_llmcompressor.py", kind, "llm-compressor", label)
+    print(common.table(rows, common.QUALITY_COLUMNS))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,19 @@ def run_peer(python: str, script: str, *args: str) -> dict | None:
     return result
 
 
+# The quality tables' columns: (row key, header).
+QUALITY_COLUMNS = [("tool", "tool"), ("config", "config"), ("ppl", "perplexity"), ("kl", "KL"), ("top1", "top-1"),
+                   ("wall_s", "process wall s"), ("quantize_s", "calibrate+quantize s"), ("peak_rss_mib", "peak RSS MiB")]
+
+
+def add_peer_row(rows: list[dict], python: str, script: str, argument: str, tool: str, config: str) -> None:
+    """Run a peer script (when its environment exists) and append its row, echoed as a JSON line."""
+    peer = run_peer(python, script, argument)
+    if peer is not None:
+        rows.append({"tool": tool, "config": config, **peer})
+        print(json.dumps(rows[-1]), flush=True)
+
+
 def load_quantized_fp32(out: Path):
     from quantkit import load_quantized
 

@@ -77,7 +77,7 @@ def test_weight_spec_names_its_formats_and_keeps_its_record():
 
 
 @pytest.mark.parametrize("fields, fragment", [
-    ({"scale_format": "e8m0"}, "scale format e8m0 comes with the floating-point formats"),
+    ({"scale_format": "e8m0"}, "scale format e8m0 comes with the MX/NV formats"),
     ({"granularity": "block", "group_size": None, "block_shape": (128, 128)}, "2-D block scales"),
     ({"second_scale": "fp32"}, "a second-level fp32 scale"),
     ({"scale_format": "fp9"}, "unknown scale format 'fp9'"),

@@ -1,6 +1,6 @@
 """llm-compressor on SmolLM2 with the benchmark protocol (run with a Python that has llmcompressor).
 
-usage: run_llmcompressor.py {w8a8|w8a8_smooth|gptq_w4g64} ; prints one JSON line.
+usage: run_llmcompressor.py {w8a8|w8a8_smooth|fp8_dynamic|gptq_w4g64} ; prints one JSON line.
 The calibration ids are quantkit's own (benchmarks/common.py), so both tools see the same tokens.
 """
 import json
@@ -22,6 +22,8 @@ def recipe(kind: str):
     if kind == "w8a8_smooth":
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+    if kind == "fp8_dynamic":
+        return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
     if kind == "gptq_w4g64":
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 

@@ -13,6 +13,7 @@ g_idx), or, with static_groups, are fixed up front on the original column order 
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,9 +107,10 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
     # Group of each swept position: static groups follow the original column, dynamic ones the sweep.
     original_group = torch.arange(in_features) // group_size
     position_group = (original_group[perm] if fixed_params else torch.arange(in_features) // group_size).tolist()
-    codes_t = torch.empty(in_features, out_features, dtype=torch.int8)
-    qmin, qmax = primitives.signed_range(spec.bits)
-    row_spec = WeightSpec(spec.bits, "channel", spec.symmetric)
+    element = spec.element
+    codes_t = torch.empty(in_features, out_features, dtype=primitives.code_dtype(element))
+    qmin, qmax = element.min, element.max
+    row_spec = dataclasses.replace(spec, granularity="channel", group_size=None)
     step = block_size if whole_row else _aligned_block_size(block_size, group_size)
 
     def sweep_block(i1: int, W1: torch.Tensor, U1: torch.Tensor) -> torch.Tensor:
@@ -125,14 +127,16 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
                     zero_t[g] = z[:, 0]
             s = scale_t[g]
             w = W1[i]
-            q = torch.round(w / s)
-            if zero_t is not None:
-                q = (q + zero_t[g]).clamp_(qmin, qmax)
+            if element.kind == "float":      # the nearest fp8 value (symmetric: no zero point)
+                q = element.round(w / s)
+                dequantized = q * s
+            elif zero_t is not None:
+                q = (torch.round(w / s) + zero_t[g]).clamp_(qmin, qmax)
                 dequantized = (q - zero_t[g]) * s
             else:
-                q = q.clamp_(qmin, qmax)
+                q = torch.round(w / s).clamp_(qmin, qmax)
                 dequantized = q * s
-            codes_t[col] = q.to(torch.int8)
+            codes_t[col] = q.to(codes_t.dtype)
             err = (w - dequantized) / U1[i, i]
             W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)   # W[:, i+1:] -= err * U[i, i+1:] (row i is done)
             Err1[i] = err

@@ -62,6 +62,9 @@ def hqq_group_error(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 def check_spec(spec: WeightSpec) -> None:
+    if spec.format != "int":
+        raise QuantkitError(f"HQQ optimises an integer grid's zero point; {spec.format} grids have none "
+                            "(use rtn, gptq or awq)")
     if spec.symmetric:
         raise QuantkitError("HQQ optimises the zero point: use an asymmetric grid (--asym)")
     if spec.granularity == "tensor":

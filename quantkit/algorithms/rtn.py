@@ -16,7 +16,7 @@ def quantize_rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantTensor:
     weight = weight.float()
     scale, zero = primitives.weight_qparams(weight, spec)
     group_size = primitives.group_size_for(spec, weight.shape[1])
-    codes = primitives.quantize(weight, scale, zero, group_size, spec.bits)
+    codes = primitives.quantize(weight, scale, zero, group_size, spec.element)
     return QuantTensor(codes, scale, zero, spec)
 
 

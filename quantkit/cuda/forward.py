@@ -22,6 +22,7 @@ from torch import nn
 
 from quantkit.cuda import layout, reference
 from quantkit.errors import QuantkitError
+from quantkit.formats import primitives
 from quantkit.formats.primitives import signed_range
 from quantkit.model.qlinear import QuantLinear, set_submodule
 
@@ -172,7 +173,21 @@ def run_operands(operands: layout.Operands, x: torch.Tensor, backend: str) -> to
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if isinstance(operands, layout.WeightOnlyOperands):
+    if isinstance(operands, layout.Fp8Operands):
+        # fp8 layers run the torch reference of an fp8 GEMM on every backend (a GPU fp8 kernel, e.g.
+        # torch._scaled_mm, is not wired yet): activations to fp8 codes, then the scaled product
+        activation = operands.activation
+        if activation.dynamic:
+            codes, a_scale = primitives.quantize_activation_per_token(x2d, activation.element)
+        else:
+            codes = primitives.quantize_activation_static(x2d, operands.input_scale, None, activation.element)
+            a_scale = operands.input_scale
+        y = reference.fp8_scaled_mm(codes, operands.codes, a_scale.reshape(-1), operands.scale, operands.bias, x.dtype)
+    elif isinstance(operands, layout.WeightOnlyOperands) and operands.weight.dtype == torch.float8_e4m3fn:
+        # fp8 weight-only: the torch reference on every backend (no fp8-dequantizing kernel yet)
+        y = reference.weight_only_mm(x2d, operands.weight, operands.bits, operands.scale, operands.zero,
+                                     operands.group_size, operands.g_idx, operands.bias, k)
+    elif isinstance(operands, layout.WeightOnlyOperands):
         y = ops.weight_only_mm(x2d, operands.weight, operands.bits, operands.scale, operands.zero,
                                operands.group_size, operands.g_idx, operands.bias, k)
     else:

@@ -67,7 +67,23 @@ class WeightOnlyOperands:
         return self.out_features, self.in_features
 
 
-Operands = Int8Operands | WeightOnlyOperands
+@dataclass
+class Fp8Operands:
+    """An fp8 e4m3 layer with fp8 activations: codes [N, K] float8_e4m3fn, one fp32 weight scale per
+    output channel ([N]) or for the tensor ([1]), the activation grid, bias [N]."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    activation: object              # ActivationSpec (fp8_e4m3)
+    input_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+
+Operands = Int8Operands | WeightOnlyOperands | Fp8Operands
 
 
 def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -112,6 +128,8 @@ def prepare(layer: QuantLinear, name: str = "") -> Operands:
     if layer.activation_spec is None:
         return _prepare_weight_only(layer)
     activation = layer.activation_spec
+    if activation.format != "int" or spec.format != "int":
+        return _prepare_fp8(layer, name)
     if not 2 <= activation.bits <= 8:
         _refuse(name, f"int{activation.bits} activations (the int8 GEMM takes codes of 2 to 8 bits)")
     if activation.dynamic and not activation.symmetric:
@@ -142,6 +160,17 @@ def prepare(layer: QuantLinear, name: str = "") -> Operands:
     )
 
 
+def _prepare_fp8(layer: QuantLinear, name: str) -> Fp8Operands:
+    spec, activation = layer.weight_spec, layer.activation_spec
+    if spec.format != "fp8_e4m3" or activation.format != "fp8_e4m3" or spec.granularity not in ("channel", "tensor"):
+        _refuse(name, f"{spec.describe()} weights with {activation.describe()} activations (the fp8 GEMM takes fp8 "
+                      "e4m3 per-channel or per-tensor weights with fp8 e4m3 activations)")
+    scale = layer.weight_scale.float().reshape(-1)
+    return Fp8Operands(codes=layer.weight_codes.contiguous(), scale=scale, activation=activation,
+                       input_scale=None if activation.dynamic else layer.input_scale.float().reshape(1),
+                       bias=layer.bias)
+
+
 def _prepare_weight_only(layer: QuantLinear) -> WeightOnlyOperands:
     spec = layer.weight_spec
     n, k = layer.out_features, layer.in_features
@@ -152,7 +181,7 @@ def _prepare_weight_only(layer: QuantLinear) -> WeightOnlyOperands:
     return WeightOnlyOperands(
         weight=pack_weight(layer.weight_codes, spec.bits),
         bits=spec.bits,
-        scale=params_by_group(layer.weight_scale.to(torch.float16), n),
+        scale=params_by_group(layer.weight_scale.to(torch.float16 if spec.scale_format == "fp16" else torch.float32), n),
         zero=zero,
         group_size=primitives.group_size_for(spec, k),
         g_idx=None if layer.weight_g_idx is None else layer.weight_g_idx.to(torch.int32).contiguous(),

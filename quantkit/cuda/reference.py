@@ -80,3 +80,15 @@ def weight_only_mm(x: torch.Tensor, weight: torch.Tensor, bits: int, scale: torc
     w = dequantize_weight(weight, bits, scale, zero, group_size, g_idx, k)
     y = F.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
+
+
+def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """What an fp8 GEMM (torch._scaled_mm) computes: y[m, n] = a_scale[m] * w_scale[n] * sum_k a[m,k] b[n,k]
+    + bias[n]. a [M, K] float8_e4m3fn, b [N, K] float8_e4m3fn, a_scale [M] or [1], w_scale [N] or [1]
+    float32; products of fp8 values are exact in float64, and so is the sum at these sizes."""
+    acc = a.double() @ b.double().T
+    y = acc * a_scale.double().reshape(-1, 1) * w_scale.double().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.double()[None, :]
+    return y.to(out_dtype)

@@ -5,7 +5,9 @@ Formats, chosen per layer the way compressed-tensors itself infers them:
   pack-quantized  weight-only layers (W4A16, W8A16, ...): ``weight_packed`` int32 [out, ceil(in*b/32)]
                   (codes + 2^(b-1), LSB-first bit stream along the input dim, no padding bits),
                   ``weight_shape`` int64 [2]
-Both store ``weight_scale`` (quantkit's fp16 scale values exactly, as float32 for float32 models and
+  float-quantized fp8 e4m3 layers (FP8_DYNAMIC, W8A16 fp8, per-tensor static): ``weight`` float8_e4m3fn
+                  [out, in], ``weight_scale`` float32 (any float32 value, kept exactly)
+All store ``weight_scale`` (quantkit's fp16 scale values exactly for integer grids, as float32 for float32 models and
 float16 otherwise, see `scale_dtype_for`) with shape [1] per tensor,
 [out, 1] per channel, [out, G] per group; asymmetric grids add ``weight_zero_point`` (signed integer,
 the same convention as quantkit: w = (q - zero) * scale): int8 in int-quantized (and for per-tensor
@@ -42,6 +44,7 @@ from quantkit.native.writer import LinearRecord
 QUANT_METHOD = "compressed-tensors"
 INT_QUANTIZED = "int-quantized"
 PACK_QUANTIZED = "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"
 MIXED = "mixed-precision"
 _COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                  "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -62,20 +65,27 @@ class CTExportResult:
                 "groups": self.groups, "ignore": self.ignore, "notes": self.notes, "size_bytes": self.size_bytes}
 
 
+def _type(format_name: str) -> str:
+    """compressed-tensors' QuantizationType of an element grid: int, or float (fp8 e4m3)."""
+    return "int" if format_name == "int" else "float"
+
+
 def weight_args(spec: WeightSpec) -> dict:
     """compressed-tensors QuantizationArgs of a quantkit weight grid."""
-    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
+    return {"num_bits": spec.bits, "type": _type(spec.format), "symmetric": spec.symmetric,
             "group_size": spec.group_size if spec.granularity == "group" else None,
             "strategy": spec.granularity, "dynamic": False}
 
 
 def activation_args(spec: ActivationSpec) -> dict:
     """compressed-tensors QuantizationArgs of a quantkit activation grid (token = dynamic)."""
-    return {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "group_size": None,
+    return {"num_bits": spec.bits, "type": _type(spec.format), "symmetric": spec.symmetric, "group_size": None,
             "strategy": spec.granularity, "dynamic": spec.dynamic}
 
 
 def layer_format(scheme: Scheme) -> str:
+    if scheme.weight.format != "int":
+        return FLOAT_QUANTIZED
     return INT_QUANTIZED if scheme.activation is not None else PACK_QUANTIZED
 
 
@@ -183,8 +193,12 @@ def linear_tensors(name: str, record: LinearRecord, scheme: Scheme,
     quant = record.quant
     spec = quant.spec
     out_features, in_features = quant.shape
+    if spec.format != "int":      # fp8 scales are arbitrary float32 values: kept exactly
+        scale_dtype = torch.float32
     tensors = {"weight_scale": _shaped(quant.scale.to(scale_dtype), spec)}
-    if layer_format(scheme) == INT_QUANTIZED:
+    if layer_format(scheme) == FLOAT_QUANTIZED:
+        tensors["weight"] = quant.codes              # float8_e4m3fn values, as compressed-tensors stores them
+    elif layer_format(scheme) == INT_QUANTIZED:
         tensors["weight"] = quant.codes.to(torch.int8)
     else:
         words = -(-in_features * spec.bits // 32)    # dense: no padding bits beyond the last code

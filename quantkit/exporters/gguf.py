@@ -470,8 +470,10 @@ def _quantized_decision(entry, params: dict[str, torch.Tensor], requested: str |
     out_features, in_features = entry.shape
     if in_features % gguf_blocks.BLOCK:
         return "F16", "float", f"row length {in_features} is not a multiple of 32, so no block type fits"
-    carrier = gguf_blocks.carrier_format(spec.bits, spec.symmetric)
     fallback = requested or gguf_blocks.closest_format(spec.bits, spec.symmetric)
+    if spec.format != "int":
+        return fallback, "requantized", f"{spec.format} codes have no GGUF block type"
+    carrier = gguf_blocks.carrier_format(spec.bits, spec.symmetric)
     if carrier is None:
         return fallback, "requantized", f"asymmetric {spec.bits}-bit codes have no GGUF block type"
     scale = params["scale"].float()

@@ -54,6 +54,15 @@ class ElementFormat:
         """x rounded to the nearest grid value (ties to even, saturating), in x's float dtype."""
         if self.kind == "int":
             return torch.round(x).clamp_(self.min, self.max)
+        native = _NATIVE_DTYPES.get(self.name)
+        if native is not None:  # torch's cast rounds to nearest, ties to even; saturate first (a cast gives NaN)
+            return x.clamp(self.min, self.max).to(native).to(x.dtype)
+        return self.round_on_grid(x)
+
+    def round_on_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """`round` computed from the grid values alone (the reference the native casts are tested against)."""
+        if self.kind == "int":
+            return torch.round(x).clamp_(self.min, self.max)
         magnitudes = torch.tensor([v for v in self.grid if v >= 0], dtype=torch.float64)
         a = x.double().abs().clamp(max=magnitudes[-1].item())
         upper = torch.searchsorted(magnitudes, a).clamp_(max=len(magnitudes) - 1)
@@ -63,6 +72,10 @@ class ElementFormat:
         take_upper = (above < below) | ((above == below) & (upper % 2 == 0))
         rounded = magnitudes[torch.where(take_upper, upper, lower)]
         return (torch.sign(x.double()) * rounded).to(x.dtype)
+
+
+# Float grids torch holds natively: the same values, rounding done by the dtype cast (fast).
+_NATIVE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def _int_format(bits: int, signed: bool) -> ElementFormat:
@@ -105,6 +118,18 @@ class ScaleFormat:
 
     name: str
     bits: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tensor dtype scales of this format are stored in (exactly)."""
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                "fp8_e4m3": torch.float8_e4m3fn, "e8m0": torch.float8_e8m0fnu}[self.name]
+
+    @property
+    def smallest(self) -> float:
+        """The smallest positive scale kept at full precision (the floor weight scales are clamped to)."""
+        return {"fp32": torch.finfo(torch.float32).tiny, "fp16": 2.0**-14, "bf16": torch.finfo(torch.bfloat16).tiny,
+                "fp8_e4m3": 2.0**-6, "e8m0": 2.0**-127}[self.name]
 
     def round(self, scale: torch.Tensor) -> torch.Tensor:
         """Positive scales [any shape] float32 -> the nearest storable value (e8m0: the power of two at

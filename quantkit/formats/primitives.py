@@ -1,14 +1,16 @@
 """Pure quantization primitives. Every function is stateless; shapes and dtypes are in the docstrings.
 
 Conventions (the whole package uses them):
-- codes are signed integers in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1], held in int8 tensors;
+- codes are values of the spec's element grid: signed integers in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]
+  held in int8 tensors, or fp8 e4m3 values held in float8_e4m3fn tensors (`code_dtype`);
 - dequantization is ``w_hat = (code - zero) * scale``; symmetric grids have zero = 0;
 - weight parameters have shape [R, G]: R = 1 for one scale per tensor, R = out otherwise;
   G = ceil(in / group_size) groups of consecutive input channels (per-channel: group_size = in).
   The last group may be shorter than group_size (a ragged group) when group_size does not divide in;
-- weight scales are rounded to float16 values (stored as float16), so every export format that
-  keeps fp16 scales (GGUF, GPTQ/AWQ checkpoints) carries them exactly;
-- rounding is round-half-to-even (``torch.round``).
+- weight scales are rounded to the spec's scale format: float16 for integer grids (so every export
+  format that keeps fp16 scales, GGUF and GPTQ/AWQ checkpoints, carries them exactly), float32 for fp8;
+- rounding is round-half-to-even (``torch.round``; the nearest grid value, ties to the even code, for
+  float grids, saturating at the largest finite value).
 """
 from __future__ import annotations
 
@@ -16,11 +18,9 @@ import math
 
 import torch
 
-from quantkit.formats.numbers import signed_int
+from quantkit.formats.numbers import ElementFormat, scale_format, signed_int
 from quantkit.formats.schemes import ActivationSpec, WeightSpec
 
-# Smallest normal float16: weight scales below it would lose precision when stored as fp16.
-MIN_WEIGHT_SCALE = 2.0**-14
 # Activation scales are float32; this floor only guards against a zero range (dead channel).
 MIN_ACTIVATION_SCALE = 1e-8
 
@@ -29,6 +29,33 @@ def signed_range(bits: int) -> tuple[int, int]:
     """(qmin, qmax) of a signed ``bits``-bit code: the ends of the ``int{bits}`` element grid."""
     grid = signed_int(bits)
     return int(grid.min), int(grid.max)
+
+
+def as_element(grid: int | ElementFormat) -> ElementFormat:
+    """An element grid given as itself or as the bit width of a signed integer grid."""
+    return signed_int(grid) if isinstance(grid, int) else grid
+
+
+def half_range(element: ElementFormat) -> float:
+    """What a symmetric scale divides the absmax by: (qmax - qmin) / 2 for integers (the whole signed
+    range, see `qparams_from_range`), the largest finite value for float grids (448 for fp8 e4m3)."""
+    return (element.max - element.min) / 2 if element.kind == "int" else element.max
+
+
+def round_to_grid(x: torch.Tensor, element: ElementFormat) -> torch.Tensor:
+    """x (already divided by its scale, zero added) rounded onto the grid, in x's float dtype: integers
+    round half to even and clamp to [qmin, qmax]; float grids round to the nearest value (ties to even)
+    after saturating at +-max."""
+    if element.kind == "int":
+        return torch.round(x).clamp_(element.min, element.max)
+    return element.round(x)
+
+
+def code_dtype(element: ElementFormat) -> torch.dtype:
+    """The tensor dtype codes of ``element`` are held in (exactly)."""
+    if element.kind == "int":
+        return torch.int8
+    return {"fp8_e4m3": torch.float8_e4m3fn}[element.name]
 
 
 def group_size_for(spec: WeightSpec, in_features: int) -> int:
@@ -83,14 +110,17 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: WeightSpec) -> 
     The symmetric grid spans the whole signed range, [-2^(b-1), 2^(b-1) - 1] (compressed-tensors' and
     torchao's convention): its step is absmax / 7.5 at 4 bits rather than absmax / 7, at the price of
     clipping the largest positive weight by half a step.
-    The scale is rounded to float16 precision (returned as float32 holding fp16 values).
+    Float grids (symmetric): scale = absmax / max (448 for fp8 e4m3).
+    The scale is rounded to the spec's scale format (fp16 for integers, fp32 for fp8), returned as float32.
     """
-    qmin, qmax = signed_range(spec.bits)
+    element = spec.element
+    qmin, qmax = element.min, element.max
     if spec.symmetric:
-        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+        scale = torch.maximum(-lo, hi) / half_range(element)
     else:
         scale = (hi - lo) / (qmax - qmin)
-    scale = scale.clamp(min=MIN_WEIGHT_SCALE).to(torch.float16).float()
+    storage = scale_format(spec.scale_format)
+    scale = storage.round(scale.clamp(min=storage.smallest))
     if spec.symmetric:
         return scale, None
     zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
@@ -102,15 +132,17 @@ def weight_qparams(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, tor
     return qparams_from_range(*weight_range(w, spec), spec)
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int, bits: int,
-             g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """codes = clamp(round(w / scale) + zero, qmin, qmax): [out, in] float -> [out, in] int8."""
-    qmin, qmax = signed_range(bits)
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
+             grid: int | ElementFormat, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """codes = grid_round(w / scale + zero): [out, in] float -> [out, in] codes (`code_dtype`); ``grid``
+    is the element format or the bit width of a signed integer grid."""
+    element = as_element(grid)
     in_features = w.shape[1]
-    q = torch.round(w.float() / expand_to_columns(scale, in_features, group_size, g_idx))
-    if zero is not None:
-        q = q + expand_to_columns(zero, in_features, group_size, g_idx)
-    return q.clamp(qmin, qmax).to(torch.int8)
+    q = w.float() / expand_to_columns(scale, in_features, group_size, g_idx)
+    if zero is None:
+        return round_to_grid(q, element).to(code_dtype(element))
+    q = torch.round(q) + expand_to_columns(zero, in_features, group_size, g_idx)
+    return round_to_grid(q, element).to(code_dtype(element))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
@@ -136,12 +168,11 @@ def fake_quantize_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
         groups = to_groups(w, group_size_for(spec, w.shape[1]))
         scale, zero = qparams_from_range(groups.amin(dim=-1).clamp(max=0.0), groups.amax(dim=-1).clamp(min=0.0), spec)
         scale, zero = scale[..., None], None if zero is None else zero[..., None]
-    qmin, qmax = signed_range(spec.bits)
-    q = torch.round(groups / scale)
+    element = spec.element
     if zero is not None:
-        q = (q + zero).clamp_(qmin, qmax) - zero
+        q = round_to_grid(torch.round(groups / scale) + zero, element) - zero
     else:
-        q = q.clamp_(qmin, qmax)
+        q = round_to_grid(groups / scale, element)
     return (q * scale).reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
@@ -151,7 +182,8 @@ def activation_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: ActivationSpec)
     symmetric:  scale = max(|lo|, |hi|) / qmax; asymmetric: scale = (hi - lo) / (qmax - qmin),
     zero = clamp(qmin - round(lo / scale)). Scales stay float32 (they are applied in fp32).
     """
-    qmin, qmax = signed_range(spec.bits)
+    element = spec.element
+    qmin, qmax = element.min, element.max
     lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
     if spec.symmetric:
         scale = (torch.maximum(-lo, hi) / qmax).clamp(min=MIN_ACTIVATION_SCALE)
@@ -162,24 +194,24 @@ def activation_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: ActivationSpec)
 
 
 def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                               bits: int) -> torch.Tensor:
-    """Per-tensor static codes: clamp(round(x / scale) + zero): [..., K] float -> [..., K] int8."""
-    qmin, qmax = signed_range(bits)
-    q = torch.round(x.float() / scale)
+                               grid: int | ElementFormat) -> torch.Tensor:
+    """Per-tensor static codes: grid_round(x / scale + zero): [..., K] float -> [..., K] codes."""
+    element = as_element(grid)
+    q = x.float() / scale
     if zero is not None:
-        q = q + zero
-    return q.clamp(qmin, qmax).to(torch.int8)
+        q = torch.round(q) + zero
+    return round_to_grid(q, element).to(code_dtype(element))
 
 
-def quantize_activation_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric per-token codes: scale_t = max_k |x_tk| / qmax.
+def quantize_activation_per_token(x: torch.Tensor, grid: int | ElementFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token codes: scale_t = max_k |x_tk| / qmax (448 for fp8 e4m3).
 
-    x: [..., K] float -> (codes [..., K] int8, scale [..., 1] float32).
+    x: [..., K] float -> (codes [..., K] (`code_dtype`), scale [..., 1] float32).
     """
-    qmin, qmax = signed_range(bits)
+    element = as_element(grid)
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=MIN_ACTIVATION_SCALE)
-    codes = torch.round(xf / scale).clamp(qmin, qmax).to(torch.int8)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / element.max).clamp(min=MIN_ACTIVATION_SCALE)
+    codes = round_to_grid(xf / scale, element).to(code_dtype(element))
     return codes, scale
 
 
@@ -189,15 +221,14 @@ def fake_quantize_activation(x: torch.Tensor, spec: ActivationSpec, scale: torch
 
     The same arithmetic as quantize_activation_* followed by (code - zero) * scale, without the
     int8 round trip (the codes are exact small integers in float32 either way)."""
-    qmin, qmax = signed_range(spec.bits)
+    element = spec.element
     xf = x.float()
     if spec.dynamic:
-        scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=MIN_ACTIVATION_SCALE)
-        return (torch.round(xf / scale).clamp_(qmin, qmax) * scale).to(x.dtype)
-    codes = torch.round(xf / scale)
+        scale = (xf.abs().amax(dim=-1, keepdim=True) / element.max).clamp(min=MIN_ACTIVATION_SCALE)
+        return (round_to_grid(xf / scale, element) * scale).to(x.dtype)
     if zero is None:
-        return (codes.clamp_(qmin, qmax) * scale).to(x.dtype)
-    return (((codes + zero).clamp_(qmin, qmax) - zero) * scale).to(x.dtype)
+        return (round_to_grid(xf / scale, element) * scale).to(x.dtype)
+    return ((round_to_grid(torch.round(xf / scale) + zero, element) - zero) * scale).to(x.dtype)
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor, *, elementwise_fp64: bool = True) -> float:

@@ -13,8 +13,8 @@ from quantkit.formats.schemes import WeightSpec
 class QuantTensor:
     """A quantized weight matrix.
 
-    codes:  [out, in] int8, values of the element grid ``spec.element`` (int{b}: [-2^(b-1), 2^(b-1)-1]),
-            unpacked (packing is the file's job)
+    codes:  [out, in] values of the element grid ``spec.element``, unpacked (packing is the file's job):
+            int8 for int{b} ([-2^(b-1), 2^(b-1)-1]), float8_e4m3fn for fp8 e4m3
     scale:  [R, G] float32 holding values of ``spec.scale_format`` (fp16); R = 1 (per-tensor) or out;
             G = ceil(in / group_size)
     zero:   [R, G] float32 or None (symmetric). Integer-valued for RTN/GPTQ/AWQ grids; HQQ's
@@ -31,13 +31,14 @@ class QuantTensor:
 
     def __post_init__(self) -> None:
         out_features, in_features = self.codes.shape
-        assert self.codes.dtype == torch.int8, self.codes.dtype
+        element = self.spec.element
+        assert self.codes.dtype == primitives.code_dtype(element), (self.codes.dtype, element.name)
         assert self.scale.shape[0] in (1, out_features), (self.scale.shape, self.codes.shape)
         assert self.scale.shape[1] == primitives.group_count(in_features, self.group_size), self.scale.shape
         assert self.zero is None or self.zero.shape == self.scale.shape
         assert self.spec.symmetric == (self.zero is None)
-        element = self.spec.element
-        assert self.codes.numel() == 0 or element.min <= int(self.codes.min()) <= int(self.codes.max()) <= element.max
+        values = self.codes.float()
+        assert self.codes.numel() == 0 or element.min <= float(values.min()) <= float(values.max()) <= element.max
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,7 +60,10 @@ class QuantTensor:
     def grid_indices(self) -> torch.Tensor:
         """[out, in] uint8 position of each code in ``spec.element.grid`` (for int{b}: code - qmin, the
         unsigned value the packer stores)."""
-        return (self.codes.to(torch.int16) - int(self.spec.element.min)).to(torch.uint8)
+        element = self.spec.element
+        if element.kind == "float":
+            return torch.searchsorted(element.values(), self.codes.float().contiguous()).to(torch.uint8)
+        return (self.codes.to(torch.int16) - int(element.min)).to(torch.uint8)
 
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32."""

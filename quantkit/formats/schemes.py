@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.numbers import ElementFormat, scale_format, signed_int
+from quantkit.formats.numbers import (
+    ElementFormat,
+    element_format,
+    scale_format,
+    signed_int,
+)
 
 WeightGranularity = Literal["tensor", "channel", "group", "block"]
 ActivationGranularity = Literal["tensor", "token"]
@@ -45,6 +50,7 @@ class WeightSpec:
     scale_format: str = "fp16"
     block_shape: tuple[int, int] | None = None
     second_scale: str | None = None
+    format: str = "int"        # the element grid: "int" (int{bits}) or a float element format (fp8_e4m3)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -52,13 +58,15 @@ class WeightSpec:
         scale_format(self.scale_format)  # an unknown name stops here
         if self.second_scale is not None:
             scale_format(self.second_scale)
+        _check_element(self.format, self.bits, self.symmetric, "weight")
+        floating = self.format != "int"
         unsupported = [what for what, used in (
-            (f"scale format {self.scale_format}", self.scale_format != "fp16"),
+            (f"scale format {self.scale_format}", self.scale_format not in (("fp32",) if floating else ("fp16",))),
             ("2-D block scales", self.granularity == "block" or self.block_shape is not None),
             (f"a second-level {self.second_scale} scale", self.second_scale is not None)) if used]
         if unsupported:
-            raise QuantkitError(f"integer weight grids have fp16 scales per tensor, channel or group; "
-                                f"{unsupported[0]} comes with the floating-point formats")
+            raise QuantkitError(f"weight grids have fp16 (integer) or fp32 (fp8) scales per tensor, channel or "
+                                f"group; {unsupported[0]} comes with the MX/NV formats")
         if (self.granularity == "group") != (self.group_size is not None):
             raise QuantkitError("group_size is set exactly when granularity is 'group'")
         if self.group_size is not None and self.group_size < 1:
@@ -66,10 +74,12 @@ class WeightSpec:
 
     @property
     def element(self) -> ElementFormat:
-        return signed_int(self.bits)
+        return signed_int(self.bits) if self.format == "int" else element_format(self.format)
 
     def describe(self) -> str:
         grain = f"g{self.group_size}" if self.granularity == "group" else f"per-{self.granularity}"
+        if self.format != "int":
+            return f"{self.format} {grain}"
         return f"int{self.bits} {grain} {'sym' if self.symmetric else 'asym'}"
 
 
@@ -80,14 +90,39 @@ class ActivationSpec:
     bits: int
     granularity: ActivationGranularity
     symmetric: bool
+    format: str = "int"        # "int" (int{bits}) or a float element format (fp8_e4m3)
+
+    def __post_init__(self) -> None:
+        _check_element(self.format, self.bits, self.symmetric, "activation")
 
     @property
     def dynamic(self) -> bool:
         return self.granularity == "token"
 
+    @property
+    def element(self) -> ElementFormat:
+        return signed_int(self.bits) if self.format == "int" else element_format(self.format)
+
     def describe(self) -> str:
         kind = "dynamic per-token" if self.dynamic else "static per-tensor"
+        if self.format != "int":
+            return f"{self.format} {kind}"
         return f"int{self.bits} {kind} {'sym' if self.symmetric else 'asym'}"
+
+
+# Float element formats the pipeline quantizes to (FP4 comes with its MX/NV block scales).
+FLOAT_ELEMENTS = ("fp8_e4m3",)
+
+
+def _check_element(name: str, bits: int, symmetric: bool, what: str) -> None:
+    """A float grid is symmetric by construction and has its own width."""
+    if name == "int":
+        return
+    if name not in FLOAT_ELEMENTS:
+        element_format(name)   # an unknown name gets the suggestion
+        raise QuantkitError(f"{what} format {name} is not supported yet; supported: int, {', '.join(FLOAT_ELEMENTS)}")
+    if not symmetric or bits != element_format(name).bits:
+        raise QuantkitError(f"{what} format {name} is {element_format(name).bits}-bit and symmetric")
 
 
 @dataclass(frozen=True)
@@ -109,6 +144,7 @@ class Scheme:
 _A8_TENSOR_SYM = ActivationSpec(8, "tensor", symmetric=True)
 _A8_TENSOR_ASYM = ActivationSpec(8, "tensor", symmetric=False)
 _A8_TOKEN_SYM = ActivationSpec(8, "token", symmetric=True)
+_FP8_CHANNEL = WeightSpec(8, "channel", True, scale_format="fp32", format="fp8_e4m3")
 
 SCHEMES: dict[str, Scheme] = {
     s.name: s
@@ -127,6 +163,12 @@ SCHEMES: dict[str, Scheme] = {
                WeightSpec(4, "group", False, 128)),
         Scheme("w4a8", "int4 group-128 sym weights, dynamic per-token sym int8 activations",
                WeightSpec(4, "group", True, 128), _A8_TOKEN_SYM),
+        Scheme("fp8_dynamic", "FP8 (vLLM/llm-compressor FP8_DYNAMIC): fp8 e4m3 per-channel weights with fp32 scales, "
+               "dynamic per-token fp8 e4m3 activations", _FP8_CHANNEL, ActivationSpec(8, "token", True, "fp8_e4m3")),
+        Scheme("fp8_static", "FP8 per-tensor: fp8 e4m3 weights with one fp32 scale, static per-tensor fp8 e4m3 "
+               "activations from calibration", WeightSpec(8, "tensor", True, scale_format="fp32", format="fp8_e4m3"),
+               ActivationSpec(8, "tensor", True, "fp8_e4m3")),
+        Scheme("w8a16_fp8", "weight-only fp8 e4m3 per-channel (fp32 scales); activations stay float", _FP8_CHANNEL),
     )
 }
 
@@ -148,11 +190,13 @@ def scheme_to_dict(scheme: Scheme) -> dict:
     for name, default in _WEIGHT_DEFAULTS.items():
         if data["weight"].get(name, default) == default:
             data["weight"].pop(name, None)
+    if data["activation"] is not None and data["activation"]["format"] == "int":
+        data["activation"].pop("format")
     return data
 
 
 # Fields newer than the first manifests, left out of a scheme's record at their defaults.
-_WEIGHT_DEFAULTS = {"scale_format": "fp16", "block_shape": None, "second_scale": None}
+_WEIGHT_DEFAULTS = {"scale_format": "fp16", "block_shape": None, "second_scale": None, "format": "int"}
 
 
 def scheme_from_dict(data: dict) -> Scheme:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.formats import primitives
+from quantkit.formats.numbers import scale_format
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.formats.schemes import ActivationSpec, WeightSpec
 
@@ -29,7 +30,7 @@ class QuantLinear(nn.Module):
         self.weight_spec: WeightSpec = weight.spec
         self.activation_spec = activation
         self.register_buffer("weight_codes", weight.codes)
-        self.register_buffer("weight_scale", weight.scale.to(torch.float16))
+        self.register_buffer("weight_scale", weight.scale.to(scale_format(weight.spec.scale_format).dtype))
         self.register_buffer("weight_zero", None if weight.zero is None else weight.zero.float())
         self.register_buffer("weight_g_idx", None if weight.g_idx is None else weight.g_idx.to(torch.int32))
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import packing
+from quantkit.formats import packing, primitives
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.model.checkpoint import (
     Checkpoint,
@@ -34,7 +34,7 @@ def read_record(entry: LayerEntry, tensors: dict[str, torch.Tensor]) -> LinearRe
         raise QuantkitError(f"codes of {names['codes']} have shape {tuple(codes.shape)}, manifest says {entry.shape}")
     zero = tensors[names["zero"]].float() if "zero" in names else None
     g_idx = tensors[names["g_idx"]] if "g_idx" in names else None
-    weight = QuantTensor(codes.to(torch.int8), tensors[names["scale"]].float(), zero, spec, g_idx)
+    weight = QuantTensor(codes.to(primitives.code_dtype(spec.element)), tensors[names["scale"]].float(), zero, spec, g_idx)
     return LinearRecord(
         weight, input_scale=tensors.get(names.get("input_scale", "")),
         input_zero=tensors[names["input_zero"]].float() if "input_zero" in names else None,

@@ -1,8 +1,9 @@
 """The native output's tensors: one quantized Linear as the files hold it, and the names it gets.
 
 Tensors of a quantized Linear ``L`` (roles recorded in the manifest's ``tensors`` map):
-  L.weight_codes  int8 [out, in] for 8-bit; int32 [out, ceil(in/32)*bits] packed (packing.py) below 8
-  L.weight_scale  float16 [R, G]          L.weight_zero  int8 [R, G] (float32 when fractional)
+  L.weight_codes  int8 [out, in] for 8-bit; int32 [out, ceil(in/32)*bits] packed (packing.py) below 8;
+                  float8_e4m3fn [out, in] for fp8 e4m3 grids
+  L.weight_scale  float16 [R, G] (float32 for fp8 grids)   L.weight_zero  int8 [R, G] (float32 when fractional)
   L.weight_g_idx  int32 [in] (act-order)  L.input_scale  float32 [1] (static activations)
   L.input_zero    int8 [1] (static asym)  L.bias         storage dtype [out]
 Everything else (embeddings, smoothed norms, lm_head) is stored under its HF name in the source dtype.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.formats import packing
+from quantkit.formats.numbers import scale_format
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.model.qlinear import QuantLinear
 
@@ -50,8 +52,13 @@ class LinearRecord:
                            bias=self.bias)
 
 
-def codes_layout(bits: int) -> str:
-    return "int8" if bits == 8 else "int32-packed"
+def codes_layout(spec) -> str:
+    """How a grid's codes are stored: fp8 values as float8_e4m3 tensors, 8-bit integers as int8, narrower
+    integers packed into int32 words."""
+    if spec.format != "int":
+        return spec.format
+    return "int8" if spec.bits == 8 else "int32-packed"
+
 
 
 def tensor_names(name: str, record: LinearRecord) -> dict[str, str]:
@@ -65,8 +72,9 @@ def tensor_names(name: str, record: LinearRecord) -> dict[str, str]:
 def record_tensors(name: str, record: LinearRecord) -> dict[str, torch.Tensor]:
     """The file tensors of one quantized Linear, under the names `tensor_names` gives."""
     quant = record.quant
-    codes = quant.codes if quant.spec.bits == 8 else packing.pack(quant.codes, quant.spec.bits)
-    by_role = {"codes": codes, "scale": quant.scale.to(torch.float16)}
+    packed = codes_layout(quant.spec) == "int32-packed"
+    codes = packing.pack(quant.codes, quant.spec.bits) if packed else quant.codes
+    by_role = {"codes": codes, "scale": quant.scale.to(scale_format(quant.spec.scale_format).dtype)}
     if quant.zero is not None:
         integral = torch.equal(quant.zero, torch.round(quant.zero))
         by_role["zero"] = quant.zero.to(torch.int8) if integral else quant.zero.float()

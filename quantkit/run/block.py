@@ -297,7 +297,7 @@ class BlockQuantizer:
         names = tensor_names(full_name, LinearRecord.of(layer))
         result.entries[full_name] = LayerEntry(
             scheme=assignment.scheme, algorithm=algorithm_name, rule=assignment.rule,
-            shape=quant.shape, tensors=names, codes_layout=codes_layout(quant.spec.bits),
+            shape=quant.shape, tensors=names, codes_layout=codes_layout(quant.spec),
             ragged_last_group=quant.ragged, integer_zero=quant.integer_zero,
             metrics={"weight_sqnr_db": primitives.sqnr_db(weight, quant.dequantize())}, note=note,
         )
