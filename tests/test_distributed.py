@@ -50,3 +50,15 @@ def test_two_processes_match_one(llama_dir, tmp_path, flags, exact):
     for name, entry in one.layers.items():
         a, b = entry.metrics.get("output_sqnr_db"), two.layers[name].metrics.get("output_sqnr_db")
         assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-3 if exact else 5e-2)
+
+
+def test_moe_routed_only_is_refused_under_torchrun(qwen3_moe_dir, tmp_path):
+    """An expert one rank never routes a token to would have no statistics there: refused in one line."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "quantkit"]
+    done = subprocess.run([*launcher, "calibrate", str(qwen3_moe_dir), "--out", str(tmp_path / "out"), *ARGS,
+                           "--scheme", "w4a16", "--algo", "gptq", "--moe-routed-only"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode != 0
+    assert "error: --moe-routed-only runs in one process" in done.stderr + done.stdout
+    # (torchrun itself then reports the failed child with its own traceback: the launcher's, not ours)
+    assert not (tmp_path / "out").exists()

@@ -296,6 +296,10 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
     progress = progress if progress is not None and processes.writer else Progress()
     run = _prepare(config)
     run.processes = processes
+    if run.arch.experts is not None and not config.moe_all_experts and processes.world_size > 1:
+        # an expert one rank never routes a token to would have no statistics there to merge
+        raise QuantkitError("--moe-routed-only runs in one process; drop it under torchrun (every expert then "
+                            "sees every token on every rank)")
     run.estimate = estimate_run(run)
     progress.estimate(run.estimate)
     check_fits(run.estimate, run.out)
