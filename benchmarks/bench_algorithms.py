@@ -8,7 +8,6 @@ HQQ; the hqq package) and 3-bit group 64 asymmetric (RTN, GPTQ, AWQ, HQQ; the hq
 hidden size, is a multiple of 64, so no group is ragged here. Wall time is the whole quantkit process.
 """
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -43,7 +42,6 @@ def main() -> None:
     windows = common.eval_windows()
     reference = common.float_model()
     rows = [{"tool": "float", "config": "", **common.score(reference, reference, windows)}]
-    data = [*common.CALIBRATION_FLAGS, "--num-samples", str(common.SAMPLES), "--seq-len", str(common.SEQ_LEN)]
     with tempfile.TemporaryDirectory() as tmp:
         for grid in args.grids:
             flags, algorithms = GRIDS[grid]
@@ -51,11 +49,8 @@ def main() -> None:
                 if args.algos and algorithm not in args.algos:
                     continue
                 out = Path(tmp) / f"{grid}-{algorithm}".replace(" ", "_")
-                summary = common.run_quantkit(out, "--scheme", "w4a16", *VARIANTS[algorithm], *flags, *data)
-                rows.append({"tool": "quantkit", "config": f"{grid} {algorithm}", "wall_s": summary["wall_s"],
-                             "quantize_s": common.work_seconds(summary), "peak_rss_mib": summary["peak_rss_mib"],
-                             **common.score(common.load_quantized_fp32(out), reference, windows)})
-                print(json.dumps(rows[-1]), flush=True)
+                common.add_quantkit_row(rows, out, f"{grid} {algorithm}", ["--scheme", "w4a16", *VARIANTS[algorithm],
+                                                                           *flags], reference, windows)
             for script, argument, label in PEERS.get(grid, []):
                 common.add_peer_row(rows, args.peer_python, script, argument, label, grid)
     print(common.table(rows, common.QUALITY_COLUMNS))

@@ -10,7 +10,6 @@ KL(float || quantized), top-1 agreement, quantkit's whole process wall time, its
 stages (comparable with the peer's timed oneshot call) and peak RSS.
 """
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -32,15 +31,9 @@ def main() -> None:
     windows = common.eval_windows()
     reference = common.float_model()
     rows = [{"tool": "float", "config": "bf16 checkpoint, fp32 eval", **common.score(reference, reference, windows)}]
-    data = [*common.CALIBRATION_FLAGS, "--num-samples", str(common.SAMPLES), "--seq-len", str(common.SEQ_LEN)]
     with tempfile.TemporaryDirectory() as tmp:
         for index, (label, flags) in enumerate(RUNS):
-            out = Path(tmp) / f"run{index}"
-            summary = common.run_quantkit(out, *flags, *data)
-            rows.append({"tool": "quantkit", "config": label, "wall_s": summary["wall_s"],
-                         "quantize_s": common.work_seconds(summary), "peak_rss_mib": summary["peak_rss_mib"],
-                         **common.score(common.load_quantized_fp32(out), reference, windows)})
-            print(json.dumps(rows[-1]), flush=True)
+            common.add_quantkit_row(rows, Path(tmp) / f"run{index}", label, flags, reference, windows)
     common.add_peer_row(rows, args.peer_python, "run_llmcompressor.py", "fp8_dynamic", "llm-compressor",
                         "FP8_DYNAMIC preset")
     print(common.table(rows, common.QUALITY_COLUMNS))

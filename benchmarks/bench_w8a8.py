@@ -10,7 +10,6 @@ W8A8 (per-channel weights, dynamic per-token activations) with and without Smoot
 same tokens when --peer-python points at an environment that has it.
 """
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -28,18 +27,12 @@ def main() -> None:
     reference = common.float_model()
     rows = [{"tool": "float", "config": "bf16 checkpoint, fp32 eval",
              **common.score(reference, reference, windows)}]
-    data = [*common.CALIBRATION_FLAGS, "--num-samples", str(common.SAMPLES), "--seq-len", str(common.SEQ_LEN)]
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes:
             variants = [("smoothing auto", []), ("--no-smooth", ["--no-smooth"])] if scheme != "w8a16" else [("", [])]
             for label, flags in variants:
-                out = Path(tmp) / f"{scheme}-{len(flags)}"
-                summary = common.run_quantkit(out, "--scheme", scheme, *data, *flags)
-                row = {"tool": "quantkit", "config": f"{scheme} {label}".strip(), "wall_s": summary["wall_s"],
-                       "quantize_s": common.work_seconds(summary), "peak_rss_mib": summary["peak_rss_mib"],
-                       **common.score(common.load_quantized_fp32(out), reference, windows)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                common.add_quantkit_row(rows, Path(tmp) / f"{scheme}-{len(flags)}", f"{scheme} {label}".strip(),
+                                        ["--scheme", scheme, *flags], reference, windows)
     for kind, label in (("w8a8", "W8A8 dynamic, no smoothing"), ("w8a8_smooth", "W8A8 dynamic + SmoothQuant 0.8")):
         common.add_peer_row(rows, args.peer_python, "run_llmcompressor.py", kind, "llm-compressor", label)
     print(common.table(rows, common.QUALITY_COLUMNS))

@@ -116,6 +116,15 @@ QUALITY_COLUMNS = [("tool", "tool"), ("config", "config"), ("ppl", "perplexity")
                    ("wall_s", "process wall s"), ("quantize_s", "calibrate+quantize s"), ("peak_rss_mib", "peak RSS MiB")]
 
 
+def add_quantkit_row(rows: list[dict], out: Path, config: str, flags: list[str], reference, windows) -> None:
+    """Calibrate SmolLM2 with ``flags`` on the protocol's calibration data (64 x 512 tokens), score the
+    output against ``reference`` on ``windows``, and append its row, echoed as a JSON line."""
+    summary = run_quantkit(out, *flags, *CALIBRATION_FLAGS, "--num-samples", str(SAMPLES), "--seq-len", str(SEQ_LEN))
+    rows.append({"tool": "quantkit", "config": config, "wall_s": summary["wall_s"], "quantize_s": work_seconds(summary),
+                 "peak_rss_mib": summary["peak_rss_mib"], **score(load_quantized_fp32(out), reference, windows)})
+    print(json.dumps(rows[-1]), flush=True)
+
+
 def add_peer_row(rows: list[dict], python: str, script: str, argument: str, tool: str, config: str) -> None:
     """Run a peer script (when its environment exists) and append its row, echoed as a JSON line."""
     peer = run_peer(python, script, argument)

@@ -214,14 +214,13 @@ class AWQ:
         results: dict[str, torch.Tensor] = {}
         column_scales: dict[str, torch.Tensor] = {}
         for group in groups:
-            observed = context.stats.get(group.observed)
             searched = context.sum_(torch.tensor([float(len(captured.calls[group.loss_on]))], dtype=torch.float64))
-            if observed is None or not observed.tokens or not searched.item():
+            if not smoothquant.input_observed(group, context.stats) or not searched.item():
                 continue   # a MoE expert no (search) token reached: no evidence for a scale, left unscaled
             spec = context.assigned[group.consumers[0]].scheme.weight
             column_map = channel_map(group, context.model_config, context.block.get_submodule(group.consumers[0]).in_features)
             scales, losses = search_group_scales(runner, context.block, group, spec,
-                                                 observed.mean_abs.mean,
+                                                 context.stats[group.observed].mean_abs.mean,
                                                  captured.calls[group.loss_on], column_map, context.sum_)
             smoothquant.fold_into_previous(context.block.get_submodule(group.prev), scales, context.norm_offset)
             consumer_scales = smoothquant.consumer_factors(scales, column_map)

@@ -44,6 +44,13 @@ def _max_per_prev_channel(values: torch.Tensor, column_map: torch.Tensor) -> tor
     return out.scatter_reduce(0, column_map, values, reduce="amax", include_self=False)
 
 
+def input_observed(group: ScaleGroup, stats: dict) -> bool:
+    """Whether the group's input was seen at all: a MoE expert no calibration token reached has no
+    statistics, and no evidence for a factor (it is left unscaled)."""
+    seen = stats.get(group.observed)
+    return seen is not None and bool(seen.tokens > 0)
+
+
 def consumer_factors(factors: torch.Tensor, column_map: torch.Tensor | None) -> torch.Tensor:
     """The factor of each consumer input channel: s itself, or s[map] for shared channels."""
     return factors if column_map is None else factors[column_map]

@@ -66,7 +66,8 @@ class TensorRecord:
     activation_dropped: bool = False         # the scheme quantized activations; GGUF cannot
     weight_sqnr_db: float | None = None      # GGUF weights vs the source's (dequantized) weights
     min_error_in_scales: float | None = None  # carried Q4_1/Q5_1: max |m_f16 - m| / scale
-    experts: tuple[str, ...] = ()            # MoE: the expert Linears stacked in this [E, rows, cols] tensor
+    experts: tuple["TensorRecord", ...] = ()  # MoE: each stacked expert's own record, [e] of this [E, rows, cols]
+    error_sums: tuple[float, float] | None = None  # (sum w^2, sum (w - w_gguf)^2) behind weight_sqnr_db
 
     def nbytes(self) -> int:
         count = math.prod(self.shape)
@@ -201,7 +202,7 @@ def _check_all_consumed(source: ExportSource, records: list[TensorRecord]) -> No
     """Every stored tensor has a place in the file: nothing is silently dropped."""
     used = set()
     for record in records:
-        for linear in record.experts or ((record.source,) if record.is_linear else ()):
+        for linear in [e.source for e in record.experts] or ([record.source] if record.is_linear else []):
             if source.is_quantized(linear):
                 used |= set(source.manifest.layers[linear].tensors.values())
             else:
@@ -318,9 +319,11 @@ def _stacked_record(source: ExportSource, gguf_name: str, experts: list[str], re
     reason = next((r.reason for r in records if r.status == status and r.reason), "")
     if len(types) > 1:
         reason = f"experts' own types differ ({', '.join(sorted(types))}); one type per stacked tensor"
+    singles = tuple(r if r.ggml_type == ggml_type else dataclasses.replace(r, ggml_type=ggml_type, status="requantized")
+                    for r in records)
     return TensorRecord(gguf_name, experts[0].rsplit(".", 2)[0] + "." + experts[0].rsplit(".", 1)[1],
                         (len(experts), *first.shape), ggml_type, status, reason, is_linear=True,
-                        activation_dropped=first.activation_dropped, experts=tuple(experts))
+                        activation_dropped=first.activation_dropped, experts=singles)
 
 
 def _rope_parameters(config) -> dict:
@@ -632,37 +635,30 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
         reference = _permute(plan, linear, source.tensor(linear + ".weight").float())
     if record.ggml_type in ("F32", "F16"):
         data = _float_bytes(reference, record.ggml_type)
-        record.weight_sqnr_db = primitives.sqnr_db(reference, torch.from_numpy(data).float(), elementwise_fp64=False)
+        _measure(record, reference, torch.from_numpy(data).float())
         return data
     return _blocks_bytes(record, gguf_blocks.quantize_blocks(reference, record.ggml_type), reference)
 
 
 def _stacked_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
-    """The experts' bytes one after another (expert e at [e]); each expert's codes carried when its
-    own decision allows the stack's type, else requantized from its dequantized weight."""
-    parts, signal, noise = [], 0.0, 0.0
-    for expert in record.experts:
-        single = _linear_records(plan.source, expert, None, plan.requested, weight_name=record.name)[0]
-        if single.ggml_type != record.ggml_type:
-            single = dataclasses.replace(single, ggml_type=record.ggml_type, status="requantized")
-        parts.append(_tensor_bytes(plan, single).reshape(-1))
-        reference = _expert_reference(plan, expert)
-        # SQNR of the stack from each expert's: 10 log10(sum |w|^2 / sum |w - q|^2)
-        power = float(reference.double().pow(2).sum())
-        signal += power
-        noise += power / 10 ** (single.weight_sqnr_db / 10) if math.isfinite(single.weight_sqnr_db) else 0.0
+    """The experts' bytes one after another (expert e at [e]), each as its own record (planned in
+    `_stacked_record`) says: codes carried, or requantized from its dequantized weight. The stack's
+    SQNR adds up the experts' sums: 10 log10(sum |w|^2 / sum |w - w_gguf|^2)."""
+    parts = [_tensor_bytes(plan, single).reshape(-1) for single in record.experts]
+    signal = sum(single.error_sums[0] for single in record.experts)
+    noise = sum(single.error_sums[1] for single in record.experts)
     record.weight_sqnr_db = primitives.sqnr_db_from_sums(signal, noise)
     return np.concatenate(parts)
 
 
-def _expert_reference(plan: _Plan, linear: str) -> torch.Tensor:
-    source = plan.source
-    return source.record(linear).quant.dequantize() if source.is_quantized(linear) else \
-        source.tensor(linear + ".weight").float()
+def _measure(record: TensorRecord, reference: torch.Tensor, approximation: torch.Tensor) -> None:
+    """The record's weight SQNR against ``reference`` (and the sums behind it, for expert stacks)."""
+    record.error_sums = primitives.error_sums(reference, approximation)
+    record.weight_sqnr_db = primitives.sqnr_db_from_sums(*record.error_sums)
 
 
 def _blocks_bytes(record: TensorRecord, blocks: gguf_blocks.Blocks, reference: torch.Tensor) -> np.ndarray:
-    record.weight_sqnr_db = primitives.sqnr_db(reference, blocks.dequantize(), elementwise_fp64=False)
+    _measure(record, reference, blocks.dequantize())
     return gguf_blocks.pack(blocks)
 
 

@@ -231,16 +231,19 @@ def fake_quantize_activation(x: torch.Tensor, spec: ActivationSpec, scale: torch
     return ((round_to_grid(torch.round(xf / scale) + zero, element) - zero) * scale).to(x.dtype)
 
 
-def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor, *, elementwise_fp64: bool = True) -> float:
-    """Signal-to-quantization-noise ratio 10*log10(sum ref^2 / sum (ref - approx)^2), in dB; the sums in
-    float64, the elementwise differences too unless ``elementwise_fp64`` is False (then in the inputs'
-    dtype: half the memory and time for whole-model tensors, as the GGUF export reports)."""
-    if not elementwise_fp64:
-        noise = (reference - approximation).pow(2).sum(dtype=torch.float64).item()
-        return sqnr_db_from_sums(reference.pow(2).sum(dtype=torch.float64).item(), noise)
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10*log10(sum ref^2 / sum (ref - approx)^2), in dB, in float64."""
     ref = reference.double()
     noise = (ref - approximation.double()).pow(2).sum().item()
     return sqnr_db_from_sums(ref.pow(2).sum().item(), noise)
+
+
+def error_sums(reference: torch.Tensor, approximation: torch.Tensor) -> tuple[float, float]:
+    """(sum ref^2, sum (ref - approx)^2): the elementwise work in the inputs' dtype (half the memory and
+    time of float64 for whole-model tensors), the sums in float64; `sqnr_db_from_sums` turns them into dB,
+    and sums of several tensors (a GGUF expert stack) add up."""
+    noise = (reference - approximation).pow(2).sum(dtype=torch.float64).item()
+    return reference.pow(2).sum(dtype=torch.float64).item(), noise
 
 
 def sqnr_db_from_sums(signal: float, noise: float) -> float:

@@ -77,15 +77,12 @@ class Architecture:
     gguf_skipped: tuple[str, ...] = ()
 
     def gguf_source_name(self, name: str) -> str:
-        for pattern, replacement in self.gguf_names:
-            name = re.sub(pattern, replacement, name)
-        return name
+        """A name of ours as gguf-py's tensor table knows it."""
+        return rename(name, self.gguf_names)
 
     def exported_name(self, name: str) -> str:
         """A (module or tensor) name of ours as the family's checkpoints spell it."""
-        for pattern, replacement in self.export_names:
-            name = re.sub(pattern, replacement, name)
-        return name
+        return rename(name, self.export_names)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -262,10 +259,9 @@ def architecture_for(config) -> Architecture:
     names = getattr(config, "architectures", None) or []
     if not names:
         raise QuantkitError("config.json names no architecture ('architectures' is empty); cannot map its layers")
-    for name in names:
-        if name in ARCHITECTURES:
-            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-            return expand_experts(ARCHITECTURES[name], text_config)
+    entry = table_entry(config)
+    if entry is not None:
+        return expand_experts(entry, text_config_of(config))
     raise QuantkitError(
         f"architecture {names[0]} has no layer mapping; supported: {', '.join(sorted(ARCHITECTURES))}"
     )
@@ -309,7 +305,25 @@ def _check_uniform_moe(config) -> None:
                             f"decoder_sparse_step {step}); only models whose every block is sparse are mapped")
 
 
+def table_entry(config) -> Architecture | None:
+    """The table's entry for the first of ``config.architectures`` it has (experts not expanded), or None."""
+    names = getattr(config, "architectures", None) or []
+    return next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+
+
+def text_config_of(config):
+    """The language model's settings: a multimodal config's text_config, else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def rename(name: str, table: tuple[tuple[str, str], ...]) -> str:
+    """``name`` after each (regex, replacement) of ``table`` in turn."""
+    for pattern, replacement in table:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
 def attention_implementation(config) -> str:
     """The attention implementation to build a model of ``config`` with: the table's, else SDPA."""
-    names = getattr(config, "architectures", None) or []
-    return next((ARCHITECTURES[n].attention for n in names if n in ARCHITECTURES), "sdpa")
+    entry = table_entry(config)
+    return entry.attention if entry is not None else "sdpa"

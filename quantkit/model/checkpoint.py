@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,12 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.model.architectures import (
+    attention_implementation,
+    rename,
+    table_entry,
+    text_config_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +140,7 @@ class Checkpoint:
         self.trust_remote_code = trust_remote_code
         self.config = self._load_config()
         # The language model's own settings (a multimodal config keeps them in text_config).
-        self.text_config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        self.text_config = text_config_of(self.config)
         # Our name -> the name stored in the file (they differ where the table renames, e.g. Mixtral's experts).
         self.stored_names = _canonical_names(self.config, self._weight_map())
         self.weight_map = {name: stored[0] for name, stored in self.stored_names.items()}
@@ -251,15 +256,11 @@ class Checkpoint:
 
 def _canonical_names(config, stored: dict[str, Path]) -> dict[str, tuple[Path, str]]:
     """{our name: (file, stored name)}: the architecture table's renames applied (none for most)."""
-    from quantkit.model.architectures import ARCHITECTURES
-
-    renames = next((ARCHITECTURES[n].stored_names for n in getattr(config, "architectures", None) or []
-                    if n in ARCHITECTURES), ())
+    entry = table_entry(config)
+    renames = entry.stored_names if entry is not None else ()
     result = {}
     for name, file in stored.items():
-        ours = name
-        for pattern, replacement in renames:
-            ours = re.sub(pattern, replacement, ours)
+        ours = rename(name, renames)
         if ours in result:
             raise QuantkitError(f"checkpoint tensors {result[ours][1]} and {name} both map to {ours}")
         result[ours] = (file, name)
@@ -352,8 +353,7 @@ def expected_tensors(config, *, trust_remote_code: bool = False) -> ExpectedTens
         first.setdefault(id(param), name)
     # On the meta device transformers does not tie yet: its own table names the weights a tied model
     # takes from another (a dict in transformers 5, a list before).
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False):
+    if getattr(config, "tie_word_embeddings", False) or getattr(text_config_of(config), "tie_word_embeddings", False):
         optional.update(getattr(model, "_tied_weights_keys", None) or ())
     return ExpectedTensors(shapes, frozenset(optional))
 
@@ -391,8 +391,6 @@ def build_skeleton(config, dtype: torch.dtype, *, trust_remote_code: bool = Fals
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from quantkit.model.architectures import attention_implementation
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_implementation(config),
                                                  trust_remote_code=trust_remote_code)
@@ -402,10 +400,9 @@ def build_skeleton(config, dtype: torch.dtype, *, trust_remote_code: bool = Fals
 
 def split_moe_experts(model: nn.Module, config) -> None:
     """A mapped MoE model's fused experts as one Linear per expert (model/moe.py); others unchanged."""
-    from quantkit.model.architectures import ARCHITECTURES
     from quantkit.model.moe import split_experts
 
-    arch = next((ARCHITECTURES[n] for n in getattr(config, "architectures", None) or [] if n in ARCHITECTURES), None)
+    arch = table_entry(config)
     if arch is not None and arch.experts is not None:
         split_experts(model, arch.blocks, arch.experts)
 

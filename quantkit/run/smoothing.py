@@ -52,17 +52,12 @@ def smooth_groups(job) -> tuple[ScaleGroup, ...]:
                  and any(assigned[c].scheme.activation for c in g.consumers))
 
 
-def observed_groups(groups, stats: dict[str, LayerStats]) -> tuple[ScaleGroup, ...]:
-    """The groups whose input was seen at all (a MoE expert no calibration token reached has no statistics)."""
-    return tuple(g for g in groups if stats.get(g.observed) is not None and stats[g.observed].tokens > 0)
-
-
 def smooth_block(job, stats: dict[str, LayerStats], first_samples: Callable[[int], list[BlockInput]]
                  ) -> SmoothingOutcome:
     """Search (or take) alpha and fold the factors into ``job.block``; the consumers' statistics are
     rescaled to their new input x / s."""
     outcome = SmoothingOutcome()
-    groups = observed_groups(smooth_groups(job), stats)
+    groups = tuple(g for g in smooth_groups(job) if smoothquant.input_observed(g, stats))
     if not groups:
         return outcome
     maps = {g.prev: channel_map(g, job.model_config, job.block.get_submodule(g.consumers[0]).in_features)
