@@ -66,10 +66,10 @@ def consumer_per_token(x, bits):
 _quantkit_fake_quantize = primitives.fake_quantize_activation
 
 
-def consumer_fake_quantize(x, spec, scale=None, zero=None):
+def consumer_fake_quantize(x, spec, scale=None, zero=None, global_scale=None):
     """quantkit's QuantLinear activation path with the consumer's per-token scale."""
     if not spec.dynamic:
-        return _quantkit_fake_quantize(x, spec, scale, zero)
+        return _quantkit_fake_quantize(x, spec, scale, zero, global_scale)
     codes, token_scale = consumer_per_token(x, spec.bits)
     return (codes.float() * token_scale).to(x.dtype)
 

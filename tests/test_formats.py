@@ -6,9 +6,19 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.numbers import ELEMENT_FORMATS, SCALE_FORMATS, element_format, scale_format
+from quantkit.formats.numbers import (
+    ELEMENT_FORMATS,
+    SCALE_FORMATS,
+    element_format,
+    scale_format,
+)
 from quantkit.formats.primitives import signed_range
-from quantkit.formats.schemes import WeightSpec, scheme_from_dict, scheme_to_dict, get_scheme
+from quantkit.formats.schemes import (
+    WeightSpec,
+    get_scheme,
+    scheme_from_dict,
+    scheme_to_dict,
+)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -77,12 +87,16 @@ def test_weight_spec_names_its_formats_and_keeps_its_record():
 
 
 @pytest.mark.parametrize("fields, fragment", [
-    ({"scale_format": "e8m0"}, "scale format e8m0 comes with the MX/NV formats"),
-    ({"granularity": "block", "group_size": None, "block_shape": (128, 128)}, "2-D block scales"),
-    ({"second_scale": "fp32"}, "a second-level fp32 scale"),
+    ({"scale_format": "e8m0"}, "no weight grid has int codes with e8m0 scales per group"),
+    ({"granularity": "block", "group_size": None, "block_shape": (128, 128)},
+     "no weight grid has int codes with fp16 scales per block"),
+    ({"second_scale": "fp32"}, "no weight grid has int codes with fp16 scales per group under a fp32 global"),
+    ({"format": "fp4_e2m1", "scale_format": "fp32"}, "no weight grid has fp4_e2m1 codes with fp32 scales"),
+    ({"format": "fp8_e4m3", "bits": 8, "scale_format": "fp32", "granularity": "block", "group_size": None},
+     "block_shape is set exactly when granularity is 'block'"),
     ({"scale_format": "fp9"}, "unknown scale format 'fp9'"),
 ])
-def test_weight_spec_names_float_features_it_cannot_produce_yet(fields, fragment):
+def test_weight_spec_refuses_grids_that_do_not_exist(fields, fragment):
     spec = {"bits": 4, "granularity": "group", "symmetric": True, "group_size": 32, **fields}
     with pytest.raises(QuantkitError, match=fragment):
         WeightSpec(**spec)
@@ -90,9 +104,9 @@ def test_weight_spec_names_float_features_it_cannot_produce_yet(fields, fragment
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quant_tensor_codes_index_their_element_grid(bits):
+    from quantkit.algorithms.rtn import quantize_rtn
     from quantkit.formats import packing
     from quantkit.formats.quant_tensor import QuantTensor
-    from quantkit.algorithms.rtn import quantize_rtn
 
     quant = quantize_rtn(torch.randn(16, 64), WeightSpec(bits, "group", True, 32))
     assert isinstance(quant, QuantTensor) and quant.spec.element.name == f"int{bits}"
@@ -105,7 +119,12 @@ def test_quant_tensor_codes_index_their_element_grid(bits):
 
 
 def test_manifest_sections_round_trip(llama_dir, tmp_path):
-    from quantkit.native.manifest import CalibrationInfo, Manifest, SmoothingInfo, Summary
+    from quantkit.native.manifest import (
+        CalibrationInfo,
+        Manifest,
+        SmoothingInfo,
+        Summary,
+    )
     from quantkit.run.pipeline import CalibrateConfig, calibrate
 
     for scheme, algorithm in (("smq_q8i8f16_2", "rtn"), ("w4a16", "rtn")):  # calibrated and calibration-free

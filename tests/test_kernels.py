@@ -79,11 +79,14 @@ def _quant_linear(weight_spec: WeightSpec, activation: ActivationSpec | None, n:
                             (torch.arange(k) // quant.group_size)[perm].to(torch.int32))
     if fractional_zero:
         quant = QuantTensor(quant.codes, quant.scale, quant.zero + 0.37, quant.spec, quant.g_idx)
-    input_scale = input_zero = None
+    input_scale = input_zero = input_global_scale = None
+    calibrated = (torch.tensor(-2.5), torch.tensor(3.1))
     if activation is not None and not activation.dynamic:
-        input_scale, input_zero = primitives.activation_qparams(torch.tensor(-2.5), torch.tensor(3.1), activation)
+        input_scale, input_zero = primitives.activation_qparams(*calibrated, activation)
+    if activation is not None and activation.second_scale is not None:
+        input_global_scale = primitives.activation_global_scale(*calibrated, activation)
     b = torch.randn(n, generator=generator) if bias else None
-    return QuantLinear(quant, activation, input_scale, input_zero, b)
+    return QuantLinear(quant, activation, input_scale, input_zero, b, input_global_scale)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,17 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_checkpoint
 
 from quantkit import load_quantized
 from quantkit.exporters.gguf import export_gguf
 from quantkit.run.pipeline import CalibrateConfig, calibrate
 
-from conftest import make_checkpoint
-
 pytest.importorskip("llama_cpp")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import llama_cpp_logits, next_token_agreement  # noqa: E402
-
 
 CASES = {
     "llama": dict(),
@@ -65,8 +63,17 @@ def test_a_defective_file_fails_the_comparison(case, defect, tmp_path, monkeypat
     assert kl > 5e-2, (top1, kl)
 
 
-def _run(case, tmp_path) -> tuple[float, float]:
-    """Calibrate the family's tiny model at 8 bits, export GGUF, and compare llama.cpp with load_quantized."""
+@pytest.mark.parametrize("case", ["llama", "qwen3_moe"])
+def test_llama_cpp_runs_our_mxfp4_codes(case, tmp_path):
+    """MXFP4 (GPTQ on the fp4 grid) carried into llama.cpp's MXFP4 blocks: its own MXFP4 dot products
+    agree with our model as closely as the 8-bit files do."""
+    top1, kl = _run(case, tmp_path, scheme="mxfp4a16", algorithm="gptq")
+    assert top1 > 0.9 and kl < 1e-2, (top1, kl)
+
+
+def _run(case, tmp_path, **calibration) -> tuple[float, float]:
+    """Calibrate the family's tiny model (8 bits unless told), export GGUF, and compare llama.cpp with
+    load_quantized."""
     from test_export_gguf import VOCAB, save_byte_level_bpe
 
     architecture = "llama" if case == "llama3" else case
@@ -77,8 +84,8 @@ def _run(case, tmp_path) -> tuple[float, float]:
     source = make_checkpoint(tmp_path / f"tiny-{case.replace('phi3', 'p')}", architecture, seed=12, vocab_size=VOCAB,
                              outlier_channels=0, **overrides)
     save_byte_level_bpe(source)
-    calibrate(CalibrateConfig(model=str(source), out=tmp_path / "q", scheme="w8a16", group_size=32, symmetric=True,
-                              num_samples=4, seq_len=32))
+    calibration = calibration or dict(scheme="w8a16", group_size=32, symmetric=True)
+    calibrate(CalibrateConfig(model=str(source), out=tmp_path / "q", num_samples=4, seq_len=32, **calibration))
     result = export_gguf(tmp_path / "q", tmp_path / f"{case}.gguf")
     assert {status.split()[0] for status in result.summary()} <= {"exact", "float"}
     windows = torch.randint(3, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))

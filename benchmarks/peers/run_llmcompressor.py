@@ -1,6 +1,7 @@
 """llm-compressor on SmolLM2 with the benchmark protocol (run with a Python that has llmcompressor).
 
-usage: run_llmcompressor.py {w8a8|w8a8_smooth|fp8_dynamic|gptq_w4g64} ; prints one JSON line.
+usage: run_llmcompressor.py {w8a8|w8a8_smooth|fp8_dynamic|gptq_w4g64|fp8_block|nvfp4a16|nvfp4|mxfp4a16|mxfp4|
+                             gptq_nvfp4a16|gptq_mxfp4a16} ; prints one JSON line.
 The calibration ids are quantkit's own (benchmarks/common.py), so both tools see the same tokens.
 """
 import json
@@ -11,6 +12,9 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from benchmarks import common  # noqa: E402
+
+PRESETS = {"fp8_block": "FP8_BLOCK", "nvfp4a16": "NVFP4A16", "nvfp4": "NVFP4", "mxfp4a16": "MXFP4A16",
+           "mxfp4": "MXFP4"}
 
 
 def recipe(kind: str):
@@ -24,6 +28,10 @@ def recipe(kind: str):
                 QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
     if kind == "fp8_dynamic":
         return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])]
+    if kind in PRESETS:           # round-to-nearest weights under the preset scheme
+        return [QuantizationModifier(targets="Linear", scheme=PRESETS[kind], ignore=["lm_head"])]
+    if kind.startswith("gptq_") and kind.removeprefix("gptq_") in PRESETS:
+        return [GPTQModifier(targets="Linear", scheme=PRESETS[kind.removeprefix("gptq_")], ignore=["lm_head"])]
     if kind == "gptq_w4g64":
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 

@@ -13,7 +13,6 @@ g_idx), or, with static_groups, are fixed up front on the original column order 
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,10 +84,17 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
     W[:, dead] = 0.0
 
     group_size = primitives.group_size_for(spec, in_features)
-    whole_row = spec.granularity != "group"
+    whole_row = spec.granularity != "group"          # per tensor, channel or 2-D block: fixed parameters
     fixed_params = whole_row or (act_order and static_groups)
-    if fixed_params:  # per-tensor/channel, or static groups: parameters from the original weights
-        scale, zero = primitives.weight_qparams(W, spec)
+    glob = primitives.global_scale(W, spec)          # two-level grids (NVFP4): fixed by the whole tensor
+    if fixed_params:  # per-tensor/channel/block, or static groups: parameters from the original weights
+        stored, stored_zero = primitives.weight_qparams(W, spec, glob)
+        zero = stored_zero
+        # one row of parameters per output row (blocks repeat theirs over the block's rows)
+        row_block = primitives.rows_per_scale(spec, out_features)
+        scale = stored if row_block == 1 else stored.repeat_interleave(row_block, dim=0)[:out_features]
+        if zero is not None and row_block > 1:
+            zero = zero.repeat_interleave(row_block, dim=0)[:out_features]
     else:
         num_groups = primitives.group_count(in_features, group_size)
         scale = torch.empty(out_features, num_groups)
@@ -101,8 +107,9 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
     del H
     # Columns as rows ([in, out], contiguous): each step of the sweep touches one contiguous row.
     Wt = W[:, perm].t().contiguous()
-    scale_t = scale.t().contiguous()                      # [G, R]
-    zero_t = None if zero is None else zero.t().contiguous()
+    scale_t = scale.expand(out_features, -1).t().contiguous()        # [G, out] stored scales
+    step_t = primitives.effective_scale(scale_t, glob)                # [G, out] what a code is worth
+    zero_t = None if zero is None else zero.expand(out_features, -1).t().contiguous()
 
     # Group of each swept position: static groups follow the original column, dynamic ones the sweep.
     original_group = torch.arange(in_features) // group_size
@@ -110,7 +117,6 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
     element = spec.element
     codes_t = torch.empty(in_features, out_features, dtype=primitives.code_dtype(element))
     qmin, qmax = element.min, element.max
-    row_spec = dataclasses.replace(spec, granularity="channel", group_size=None)
     step = block_size if whole_row else _aligned_block_size(block_size, group_size)
 
     def sweep_block(i1: int, W1: torch.Tensor, U1: torch.Tensor) -> torch.Tensor:
@@ -121,13 +127,15 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
             g = position_group[col]
             if not fixed_params and col % group_size == 0:
                 end = min(col + group_size, in_features) - i1
-                s, z = primitives.weight_qparams(W1[i:end].t(), row_spec)   # [out, 1] each
-                scale_t[g] = s[:, 0]
+                columns = W1[i:end]                                       # the group's columns [B, out]
+                lo, hi = columns.amin(dim=0).clamp(max=0.0), columns.amax(dim=0).clamp(min=0.0)
+                s, z = primitives.qparams_from_range(lo, hi, spec, glob)  # [out] each
+                scale_t[g], step_t[g] = s, primitives.effective_scale(s, glob)
                 if zero_t is not None:
-                    zero_t[g] = z[:, 0]
-            s = scale_t[g]
+                    zero_t[g] = z
+            s = step_t[g]
             w = W1[i]
-            if element.kind == "float":      # the nearest fp8 value (symmetric: no zero point)
+            if element.kind == "float":      # the nearest grid value (symmetric: no zero point)
                 q = element.round(w / s)
                 dequantized = q * s
             elif zero_t is not None:
@@ -150,15 +158,18 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
 
     inverse = torch.argsort(perm)
     codes = codes_t.t()[:, inverse].contiguous()
-    scale = scale_t.t().contiguous()
-    zero = None if zero_t is None else zero_t.t().contiguous()
+    scale = stored if fixed_params else scale_t.t().contiguous()     # [R, G] as the grid defines them
+    if fixed_params:
+        zero = stored_zero
+    else:
+        zero = None if zero_t is None else zero_t.t().contiguous()
     g_idx = None
     if act_order and not fixed_params:
         g_idx = torch.tensor(position_group)[inverse].to(torch.int32)
     results = {"damp": torch.tensor(damp_used)}
     if act_order:
         results["perm"] = perm.to(torch.int32)
-    return QuantTensor(codes, scale, zero, spec, g_idx), results
+    return QuantTensor(codes, scale, zero, spec, g_idx, global_scale=glob), results
 
 
 @register("gptq")

@@ -14,10 +14,12 @@ from quantkit.formats.schemes import WeightSpec
 def quantize_rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantTensor:
     """Min/max grid per group, codes = round(w / scale) + zero. weight: [out, in] float."""
     weight = weight.float()
-    scale, zero = primitives.weight_qparams(weight, spec)
+    glob = primitives.global_scale(weight, spec)
+    scale, zero = primitives.weight_qparams(weight, spec, glob)
     group_size = primitives.group_size_for(spec, weight.shape[1])
-    codes = primitives.quantize(weight, scale, zero, group_size, spec.element)
-    return QuantTensor(codes, scale, zero, spec)
+    codes = primitives.quantize(weight, primitives.effective_scale(scale, glob), zero, group_size, spec.element,
+                                row_block=primitives.rows_per_scale(spec, weight.shape[0]))
+    return QuantTensor(codes, scale, zero, spec, global_scale=glob)
 
 
 @register("rtn")

@@ -407,8 +407,10 @@ def _judge(report: LayerReport, probe: _LayerProbe, entry, dtype: torch.dtype, m
 
 def _kl_top1(log_p_reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
     """Mean KL(reference || model) per position and top-1 agreement; log_p_reference [T, V] log-probs."""
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    kl = (log_p_reference.exp() * (log_p_reference - log_q)).sum(-1).mean().item()
+    log_q = F.log_softmax(logits.double(), dim=-1)
+    log_p = log_p_reference.double()
+    # each position's KL is >= 0; float rounding of two near-identical distributions may dip below
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0).mean().item()
     top1 = (log_p_reference.argmax(-1) == log_q.argmax(-1)).float().mean().item()
     return kl, top1
 

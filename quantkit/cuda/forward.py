@@ -173,7 +173,16 @@ def run_operands(operands: layout.Operands, x: torch.Tensor, backend: str) -> to
     x2d = x.reshape(-1, k)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if isinstance(operands, layout.Fp8Operands):
+    if isinstance(operands, layout.GroupScaledOperands):
+        # microscaled grids: the CPU reference on every backend (no fp4/block-fp8 kernel is wired yet)
+        activation, a_scale, a = operands.activation, None, x2d
+        if activation is not None:
+            groups, a_scale = primitives.group_activation_scales(x2d, activation, operands.input_global_scale)
+            a = primitives.round_to_grid(groups / a_scale, activation.element).reshape(x2d.shape[0], -1)[:, :k]
+            a_scale = a_scale.squeeze(-1)
+        y = reference.group_scaled_mm(a, a_scale, operands.codes, operands.scale, operands.group_size,
+                                      operands.bias, x.dtype)
+    elif isinstance(operands, layout.Fp8Operands):
         # fp8 layers run the torch reference of an fp8 GEMM on every backend (a GPU fp8 kernel, e.g.
         # torch._scaled_mm, is not wired yet): activations to fp8 codes, then the scaled product
         activation = operands.activation

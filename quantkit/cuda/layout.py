@@ -18,6 +18,14 @@ Two kinds of layer:
   scale    [G, N] fp16;  zero [G, N] fp16 (integer zeros, exact) or fp32 (HQQ's fractional zeros)
   g_idx    [K] int32 (act-order) or None
 
+``Fp8Operands`` (fp8 e4m3 per-channel or per-tensor weights with fp8 activations): codes [N, K], scales.
+
+``GroupScaledOperands`` (microscaled grids: MXFP4, NVFP4, 128x128 FP8 blocks, with or without their
+group-quantized activations): codes [N, K] float8_e4m3fn (fp4 or fp8 values), the effective weight scale
+of every row and group [N, G] fp32 (block rows expanded; NVFP4's s / G), the activation grid and NVFP4's
+activation global scale. What a block-scaled GEMM computes: per group, products of codes accumulated,
+then scaled (`reference.group_scaled_mm`); the activation groups must be the weight groups.
+
 Combinations no kernel implements are refused with an error naming the layer.
 """
 from __future__ import annotations
@@ -83,7 +91,21 @@ class Fp8Operands:
         return tuple(self.codes.shape)
 
 
-Operands = Int8Operands | WeightOnlyOperands | Fp8Operands
+@dataclass
+class GroupScaledOperands:
+    codes: torch.Tensor
+    scale: torch.Tensor
+    group_size: int
+    activation: object | None          # ActivationSpec (per-token group grid) or None (float activations)
+    input_global_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+
+Operands = Int8Operands | WeightOnlyOperands | Fp8Operands | GroupScaledOperands
 
 
 def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -125,6 +147,8 @@ def _refuse(name: str, reason: str):
 def prepare(layer: QuantLinear, name: str = "") -> Operands:
     """The kernel operands of ``layer`` (on its device); ``name`` labels errors."""
     spec = layer.weight_spec
+    if spec.format == "fp4_e2m1" or spec.granularity == "block":
+        return _prepare_group_scaled(layer, name)
     if layer.activation_spec is None:
         return _prepare_weight_only(layer)
     activation = layer.activation_spec
@@ -169,6 +193,22 @@ def _prepare_fp8(layer: QuantLinear, name: str) -> Fp8Operands:
     return Fp8Operands(codes=layer.weight_codes.contiguous(), scale=scale, activation=activation,
                        input_scale=None if activation.dynamic else layer.input_scale.float().reshape(1),
                        bias=layer.bias)
+
+
+def _prepare_group_scaled(layer: QuantLinear, name: str) -> GroupScaledOperands:
+    quant = layer.quant_tensor()
+    activation = layer.activation_spec
+    if activation is not None and (activation.granularity != "group" or activation.group_size != quant.group_size):
+        _refuse(name, f"{layer.weight_spec.describe()} weights with {activation.describe()} activations (a block-"
+                      "scaled GEMM takes activation groups equal to the weight groups)")
+    if quant.g_idx is not None:
+        _refuse(name, "act-order (g_idx) with block-scaled weights")
+    n, k = quant.shape
+    effective = primitives.effective_scale(quant.scale.float(), quant.global_scale)
+    scale = primitives.expand_params(effective, (n, primitives.group_count(k, quant.group_size)), 1,
+                                     row_block=quant.row_block).expand(n, -1).contiguous()
+    return GroupScaledOperands(codes=quant.codes.contiguous(), scale=scale, group_size=quant.group_size,
+                               activation=activation, input_global_scale=layer.input_global_scale, bias=layer.bias)
 
 
 def _prepare_weight_only(layer: QuantLinear) -> WeightOnlyOperands:

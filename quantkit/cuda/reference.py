@@ -92,3 +92,27 @@ def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, w_sca
     if bias is not None:
         y = y + bias.double()[None, :]
     return y.to(out_dtype)
+
+
+def group_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, w_scale: torch.Tensor,
+                    group_size: int, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """What a block-scaled GEMM (MXFP4/NVFP4 tensor cores, DeepSeek FP8 blocks) computes:
+
+        y[m, n] = sum_g a_scale[m, g] * w_scale[n, g] * sum_{k in g} a[m, k] * b[n, k]  + bias[n]
+
+    a [M, K] activation codes (or the float activations themselves with a_scale None), b [N, K] weight
+    codes (fp4/fp8 values), a_scale [M, G], w_scale [N, G] float32, G = ceil(K / group_size). In float64:
+    code products are exact, and so are the group sums at these sizes."""
+    m, k = a.shape
+    groups = w_scale.shape[1]
+    padded = groups * group_size
+    a64 = F.pad(a.double(), (0, padded - k)).reshape(m, groups, group_size)
+    b64 = F.pad(b.double(), (0, padded - k)).reshape(b.shape[0], groups, group_size)
+    partial = torch.einsum("mgk,ngk->mng", a64, b64)                      # [M, N, G] per-group sums
+    scales = w_scale.double()[None]                                       # [1, N, G]
+    if a_scale is not None:
+        scales = scales * a_scale.double()[:, None, :]
+    y = (partial * scales).sum(dim=-1)
+    if bias is not None:
+        y = y + bias.double()[None, :]
+    return y.to(out_dtype)

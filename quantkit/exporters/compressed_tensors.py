@@ -5,8 +5,15 @@ Formats, chosen per layer the way compressed-tensors itself infers them:
   pack-quantized  weight-only layers (W4A16, W8A16, ...): ``weight_packed`` int32 [out, ceil(in*b/32)]
                   (codes + 2^(b-1), LSB-first bit stream along the input dim, no padding bits),
                   ``weight_shape`` int64 [2]
-  float-quantized fp8 e4m3 layers (FP8_DYNAMIC, W8A16 fp8, per-tensor static): ``weight`` float8_e4m3fn
-                  [out, in], ``weight_scale`` float32 (any float32 value, kept exactly)
+  float-quantized fp8 e4m3 layers (FP8_DYNAMIC, W8A16 fp8, per-tensor static, 128x128 blocks): ``weight``
+                  float8_e4m3fn [out, in], ``weight_scale`` float32 (any float32 value, kept exactly;
+                  blocks: [ceil(out/128), ceil(in/128)], strategy "block" with ``block_structure``)
+  nvfp4-pack-quantized  NVFP4: ``weight_packed`` uint8 [out, in/2] (two fp4 e2m1 patterns per byte, code 2j
+                  in the low nibble), ``weight_scale`` float8_e4m3fn [out, in/16], ``weight_global_scale``
+                  float32 [1] (the divisor G: w = code * scale / G; strategy "tensor_group"); W4A4 adds
+                  ``input_global_scale`` float32 [1]
+  mxfp4-pack-quantized  MXFP4: ``weight_packed`` as NVFP4, ``weight_scale`` uint8 [out, in/32] holding the
+                  biased e8m0 exponent E + 127 of each power-of-two scale 2^E (``scale_dtype`` torch.uint8)
 All store ``weight_scale`` (quantkit's fp16 scale values exactly for integer grids, as float32 for float32 models and
 float16 otherwise, see `scale_dtype_for`) with shape [1] per tensor,
 [out, 1] per channel, [out, G] per group; asymmetric grids add ``weight_zero_point`` (signed integer,
@@ -17,8 +24,9 @@ nothing. ``config.json`` gains ``quantization_config`` (quant_method "compressed
 config group per distinct scheme, ``ignore`` = every Linear left in float, lm_head included).
 
 Refused, naming the layer, before anything is written: act-order g_idx (compressed-tensors removed
-group activation ordering), group sizes that do not divide the input dim (its group kernels need whole
-groups), fractional zero points (its zero points are integers).
+group activation ordering), weight or activation group sizes that do not divide the input dim (its group
+kernels need whole groups; 2-D weight blocks are padded by the format itself), fractional zero points (its
+zero points are integers).
 """
 from __future__ import annotations
 
@@ -45,7 +53,11 @@ QUANT_METHOD = "compressed-tensors"
 INT_QUANTIZED = "int-quantized"
 PACK_QUANTIZED = "pack-quantized"
 FLOAT_QUANTIZED = "float-quantized"
+NVFP4_PACKED = "nvfp4-pack-quantized"
+MXFP4_PACKED = "mxfp4-pack-quantized"
 MIXED = "mixed-precision"
+# compressed-tensors' scale_dtype of a quantkit scale format, where it is not the model's float dtype
+_SCALE_DTYPES = {"e8m0": "torch.uint8", "fp8_e4m3": "torch.float8_e4m3fn"}
 _COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                  "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                  "vocab.json", "merges.txt")
@@ -71,19 +83,33 @@ def _type(format_name: str) -> str:
 
 
 def weight_args(spec: WeightSpec) -> dict:
-    """compressed-tensors QuantizationArgs of a quantkit weight grid."""
-    return {"num_bits": spec.bits, "type": _type(spec.format), "symmetric": spec.symmetric,
+    """compressed-tensors QuantizationArgs of a quantkit weight grid (a global scale makes the strategy
+    "tensor_group"; 2-D blocks name their ``block_structure``; fp8/e8m0 scales their ``scale_dtype``)."""
+    args = {"num_bits": spec.bits, "type": _type(spec.format), "symmetric": spec.symmetric,
             "group_size": spec.group_size if spec.granularity == "group" else None,
-            "strategy": spec.granularity, "dynamic": False}
+            "strategy": "tensor_group" if spec.second_scale else spec.granularity, "dynamic": False}
+    if spec.granularity == "block":
+        args["block_structure"] = list(spec.block_shape)
+    if spec.scale_format in _SCALE_DTYPES:
+        args["scale_dtype"] = _SCALE_DTYPES[spec.scale_format]
+    return args
 
 
 def activation_args(spec: ActivationSpec) -> dict:
-    """compressed-tensors QuantizationArgs of a quantkit activation grid (token = dynamic)."""
-    return {"num_bits": spec.bits, "type": _type(spec.format), "symmetric": spec.symmetric, "group_size": None,
-            "strategy": spec.granularity, "dynamic": spec.dynamic}
+    """compressed-tensors QuantizationArgs of a quantkit activation grid (token and group = dynamic;
+    NVFP4's dynamic group scales under a static global scale are "local" dynamic, "tensor_group")."""
+    args = {"num_bits": spec.bits, "type": _type(spec.format), "symmetric": spec.symmetric,
+            "group_size": spec.group_size, "strategy": spec.granularity, "dynamic": spec.dynamic}
+    if spec.second_scale is not None:
+        args.update(strategy="tensor_group", dynamic="local")
+    if spec.scale_format in _SCALE_DTYPES:
+        args["scale_dtype"] = _SCALE_DTYPES[spec.scale_format]
+    return args
 
 
 def layer_format(scheme: Scheme) -> str:
+    if scheme.weight.format == "fp4_e2m1":
+        return NVFP4_PACKED if scheme.weight.second_scale else MXFP4_PACKED
     if scheme.weight.format != "int":
         return FLOAT_QUANTIZED
     return INT_QUANTIZED if scheme.activation is not None else PACK_QUANTIZED
@@ -150,6 +176,11 @@ def _check_expressible(name: str, entry) -> None:
     if spec.granularity == "group" and in_features % spec.group_size:
         raise QuantkitError(f"layer {name}: input dim {in_features} is not a multiple of group size "
                             f"{spec.group_size}; compressed-tensors needs whole groups")
+    activation = entry.scheme.activation
+    if activation is not None and activation.granularity == "group" and in_features % activation.group_size:
+        raise QuantkitError(f"layer {name}: input dim {in_features} is not a multiple of the activation group size "
+                            f"{activation.group_size}; compressed-tensors and vLLM quantize activations in whole "
+                            "groups (use fp8_dynamic, or a model whose dims are multiples of it)")
     if not entry.integer_zero:
         raise QuantkitError(f"layer {name}: fractional zero points (HQQ) cannot be expressed in compressed-tensors, "
                             "whose zero points are integers")
@@ -180,7 +211,7 @@ def _notes(groups: dict[str, dict]) -> list[str]:
         if inputs is not None and not weights["symmetric"]:
             notes.append(f"{group['scheme']}: vLLM's int8 W8A8 kernels take symmetric weights only; this group "
                          "loads in transformers (compressed-tensors) but not in vLLM")
-        if inputs is not None and inputs["dynamic"]:
+        if inputs is not None and inputs["dynamic"] is True and inputs["type"] == "int":
             notes.append(f"{group['scheme']}: dynamic per-token scales are computed by the runtime (vLLM: absmax/127, "
                          "as quantkit; compressed-tensors' CPU reference: absmax/127.5)")
     return notes
@@ -196,7 +227,17 @@ def linear_tensors(name: str, record: LinearRecord, scheme: Scheme,
     if spec.format != "int":      # fp8 scales are arbitrary float32 values: kept exactly
         scale_dtype = torch.float32
     tensors = {"weight_scale": _shaped(quant.scale.to(scale_dtype), spec)}
-    if layer_format(scheme) == FLOAT_QUANTIZED:
+    if layer_format(scheme) in (NVFP4_PACKED, MXFP4_PACKED):
+        tensors["weight_packed"] = packing.pack_fp4(quant.codes)
+        if spec.scale_format == "e8m0":     # the biased exponent: 2^E is stored as E + 127
+            tensors["weight_scale"] = (torch.log2(quant.scale).round().to(torch.int32) + 127).to(torch.uint8)
+        else:
+            tensors["weight_scale"] = quant.scale.to(torch.float8_e4m3fn)
+        if quant.global_scale is not None:
+            tensors["weight_global_scale"] = quant.global_scale.float().reshape(1)
+        if record.input_global_scale is not None:
+            tensors["input_global_scale"] = record.input_global_scale.float().reshape(1)
+    elif layer_format(scheme) == FLOAT_QUANTIZED:
         tensors["weight"] = quant.codes              # float8_e4m3fn values, as compressed-tensors stores them
     elif layer_format(scheme) == INT_QUANTIZED:
         tensors["weight"] = quant.codes.to(torch.int8)

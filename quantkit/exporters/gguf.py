@@ -73,7 +73,7 @@ class TensorRecord:
         count = math.prod(self.shape)
         if self.ggml_type in ("F32", "F16"):
             return count * (4 if self.ggml_type == "F32" else 2)
-        return count // gguf_blocks.BLOCK * gguf_blocks.FORMATS[self.ggml_type].type_size
+        return count // gguf_blocks.BLOCK * gguf_blocks.BLOCK_BYTES[self.ggml_type]
 
 
 @dataclass
@@ -474,8 +474,13 @@ def _quantized_decision(entry, params: dict[str, torch.Tensor], requested: str |
     if in_features % gguf_blocks.BLOCK:
         return "F16", "float", f"row length {in_features} is not a multiple of 32, so no block type fits"
     fallback = requested or gguf_blocks.closest_format(spec.bits, spec.symmetric)
+    if spec.format == "fp4_e2m1" and spec.scale_format == "e8m0":
+        if spec.group_size == gguf_blocks.BLOCK and "g_idx" not in params:
+            return "MXFP4", "exact", ""
+        return fallback, "requantized", "MXFP4 blocks hold 32 consecutive columns under one e8m0 scale"
     if spec.format != "int":
-        return fallback, "requantized", f"{spec.format} codes have no GGUF block type"
+        scales = f" with {spec.scale_format} scales" if spec.format == "fp4_e2m1" else ""
+        return fallback, "requantized", f"{spec.format} codes{scales} have no GGUF block type"
     carrier = gguf_blocks.carrier_format(spec.bits, spec.symmetric)
     if carrier is None:
         return fallback, "requantized", f"asymmetric {spec.bits}-bit codes have no GGUF block type"
@@ -606,6 +611,8 @@ def _file_type(records: list[TensorRecord]):
         if record.is_linear:
             counts[record.ggml_type] += math.prod(record.shape)
     dominant = counts.most_common(1)[0][0] if counts else "F32"
+    if dominant == "MXFP4":       # llama.cpp's only MXFP4 file type (gpt-oss) is named for MoE models
+        return gguf.LlamaFileType.MOSTLY_MXFP4_MOE
     return gguf.LlamaFileType.ALL_F32 if dominant == "F32" else gguf.LlamaFileType[f"MOSTLY_{dominant}"]
 
 
@@ -623,14 +630,19 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
             tensor = tensor.float() + source.arch.norm_offset   # llama.cpp computes x * w: store 1 + w
         return _float_bytes(tensor.reshape(record.shape), record.ggml_type)
     linear = record.source
-    if source.is_quantized(linear):
+    if source.is_quantized(linear) and record.status in ("exact", "carried"):
         quant = _permute_quant(plan, linear, source.record(linear).quant)
         reference = quant.dequantize()
-        if record.status in ("exact", "carried"):
-            blocks = _carried_blocks(quant, record.ggml_type)
-            if blocks.m is not None:
-                record.min_error_in_scales = _min_error(quant, blocks)
-            return _blocks_bytes(record, blocks, reference)
+        if record.ggml_type == "MXFP4":
+            blocks = gguf_blocks.carry_mxfp4(quant.codes, _per_block(quant.scale, quant))
+            _measure(record, reference, blocks.dequantize())
+            return gguf_blocks.pack_mxfp4(blocks)
+        blocks = _carried_blocks(quant, record.ggml_type)
+        if blocks.m is not None:
+            record.min_error_in_scales = _min_error(quant, blocks)
+        return _blocks_bytes(record, blocks, reference)
+    if source.is_quantized(linear):    # requantized from the dequantized weight (rows permuted after)
+        reference = _permute(plan, linear, source.record(linear).quant.dequantize())
     else:
         reference = _permute(plan, linear, source.tensor(linear + ".weight").float())
     if record.ggml_type in ("F32", "F16"):
@@ -678,7 +690,7 @@ def _permute_quant(plan: _Plan, linear: str, quant: QuantTensor) -> QuantTensor:
     per_row = quant.scale.shape[0] != 1
     return QuantTensor(quant.codes[perm], quant.scale[perm] if per_row else quant.scale,
                        None if quant.zero is None else (quant.zero[perm] if per_row else quant.zero),
-                       quant.spec, quant.g_idx)
+                       quant.spec, quant.g_idx, quant.global_scale)
 
 
 def _per_block(param: torch.Tensor, quant: QuantTensor) -> torch.Tensor:

@@ -8,6 +8,10 @@ Every format cuts a row into blocks of 32 consecutive values; a block is stored 
   Q4_1   20     d f16 | m f16 | qs u8[16]                 x_j = d * q_j + m,    q_j in [0, 15]
   Q5_0   22     d f16 | qh u32 | qs u8[16]                x_j = d * (q_j - 16), q_j in [0, 31]
   Q5_1   24     d f16 | m f16 | qh u32 | qs u8[16]        x_j = d * q_j + m,    q_j in [0, 31]
+  MXFP4  17     e u8  | qs u8[16]                         x_j = fp4(q_j) * 2^(e - 127)
+                (e: the e8m0 exponent byte; q_j: the 4-bit e2m1 pattern S.EE.M; ggml stores the e2m1
+                values doubled, kvalues_mxfp4 = 0, 1, 2, 3, 4, 6, 8, 12, -0, -1, ..., and multiplies by
+                GGML_E8M0_TO_FP32_HALF(e) = 2^(e - 128): the same value)
 
 Nibbles: byte i of qs holds the low 4 bits of q_i (low nibble) and of q_{i+16} (high nibble);
 qh bit j holds bit 4 of q_j. (ggml-common.h block_q4_0 ... block_q8_0; gguf-py quants.py.)
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from quantkit.formats import packing
 
 BLOCK = 32
 
@@ -46,6 +52,10 @@ FORMATS: dict[str, BlockFormat] = {
     "Q5_0": BlockFormat("Q5_0", 22, 16, 32, False),
     "Q5_1": BlockFormat("Q5_1", 24, 16, 32, True),
 }
+
+
+# Bytes per 32-value block of every block type the exporter writes (the integer formats and MXFP4).
+BLOCK_BYTES = {**{name: fmt.type_size for name, fmt in FORMATS.items()}, "MXFP4": 17}
 
 
 @dataclass
@@ -172,6 +182,38 @@ def quantize_blocks(weight: torch.Tensor, fmt_name: str) -> Blocks:
     d = torch.gather(x, -1, index) / -fmt.offset
     q = torch.trunc(x * _inverse(d) + (fmt.offset + 0.5)).clamp(0, fmt.levels - 1)
     return Blocks(fmt, q.long().reshape(rows, n), d.squeeze(-1).half())
+
+
+@dataclass
+class MxBlocks:
+    """MXFP4 blocks of a [rows, n] matrix, n a multiple of 32: q [rows, n] uint8 e2m1 patterns (0..15),
+    e [rows, n/32] uint8 biased exponents (scale 2^(e - 127))."""
+
+    q: torch.Tensor
+    e: torch.Tensor
+    name: str = "MXFP4"
+
+    def dequantize(self) -> torch.Tensor:
+        """[rows, n] float32: fp4(q) * 2^(e - 127), as ggml computes it (exact in float32)."""
+        rows, n = self.q.shape
+        values = packing.fp4_values(self.q).reshape(rows, n // BLOCK, BLOCK)
+        return (values * torch.exp2(self.e.float() - 127)[..., None]).reshape(rows, n)
+
+
+def carry_mxfp4(codes: torch.Tensor, scale: torch.Tensor) -> MxBlocks:
+    """MXFP4 blocks holding quantkit's fp4 codes [rows, n] and per-block power-of-two scales
+    [rows, n/32] (2^E, E in [-127, 127]) as they are: q = the code's pattern, e = E + 127."""
+    exponent = torch.log2(scale.float())
+    assert torch.equal(exponent, exponent.round()), "MXFP4 scales are powers of two"
+    return MxBlocks(packing.fp4_nibbles(codes), (exponent.round().long() + 127).to(torch.uint8))
+
+
+def pack_mxfp4(blocks: MxBlocks) -> np.ndarray:
+    """[rows, n/32 * 17] uint8: per block the exponent byte, then byte i = q_i | q_{i+16} << 4."""
+    rows, n = blocks.q.shape
+    q = blocks.q.reshape(rows, n // BLOCK, BLOCK)
+    packed = torch.cat([blocks.e[..., None], _nibbles(q)], dim=-1)
+    return packed.reshape(rows, -1).numpy()
 
 
 def carrier_format(bits: int, symmetric: bool) -> str | None:

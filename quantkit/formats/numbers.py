@@ -21,6 +21,7 @@ grids so that the formats that use them (FP8, MXFP4, NVFP4) are data, not code.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,6 +47,13 @@ class ElementFormat:
     def min(self) -> float:
         return self.grid[0]
 
+    @property
+    def mantissa_bits(self) -> int:
+        """m of a float grid: the binade [1, 2) holds 2^m values (0 for integer grids)."""
+        if self.kind == "int":
+            return 0
+        return (sum(1 for v in self.grid if 1.0 <= v < 2.0)).bit_length() - 1
+
     def values(self) -> torch.Tensor:
         """The grid as a [len(grid)] float32 tensor (every value is exact in fp32)."""
         return torch.tensor(self.grid, dtype=torch.float32)
@@ -63,7 +71,7 @@ class ElementFormat:
         """`round` computed from the grid values alone (the reference the native casts are tested against)."""
         if self.kind == "int":
             return torch.round(x).clamp_(self.min, self.max)
-        magnitudes = torch.tensor([v for v in self.grid if v >= 0], dtype=torch.float64)
+        magnitudes = _magnitudes(self.grid)
         a = x.double().abs().clamp(max=magnitudes[-1].item())
         upper = torch.searchsorted(magnitudes, a).clamp_(max=len(magnitudes) - 1)
         lower = (upper - 1).clamp_(min=0)
@@ -72,6 +80,12 @@ class ElementFormat:
         take_upper = (above < below) | ((above == below) & (upper % 2 == 0))
         rounded = magnitudes[torch.where(take_upper, upper, lower)]
         return (torch.sign(x.double()) * rounded).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _magnitudes(grid: tuple[float, ...]) -> torch.Tensor:
+    """The grid's non-negative values as float64 (built once per grid: GPTQ rounds column by column)."""
+    return torch.tensor([v for v in grid if v >= 0], dtype=torch.float64)
 
 
 # Float grids torch holds natively: the same values, rounding done by the dtype cast (fast).
@@ -127,9 +141,10 @@ class ScaleFormat:
 
     @property
     def smallest(self) -> float:
-        """The smallest positive scale kept at full precision (the floor weight scales are clamped to)."""
+        """The smallest positive storable scale (the floor weight scales are clamped to; fp8 e4m3: its
+        smallest subnormal, 2^-9, which NVFP4 group scales of near-zero groups may take)."""
         return {"fp32": torch.finfo(torch.float32).tiny, "fp16": 2.0**-14, "bf16": torch.finfo(torch.bfloat16).tiny,
-                "fp8_e4m3": 2.0**-6, "e8m0": 2.0**-127}[self.name]
+                "fp8_e4m3": 2.0**-9, "e8m0": 2.0**-127}[self.name]
 
     def round(self, scale: torch.Tensor) -> torch.Tensor:
         """Positive scales [any shape] float32 -> the nearest storable value (e8m0: the power of two at

@@ -62,3 +62,39 @@ def unpack(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
         values[:, spill] = values[:, spill] | high
     values = values & mask
     return (values - (1 << (bits - 1))).to(torch.int8).reshape(rows, in_features)
+
+
+# FP4 e2m1 codes (OCP MX / NVFP4): each value is a 4-bit pattern S.EE.M, whose low three bits are the
+# magnitude's position in (0, 0.5, 1, 1.5, 2, 3, 4, 6) and bit 3 the sign; two codes per byte along the
+# input dim, code 2j in the low nibble (compressed-tensors' and vLLM's ``weight_packed``). An odd row is
+# padded with a zero nibble.
+FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def fp4_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """fp4 e2m1 values (any float dtype) [...] -> their 4-bit patterns [...] uint8."""
+    values = codes.float()
+    magnitude = torch.searchsorted(torch.tensor(FP4_MAGNITUDES), values.abs().contiguous())
+    assert bool((torch.tensor(FP4_MAGNITUDES)[magnitude.clamp(max=7)] == values.abs()).all()), "not fp4 values"
+    return (magnitude | (torch.signbit(values).long() << 3)).to(torch.uint8)
+
+
+def fp4_values(nibbles: torch.Tensor) -> torch.Tensor:
+    """4-bit patterns [...] (uint8, 0..15) -> fp4 e2m1 values [...] float32 (pattern 8 is -0.0)."""
+    magnitude = torch.tensor(FP4_MAGNITUDES)[(nibbles & 7).long()]
+    return torch.where((nibbles & 8) != 0, -magnitude, magnitude)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """[rows, n] fp4 e2m1 values -> [rows, ceil(n/2)] uint8, code 2j in the low nibble of byte j."""
+    nibbles = fp4_nibbles(codes)
+    if nibbles.shape[1] % 2:
+        nibbles = torch.nn.functional.pad(nibbles, (0, 1))
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """[rows, ceil(n/2)] uint8 -> [rows, n] fp4 e2m1 values as float8_e4m3fn (inverse of `pack_fp4`)."""
+    assert packed.dtype == torch.uint8 and packed.shape[1] == -(-in_features // 2), (packed.dtype, packed.shape)
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :in_features]
+    return fp4_values(nibbles).to(torch.float8_e4m3fn)

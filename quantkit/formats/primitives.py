@@ -2,13 +2,17 @@
 
 Conventions (the whole package uses them):
 - codes are values of the spec's element grid: signed integers in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]
-  held in int8 tensors, or fp8 e4m3 values held in float8_e4m3fn tensors (`code_dtype`);
-- dequantization is ``w_hat = (code - zero) * scale``; symmetric grids have zero = 0;
-- weight parameters have shape [R, G]: R = 1 for one scale per tensor, R = out otherwise;
-  G = ceil(in / group_size) groups of consecutive input channels (per-channel: group_size = in).
+  held in int8 tensors, fp8 e4m3 values, or fp4 e2m1 values (every one exact in e4m3), both held in
+  float8_e4m3fn tensors (`code_dtype`);
+- dequantization is ``w_hat = (code - zero) * scale``; symmetric grids have zero = 0; a two-level grid
+  (NVFP4) divides by its per-tensor global scale: ``w_hat = code * (scale / global_scale)``;
+- weight parameters have shape [R, G]: R = ceil(out / rows_per_scale) with rows_per_scale = out for one
+  scale per tensor (R = 1), the block height for 2-D blocks, 1 otherwise; G = ceil(in / group_size)
+  groups of consecutive input channels (per-channel: group_size = in; blocks: the block width).
   The last group may be shorter than group_size (a ragged group) when group_size does not divide in;
 - weight scales are rounded to the spec's scale format: float16 for integer grids (so every export
-  format that keeps fp16 scales, GGUF and GPTQ/AWQ checkpoints, carries them exactly), float32 for fp8;
+  format that keeps fp16 scales, GGUF and GPTQ/AWQ checkpoints, carries them exactly), float32 for fp8,
+  e8m0 (powers of two) for MXFP4, fp8 e4m3 for NVFP4;
 - rounding is round-half-to-even (``torch.round``; the nearest grid value, ties to the even code, for
   float grids, saturating at the largest finite value).
 """
@@ -18,7 +22,12 @@ import math
 
 import torch
 
-from quantkit.formats.numbers import ElementFormat, scale_format, signed_int
+from quantkit.formats.numbers import (
+    ELEMENT_FORMATS,
+    ElementFormat,
+    scale_format,
+    signed_int,
+)
 from quantkit.formats.schemes import ActivationSpec, WeightSpec
 
 # Activation scales are float32; this floor only guards against a zero range (dead channel).
@@ -55,12 +64,25 @@ def code_dtype(element: ElementFormat) -> torch.dtype:
     """The tensor dtype codes of ``element`` are held in (exactly)."""
     if element.kind == "int":
         return torch.int8
-    return {"fp8_e4m3": torch.float8_e4m3fn}[element.name]
+    # fp4 e2m1 values (0, 0.5, ..., 6) are exact in e4m3: one byte per code until the file packs them
+    return {"fp8_e4m3": torch.float8_e4m3fn, "fp4_e2m1": torch.float8_e4m3fn}[element.name]
 
 
 def group_size_for(spec: WeightSpec, in_features: int) -> int:
-    """Input channels per group: the spec's group size, or the whole row for tensor/channel grids."""
-    return spec.group_size if spec.granularity == "group" else in_features
+    """Input channels per group: the spec's group size, the block width, or the whole row for
+    tensor/channel grids."""
+    if spec.granularity == "group":
+        return spec.group_size
+    if spec.granularity == "block":
+        return spec.block_shape[1]
+    return in_features
+
+
+def rows_per_scale(spec: WeightSpec, out_features: int) -> int:
+    """Output rows sharing one row of scales: every row (per tensor), the block height, or 1."""
+    if spec.granularity == "tensor":
+        return out_features
+    return spec.block_shape[0] if spec.granularity == "block" else 1
 
 
 def group_count(in_features: int, group_size: int) -> int:
@@ -80,6 +102,16 @@ def expand_to_columns(param: torch.Tensor, in_features: int, group_size: int,
     return param[:, column_group_index(in_features, group_size, g_idx).to(param.device)]
 
 
+def expand_params(param: torch.Tensor, shape: tuple[int, int], group_size: int, g_idx: torch.Tensor | None = None,
+                  row_block: int = 1) -> torch.Tensor:
+    """[R, G] parameter -> [out, in] (R = 1 broadcasts over rows; 2-D blocks repeat each row of
+    parameters over ``row_block`` output rows)."""
+    per_column = expand_to_columns(param, shape[1], group_size, g_idx)
+    if row_block > 1 and per_column.shape[0] > 1:
+        per_column = per_column.repeat_interleave(row_block, dim=0)[: shape[0]]
+    return per_column
+
+
 def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """[out, in] -> [out, G, group_size]; a ragged last group is padded by repeating its last
     column, which leaves every group's min, max and absmax unchanged."""
@@ -90,19 +122,84 @@ def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_features, padded // group_size, group_size)
 
 
+def to_tiles(w: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+    """[out, in] -> [ceil(out/rb), rb, ceil(in/cb), cb] tiles of (rb, cb) = block_shape; edge tiles are
+    padded by repeating their last row/column (their min, max and absmax unchanged, like `to_groups`)."""
+    rows, cols = block_shape
+    groups = to_groups(w, cols)                                      # [out, Gc, cb]
+    padded = group_count(w.shape[0], rows) * rows
+    if padded != w.shape[0]:
+        groups = torch.cat([groups, groups[-1:].expand(padded - w.shape[0], -1, -1)], dim=0)
+    return groups.reshape(padded // rows, rows, groups.shape[1], cols)
+
+
 def weight_range(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (min, max) of ``w`` [out, in], each [R, G] float32, widened to include 0 so the
     zero point is always an in-range integer."""
     w = w.float()
     if spec.granularity == "tensor":
         lo, hi = w.min().reshape(1, 1), w.max().reshape(1, 1)
+    elif spec.granularity == "block":
+        tiles = to_tiles(w, spec.block_shape)
+        lo, hi = tiles.amin(dim=(1, 3)), tiles.amax(dim=(1, 3))
     else:
         groups = to_groups(w, group_size_for(spec, w.shape[1]))
         lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     return lo.clamp(max=0.0), hi.clamp(min=0.0)
 
 
-def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+def mx_scale(absmax: torch.Tensor, element: ElementFormat) -> torch.Tensor:
+    """The e8m0 scale of MX blocks (OCP MX v1.0 section 6.3), absmax [any] float32 -> powers of two, float32:
+
+        scale = 2^(floor(log2(absmax)) - emax),  emax = floor(log2(element.max))   (2 for fp4 e2m1)
+
+    with absmax's mantissa first rounded to the element's mantissa bits (vLLM's and compressed-tensors'
+    rounding: a block whose max has mantissa >= 1.75 takes the next power of two instead of saturating to
+    1.5 * 2^e). The exponent is clamped to e8m0's [-127, 127]; an all-zero block gets 2^-127."""
+    mantissa, exponent = torch.frexp(absmax.float().clamp(min=2.0**-127))   # absmax = mantissa * 2^exponent
+    rounds_up = mantissa >= 1.0 - 2.0 ** -(element.mantissa_bits + 2)       # 1.m rounded to m bits reaches 2
+    emax = math.floor(math.log2(element.max))
+    return torch.exp2((exponent - 1 + rounds_up.int() - emax).clamp(-127, 127).float())
+
+
+def global_scale(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor | None:
+    """The per-tensor global scale of a two-level grid (NVFP4), else None: [1] float32
+
+        G = scale_max * element_max / absmax(w)          (448 * 6 / absmax for NVFP4)
+
+    so that the largest group scale, absmax / 6 * G, lands on the top of the fp8 range (compressed-
+    tensors' ``generate_gparam``). An all-zero tensor gets G = 1."""
+    if spec.second_scale is None:
+        return None
+    absmax = w.float().abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
+    value = ELEMENT_FORMATS[spec.scale_format].max * spec.element.max / absmax
+    return torch.where(torch.isfinite(value), value, torch.ones_like(value)).reshape(1).float()
+
+
+def effective_scale(scale: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
+    """What a code is multiplied by: the stored scale, divided by the global scale of two-level grids
+    (fp32 division, as compressed-tensors and vLLM compute it)."""
+    return scale if global_scale is None else scale.float() / global_scale.float()
+
+
+def symmetric_scale(absmax: torch.Tensor, element: ElementFormat, storage: str,
+                    global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The stored scale of a symmetric grid over values of magnitude <= absmax (float32, shape kept):
+
+        e8m0 (MX):          `mx_scale`
+        otherwise:          round_storage(absmax / half_range * G)     (G = 1 without a global scale)
+    half_range is (qmax - qmin) / 2 for integers and the largest value for float grids."""
+    if storage == "e8m0":
+        return mx_scale(absmax, element)
+    scale = absmax / half_range(element)
+    if global_scale is not None:
+        scale = scale * global_scale
+    fmt = scale_format(storage)
+    return fmt.round(scale.clamp(min=fmt.smallest))
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: WeightSpec,
+                       global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero point of a weight grid covering [lo, hi] (each [R, G], lo <= 0 <= hi).
 
     symmetric:  scale = max(|lo|, hi) / ((qmax - qmin) / 2), zero = None
@@ -110,49 +207,51 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: WeightSpec) -> 
     The symmetric grid spans the whole signed range, [-2^(b-1), 2^(b-1) - 1] (compressed-tensors' and
     torchao's convention): its step is absmax / 7.5 at 4 bits rather than absmax / 7, at the price of
     clipping the largest positive weight by half a step.
-    Float grids (symmetric): scale = absmax / max (448 for fp8 e4m3).
-    The scale is rounded to the spec's scale format (fp16 for integers, fp32 for fp8), returned as float32.
+    Float grids (symmetric, `symmetric_scale`): absmax / max (448 for fp8 e4m3), MX's power of two, or
+    NVFP4's fp8 value of absmax / 6 * G under the tensor's ``global_scale`` G (required for two-level grids).
+    The scale is rounded to the spec's scale format and returned as float32 (the stored values).
     """
     element = spec.element
     qmin, qmax = element.min, element.max
+    assert (spec.second_scale is None) == (global_scale is None), "two-level grids need their global scale"
     if spec.symmetric:
-        scale = torch.maximum(-lo, hi) / half_range(element)
-    else:
-        scale = (hi - lo) / (qmax - qmin)
+        return symmetric_scale(torch.maximum(-lo, hi), element, spec.scale_format, global_scale), None
+    scale = (hi - lo) / (qmax - qmin)
     storage = scale_format(spec.scale_format)
     scale = storage.round(scale.clamp(min=storage.smallest))
-    if spec.symmetric:
-        return scale, None
     zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
     return scale, zero
 
 
-def weight_qparams(w: torch.Tensor, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Round-to-nearest grid for ``w`` [out, in]: (scale [R, G], zero [R, G] or None)."""
-    return qparams_from_range(*weight_range(w, spec), spec)
+def weight_qparams(w: torch.Tensor, spec: WeightSpec,
+                   global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest grid for ``w`` [out, in]: (scale [R, G], zero [R, G] or None); two-level grids
+    take the tensor's ``global_scale`` (`global_scale`)."""
+    return qparams_from_range(*weight_range(w, spec), spec, global_scale)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
-             grid: int | ElementFormat, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+             grid: int | ElementFormat, g_idx: torch.Tensor | None = None, row_block: int = 1) -> torch.Tensor:
     """codes = grid_round(w / scale + zero): [out, in] float -> [out, in] codes (`code_dtype`); ``grid``
-    is the element format or the bit width of a signed integer grid."""
+    is the element format or the bit width of a signed integer grid; ``scale`` is the effective scale
+    (`effective_scale`) [R, G], R = ceil(out / row_block) or 1."""
     element = as_element(grid)
-    in_features = w.shape[1]
-    q = w.float() / expand_to_columns(scale, in_features, group_size, g_idx)
+    q = w.float() / expand_params(scale, w.shape, group_size, g_idx, row_block)
     if zero is None:
         return round_to_grid(q, element).to(code_dtype(element))
-    q = torch.round(q) + expand_to_columns(zero, in_features, group_size, g_idx)
+    q = torch.round(q) + expand_params(zero, w.shape, group_size, g_idx, row_block)
     return round_to_grid(q, element).to(code_dtype(element))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
-               g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """w_hat = (codes - zero) * scale: [out, in] int8 -> [out, in] float32."""
-    in_features = codes.shape[1]
+               g_idx: torch.Tensor | None = None, row_block: int = 1,
+               global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """w_hat = (codes - zero) * scale (scale / global_scale for two-level grids): [out, in] codes ->
+    [out, in] float32."""
     q = codes.float()
     if zero is not None:
-        q = q - expand_to_columns(zero.float(), in_features, group_size, g_idx)
-    return q * expand_to_columns(scale.float(), in_features, group_size, g_idx)
+        q = q - expand_params(zero.float(), codes.shape, group_size, g_idx, row_block)
+    return q * expand_params(effective_scale(scale.float(), global_scale), codes.shape, group_size, g_idx, row_block)
 
 
 def fake_quantize_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
@@ -161,6 +260,13 @@ def fake_quantize_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     Bit-identical to ``rtn.quantize_rtn(w, spec).dequantize()``, computed on the grouped view
     (no per-column gathers): what search loops (AWQ's scale and clip grids) call thousands of times."""
     w = w.float()
+    if spec.granularity == "block" or spec.second_scale is not None:
+        glob = global_scale(w, spec)
+        scale, zero = weight_qparams(w, spec, glob)
+        scale = effective_scale(scale, glob)
+        group_size, rows = group_size_for(spec, w.shape[1]), rows_per_scale(spec, w.shape[0])
+        codes = quantize(w, scale, zero, group_size, spec.element, row_block=rows)
+        return dequantize(codes, scale, zero, group_size, row_block=rows)
     if spec.granularity == "tensor":
         scale, zero = weight_qparams(w, spec)
         groups, scale, zero = w[:, None, :], scale[..., None], None if zero is None else zero[..., None]
@@ -215,14 +321,48 @@ def quantize_activation_per_token(x: torch.Tensor, grid: int | ElementFormat) ->
     return codes, scale
 
 
+def activation_global_scale(lo: torch.Tensor, hi: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
+    """The static global scale of a two-level activation grid (NVFP4) from the calibrated range:
+    G = scale_max * element_max / max(|lo|, |hi|) = 448 * 6 / absmax, [1] float32 (compressed-tensors'
+    ``input_global_scale``; an all-zero range gets 1)."""
+    absmax = torch.maximum(-lo.float(), hi.float()).clamp(min=torch.finfo(torch.float32).tiny)
+    value = ELEMENT_FORMATS[spec.scale_format].max * spec.element.max / absmax
+    return torch.where(torch.isfinite(value), value, torch.ones_like(value)).reshape(1).float()
+
+
+def group_activation_scales(x: torch.Tensor, spec: ActivationSpec,
+                            global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token, per-group scales: x [..., K] float -> (groups [..., G, group_size] float32,
+    effective scales [..., G, 1] float32). A ragged last group is padded with zeros (absmax unchanged).
+
+        fp32 scales (FP8 blocks):  s = max(absmax / max, 1e-8)
+        e8m0 (MX):                 s = `mx_scale`(absmax)
+        fp8 under G (NVFP4):       s = fp8(absmax / 6 * G) / G"""
+    k, size = x.shape[-1], spec.group_size
+    padded = group_count(k, size) * size
+    xf = torch.nn.functional.pad(x.float(), (0, padded - k)) if padded != k else x.float()
+    groups = xf.reshape(*x.shape[:-1], padded // size, size)
+    absmax = groups.abs().amax(dim=-1, keepdim=True)
+    if spec.scale_format == "fp32":
+        return groups, (absmax / spec.element.max).clamp(min=MIN_ACTIVATION_SCALE)
+    stored = symmetric_scale(absmax, spec.element, spec.scale_format, global_scale)
+    return groups, effective_scale(stored, global_scale)
+
+
 def fake_quantize_activation(x: torch.Tensor, spec: ActivationSpec, scale: torch.Tensor | None = None,
-                             zero: torch.Tensor | None = None) -> torch.Tensor:
+                             zero: torch.Tensor | None = None, global_scale: torch.Tensor | None = None
+                             ) -> torch.Tensor:
     """x_hat = dequantize(quantize(x)) in float32, cast back to x.dtype: [..., K] -> [..., K].
 
     The same arithmetic as quantize_activation_* followed by (code - zero) * scale, without the
-    int8 round trip (the codes are exact small integers in float32 either way)."""
+    int8 round trip (the codes are exact small integers in float32 either way). Group grids compute
+    their scales per token and group (`group_activation_scales`; NVFP4 under ``global_scale``)."""
     element = spec.element
     xf = x.float()
+    if spec.granularity == "group":
+        groups, group_scale = group_activation_scales(x, spec, global_scale)
+        x_hat = round_to_grid(groups / group_scale, element) * group_scale
+        return x_hat.reshape(*x.shape[:-1], -1)[..., : x.shape[-1]].to(x.dtype)
     if spec.dynamic:
         scale = (xf.abs().amax(dim=-1, keepdim=True) / element.max).clamp(min=MIN_ACTIVATION_SCALE)
         return (round_to_grid(xf / scale, element) * scale).to(x.dtype)

@@ -14,13 +14,15 @@ class QuantTensor:
     """A quantized weight matrix.
 
     codes:  [out, in] values of the element grid ``spec.element``, unpacked (packing is the file's job):
-            int8 for int{b} ([-2^(b-1), 2^(b-1)-1]), float8_e4m3fn for fp8 e4m3
-    scale:  [R, G] float32 holding values of ``spec.scale_format`` (fp16); R = 1 (per-tensor) or out;
-            G = ceil(in / group_size)
+            int8 for int{b} ([-2^(b-1), 2^(b-1)-1]), float8_e4m3fn for fp8 e4m3 and fp4 e2m1 values
+    scale:  [R, G] float32 holding values of ``spec.scale_format`` (fp16, fp32, e8m0, fp8 e4m3);
+            R = 1 (per-tensor), ceil(out / block rows) (2-D blocks) or out; G = ceil(in / group_size)
     zero:   [R, G] float32 or None (symmetric). Integer-valued for RTN/GPTQ/AWQ grids; HQQ's
             optimised zero points may be fractional (see `integer_zero`).
     spec:   the grid (bits, granularity, symmetric, group_size)
     g_idx:  [in] int32 group of each input column when act-order reordered the groups, else None
+    global_scale: [1] float32 per-tensor divisor of two-level grids (NVFP4: w = code * scale / global_scale),
+            present exactly when ``spec.second_scale`` is set
     """
 
     codes: torch.Tensor
@@ -28,12 +30,15 @@ class QuantTensor:
     zero: torch.Tensor | None
     spec: WeightSpec
     g_idx: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         out_features, in_features = self.codes.shape
         element = self.spec.element
         assert self.codes.dtype == primitives.code_dtype(element), (self.codes.dtype, element.name)
-        assert self.scale.shape[0] in (1, out_features), (self.scale.shape, self.codes.shape)
+        rows = primitives.group_count(out_features, self.row_block)
+        assert self.scale.shape[0] in (1, rows), (self.scale.shape, self.codes.shape)
+        assert (self.global_scale is None) == (self.spec.second_scale is None)
         assert self.scale.shape[1] == primitives.group_count(in_features, self.group_size), self.scale.shape
         assert self.zero is None or self.zero.shape == self.scale.shape
         assert self.spec.symmetric == (self.zero is None)
@@ -47,6 +52,11 @@ class QuantTensor:
     @property
     def group_size(self) -> int:
         return primitives.group_size_for(self.spec, self.codes.shape[1])
+
+    @property
+    def row_block(self) -> int:
+        """Output rows sharing one row of scales (`primitives.rows_per_scale`)."""
+        return primitives.rows_per_scale(self.spec, self.codes.shape[0])
 
     @property
     def ragged(self) -> bool:
@@ -67,4 +77,5 @@ class QuantTensor:
 
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32."""
-        return primitives.dequantize(self.codes, self.scale, self.zero, self.group_size, self.g_idx)
+        return primitives.dequantize(self.codes, self.scale, self.zero, self.group_size, self.g_idx, self.row_block,
+                                     self.global_scale)

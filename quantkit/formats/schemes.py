@@ -26,21 +26,23 @@ from quantkit.formats.numbers import (
 )
 
 WeightGranularity = Literal["tensor", "channel", "group", "block"]
-ActivationGranularity = Literal["tensor", "token"]
+ActivationGranularity = Literal["tensor", "token", "group"]
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """Integer weight grid: ``w ~ (code - zero) * scale``, codes from the element format ``int{bits}``
-    (signed, [-2^(b-1), 2^(b-1)-1]), scales stored in ``scale_format`` (formats/numbers.py).
+    """Weight grid: ``w ~ (code - zero) * scale`` (``code * scale / global_scale`` with a second-level
+    scale), codes from the element format: ``int{bits}`` (signed, [-2^(b-1), 2^(b-1)-1]) or a float
+    grid (``format``: fp8_e4m3, fp4_e2m1), scales stored in ``scale_format`` (formats/numbers.py).
 
     granularity: one scale for the tensor, per output channel, per group of ``group_size``
     consecutive input channels within each output channel (the last group may be shorter), or per
-    2-D ``block_shape`` = (rows, columns) tile (DeepSeek-style FP8 blocks).
-    second_scale: the scale format of a per-tensor scale over the block scales (NVFP4: fp32 over fp8
-    block scales), or None.
-    The integer pipeline produces fp16 scales per tensor, channel or group; the other fields name
-    what the floating-point formats (FP8, MXFP4, NVFP4) will use and are refused until they exist.
+    2-D ``block_shape`` = (rows, columns) tile (DeepSeek-V3 FP8 blocks; edge tiles may be smaller).
+    second_scale: the scale format of one per-tensor "global" scale G over the group scales (NVFP4:
+    fp32 over fp8 e4m3 group scales; the group's effective scale is s / G), or None.
+    The combinations that exist (`_GRIDS`): integers with fp16 scales per tensor, channel or group;
+    fp8 e4m3 with fp32 scales per tensor, channel, group or block; fp4 e2m1 in groups with e8m0
+    scales (MXFP4) or fp8 e4m3 scales under an fp32 global scale (NVFP4).
     """
 
     bits: int
@@ -50,7 +52,7 @@ class WeightSpec:
     scale_format: str = "fp16"
     block_shape: tuple[int, int] | None = None
     second_scale: str | None = None
-    format: str = "int"        # the element grid: "int" (int{bits}) or a float element format (fp8_e4m3)
+    format: str = "int"        # the element grid: "int" (int{bits}) or a float element format
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -59,59 +61,109 @@ class WeightSpec:
         if self.second_scale is not None:
             scale_format(self.second_scale)
         _check_element(self.format, self.bits, self.symmetric, "weight")
-        floating = self.format != "int"
-        unsupported = [what for what, used in (
-            (f"scale format {self.scale_format}", self.scale_format not in (("fp32",) if floating else ("fp16",))),
-            ("2-D block scales", self.granularity == "block" or self.block_shape is not None),
-            (f"a second-level {self.second_scale} scale", self.second_scale is not None)) if used]
-        if unsupported:
-            raise QuantkitError(f"weight grids have fp16 (integer) or fp32 (fp8) scales per tensor, channel or "
-                                f"group; {unsupported[0]} comes with the MX/NV formats")
+        if self.block_shape is not None:
+            object.__setattr__(self, "block_shape", tuple(int(n) for n in self.block_shape))
+        grid = (self.format, self.scale_format, self.second_scale)
+        if grid not in _GRIDS or self.granularity not in _GRIDS[grid]:
+            raise QuantkitError(f"no weight grid has {self.format} codes with {self.scale_format} scales per "
+                                f"{self.granularity}" + (f" under a {self.second_scale} global scale"
+                                                         if self.second_scale else "") + f"; {_GRID_LIST}")
         if (self.granularity == "group") != (self.group_size is not None):
             raise QuantkitError("group_size is set exactly when granularity is 'group'")
-        if self.group_size is not None and self.group_size < 1:
-            raise QuantkitError(f"group size must be positive, got {self.group_size}")
+        if (self.granularity == "block") != (self.block_shape is not None):
+            raise QuantkitError("block_shape is set exactly when granularity is 'block'")
+        sizes = [self.group_size] if self.group_size is not None else list(self.block_shape or ())
+        if any(size < 1 for size in sizes) or (self.block_shape is not None and len(self.block_shape) != 2):
+            raise QuantkitError(f"group and block sizes must be positive (a block is rows x columns), got {sizes}")
 
     @property
     def element(self) -> ElementFormat:
         return signed_int(self.bits) if self.format == "int" else element_format(self.format)
 
     def describe(self) -> str:
-        grain = f"g{self.group_size}" if self.granularity == "group" else f"per-{self.granularity}"
-        if self.format != "int":
-            return f"{self.format} {grain}"
-        return f"int{self.bits} {grain} {'sym' if self.symmetric else 'asym'}"
+        grain = {"group": f"g{self.group_size}", "block": "block{}x{}".format(*(self.block_shape or (0, 0)))
+                 }.get(self.granularity, f"per-{self.granularity}")
+        return _describe_grid(self, grain, "")
+
+
+# (element, scale format, second-level scale) -> the granularities that exist.
+_GRIDS: dict[tuple[str, str, str | None], tuple[str, ...]] = {
+    ("int", "fp16", None): ("tensor", "channel", "group"),
+    ("fp8_e4m3", "fp32", None): ("tensor", "channel", "group", "block"),
+    ("fp4_e2m1", "e8m0", None): ("group",),                      # MXFP4 (OCP MX)
+    ("fp4_e2m1", "fp8_e4m3", "fp32"): ("group",),                # NVFP4
+}
+_GRID_LIST = ("the grids are: int codes with fp16 scales per tensor/channel/group; fp8_e4m3 with fp32 scales "
+              "per tensor/channel/group/block; fp4_e2m1 groups with e8m0 scales (MX) or fp8_e4m3 scales under "
+              "an fp32 global scale (NV)")
 
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    """Input-activation grid. ``tensor`` is static (scale from calibration); ``token`` is dynamic."""
+    """Input-activation grid. ``tensor`` is static (scale from calibration); ``token`` is dynamic per
+    token; ``group`` is dynamic per token and per ``group_size`` consecutive input channels, with
+    scales in ``scale_format`` (fp32; e8m0 for MX; fp8 e4m3 under a static fp32 global scale from
+    calibration for NV, ``second_scale``)."""
 
     bits: int
     granularity: ActivationGranularity
     symmetric: bool
-    format: str = "int"        # "int" (int{bits}) or a float element format (fp8_e4m3)
+    format: str = "int"        # "int" (int{bits}) or a float element format (fp8_e4m3, fp4_e2m1)
+    group_size: int | None = None
+    scale_format: str = "fp32"
+    second_scale: str | None = None
 
     def __post_init__(self) -> None:
         _check_element(self.format, self.bits, self.symmetric, "activation")
+        grid = (self.format, self.scale_format, self.second_scale)
+        if grid not in _ACTIVATION_GRIDS or self.granularity not in _ACTIVATION_GRIDS[grid]:
+            raise QuantkitError(f"no activation grid has {self.format} codes with {self.scale_format} scales per "
+                                f"{self.granularity}; the grids are: int or fp8_e4m3 per tensor/token (fp32 "
+                                "scales), fp8_e4m3 per token group, fp4_e2m1 per token group (MX: e8m0 scales; "
+                                "NV: fp8_e4m3 scales under an fp32 global)")
+        if (self.granularity == "group") != (self.group_size is not None) or (self.group_size or 1) < 1:
+            raise QuantkitError("an activation group_size (positive) is set exactly when granularity is 'group'")
 
     @property
     def dynamic(self) -> bool:
-        return self.granularity == "token"
+        """Scales computed from each input at run time (per token, or per token and group)."""
+        return self.granularity != "tensor"
+
+    @property
+    def calibrated(self) -> bool:
+        """Something comes from calibration: the static scale, or NV's global scale."""
+        return not self.dynamic or self.second_scale is not None
 
     @property
     def element(self) -> ElementFormat:
         return signed_int(self.bits) if self.format == "int" else element_format(self.format)
 
     def describe(self) -> str:
-        kind = "dynamic per-token" if self.dynamic else "static per-tensor"
-        if self.format != "int":
-            return f"{self.format} {kind}"
-        return f"int{self.bits} {kind} {'sym' if self.symmetric else 'asym'}"
+        kind = {"tensor": "static per-tensor", "token": "dynamic per-token",
+                "group": f"dynamic per-token g{self.group_size}"}[self.granularity]
+        return _describe_grid(self, kind, "static ")
 
 
-# Float element formats the pipeline quantizes to (FP4 comes with its MX/NV block scales).
-FLOAT_ELEMENTS = ("fp8_e4m3",)
+def _describe_grid(spec: WeightSpec | ActivationSpec, grain: str, global_kind: str) -> str:
+    """"int4 g128 asym", "fp8_e4m3 per-channel", "fp4_e2m1 g16 fp8_e4m3 scales x fp32 global"."""
+    if spec.format == "int":
+        return f"int{spec.bits} {grain} {'sym' if spec.symmetric else 'asym'}"
+    if spec.second_scale is not None:
+        return f"{spec.format} {grain} {spec.scale_format} scales x {global_kind}{spec.second_scale} global"
+    if spec.scale_format not in ("fp32", "fp16"):
+        return f"{spec.format} {grain} {spec.scale_format} scales"
+    return f"{spec.format} {grain}"
+
+
+_ACTIVATION_GRIDS: dict[tuple[str, str, str | None], tuple[str, ...]] = {
+    ("int", "fp32", None): ("tensor", "token"),
+    ("fp8_e4m3", "fp32", None): ("tensor", "token", "group"),
+    ("fp4_e2m1", "e8m0", None): ("group",),
+    ("fp4_e2m1", "fp8_e4m3", "fp32"): ("group",),
+}
+
+# Float element formats the pipeline quantizes to.
+FLOAT_ELEMENTS = ("fp8_e4m3", "fp4_e2m1")
 
 
 def _check_element(name: str, bits: int, symmetric: bool, what: str) -> None:
@@ -145,6 +197,8 @@ _A8_TENSOR_SYM = ActivationSpec(8, "tensor", symmetric=True)
 _A8_TENSOR_ASYM = ActivationSpec(8, "tensor", symmetric=False)
 _A8_TOKEN_SYM = ActivationSpec(8, "token", symmetric=True)
 _FP8_CHANNEL = WeightSpec(8, "channel", True, scale_format="fp32", format="fp8_e4m3")
+_MXFP4 = WeightSpec(4, "group", True, 32, scale_format="e8m0", format="fp4_e2m1")
+_NVFP4 = WeightSpec(4, "group", True, 16, scale_format="fp8_e4m3", second_scale="fp32", format="fp4_e2m1")
 
 SCHEMES: dict[str, Scheme] = {
     s.name: s
@@ -169,6 +223,20 @@ SCHEMES: dict[str, Scheme] = {
                "activations from calibration", WeightSpec(8, "tensor", True, scale_format="fp32", format="fp8_e4m3"),
                ActivationSpec(8, "tensor", True, "fp8_e4m3")),
         Scheme("w8a16_fp8", "weight-only fp8 e4m3 per-channel (fp32 scales); activations stay float", _FP8_CHANNEL),
+        Scheme("fp8_block", "FP8 blocks (DeepSeek-V3, llm-compressor FP8_BLOCK): fp8 e4m3 weights with one fp32 scale "
+               "per 128x128 tile, dynamic fp8 e4m3 activations per token and 128-channel group",
+               WeightSpec(8, "block", True, scale_format="fp32", block_shape=(128, 128), format="fp8_e4m3"),
+               ActivationSpec(8, "group", True, "fp8_e4m3", group_size=128)),
+        Scheme("mxfp4", "OCP MXFP4: fp4 e2m1 weights in groups of 32 with e8m0 (power-of-two) scales, dynamic "
+               "MXFP4 activations per token group of 32", _MXFP4,
+               ActivationSpec(4, "group", True, "fp4_e2m1", group_size=32, scale_format="e8m0")),
+        Scheme("mxfp4a16", "OCP MXFP4 weight-only: fp4 e2m1 groups of 32, e8m0 scales; activations stay float", _MXFP4),
+        Scheme("nvfp4", "NVFP4: fp4 e2m1 weights in groups of 16 with fp8 e4m3 scales under one fp32 global "
+               "scale, NVFP4 activations (dynamic fp8 group scales under a calibrated global scale)", _NVFP4,
+               ActivationSpec(4, "group", True, "fp4_e2m1", group_size=16, scale_format="fp8_e4m3",
+                              second_scale="fp32")),
+        Scheme("nvfp4a16", "NVFP4 weight-only: fp4 e2m1 groups of 16, fp8 e4m3 scales x fp32 global scale; "
+               "activations stay float", _NVFP4),
     )
 }
 
@@ -190,13 +258,16 @@ def scheme_to_dict(scheme: Scheme) -> dict:
     for name, default in _WEIGHT_DEFAULTS.items():
         if data["weight"].get(name, default) == default:
             data["weight"].pop(name, None)
-    if data["activation"] is not None and data["activation"]["format"] == "int":
-        data["activation"].pop("format")
+    if data["activation"] is not None:
+        for name, default in _ACTIVATION_DEFAULTS.items():
+            if data["activation"].get(name, default) == default:
+                data["activation"].pop(name, None)
     return data
 
 
 # Fields newer than the first manifests, left out of a scheme's record at their defaults.
 _WEIGHT_DEFAULTS = {"scale_format": "fp16", "block_shape": None, "second_scale": None, "format": "int"}
+_ACTIVATION_DEFAULTS = {"format": "int", "group_size": None, "scale_format": "fp32", "second_scale": None}
 
 
 def scheme_from_dict(data: dict) -> Scheme:

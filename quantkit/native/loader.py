@@ -30,15 +30,23 @@ def read_record(entry: LayerEntry, tensors: dict[str, torch.Tensor]) -> LinearRe
     codes = tensors[names["codes"]]
     if entry.codes_layout == "int32-packed":
         codes = packing.unpack(codes, spec.bits, in_features)
+    elif entry.codes_layout == "fp4_e2m1-packed":
+        if codes.dtype != torch.uint8 or codes.shape != (out_features, -(-in_features // 2)):
+            raise QuantkitError(f"codes of {names['codes']} are {codes.dtype} {tuple(codes.shape)}, expected packed "
+                                f"fp4 uint8 {(out_features, -(-in_features // 2))}")
+        codes = packing.unpack_fp4(codes, in_features)
     if tuple(codes.shape) != (out_features, in_features):
         raise QuantkitError(f"codes of {names['codes']} have shape {tuple(codes.shape)}, manifest says {entry.shape}")
     zero = tensors[names["zero"]].float() if "zero" in names else None
     g_idx = tensors[names["g_idx"]] if "g_idx" in names else None
-    weight = QuantTensor(codes.to(primitives.code_dtype(spec.element)), tensors[names["scale"]].float(), zero, spec, g_idx)
+    global_scale = tensors[names["global_scale"]].float() if "global_scale" in names else None
+    weight = QuantTensor(codes.to(primitives.code_dtype(spec.element)), tensors[names["scale"]].float(), zero, spec,
+                         g_idx, global_scale)
     return LinearRecord(
         weight, input_scale=tensors.get(names.get("input_scale", "")),
         input_zero=tensors[names["input_zero"]].float() if "input_zero" in names else None,
         bias=tensors.get(names.get("bias", "")),
+        input_global_scale=tensors.get(names.get("input_global_scale", "")),
     )
 
 
@@ -46,7 +54,7 @@ def quant_linear_from_tensors(entry: LayerEntry, tensors: dict[str, torch.Tensor
     return read_record(entry, tensors).module(entry.scheme.activation)
 
 
-QUANT_TENSOR_SUFFIXES = (".weight_codes", ".weight_scale", ".weight_zero", ".weight_g_idx")
+QUANT_TENSOR_SUFFIXES = (".weight_codes", ".weight_scale", ".weight_zero", ".weight_g_idx", ".weight_global_scale")
 
 
 def check_native_weights(path: Path, checkpoint: Checkpoint, manifest: Manifest) -> None:

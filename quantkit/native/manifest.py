@@ -35,8 +35,8 @@ class LayerEntry:
     """One quantized Linear: what grid it got, from which algorithm and rule, and where its tensors are.
 
     tensors maps a role (codes, scale, zero, g_idx, input_scale, input_zero, bias) to its tensor name.
-    codes_layout: "int8" (one code per byte), "int32-packed" (see quantkit.formats.packing) or "fp8_e4m3"
-    (float8_e4m3fn values).
+    codes_layout: "int8" (one code per byte), "int32-packed" (see quantkit.formats.packing), "fp8_e4m3"
+    (float8_e4m3fn values) or "fp4_e2m1-packed" (two 4-bit patterns per uint8, `packing.pack_fp4`).
     """
 
     scheme: Scheme

@@ -286,7 +286,8 @@ class BlockQuantizer:
         if stats is not None and not stats.tokens:
             algorithm_name, stats = "rtn", None
             note = f"no calibration token reached it: {assignment.algorithm} fell back to rtn (data-free)"
-        if assignment.scheme.activation is not None and stats is None and job.inputs is not None:
+        activation = assignment.scheme.activation
+        if activation is not None and activation.calibrated and stats is None and job.inputs is not None:
             raise QuantkitError(f"{full_name} saw no calibration token, so its static activation range is unknown; "
                                 "calibrate with more samples or keep MoE statistics on every token")
         quant, results = get_algorithm(algorithm_name).quantize(

@@ -43,8 +43,10 @@ def make_quant_linear(linear: nn.Module, scheme: Scheme, quant: QuantTensor,
                       activation_range: tuple[torch.Tensor, torch.Tensor] | None, bias_dtype: torch.dtype) -> QuantLinear:
     """A QuantLinear for ``linear``'s quantized weight; static activation grids come from the range."""
     activation = scheme.activation
-    input_scale = input_zero = None
+    input_scale = input_zero = input_global_scale = None
     if activation is not None and not activation.dynamic:
         input_scale, input_zero = primitives.activation_qparams(*activation_range, activation)
+    if activation is not None and activation.second_scale is not None:
+        input_global_scale = primitives.activation_global_scale(*activation_range, activation)
     bias = None if linear.bias is None else linear.bias.detach().to(bias_dtype)
-    return QuantLinear(quant, activation, input_scale, input_zero, bias)
+    return QuantLinear(quant, activation, input_scale, input_zero, bias, input_global_scale)

@@ -282,8 +282,8 @@ def _preflight(run: _Run, progress: Progress) -> None:
 def _needs_calibration(assignment: LayerAssignment) -> bool:
     """Whether a layer's quantization uses calibration activations at all."""
     algorithm = get_algorithm(assignment.algorithm)
-    static_activations = assignment.scheme.activation is not None and not assignment.scheme.activation.dynamic
-    return bool(algorithm.statistics) or isinstance(algorithm, BlockTransform) or static_activations
+    calibrated_activations = assignment.scheme.activation is not None and assignment.scheme.activation.calibrated
+    return bool(algorithm.statistics) or isinstance(algorithm, BlockTransform) or calibrated_activations
 
 
 def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> CalibrationResult:
