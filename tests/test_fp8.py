@@ -3,6 +3,7 @@
 compressed-tensors loading the export, and the pipeline's own RTN for the GPTQ floor."""
 import pytest
 import torch
+from conftest import assert_one_line_error, calibrate_and_reload, run_cli
 from transformers import AutoModelForCausalLM
 
 from quantkit import load_quantized
@@ -13,8 +14,6 @@ from quantkit.exporters.gguf import export_gguf
 from quantkit.formats import primitives
 from quantkit.formats.schemes import SCHEMES
 from quantkit.run.pipeline import CalibrateConfig, calibrate
-
-from conftest import assert_one_line_error, calibrate_and_reload, run_cli
 
 FP8 = SCHEMES["w8a16_fp8"].weight
 
@@ -32,10 +31,11 @@ def test_e4m3_codes_round_ties_to_even_and_saturate():
     assert codes.float().tolist() == [[448.0, -448.0]]
 
 
-@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp4_e2m1"])
 def test_native_cast_rounding_equals_rounding_on_the_grid(name):
-    """The fast path (torch's cast after saturating) against rounding computed from the grid values
-    alone, on random values of every magnitude, every midpoint between grid values, and beyond max."""
+    """The fast path (torch's cast after saturating; fp4's piecewise rounding) against rounding computed
+    from the grid values alone, on random values of every magnitude, every midpoint between grid values,
+    and beyond max."""
     from quantkit.formats.numbers import element_format
 
     element = element_format(name)
@@ -110,8 +110,8 @@ def test_compressed_tensors_float_quantized_loads_in_transformers(llama_dir, tmp
 
 
 def test_gguf_requantizes_fp8_with_a_reason(llama_dir, tmp_path):
-    from test_export_gguf import save_byte_level_bpe, VOCAB
     from conftest import make_checkpoint
+    from test_export_gguf import VOCAB, save_byte_level_bpe
 
     source = make_checkpoint(tmp_path / "m", "llama", vocab_size=VOCAB)
     save_byte_level_bpe(source)
@@ -146,3 +146,36 @@ def test_recipe_mixes_fp8_and_integer_layers(llama_dir, tmp_path):
     tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.allclose(model(tokens).logits, reloaded(tokens).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("m, n, k, per_tensor", [(5, 32, 64, False), (7, 20, 70, False), (3, 24, 48, True)])
+def test_torch_scaled_mm_wrapper_equals_the_reference(m, n, k, per_tensor):
+    """The GPU backend's fp8 GEMM (torch._scaled_mm, here through torch's CPU fallback) computes what the
+    reference computes, unaligned K and N included (zero-padded to 16)."""
+    from quantkit.cuda import scaled_mm
+
+    generator = torch.Generator().manual_seed(m)
+    a = (torch.randn(m, k, generator=generator) * 30).to(torch.float8_e4m3fn)
+    b = (torch.randn(n, k, generator=generator) * 30).to(torch.float8_e4m3fn)
+    a_scale = torch.rand(1 if per_tensor else m, generator=generator) + 0.1
+    w_scale = torch.rand(1 if per_tensor else n, generator=generator) + 0.1
+    bias = torch.randn(n, generator=generator)
+    expected = reference.fp8_scaled_mm(a, b, a_scale, w_scale, bias, torch.float64)
+    got = scaled_mm.fp8_scaled_mm(a, b, a_scale, w_scale, bias, torch.float32)
+    assert got.shape == (m, n)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with fp8 tensor cores (Ada/Hopper or newer)")
+def test_torch_scaled_mm_on_the_gpu_within_bf16_rounding():
+    from quantkit.cuda import scaled_mm
+
+    generator = torch.Generator().manual_seed(0)
+    a = (torch.randn(33, 4096, generator=generator) * 30).to(torch.float8_e4m3fn)
+    b = (torch.randn(4096 + 8, 4096, generator=generator) * 30).to(torch.float8_e4m3fn)
+    a_scale, w_scale = torch.rand(33) + 0.1, torch.rand(4104) + 0.1
+    expected = reference.fp8_scaled_mm(a, b, a_scale, w_scale, None, torch.float64)
+    got = scaled_mm.fp8_scaled_mm(a.cuda(), b.cuda(), a_scale.cuda(), w_scale.cuda(), None, torch.float32).cpu()
+    torch.testing.assert_close(got.double(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())

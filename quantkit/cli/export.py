@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 FORMATS = ("gguf", "compressed-tensors")
-GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S",
+              "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q3_K", "Q4_K", "Q5_K")
 
 
 @click.command()
@@ -14,9 +15,11 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 @click.option("--format", "export_format", required=True, type=click.Choice(FORMATS),
               help="gguf: one .gguf file for llama.cpp/ollama/LM Studio; compressed-tensors: a directory for "
                    "vLLM/transformers.")
-@click.option("--type", "ggml_type", type=click.Choice(GGUF_TYPES, case_sensitive=False),
+@click.option("--type", "ggml_type", metavar="TYPE",
               help="GGUF only: type for layers whose codes no GGUF block holds exactly (and for every linear of "
-                   "a float checkpoint). Default: closest to each layer's bits.")
+                   "a float checkpoint), or a llama.cpp K-quant file type (Q4_K_M, ...) choosing each tensor's "
+                   "type as llama-quantize does: " + ", ".join(GGUF_TYPES) + ". Default: closest to each layer's "
+                   "bits.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file or directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")

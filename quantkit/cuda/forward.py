@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from quantkit.cuda import layout, reference
+from quantkit.cuda import layout, reference, scaled_mm
 from quantkit.errors import QuantkitError
 from quantkit.formats import primitives
 from quantkit.formats.primitives import signed_range
@@ -116,6 +116,9 @@ class ReferenceOps:
     def weight_only_mm(self, *args):
         return reference.weight_only_mm(*args)
 
+    def fp8_mm(self, *args):
+        return reference.fp8_scaled_mm(*args)
+
 
 class InterpreterOps:
     """The Triton kernels run by Triton's CPU interpreter (Triton imported on first use)."""
@@ -137,6 +140,9 @@ class InterpreterOps:
     def weight_only_mm(self, *args):
         return self.kernels.weight_only_gemm(*args, interpret=True)
 
+    def fp8_mm(self, *args):     # no Triton fp8 GEMM: the interpreter has nothing of ours to run
+        return reference.fp8_scaled_mm(*args)
+
 
 class TritonOps:
     """The compiled Triton kernels behind the ``torch.ops.quantkit`` ops (registered on first use)."""
@@ -155,6 +161,9 @@ class TritonOps:
 
     def weight_only_mm(self, *args):
         return torch.ops.quantkit.weight_only_mm(*args)
+
+    def fp8_mm(self, *args):     # torch's cuBLASLt fp8 GEMM
+        return scaled_mm.fp8_scaled_mm(*args)
 
 
 _OPS = {"reference": ReferenceOps, "interpreter": InterpreterOps, "triton": TritonOps}
@@ -183,15 +192,15 @@ def run_operands(operands: layout.Operands, x: torch.Tensor, backend: str) -> to
         y = reference.group_scaled_mm(a, a_scale, operands.codes, operands.scale, operands.group_size,
                                       operands.bias, x.dtype)
     elif isinstance(operands, layout.Fp8Operands):
-        # fp8 layers run the torch reference of an fp8 GEMM on every backend (a GPU fp8 kernel, e.g.
-        # torch._scaled_mm, is not wired yet): activations to fp8 codes, then the scaled product
+        # fp8 layers: activations to fp8 codes (torch), then the scaled product: torch._scaled_mm on the
+        # GPU backend, the float64 reference elsewhere
         activation = operands.activation
         if activation.dynamic:
             codes, a_scale = primitives.quantize_activation_per_token(x2d, activation.element)
         else:
             codes = primitives.quantize_activation_static(x2d, operands.input_scale, None, activation.element)
             a_scale = operands.input_scale
-        y = reference.fp8_scaled_mm(codes, operands.codes, a_scale.reshape(-1), operands.scale, operands.bias, x.dtype)
+        y = ops.fp8_mm(codes, operands.codes, a_scale.reshape(-1), operands.scale, operands.bias, x.dtype)
     elif isinstance(operands, layout.WeightOnlyOperands) and operands.weight.dtype == torch.float8_e4m3fn:
         # fp8 weight-only: the torch reference on every backend (no fp8-dequantizing kernel yet)
         y = reference.weight_only_mm(x2d, operands.weight, operands.bits, operands.scale, operands.zero,

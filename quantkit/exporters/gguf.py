@@ -19,6 +19,9 @@ Linear weights, each decided from its manifest entry:
                to gguf-py's quantizer.
   float        unquantized linears, and rows whose length is not a multiple of 32: F16 (F32 when the
                source stores float32).
+A K-quant file type (``--type Q4_K_M`` ..., `gguf_mixes`) chooses each tensor's type as llama-quantize
+does, token_embd and output included; K-quant blocks are computed by llama.cpp's reference quantizer
+(`gguf_kquants`, bit-identical to llama-quantize without an importance matrix), legacy fallbacks as above.
 Activation quantization has no GGUF equivalent: layers whose scheme quantizes activations keep
 their weights (as above) and the export notes that the activation grid was dropped.
 Embeddings, the lm_head and biases: F32 for float32 sources, else F16 (F32 if a value exceeds the
@@ -29,6 +32,7 @@ recorded in the ``quantkit.export`` metadata key (JSON) and returned as `GGUFExp
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from collections import Counter
@@ -40,7 +44,7 @@ import torch
 
 import quantkit
 from quantkit.errors import QuantkitError
-from quantkit.exporters import gguf_blocks
+from quantkit.exporters import gguf_blocks, gguf_kquants, gguf_mixes
 from quantkit.exporters.gguf_vocab import GGUFVocab, read_vocab
 from quantkit.exporters.source import ExportSource
 from quantkit.files import check_output_path, staged_file
@@ -48,6 +52,8 @@ from quantkit.formats import primitives
 from quantkit.formats.quant_tensor import QuantTensor
 
 REQUANT_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+# llama.cpp's K-quant file types (and its aliases Q3_K, Q4_K, Q5_K for the _M mixes)
+FILE_TYPES = (*gguf_mixes.BASE_TYPES, *gguf_mixes.ALIASES)
 METADATA_KEY = "quantkit.export"
 F16_MAX = 65504.0
 
@@ -59,7 +65,7 @@ class TensorRecord:
     name: str                        # GGUF name, e.g. blk.0.attn_q.weight
     source: str                      # HF tensor / layer name it comes from
     shape: tuple[int, ...]           # torch order: [rows, cols] or [n]
-    ggml_type: str                   # F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+    ggml_type: str                   # F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4, Q2_K ... Q6_K
     status: str                      # exact | carried | requantized | float
     reason: str = ""
     is_linear: bool = False
@@ -73,6 +79,8 @@ class TensorRecord:
         count = math.prod(self.shape)
         if self.ggml_type in ("F32", "F16"):
             return count * (4 if self.ggml_type == "F32" else 2)
+        if self.ggml_type in gguf_kquants.K_FORMATS:
+            return count // gguf_kquants.SUPER * gguf_kquants.K_FORMATS[self.ggml_type].type_size
         return count // gguf_blocks.BLOCK * gguf_blocks.BLOCK_BYTES[self.ggml_type]
 
 
@@ -119,6 +127,22 @@ def rotary_row_permutation(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
+@dataclass(frozen=True)
+class _Requested:
+    """What the user asked for: one type for every requantized tensor, a K-quant file type whose type is
+    chosen per tensor (`gguf_mixes`), or nothing (each layer's closest type)."""
+
+    uniform: str | None = None
+    mix: str | None = None
+    model: gguf_mixes.ModelShape | None = None
+
+    def for_tensor(self, gguf_name: str, row_length: int) -> tuple[str | None, str]:
+        """(type, why) for one tensor; (None, "") leaves the choice to the layer."""
+        if self.mix is None:
+            return self.uniform, ""
+        return gguf_mixes.tensor_type(self.mix, gguf_name, row_length, self.model)
+
+
 @dataclass
 class _Plan:
     source: ExportSource
@@ -128,13 +152,17 @@ class _Plan:
     permutations: dict[str, torch.Tensor]       # HF linear name -> row permutation (q, k)
     computed: dict[str, torch.Tensor]           # GGUF name -> a tensor derived from the config (rope_freqs)
     notes: list[str]
-    requested: str | None
+    requested: _Requested
 
 
 def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: bool = False) -> GGUFExportResult:
-    """Write ``source_dir`` (a quantkit output directory or a float HF checkpoint) as one GGUF file."""
-    if ggml_type is not None and ggml_type not in REQUANT_TYPES:
-        raise QuantkitError(f"unknown GGUF type '{ggml_type}'; choose one of {', '.join(REQUANT_TYPES)}")
+    """Write ``source_dir`` (a quantkit output directory or a float HF checkpoint) as one GGUF file.
+    ``ggml_type``: one type for whatever is requantized (F16, Q8_0, Q4_0, ...), or a K-quant file type
+    (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) choosing each tensor's type as llama-quantize does."""
+    if ggml_type is not None and ggml_type not in REQUANT_TYPES + FILE_TYPES:
+        close = difflib.get_close_matches(ggml_type, REQUANT_TYPES + FILE_TYPES, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(REQUANT_TYPES + FILE_TYPES)}"
+        raise QuantkitError(f"unknown GGUF type '{ggml_type}'; {hint}")
     out = Path(out)
     source = ExportSource.open(source_dir, require_manifest=False)
     if out.is_dir():
@@ -143,21 +171,37 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
     plan = _plan(source, ggml_type)
     with staged_file(out, overwrite) as staging:
         _write(plan, staging)
-    return GGUFExportResult(out.resolve(), plan.gguf_arch, _file_type(plan.records).name, plan.records,
+    return GGUFExportResult(out.resolve(), plan.gguf_arch, _file_type(plan.records, plan.requested.mix).name, plan.records,
                             plan.vocab.model, plan.notes, out.stat().st_size)
 
 
 # ---------------------------------------------------------------------------------------------- plan
 
 
-def _plan(source: ExportSource, requested: str | None) -> _Plan:
+def _requested(source: ExportSource, ggml_type: str | None) -> _Requested:
+    mix = gguf_mixes.file_type(ggml_type) if ggml_type else None
+    if mix is None:
+        return _Requested(uniform=ggml_type)
+    config = source.config
+    experts = source.arch.experts
+    model = gguf_mixes.ModelShape(
+        n_layers=config.num_hidden_layers,
+        n_gqa=config.num_attention_heads // getattr(config, "num_key_value_heads", config.num_attention_heads),
+        n_expert=0 if experts is None else experts.count(config),
+        is_70b=source.arch.gguf_arch == "llama" and config.num_hidden_layers == 80,
+        tied=source.arch.lm_head not in source.linear_names() or source.tied_embeddings)
+    return _Requested(mix=mix, model=model)
+
+
+def _plan(source: ExportSource, ggml_type: str | None) -> _Plan:
     gguf_arch = source.arch.gguf_arch
     if gguf_arch is None:
         raise QuantkitError(f"architecture {source.arch.name} has no GGUF mapping")
     notes = _check_config(source.config, gguf_arch, source.tied_embeddings)
     vocab = read_vocab(source.path, source.config.vocab_size)
     permutations = _permutations(source, gguf_arch)
-    records = _float_record(source, source.arch.embeddings + ".weight", "token_embd.weight")
+    requested = _requested(source, ggml_type)
+    records = _embedding_record(source, requested)
     name_map = _tensor_name_map(source, gguf_arch)
     stacked = _expert_stacks(source)
     in_stacks = {name for names in stacked.values() for name in names}
@@ -182,6 +226,8 @@ def _plan(source: ExportSource, requested: str | None) -> _Plan:
     if source.arch.lm_head in source.linear_names():
         if source.is_quantized(source.arch.lm_head):
             records += _linear_records(source, source.arch.lm_head, name_map, requested)
+        elif requested.mix is not None:    # llama.cpp quantizes the output under every file type
+            records += _linear_records(source, source.arch.lm_head, name_map, requested, weight_name="output.weight")
         else:
             records += _float_record(source, source.arch.lm_head + ".weight", "output.weight", is_linear=True)
     computed = {}
@@ -301,7 +347,7 @@ def _expert_stacks(source: ExportSource) -> dict[str, list[str]]:
     return stacks
 
 
-def _stacked_record(source: ExportSource, gguf_name: str, experts: list[str], requested: str | None) -> TensorRecord:
+def _stacked_record(source: ExportSource, gguf_name: str, experts: list[str], requested: _Requested) -> TensorRecord:
     """One [E, rows, cols] tensor of every expert's Linear: one ggml type for all (llama.cpp's layout).
     Each expert keeps its codes when its own decision is that type and exact or carried; otherwise
     the stack takes the closest type and the experts that cannot carry their codes are requantized."""
@@ -313,7 +359,8 @@ def _stacked_record(source: ExportSource, gguf_name: str, experts: list[str], re
     elif any(t in ("F16", "F32") for t in types):
         ggml_type = "F16"
     else:
-        ggml_type = requested or next(r.ggml_type for r in records if r.status == "requantized")
+        wanted = requested.for_tensor(gguf_name, first.shape[-1])[0]
+        ggml_type = wanted or next(r.ggml_type for r in records if r.status == "requantized")
     statuses = {r.status if r.ggml_type == ggml_type else "requantized" for r in records}
     status = next(s for s in ("float", "requantized", "carried", "exact") if s in statuses)
     reason = next((r.reason for r in records if r.status == status and r.reason), "")
@@ -428,6 +475,17 @@ def _float_type(source: ExportSource, name: str) -> str:
     return "F32" if float(tensor.float().abs().max()) > F16_MAX else "F16"
 
 
+def _embedding_record(source: ExportSource, requested: _Requested) -> list[TensorRecord]:
+    """token_embd: float, or under a K-quant file type the type llama.cpp gives it (the output's when tied)."""
+    hf_name = source.arch.embeddings + ".weight"
+    if requested.mix is None:
+        return _float_record(source, hf_name, "token_embd.weight")
+    shape = tuple(_shape(source, hf_name))
+    ggml_type, why = requested.for_tensor("token_embd.weight", shape[1])
+    status = "float" if ggml_type in ("F16", "F32") else "requantized"
+    return [TensorRecord("token_embd.weight", hf_name, shape, ggml_type, status, why)]
+
+
 def _float_record(source: ExportSource, hf_name: str, gguf_name: str, *,
                   is_linear: bool = False) -> list[TensorRecord]:
     ggml_type = _float_type(source, hf_name)
@@ -436,23 +494,27 @@ def _float_record(source: ExportSource, hf_name: str, gguf_name: str, *,
                          is_linear=is_linear)]
 
 
-def _linear_records(source: ExportSource, linear: str, name_map, requested: str | None, *,
+def _linear_records(source: ExportSource, linear: str, name_map, requested: _Requested, *,
                     weight_name: str | None = None) -> list[TensorRecord]:
     weight_name = weight_name or _gguf_name(name_map, linear + ".weight")
     records = []
+    shape = tuple(source.manifest.layers[linear].shape) if source.is_quantized(linear) else \
+        tuple(_shape(source, linear + ".weight"))
+    wanted, why = requested.for_tensor(weight_name, shape[-1])
     if source.is_quantized(linear):
         entry = source.manifest.layers[linear]
-        shape = tuple(entry.shape)
-        ggml_type, status, reason = _quantized_decision(entry, source.quant_params(linear), requested)
+        ggml_type, status, reason = _quantized_decision(entry, source.quant_params(linear), wanted, requested.mix)
+        if status == "requantized" and why:
+            reason = f"{reason}; {why}"
         if entry.scheme.activation is not None:
             reason = (reason + "; " if reason else "") + \
                 f"its activation grid ({entry.scheme.activation.describe()}) is dropped"
     else:
-        shape = tuple(_shape(source, linear + ".weight"))
-        if source.manifest is None and requested not in (None, "F16"):   # a float checkpoint, re-rounded
-            ggml_type, status, reason = requested, "requantized", "float source"
+        if (source.manifest is None or requested.mix is not None) and wanted not in (None, "F16"):
+            # a float checkpoint, re-rounded (under a K-quant file type, float layers too, as llama.cpp does)
+            ggml_type, status, reason = wanted, "requantized", "; ".join(filter(None, ["float source", why]))
         elif source.manifest is None:
-            ggml_type = requested or _float_type(source, linear + ".weight")
+            ggml_type = wanted or _float_type(source, linear + ".weight")
             status, reason = "float", "float source"
         else:
             ggml_type, status, reason = _float_type(source, linear + ".weight"), "float", "not quantized in the source"
@@ -467,8 +529,21 @@ def _linear_records(source: ExportSource, linear: str, name_map, requested: str 
     return records
 
 
-def _quantized_decision(entry, params: dict[str, torch.Tensor], requested: str | None) -> tuple[str, str, str]:
-    """(ggml type, status, reason) of a quantized layer, from its grid and its scales/zeros/g_idx."""
+def _quantized_decision(entry, params: dict[str, torch.Tensor], requested: str | None,
+                        mix: str | None = None) -> tuple[str, str, str]:
+    """(ggml type, status, reason) of a quantized layer, from its grid and its scales/zeros/g_idx. Under a
+    K-quant file type (``mix``) the codes are carried only where the file type's choice for the tensor
+    (``requested``) is the type that holds them; otherwise they are requantized to that choice."""
+    decision = _carrying_decision(entry, params, requested, widen=mix is not None)
+    if mix is not None and decision[1] in ("exact", "carried") and decision[0] != requested:
+        return requested, "requantized", f"{mix} gives this tensor {requested}, not {decision[0]}"
+    return decision
+
+
+def _carrying_decision(entry, params: dict[str, torch.Tensor], requested: str | None,
+                       widen: bool = False) -> tuple[str, str, str]:
+    """``widen``: carry the codes in the requested type when it holds them (a file type's fallback
+    Q5_0 / Q8_0 keeps int4 codes exactly), not only in their own smallest type."""
     spec = entry.scheme.weight
     out_features, in_features = entry.shape
     if in_features % gguf_blocks.BLOCK:
@@ -482,6 +557,8 @@ def _quantized_decision(entry, params: dict[str, torch.Tensor], requested: str |
         scales = f" with {spec.scale_format} scales" if spec.format == "fp4_e2m1" else ""
         return fallback, "requantized", f"{spec.format} codes{scales} have no GGUF block type"
     carrier = gguf_blocks.carrier_format(spec.bits, spec.symmetric)
+    if widen and requested is not None and gguf_blocks.holds(requested, spec.bits, spec.symmetric):
+        carrier = requested           # a wider block type asked for holds the codes too (Q4_0 codes in Q5_0)
     if carrier is None:
         return fallback, "requantized", f"asymmetric {spec.bits}-bit codes have no GGUF block type"
     scale = params["scale"].float()
@@ -581,7 +658,7 @@ def _add_metadata(writer, plan: _Plan) -> None:
         if getattr(config, "shared_expert_intermediate_size", None):
             writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(_file_type(plan.records))
+    writer.add_file_type(_file_type(plan.records, plan.requested.mix))
     writer.add_quantization_version(gguf_quantization_version())
     plan.vocab.add_to(writer)
     report = {"tool": f"quantkit {quantkit.__version__}", "source": str(source.path), "notes": plan.notes,
@@ -602,10 +679,12 @@ def gguf_quantization_version() -> int:
     return gguf.GGML_QUANT_VERSION
 
 
-def _file_type(records: list[TensorRecord]):
-    """general.file_type: the type holding most linear weight elements."""
+def _file_type(records: list[TensorRecord], mix: str | None = None):
+    """general.file_type: the K-quant file type asked for, else the type holding most linear weight elements."""
     import gguf
 
+    if mix is not None:
+        return gguf.LlamaFileType[f"MOSTLY_{mix}"]
     counts = Counter()
     for record in records:
         if record.is_linear:
@@ -628,6 +707,8 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
             tensor = _permute(plan, record.source.removesuffix(".bias"), tensor)
         if record.source.endswith("norm.weight") and source.arch.norm_offset:
             tensor = tensor.float() + source.arch.norm_offset   # llama.cpp computes x * w: store 1 + w
+        if record.ggml_type not in ("F32", "F16"):    # token_embd under a K-quant file type
+            return _requantized_bytes(record, tensor.float().reshape(record.shape))
         return _float_bytes(tensor.reshape(record.shape), record.ggml_type)
     linear = record.source
     if source.is_quantized(linear) and record.status in ("exact", "carried"):
@@ -649,6 +730,16 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
         data = _float_bytes(reference, record.ggml_type)
         _measure(record, reference, torch.from_numpy(data).float())
         return data
+    return _requantized_bytes(record, reference)
+
+
+def _requantized_bytes(record: TensorRecord, reference: torch.Tensor) -> np.ndarray:
+    """Float weights [rows, n] re-rounded to the record's block type: llama.cpp's reference quantizers
+    (K-quants: `gguf_kquants`; legacy: gguf-py's, `gguf_blocks`), measured against ``reference``."""
+    if record.ggml_type in gguf_kquants.K_FORMATS:
+        blocks = gguf_kquants.quantize_reference(reference, record.ggml_type)
+        _measure(record, reference, blocks.dequantize())
+        return gguf_kquants.pack(blocks)
     return _blocks_bytes(record, gguf_blocks.quantize_blocks(reference, record.ggml_type), reference)
 
 

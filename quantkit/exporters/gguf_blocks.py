@@ -225,6 +225,16 @@ def carrier_format(bits: int, symmetric: bool) -> str | None:
     return "Q4_1" if bits <= 4 else "Q5_1" if bits == 5 else None
 
 
+def holds(fmt_name: str, bits: int, symmetric: bool) -> bool:
+    """Whether block type ``fmt_name`` holds every ``bits``-bit code of a (a)symmetric grid exactly: a wider
+    type of the same kind does (int4 codes c are Q5_0's q = c + 16 and Q8_0's q = c under the same scale;
+    asymmetric ones Q5_1's with m = -scale * (zero + 16))."""
+    fmt = FORMATS.get(fmt_name)
+    if fmt is None or fmt.has_min == symmetric:
+        return False
+    return bits <= fmt.levels.bit_length() - 1
+
+
 def closest_format(bits: int, symmetric: bool) -> str:
     """Default re-rounding target for a layer that cannot be carried: same bits and symmetry where a
     format has them, else Q8_0."""

@@ -65,6 +65,8 @@ class ElementFormat:
         native = _NATIVE_DTYPES.get(self.name)
         if native is not None:  # torch's cast rounds to nearest, ties to even; saturate first (a cast gives NaN)
             return x.clamp(self.min, self.max).to(native).to(x.dtype)
+        if self.name == "fp4_e2m1":
+            return _round_fp4_e2m1(x)
         return self.round_on_grid(x)
 
     def round_on_grid(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +88,15 @@ class ElementFormat:
 def _magnitudes(grid: tuple[float, ...]) -> torch.Tensor:
     """The grid's non-negative values as float64 (built once per grid: GPTQ rounds column by column)."""
     return torch.tensor([v for v in grid if v >= 0], dtype=torch.float64)
+
+
+def _round_fp4_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """`ElementFormat.round` onto fp4 e2m1 in three uniform pieces: step 0.5 on [0, 2), 1 on [2, 4), 2 on
+    [4, 6]. Within each piece the code's parity is that of the value divided by the step, so
+    round-half-to-even of a / step is ties-to-even on the grid (scaling by 2 is exact in float)."""
+    a = x.abs().clamp(max=6.0)
+    rounded = torch.where(a < 2, torch.round(a * 2) / 2, torch.where(a < 4, torch.round(a), torch.round(a / 2) * 2))
+    return torch.copysign(rounded, x)
 
 
 # Float grids torch holds natively: the same values, rounding done by the dtype cast (fast).

@@ -25,6 +25,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.files import nearest_existing
 from quantkit.formats import primitives
+from quantkit.formats.numbers import scale_format
 from quantkit.model.moe import expert_index
 
 BASELINE_BYTES = 700 * 2**20     # an idle Python with torch and transformers imported
@@ -134,7 +135,8 @@ def _statistics_bytes(run, shapes) -> int:
 
 
 def _output_bytes(run, shapes, storage: int) -> int:
-    """Quantized Linears at their bit width plus fp16 scales; other block tensors in the storage dtype."""
+    """Quantized Linears at their bit width plus their scales (in the scale format, one row per block of
+    rows for 2-D blocks), zero points and global scales; other block tensors in the storage dtype."""
     total = 0
     blocks_prefix = run.arch.blocks + "."
     for name, (shape, _) in shapes.items():
@@ -146,7 +148,9 @@ def _output_bytes(run, shapes, storage: int) -> int:
             continue
         spec = assignment.scheme.weight
         groups = primitives.group_count(shape[1], primitives.group_size_for(spec, shape[1]))
-        total += _numel(shape) * spec.bits // 8 + shape[0] * groups * (2 + (0 if spec.symmetric else 1))
+        rows = primitives.group_count(shape[0], primitives.rows_per_scale(spec, shape[0]))
+        per_scale = scale_format(spec.scale_format).bits // 8 + (0 if spec.symmetric else 1)
+        total += _numel(shape) * spec.bits // 8 + rows * groups * per_scale + (4 if spec.second_scale else 0)
     return total
 
 

@@ -1,0 +1,474 @@
+"""llama.cpp's K-quant super-block formats (Q2_K ... Q6_K): their fields, byte layouts, dequantization,
+and llama.cpp's reference quantizers (``quantize_row_q*_K_ref``, what ``llama-quantize`` runs without an
+importance matrix), re-implemented here on whole tensors.
+
+A row is cut into super-blocks of 256 values; a super-block into sub-blocks of 16 (Q2_K, Q3_K, Q6_K) or
+32 (Q4_K, Q5_K) values, each with an integer scale (and, for the asymmetric types, an integer min) that
+the super-block's float16 ``d`` (and ``dmin``) multiply (ggml-common.h, block_q*_K):
+
+  type  bytes  sub  value of element e in sub-block j                  fields
+  Q2_K   84    16   d * sc_j * q_e - dmin * m_j,   q in 0..3, sc/m 4-bit  scales[16] qs[64] d dmin
+  Q3_K  110    16   d * (sc_j - 32) * (q_e - 4),   q in 0..7, sc 6-bit    hmask[32] qs[64] scales[12] d
+  Q4_K  144    32   d * sc_j * q_e - dmin * m_j,   q in 0..15, 6-bit      d dmin scales[12] qs[128]
+  Q5_K  176    32   d * sc_j * q_e - dmin * m_j,   q in 0..31, 6-bit      d dmin scales[12] qh[32] qs[128]
+  Q6_K  210    16   d * sc_j * (q_e - 32),         q in 0..63, sc int8    ql[128] qh[64] scales[16] d
+
+(float32 arithmetic in ggml's order: ``(d * sc) * q - (dmin * m)``.) `KBlocks` holds the fields unpacked;
+`pack` / `unpack` are the byte layouts (documented at each packer).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SUPER = 256
+
+
+@dataclass(frozen=True)
+class KFormat:
+    name: str
+    type_size: int      # bytes per super-block
+    sub: int            # values per sub-block
+    levels: int         # stored q values: 0 .. levels-1
+    offset: int         # signed value = q - offset (Q3_K: 4, Q6_K: 32; 0 with a min)
+    has_min: bool
+
+
+K_FORMATS: dict[str, KFormat] = {f.name: f for f in (
+    KFormat("Q2_K", 84, 16, 4, 0, True),
+    KFormat("Q3_K", 110, 16, 8, 4, False),
+    KFormat("Q4_K", 144, 32, 16, 0, True),
+    KFormat("Q5_K", 176, 32, 32, 0, True),
+    KFormat("Q6_K", 210, 16, 64, 32, False),
+)}
+
+
+@dataclass
+class KBlocks:
+    """The fields of a [rows, n] matrix in a K format (n a multiple of 256, nb = n / 256, S sub-blocks per
+    super-block).
+
+    q:    [rows, n] int64 stored values 0 .. levels-1
+    sc:   [rows, nb, S] int64 sub-block scales as stored (Q3_K: 0..63, the scale is sc - 32; Q6_K: -128..127)
+    m:    [rows, nb, S] int64 sub-block mins (Q2_K, Q4_K, Q5_K) or None
+    d, dmin: [rows, nb] float16 super-block scales (dmin None without mins)
+    """
+
+    fmt: KFormat
+    q: torch.Tensor
+    sc: torch.Tensor
+    m: torch.Tensor | None
+    d: torch.Tensor
+    dmin: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """[rows, n] float32, as ggml's dequantize_row_q*_K computes it."""
+        rows, n = self.q.shape
+        fmt = self.fmt
+        q = (self.q - fmt.offset).float().reshape(rows, n // SUPER, SUPER // fmt.sub, fmt.sub)
+        scale = self.sc - 32 if fmt.name == "Q3_K" else self.sc
+        dl = (self.d.float()[..., None] * scale.float())[..., None]           # d * sc, float32
+        y = dl * q
+        if fmt.has_min:
+            y = y - (self.dmin.float()[..., None] * self.m.float())[..., None]
+        return y.reshape(rows, n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# byte layouts
+# ---------------------------------------------------------------------------------------------------
+
+def _f16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """[..., b] -> [..., 2b] uint8: float16, little-endian."""
+    return values.to(torch.float16).contiguous().view(torch.uint8)
+
+
+def _crumbs(q: torch.Tensor) -> torch.Tensor:
+    """2-bit values of 128-value halves: [R, nb, 256] -> [R, nb, 64], byte 32h + l holding values
+    128h + l, +32, +64, +96 in bits 0-1, 2-3, 4-5, 6-7 (Q2_K's and Q3_K's qs)."""
+    halves = q.reshape(*q.shape[:-1], 2, 4, 32)
+    packed = halves[..., 0, :] | (halves[..., 1, :] << 2) | (halves[..., 2, :] << 4) | (halves[..., 3, :] << 6)
+    return packed.reshape(*q.shape[:-1], 64)
+
+
+def _uncrumbs(qs: torch.Tensor) -> torch.Tensor:
+    shifts = torch.tensor([0, 2, 4, 6]).reshape(1, 1, 1, 4, 1)
+    halves = (qs.reshape(*qs.shape[:-1], 2, 1, 32) >> shifts) & 3
+    return halves.reshape(*qs.shape[:-1], 256)
+
+
+def _scales_6bit(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Q4_K/Q5_K's 12 scale bytes from 8 6-bit scales and mins [..., 8]: bytes 0-3 hold scale j (low 6
+    bits) and the top 2 bits of scale j+4; bytes 4-7 min j and the top 2 bits of min j+4; bytes 8-11 the
+    low 4 bits of scale j+4 and (high nibble) of min j+4."""
+    out = torch.zeros(*ls.shape[:-1], 12, dtype=torch.int64)
+    out[..., 0:4] = ls[..., :4] | ((ls[..., 4:] >> 4) << 6)
+    out[..., 4:8] = lm[..., :4] | ((lm[..., 4:] >> 4) << 6)
+    out[..., 8:12] = (ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4)
+    return out
+
+
+def _unscales_6bit(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `_scales_6bit` (ggml's get_scale_min_k4)."""
+    ls = torch.cat([b[..., 0:4] & 63, (b[..., 8:12] & 0xF) | ((b[..., 0:4] >> 6) << 4)], dim=-1)
+    lm = torch.cat([b[..., 4:8] & 63, (b[..., 8:12] >> 4) | ((b[..., 4:8] >> 6) << 4)], dim=-1)
+    return ls, lm
+
+
+def _scales_q3(sc: torch.Tensor) -> torch.Tensor:
+    """Q3_K's 12 scale bytes from 16 6-bit values [..., 16]: byte j (j < 8) holds the low 4 bits of value
+    j (low nibble) and of value j+8 (high nibble); byte 8 + (j % 4) holds the top 2 bits of value j at bits
+    2*(j // 4)."""
+    out = torch.zeros(*sc.shape[:-1], 12, dtype=torch.int64)
+    out[..., 0:8] = (sc[..., 0:8] & 0xF) | ((sc[..., 8:16] & 0xF) << 4)
+    high = (sc >> 4).reshape(*sc.shape[:-1], 4, 4)                       # [..., j // 4, j % 4]
+    out[..., 8:12] = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)
+    return out
+
+
+def _unscales_q3(b: torch.Tensor) -> torch.Tensor:
+    low = torch.cat([b[..., 0:8] & 0xF, b[..., 0:8] >> 4], dim=-1)
+    shifts = (2 * (torch.arange(16) // 4))
+    high = (b[..., 8 + torch.arange(16) % 4] >> shifts) & 3
+    return low | (high << 4)
+
+
+def pack(blocks: KBlocks) -> np.ndarray:
+    """The GGUF bytes: [rows, nb * type_size] uint8."""
+    fmt = blocks.fmt
+    rows, n = blocks.q.shape
+    nb = n // SUPER
+    q = blocks.q.reshape(rows, nb, SUPER)
+    d = _f16_bytes(blocks.d[..., None])
+    if fmt.name == "Q2_K":
+        parts = [blocks.sc | (blocks.m << 4), _crumbs(q), d, _f16_bytes(blocks.dmin[..., None])]
+    elif fmt.name == "Q3_K":
+        # hmask bit k of byte m: the high bit (q >= 4) of value 32k + m
+        high = (q >> 2).reshape(rows, nb, 8, 32)
+        hmask = sum(high[..., k, :] << k for k in range(8))
+        parts = [hmask, _crumbs(q & 3), _scales_q3(blocks.sc), d]
+    elif fmt.name in ("Q4_K", "Q5_K"):
+        chunks = q.reshape(rows, nb, 4, 2, 32)                               # 64-value chunks, two halves
+        ql = ((chunks[..., 0, :] & 0xF) | ((chunks[..., 1, :] & 0xF) << 4)).reshape(rows, nb, 128)
+        parts = [d, _f16_bytes(blocks.dmin[..., None]), _scales_6bit(blocks.sc, blocks.m)]
+        if fmt.name == "Q5_K":
+            # qh bit 2c (2c + 1) of byte l: bit 4 of value 64c + l (64c + 32 + l)
+            bits = (chunks >> 4) & 1
+            parts.append(sum((bits[..., c, 0, :] << (2 * c)) | (bits[..., c, 1, :] << (2 * c + 1)) for c in range(4)))
+        parts.append(ql)
+    else:  # Q6_K
+        halves = q.reshape(rows, nb, 2, 4, 32)                              # values 128h + 32k + l
+        low, top = halves & 0xF, halves >> 4
+        ql = torch.cat([low[..., 0, :] | (low[..., 2, :] << 4), low[..., 1, :] | (low[..., 3, :] << 4)], dim=-1)
+        qh = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
+        parts = [ql.reshape(rows, nb, 128), qh.reshape(rows, nb, 64), blocks.sc & 0xFF, d]
+    packed = torch.cat([p.to(torch.uint8) if p.dtype != torch.uint8 else p for p in parts], dim=-1)
+    assert packed.shape[-1] == fmt.type_size, (fmt.name, packed.shape)
+    return packed.reshape(rows, nb * fmt.type_size).numpy()
+
+
+def unpack(data: np.ndarray, name: str, n: int) -> KBlocks:
+    """Inverse of `pack`: [rows, nb * type_size] uint8 -> `KBlocks`."""
+    fmt = K_FORMATS[name]
+    raw = torch.from_numpy(np.array(data, dtype=np.uint8)).reshape(-1, n // SUPER, fmt.type_size).long()
+    rows, nb = raw.shape[:2]
+
+    def f16(at: int) -> torch.Tensor:
+        return (raw[..., at] | (raw[..., at + 1] << 8)).to(torch.int16).view(torch.float16)
+
+    if fmt.name == "Q2_K":
+        q = _uncrumbs(raw[..., 16:80])
+        return KBlocks(fmt, q.reshape(rows, n), raw[..., :16] & 0xF, raw[..., :16] >> 4, f16(80), f16(82))
+    if fmt.name == "Q3_K":
+        hmask = raw[..., 0:32]
+        high = torch.stack([(hmask >> k) & 1 for k in range(8)], dim=-2).reshape(rows, nb, SUPER)
+        q = _uncrumbs(raw[..., 32:96]) | (high << 2)
+        return KBlocks(fmt, q.reshape(rows, n), _unscales_q3(raw[..., 96:108]), None, f16(108))
+    if fmt.name in ("Q4_K", "Q5_K"):
+        ls, lm = _unscales_6bit(raw[..., 4:16])
+        ql = raw[..., -128:].reshape(rows, nb, 4, 1, 32)
+        q = torch.cat([ql & 0xF, ql >> 4], dim=-2)                             # [R, nb, 4, 2, 32]
+        if fmt.name == "Q5_K":
+            qh = raw[..., 16:48].reshape(rows, nb, 1, 1, 32)
+            shifts = (2 * torch.arange(4)[:, None] + torch.arange(2)[None, :]).reshape(1, 1, 4, 2, 1)
+            q = q | (((qh >> shifts) & 1) << 4)
+        return KBlocks(fmt, q.reshape(rows, n), ls, lm, f16(0), f16(2))
+    ql, qh = raw[..., 0:128].reshape(rows, nb, 2, 2, 32), raw[..., 128:192].reshape(rows, nb, 2, 1, 32)
+    low = torch.stack([ql[..., 0, :] & 0xF, ql[..., 1, :] & 0xF, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], dim=-2)
+    top = (qh >> (2 * torch.arange(4)).reshape(1, 1, 1, 4, 1)) & 3
+    sc = raw[..., 192:208]
+    return KBlocks(fmt, (low | (top << 4)).reshape(rows, n), torch.where(sc > 127, sc - 256, sc), None, f16(208))
+
+
+# ---------------------------------------------------------------------------------------------------
+# llama.cpp's reference quantizers (ggml-quants.c quantize_row_q*_K_ref), on [S, n] sub-blocks at once.
+# Every sum runs element by element in float32, in the C loops' order, so the results can be bit-identical.
+# ---------------------------------------------------------------------------------------------------
+
+GROUP_MAX_EPS = 1e-15
+
+
+def _f32(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _nearest(x: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int: round half to even (the 1.5 * 2^23 trick), as int64."""
+    return torch.round(x).long()
+
+
+def _weighted_sum(terms) -> torch.Tensor:
+    """sum_i terms[i] in float32, left to right (the C loop's order)."""
+    total = None
+    for term in terms:
+        total = term if total is None else total + term
+    return total
+
+
+def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric sub-block search: x, weights [S, n] float32 -> (scale [S], the_min [S] (>= 0), L [S, n]
+    in 0..nmax) with x ~ scale * L - the_min. Start from the min/max grid, then try nstep + 1 widths
+    iscale = (rmin + rdelta * is + nmax) / (max - min), fit scale and min by weighted least squares on
+    each rounding and keep the lowest weighted error (|diff| for use_mad, else diff^2). As in ggml, a
+    better fit's min (<= 0) moves the origin of the later trials' grids."""
+    n = x.shape[1]
+    columns = [x[:, i] for i in range(n)]
+    w = [weights[:, i] for i in range(n)]
+    lo, hi = x.amin(dim=1), x.amax(dim=1)
+    sum_w = _weighted_sum(w)
+    sum_x = _weighted_sum(w[i] * columns[i] for i in range(n))
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    flat = hi == lo
+    span = torch.where(flat, torch.ones_like(hi), hi - lo)
+    iscale = _f32(nmax) / span
+    scale = 1 / iscale
+    L = _nearest(iscale[:, None] * (x - lo[:, None])).clamp_(0, nmax)
+
+    def error(s, m, levels):
+        diffs = [s * levels[:, i].float() + m - columns[i] for i in range(n)]
+        return _weighted_sum(w[i] * (diffs[i].abs() if use_mad else diffs[i] * diffs[i]) for i in range(n))
+
+    best = error(scale, lo, L)
+    minimum = lo
+    for step in range(nstep + 1):
+        # the C loop reads the min as updated by the best fit so far, for the width and the offset alike
+        span = torch.where(flat, torch.ones_like(hi), hi - minimum)
+        trial_iscale = (_f32(rmin) + _f32(rdelta) * step + nmax) / span
+        levels = _nearest(trial_iscale[:, None] * (x - minimum[:, None])).clamp_(0, nmax)
+        lf = [levels[:, i].float() for i in range(n)]
+        sum_l = _weighted_sum(w[i] * lf[i] for i in range(n))
+        sum_l2 = _weighted_sum(w[i] * lf[i] * lf[i] for i in range(n))
+        sum_xl = _weighted_sum(w[i] * lf[i] * columns[i] for i in range(n))
+        D = sum_w * sum_l2 - sum_l * sum_l
+        valid = D > 0
+        safe_d = torch.where(valid, D, torch.ones_like(D))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_d
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_d
+        positive = this_min > 0
+        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(positive, sum_xl / torch.where(sum_l2 == 0, torch.ones_like(sum_l2), sum_l2),
+                                 this_scale)
+        current = error(this_scale, this_min, levels)
+        better = valid & (current < best)
+        L = torch.where(better[:, None], levels, L)
+        best = torch.where(better, current, best)
+        scale = torch.where(better, this_scale, scale)
+        minimum = torch.where(better, this_min, minimum)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    minimum = torch.where(flat, lo, minimum)
+    L = torch.where(flat[:, None], torch.zeros_like(L), L)
+    return scale, -minimum, L
+
+
+def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric sub-block scale (make_qx_quants, rmse_type 1, weights x^2): x [S, n] -> (scale [S],
+    levels [S, n] stored as l + nmax, 0 for an all-zero sub-block). Try iscale = -(nmax + 0.1 is) / max for
+    is = -9..9 and keep the least-squares scale of the rounding with the largest sumlx^2 / suml2."""
+    n = x.shape[1]
+    columns = [x[:, i] for i in range(n)]
+    index = x.abs().argmax(dim=1, keepdim=True)      # first index of the largest |x| (C keeps the first)
+    signed_max = torch.gather(x, 1, index)[:, 0]
+    zero = signed_max.abs() < GROUP_MAX_EPS
+    safe_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
+    w = [c * c for c in columns]
+
+    def fit(iscale):
+        levels = torch.stack([_nearest(iscale * c).clamp(-nmax, nmax - 1) for c in columns], dim=1)
+        lf = [levels[:, i].float() for i in range(n)]
+        sumlx = _weighted_sum(w[i] * columns[i] * lf[i] for i in range(n))
+        suml2 = _weighted_sum(w[i] * lf[i] * lf[i] for i in range(n))
+        return levels, sumlx, suml2
+
+    L, sumlx, suml2 = fit(-_f32(nmax) / safe_max)
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 == 0, torch.ones_like(suml2), suml2),
+                        torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        levels, sumlx, suml2 = fit(-(_f32(nmax) + _f32(0.1) * step) / safe_max)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        new_scale = sumlx / torch.where(suml2 == 0, torch.ones_like(suml2), suml2)
+        L = torch.where(better[:, None], levels, L)
+        scale = torch.where(better, new_scale, scale)
+        best = torch.where(better, new_scale * sumlx, best)
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], 0, L + nmax)
+
+
+def make_q3_quants_rmse(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3_K's symmetric sub-block scale (make_q3_quants with do_rmse): start from round(-nmax / max * x),
+    then up to 5 passes of coordinate descent, each element moved to its best level for the current
+    least-squares fit (weights x^2) when that improves sumlx^2 / suml2. x [S, n] -> (scale [S], levels
+    [S, n] stored as l + nmax, 0 for an all-zero sub-block)."""
+    n = x.shape[1]
+    columns = [x[:, i] for i in range(n)]
+    index = x.abs().argmax(dim=1, keepdim=True)
+    signed_max = torch.gather(x, 1, index)[:, 0]
+    zero = signed_max.abs() < GROUP_MAX_EPS
+    iscale = -_f32(nmax) / torch.where(zero, torch.ones_like(signed_max), signed_max)
+    L = [_nearest(iscale * c).clamp(-nmax, nmax - 1) for c in columns]
+    w = [c * c for c in columns]
+    sumlx = _weighted_sum(w[i] * columns[i] * L[i].float() for i in range(n))
+    suml2 = _weighted_sum(w[i] * L[i].float() * L[i].float() for i in range(n))
+    active = torch.ones_like(zero)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(n):
+            li = L[i].float()
+            slx = sumlx - w[i] * columns[i] * li
+            candidate = active & (slx > 0)
+            sl2 = suml2 - w[i] * li * li
+            safe_slx = torch.where(candidate, slx, torch.ones_like(slx))
+            new_l = _nearest(columns[i] * sl2 / safe_slx).clamp(-nmax, nmax - 1)
+            moved = candidate & (new_l != L[i])
+            nf = new_l.float()
+            slx_new = slx + w[i] * columns[i] * nf
+            sl2_new = sl2 + w[i] * nf * nf
+            accept = moved & (sl2_new > 0) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            L[i] = torch.where(accept, new_l, L[i])
+            sumlx = torch.where(accept, slx_new, sumlx)
+            suml2 = torch.where(accept, sl2_new, suml2)
+            changed |= accept
+        active = active & changed
+        if not bool(active.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
+    levels = torch.stack(L, dim=1) + nmax
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], 0, levels)
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16)
+
+
+def _requantize(x: torch.Tensor, d_sub: torch.Tensor, m_sub: torch.Tensor | None, low: int, high: int) -> torch.Tensor:
+    """The final levels: nearest_int((x + dm) / d) clamped (or x / d for symmetric types); sub-blocks whose
+    d is 0 keep the search's levels (the caller passes them in ``x``'s place via `torch.where`)."""
+    safe = torch.where(d_sub == 0, torch.ones_like(d_sub), d_sub)
+    shifted = x if m_sub is None else x + m_sub
+    return _nearest(shifted / safe).clamp(low, high)
+
+
+def quantize_reference(weight: torch.Tensor, name: str) -> KBlocks:
+    """llama.cpp's reference quantization (no importance matrix) of weight [rows, n] (n % 256 == 0)."""
+    fmt = K_FORMATS[name]
+    rows, n = weight.shape
+    assert n % SUPER == 0, n
+    nb, per = n // SUPER, SUPER // fmt.sub
+    x = weight.float().reshape(rows * nb * per, fmt.sub)
+    return {"Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q45_k, "Q5_K": _q45_k, "Q6_K": _q6_k}[name](x, fmt, rows, nb)
+
+
+def _asymmetric_fields(scales, mins, levels_max, rows, nb, per):
+    """Super-block d = max_scale / levels_max, dmin likewise, integer sub-block scales/mins (shared by
+    Q4_K/Q5_K: inv = 63 / max, l = min(63, nearest(inv * s)))."""
+    scales, mins = scales.reshape(rows, nb, per), mins.reshape(rows, nb, per)
+    # the C loops start from +0 and only take larger values: never -0.0 (an all-zero block's mins are -0.0)
+    max_scale = torch.where(scales.amax(dim=-1) > 0, scales.amax(dim=-1), _f32(0))
+    max_min = torch.where(mins.amax(dim=-1) > 0, mins.amax(dim=-1), _f32(0))
+    inv_scale = torch.where(max_scale > 0, _f32(levels_max) / torch.where(max_scale > 0, max_scale, _f32(1)), _f32(0))
+    inv_min = torch.where(max_min > 0, _f32(levels_max) / torch.where(max_min > 0, max_min, _f32(1)), _f32(0))
+    return max_scale, max_min, inv_scale, inv_min
+
+
+def _q45_k(x, fmt, rows, nb):
+    """Q4_K / Q5_K: weights av_x + |x| (av_x = sqrt(mean x^2)), make_qkx2_quants(nmax 15 / 31, rmin -1 / -0.5,
+    rdelta 0.1, nstep 20 / 15), 6-bit scales and mins under d = max_scale / 63, dmin = max_min / 63."""
+    nmax = fmt.levels - 1
+    per = SUPER // fmt.sub
+    sum_x2 = _weighted_sum(x[:, i] * x[:, i] for i in range(fmt.sub))
+    # sqrtf is correctly rounded; torch's vectorised float32 sqrt may be off by an ulp: round from float64
+    av_x = torch.sqrt((sum_x2 / fmt.sub).double()).float()
+    weights = av_x[:, None] + x.abs()
+    rmin, nstep = (-1.0, 20) if fmt.name == "Q4_K" else (-0.5, 15)
+    scales, mins, search_levels = make_qkx2_quants(x, weights, nmax, rmin, 0.1, nstep, False)
+    max_scale, max_min, inv_scale, inv_min = _asymmetric_fields(scales, mins, 63, rows, nb, per)
+    ls = _nearest(inv_scale[..., None] * scales.reshape(rows, nb, per)).clamp(max=63)
+    lm = _nearest(inv_min[..., None] * mins.reshape(rows, nb, per)).clamp(max=63)
+    d, dmin = _f16(max_scale / 63), _f16(max_min / 63)
+    d_sub = (d.float()[..., None] * ls.float()).reshape(-1, 1)
+    m_sub = (dmin.float()[..., None] * lm.float()).reshape(-1, 1)
+    levels = torch.where(d_sub == 0, search_levels, _requantize(x, d_sub, m_sub, 0, nmax))
+    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), ls, lm, d, dmin)
+
+
+def _q2_k(x, fmt, rows, nb):
+    """Q2_K: weights |x|, make_qkx2_quants(nmax 3, rmin -0.5, rdelta 0.1, nstep 15, mean absolute error),
+    4-bit scales and mins under d = max_scale / 15, dmin = max_min / 15 (nearest, not clamped)."""
+    per = SUPER // fmt.sub
+    scales, mins, search_levels = make_qkx2_quants(x, x.abs(), 3, -0.5, 0.1, 15, True)
+    max_scale, max_min, inv_scale, inv_min = _asymmetric_fields(scales, mins, 15, rows, nb, per)
+    ls = torch.where(max_scale[..., None] > 0, _nearest(inv_scale[..., None] * scales.reshape(rows, nb, per)),
+                     torch.zeros(rows, nb, per, dtype=torch.int64))
+    lm = torch.where(max_min[..., None] > 0, _nearest(inv_min[..., None] * mins.reshape(rows, nb, per)),
+                     torch.zeros(rows, nb, per, dtype=torch.int64))
+    d = _f16(torch.where(max_scale > 0, max_scale / 15, _f32(0)))
+    dmin = _f16(torch.where(max_min > 0, max_min / 15, _f32(0)))
+    d_sub = (d.float()[..., None] * ls.float()).reshape(-1, 1)
+    m_sub = (dmin.float()[..., None] * lm.float()).reshape(-1, 1)
+    levels = torch.where(d_sub == 0, search_levels, _requantize(x, d_sub, m_sub, 0, 3))
+    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), ls, lm, d, dmin)
+
+
+def _signed_max(scales: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude along the last dim (the first one on ties, as the C loops keep)."""
+    index = scales.abs().argmax(dim=-1, keepdim=True)
+    return torch.gather(scales, -1, index)[..., 0]
+
+
+def _q3_k(x, fmt, rows, nb):
+    """Q3_K: make_q3_quants(nmax 4, rmse), 6-bit signed scales under d = 1 / (-32 / max_scale)."""
+    per = SUPER // fmt.sub
+    scales, search = make_q3_quants_rmse(x, 4)
+    scales = scales.reshape(rows, nb, per)
+    max_scale = _signed_max(scales)
+    nonzero = max_scale != 0
+    iscale = -_f32(32) / torch.where(nonzero, max_scale, _f32(1))
+    stored = (_nearest(iscale[..., None] * scales).clamp(-32, 31) + 32)
+    stored = torch.where(nonzero[..., None], stored, torch.zeros_like(stored))
+    d = _f16(torch.where(nonzero, 1 / iscale, _f32(0)))
+    d_sub = (d.float()[..., None] * (stored - 32).float()).reshape(-1, 1)
+    # sub-blocks whose d * sc is 0 keep the search's levels
+    levels = torch.where(d_sub == 0, search, _requantize(x, d_sub, None, -4, 3) + 4)
+    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), stored, None, d)
+
+
+def _q6_k(x, fmt, rows, nb):
+    """Q6_K: make_qx_quants(nmax 32, rmse_type 1), int8 scales under d = 1 / (-128 / max_scale)."""
+    per = SUPER // fmt.sub
+    scales, search = make_qx_quants_rmse1(x, 32)
+    scales = scales.reshape(rows, nb, per)
+    max_scale = _signed_max(scales)
+    empty = max_scale.abs() < GROUP_MAX_EPS
+    iscale = -_f32(128) / torch.where(empty, _f32(1), max_scale)
+    stored = _nearest(iscale[..., None] * scales).clamp(max=127)
+    stored = torch.where(empty[..., None], torch.zeros_like(stored), stored)
+    d = _f16(torch.where(empty, _f32(0), 1 / iscale))
+    d_sub = (d.float()[..., None] * stored.float()).reshape(-1, 1)
+    # an empty super-block is all zero bytes; other sub-blocks whose d * sc is 0 keep the search's levels
+    levels = torch.where(d_sub == 0, search, _requantize(x, d_sub, None, -32, 31) + 32)
+    levels = torch.where(empty.reshape(-1, 1).repeat_interleave(per, dim=0), 0, levels)
+    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), stored, None, d)
