@@ -77,6 +77,28 @@ def test_reference_quantizer_is_llama_cpps(name):
     assert torch.equal(ours, recorded[name])
 
 
+@pytest.mark.parametrize("name", list(K.K_FORMATS))
+def test_importance_weighted_quantizer_is_llama_cpps(name):
+    """Bit-identical to ggml's quantize_*_K with an importance matrix (llama-quantize --imatrix) on the
+    recorded input and importance vector (some columns of importance 0)."""
+    recorded = load_file(DATA)
+    ours = torch.from_numpy(K.pack(K.quantize_weighted(recorded["input"], name, recorded["importance"])))
+    assert torch.equal(ours, recorded[f"{name}.imatrix"])
+
+
+def test_importance_lowers_the_weighted_error():
+    """What the importance is for: on columns it marks as important the error falls, against the plain
+    search on the same weights."""
+    generator = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 512, generator=generator)
+    importance = torch.ones(512)
+    importance[::4] = 50.0
+    for name in K.K_FORMATS:
+        plain = (K.quantize_reference(w, name).dequantize() - w) ** 2
+        weighted = (K.quantize_weighted(w, name, importance).dequantize() - w) ** 2
+        assert (weighted * importance).sum() < (plain * importance).sum(), name
+
+
 def test_reference_quantizer_error_falls_with_bits():
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(4))
     errors = [((K.quantize_reference(w, name).dequantize() - w) ** 2).mean().item() for name in K.K_FORMATS]
@@ -254,3 +276,70 @@ def test_llama_cpp_runs_a_q4_k_m_file(tmp_path):
         ours = torch.cat([model(w[None]).logits for w in windows])
     top1, kl = next_token_agreement(ours, llama_cpp_logits(result.out, windows))
     assert top1 > 0.9 and kl < 1e-2, (top1, kl)
+
+
+def _imatrix_for(gguf_path, generator_seed=0):
+    """An importance matrix for every linear weight of a GGUF file (random sums, 1000 tokens)."""
+    from quantkit.exporters.gguf_imatrix import ImportanceMatrix
+
+    generator = torch.Generator().manual_seed(generator_seed)
+    names = [(t.name, int(t.shape[0])) for t in GGUFReader(gguf_path).tensors
+             if t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name]
+    sums = {name: torch.rand(1, n, generator=generator) ** 4 * 1000 for name, n in names}
+    return ImportanceMatrix(sums, {name: torch.tensor([1000.0]) for name, _ in names}, ["calibration.txt"], 4, 256)
+
+
+def test_imatrix_files_round_trip_in_llama_cpps_format(tmp_path):
+    from quantkit.exporters.gguf_imatrix import (
+        ImportanceMatrix,
+        read_imatrix,
+        write_imatrix,
+    )
+
+    matrix = ImportanceMatrix({"blk.0.ffn_down_exps.weight": torch.rand(3, 512)},
+                              {"blk.0.ffn_down_exps.weight": torch.tensor([10.0, 0.0, 4.0])}, ["a.txt", "b.txt"], 7, 512)
+    write_imatrix(tmp_path / "m.imatrix.gguf", matrix)
+    reader = GGUFReader(tmp_path / "m.imatrix.gguf")
+    assert reader.fields["general.type"].contents() == "imatrix" and "general.architecture" not in reader.fields
+    assert reader.fields["imatrix.datasets"].contents() == ["a.txt", "b.txt"]
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["blk.0.ffn_down_exps.weight.in_sum2"].tensor_type == GGMLQuantizationType.F32
+    assert list(tensors["blk.0.ffn_down_exps.weight.counts"].shape) == [1, 3]      # ggml order: ne0 = 1, ne1 = 3
+    again = read_imatrix(tmp_path / "m.imatrix.gguf")
+    assert torch.equal(again.sums["blk.0.ffn_down_exps.weight"], matrix.sums["blk.0.ffn_down_exps.weight"])
+    assert (again.chunk_count, again.chunk_size) == (7, 512)
+    # llama-quantize's normalisation: sums / count, and 1 for an expert that saw no token
+    assert torch.equal(again.importance("blk.0.ffn_down_exps.weight", 2), matrix.sums["blk.0.ffn_down_exps.weight"][2] / 4)
+    assert torch.equal(again.importance("blk.0.ffn_down_exps.weight", 1), torch.ones(512))
+
+
+def test_export_with_an_imatrix_uses_llama_cpps_weighted_search(tiny, tmp_path):
+    from quantkit.exporters.gguf_imatrix import write_imatrix
+
+    plain = export_gguf(tiny, tmp_path / "plain.gguf", ggml_type="Q4_K_M")
+    matrix = _imatrix_for(plain.out)
+    write_imatrix(tmp_path / "m.imatrix.gguf", matrix)
+    weighted = export_gguf(tiny, tmp_path / "weighted.gguf", ggml_type="Q4_K_M", imatrix=tmp_path / "m.imatrix.gguf")
+    source = load_file(tiny / "model.safetensors")
+    tensor = next(t for t in GGUFReader(weighted.out).tensors if t.name == "blk.2.ffn_up.weight")
+    expected = K.quantize_weighted(source["model.layers.2.mlp.up_proj.weight"].float(), "Q4_K",
+                                   matrix.sums["blk.2.ffn_up.weight"][0] / 1000.0)
+    assert np.array_equal(np.asarray(tensor.data), K.pack(expected))
+    plain_tensor = next(t for t in GGUFReader(plain.out).tensors if t.name == "blk.2.ffn_up.weight")
+    assert not np.array_equal(np.asarray(tensor.data), np.asarray(plain_tensor.data))
+
+
+def test_imatrix_misuse_is_one_line(tiny, tmp_path):
+    from quantkit.exporters.gguf_imatrix import ImportanceMatrix, write_imatrix
+
+    plain = export_gguf(tiny, tmp_path / "f16.gguf", ggml_type="F16")
+    assert_one_line_error(run_cli("export", tiny, "--format", "gguf", "--type", "Q4_K_M", "--imatrix", plain.out,
+                                  "--out", tmp_path / "a.gguf"), "is a GGUF file but not an importance matrix")
+    assert_one_line_error(run_cli("export", tiny, "--format", "gguf", "--type", "Q4_K_M", "--imatrix",
+                                  tmp_path / "none.gguf", "--out", tmp_path / "b.gguf"), "imatrix file not found")
+    wrong = ImportanceMatrix({"blk.0.ffn_up.weight": torch.ones(1, 100)}, {"blk.0.ffn_up.weight": torch.ones(1)})
+    write_imatrix(tmp_path / "wrong.imatrix.gguf", wrong)
+    assert_one_line_error(run_cli("export", tiny, "--format", "gguf", "--type", "Q4_K_M", "--imatrix",
+                                  tmp_path / "wrong.imatrix.gguf", "--out", tmp_path / "c.gguf"),
+                          "computed for another model")
+    assert not (tmp_path / "c.gguf").exists()

@@ -20,23 +20,26 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "
                    "a float checkpoint), or a llama.cpp K-quant file type (Q4_K_M, ...) choosing each tensor's "
                    "type as llama-quantize does: " + ", ".join(GGUF_TYPES) + ". Default: closest to each layer's "
                    "bits.")
+@click.option("--imatrix", type=click.Path(path_type=Path),
+              help="GGUF only: a llama.cpp importance matrix (llama-imatrix's .gguf); K-quant tensors are searched "
+                   "under it as llama-quantize --imatrix does.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file or directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
-def export(directory, export_format, ggml_type, out, overwrite, as_json, quiet):
+def export(directory, export_format, ggml_type, imatrix, out, overwrite, as_json, quiet):
     """Export DIRECTORY (a quantkit output directory; for GGUF also a float HF checkpoint)."""
     from quantkit.cli import render
     from quantkit.errors import QuantkitError
 
-    if ggml_type is not None and export_format != "gguf":
-        raise QuantkitError("--type applies to --format gguf only")
+    if (ggml_type is not None or imatrix is not None) and export_format != "gguf":
+        raise QuantkitError("--type and --imatrix apply to --format gguf only")
     run = _gguf if export_format == "gguf" else _compressed_tensors
     if quiet or as_json:
-        result = run(directory, out, ggml_type, overwrite)
+        result = run(directory, out, ggml_type, overwrite, imatrix)
     else:
         with render.stderr.status(f"exporting {directory} as {export_format}..."):
-            result = run(directory, out, ggml_type, overwrite)
+            result = run(directory, out, ggml_type, overwrite, imatrix)
     if as_json:
         render.emit_json(result.to_dict())
     elif not quiet:
@@ -46,13 +49,14 @@ def export(directory, export_format, ggml_type, out, overwrite, as_json, quiet):
         render.stderr.print(f"wrote {result.out} ({result.size_bytes / 2**20:.1f} MiB)")
 
 
-def _gguf(directory, out, ggml_type, overwrite):
+def _gguf(directory, out, ggml_type, overwrite, imatrix):
     from quantkit.exporters.gguf import export_gguf
 
-    return export_gguf(directory, out, ggml_type=ggml_type.upper() if ggml_type else None, overwrite=overwrite)
+    return export_gguf(directory, out, ggml_type=ggml_type.upper() if ggml_type else None, overwrite=overwrite,
+                       imatrix=imatrix)
 
 
-def _compressed_tensors(directory, out, ggml_type, overwrite):
+def _compressed_tensors(directory, out, ggml_type, overwrite, imatrix):
     from quantkit.exporters.compressed_tensors import export_compressed_tensors
 
     return export_compressed_tensors(directory, out, overwrite=overwrite)

@@ -44,7 +44,7 @@ import torch
 
 import quantkit
 from quantkit.errors import QuantkitError
-from quantkit.exporters import gguf_blocks, gguf_kquants, gguf_mixes
+from quantkit.exporters import gguf_blocks, gguf_imatrix, gguf_kquants, gguf_mixes
 from quantkit.exporters.gguf_vocab import GGUFVocab, read_vocab
 from quantkit.exporters.source import ExportSource
 from quantkit.files import check_output_path, staged_file
@@ -73,6 +73,7 @@ class TensorRecord:
     weight_sqnr_db: float | None = None      # GGUF weights vs the source's (dequantized) weights
     min_error_in_scales: float | None = None  # carried Q4_1/Q5_1: max |m_f16 - m| / scale
     experts: tuple["TensorRecord", ...] = ()  # MoE: each stacked expert's own record, [e] of this [E, rows, cols]
+    expert: int = 0                          # which expert of its stack this record is (importance matrices)
     error_sums: tuple[float, float] | None = None  # (sum w^2, sum (w - w_gguf)^2) behind weight_sqnr_db
 
     def nbytes(self) -> int:
@@ -153,12 +154,16 @@ class _Plan:
     computed: dict[str, torch.Tensor]           # GGUF name -> a tensor derived from the config (rope_freqs)
     notes: list[str]
     requested: _Requested
+    importance: gguf_imatrix.ImportanceMatrix | None = None
 
 
-def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: bool = False) -> GGUFExportResult:
+def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: bool = False,
+                imatrix=None) -> GGUFExportResult:
     """Write ``source_dir`` (a quantkit output directory or a float HF checkpoint) as one GGUF file.
     ``ggml_type``: one type for whatever is requantized (F16, Q8_0, Q4_0, ...), or a K-quant file type
-    (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) choosing each tensor's type as llama-quantize does."""
+    (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) choosing each tensor's type as llama-quantize does.
+    ``imatrix``: a llama.cpp importance-matrix file; K-quant tensors are then searched as llama-quantize
+    --imatrix does."""
     if ggml_type is not None and ggml_type not in REQUANT_TYPES + FILE_TYPES:
         close = difflib.get_close_matches(ggml_type, REQUANT_TYPES + FILE_TYPES, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(REQUANT_TYPES + FILE_TYPES)}"
@@ -169,6 +174,9 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
         raise QuantkitError(f"output {out} is a directory; give the path of the .gguf file to write")
     check_output_path(out, overwrite, [source.path])
     plan = _plan(source, ggml_type)
+    if imatrix is not None:
+        plan.importance = gguf_imatrix.read_imatrix(imatrix)
+        plan.notes += _importance_notes(plan)
     with staged_file(out, overwrite) as staging:
         _write(plan, staging)
     return GGUFExportResult(out.resolve(), plan.gguf_arch, _file_type(plan.records, plan.requested.mix).name, plan.records,
@@ -366,8 +374,9 @@ def _stacked_record(source: ExportSource, gguf_name: str, experts: list[str], re
     reason = next((r.reason for r in records if r.status == status and r.reason), "")
     if len(types) > 1:
         reason = f"experts' own types differ ({', '.join(sorted(types))}); one type per stacked tensor"
-    singles = tuple(r if r.ggml_type == ggml_type else dataclasses.replace(r, ggml_type=ggml_type, status="requantized")
-                    for r in records)
+    singles = tuple(dataclasses.replace(r, expert=e) if r.ggml_type == ggml_type else
+                    dataclasses.replace(r, ggml_type=ggml_type, status="requantized", expert=e)
+                    for e, r in enumerate(records))
     return TensorRecord(gguf_name, experts[0].rsplit(".", 2)[0] + "." + experts[0].rsplit(".", 1)[1],
                         (len(experts), *first.shape), ggml_type, status, reason, is_linear=True,
                         activation_dropped=first.activation_dropped, experts=singles)
@@ -708,7 +717,7 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
         if record.source.endswith("norm.weight") and source.arch.norm_offset:
             tensor = tensor.float() + source.arch.norm_offset   # llama.cpp computes x * w: store 1 + w
         if record.ggml_type not in ("F32", "F16"):    # token_embd under a K-quant file type
-            return _requantized_bytes(record, tensor.float().reshape(record.shape))
+            return _requantized_bytes(record, tensor.float().reshape(record.shape), _importance(plan, record))
         return _float_bytes(tensor.reshape(record.shape), record.ggml_type)
     linear = record.source
     if source.is_quantized(linear) and record.status in ("exact", "carried"):
@@ -730,14 +739,43 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
         data = _float_bytes(reference, record.ggml_type)
         _measure(record, reference, torch.from_numpy(data).float())
         return data
-    return _requantized_bytes(record, reference)
+    return _requantized_bytes(record, reference, _importance(plan, record))
 
 
-def _requantized_bytes(record: TensorRecord, reference: torch.Tensor) -> np.ndarray:
-    """Float weights [rows, n] re-rounded to the record's block type: llama.cpp's reference quantizers
-    (K-quants: `gguf_kquants`; legacy: gguf-py's, `gguf_blocks`), measured against ``reference``."""
+def _importance(plan: _Plan, record: TensorRecord) -> torch.Tensor | None:
+    if plan.importance is None:
+        return None
+    vector = plan.importance.importance(record.name, record.expert)
+    if vector is not None and vector.shape[0] != record.shape[-1]:
+        raise QuantkitError(f"the importance matrix has {vector.shape[0]} values for {record.name}, whose rows hold "
+                            f"{record.shape[-1]}: it was computed for another model")
+    return vector
+
+
+def _importance_notes(plan: _Plan) -> list[str]:
+    """What the importance matrix does and does not cover, said once."""
+    k_tensors = [r for r in plan.records if r.ggml_type in gguf_kquants.K_FORMATS and r.status == "requantized"]
+    missing = [r.name for r in k_tensors if plan.importance.importance(r.name, 0) is None]
+    notes = []
+    if missing:
+        notes.append(f"the importance matrix has no entry for {len(missing)} K-quant tensor(s) ({missing[0]}, ...): "
+                     "they use llama.cpp's search without importance, as llama-quantize does")
+    if any(r.ggml_type in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") and r.status == "requantized" for r in plan.records):
+        notes.append("requantized Q4_0/Q4_1/Q5_0/Q5_1 tensors are rounded without the importance matrix "
+                     "(llama.cpp's importance-weighted search for those types is not reproduced)")
+    return notes
+
+
+def _requantized_bytes(record: TensorRecord, reference: torch.Tensor,
+                       importance: torch.Tensor | None = None) -> np.ndarray:
+    """Float weights [rows, n] re-rounded to the record's block type: llama.cpp's quantizers (K-quants:
+    `gguf_kquants`, weighted by ``importance`` [n] when given; legacy: gguf-py's, `gguf_blocks`),
+    measured against ``reference``."""
     if record.ggml_type in gguf_kquants.K_FORMATS:
-        blocks = gguf_kquants.quantize_reference(reference, record.ggml_type)
+        if importance is not None:
+            blocks = gguf_kquants.quantize_weighted(reference, record.ggml_type, importance.float())
+        else:
+            blocks = gguf_kquants.quantize_reference(reference, record.ggml_type)
         _measure(record, reference, blocks.dequantize())
         return gguf_kquants.pack(blocks)
     return _blocks_bytes(record, gguf_blocks.quantize_blocks(reference, record.ggml_type), reference)

@@ -283,8 +283,9 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     return scale, -minimum, L
 
 
-def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric sub-block scale (make_qx_quants, rmse_type 1, weights x^2): x [S, n] -> (scale [S],
+def make_qx_quants_rmse1(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric sub-block scale (make_qx_quants, rmse_type 1, weights x^2 or the given ones): x [S, n] -> (scale [S],
     levels [S, n] stored as l + nmax, 0 for an all-zero sub-block). Try iscale = -(nmax + 0.1 is) / max for
     is = -9..9 and keep the least-squares scale of the rounding with the largest sumlx^2 / suml2."""
     n = x.shape[1]
@@ -293,7 +294,7 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     signed_max = torch.gather(x, 1, index)[:, 0]
     zero = signed_max.abs() < GROUP_MAX_EPS
     safe_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
-    w = [c * c for c in columns]
+    w = [c * c for c in columns] if weights is None else [weights[:, i] for i in range(n)]
 
     def fit(iscale):
         levels = torch.stack([_nearest(iscale * c).clamp(-nmax, nmax - 1) for c in columns], dim=1)
@@ -333,31 +334,37 @@ def make_q3_quants_rmse(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch
     w = [c * c for c in columns]
     sumlx = _weighted_sum(w[i] * columns[i] * L[i].float() for i in range(n))
     suml2 = _weighted_sum(w[i] * L[i].float() * L[i].float() for i in range(n))
-    active = torch.ones_like(zero)
+    L, sumlx, suml2 = _coordinate_descent(columns, w, L, sumlx, suml2, -nmax, nmax - 1, ~zero, q3_rules=True)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
+    levels = torch.stack(L, dim=1) + nmax
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], 0, levels)
+
+
+def _coordinate_descent(columns, w, L, sumlx, suml2, low, high, active, q3_rules: bool):
+    """Up to 5 passes over the elements of every group at once: move L_i to nearest(x_i * sl2 / slx) (the
+    least-squares level for the fit without element i) when that raises sumlx^2 / suml2; a group stops
+    after a pass that changes nothing. make_q3_quants tries when slx > 0 and keeps a move only with
+    sl2 > 0 afterwards; make_qp_quants tries when slx > 0 and sl2 > 0 (levels only clamped above)."""
     for _ in range(5):
-        changed = torch.zeros_like(zero)
-        for i in range(n):
+        changed = torch.zeros_like(active)
+        for i in range(len(columns)):
             li = L[i].float()
             slx = sumlx - w[i] * columns[i] * li
-            candidate = active & (slx > 0)
             sl2 = suml2 - w[i] * li * li
-            safe_slx = torch.where(candidate, slx, torch.ones_like(slx))
-            new_l = _nearest(columns[i] * sl2 / safe_slx).clamp(-nmax, nmax - 1)
-            moved = candidate & (new_l != L[i])
+            candidate = active & (slx > 0) if q3_rules else active & (slx > 0) & (sl2 > 0)
+            new_l = _nearest(columns[i] * sl2 / torch.where(candidate, slx, _f32(1))).clamp(low, high)
             nf = new_l.float()
-            slx_new = slx + w[i] * columns[i] * nf
-            sl2_new = sl2 + w[i] * nf * nf
-            accept = moved & (sl2_new > 0) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            slx_new, sl2_new = slx + w[i] * columns[i] * nf, sl2 + w[i] * nf * nf
+            accept = candidate & (new_l != L[i]) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            if q3_rules:
+                accept &= sl2_new > 0
             L[i] = torch.where(accept, new_l, L[i])
-            sumlx = torch.where(accept, slx_new, sumlx)
-            suml2 = torch.where(accept, sl2_new, suml2)
+            sumlx, suml2 = torch.where(accept, slx_new, sumlx), torch.where(accept, sl2_new, suml2)
             changed |= accept
         active = active & changed
         if not bool(active.any()):
             break
-    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
-    levels = torch.stack(L, dim=1) + nmax
-    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], 0, levels)
+    return L, sumlx, suml2
 
 
 def _f16(x: torch.Tensor) -> torch.Tensor:
@@ -456,10 +463,10 @@ def _q3_k(x, fmt, rows, nb):
     return KBlocks(fmt, levels.reshape(rows, nb * SUPER), stored, None, d)
 
 
-def _q6_k(x, fmt, rows, nb):
+def _q6_k(x, fmt, rows, nb, weights=None):
     """Q6_K: make_qx_quants(nmax 32, rmse_type 1), int8 scales under d = 1 / (-128 / max_scale)."""
     per = SUPER // fmt.sub
-    scales, search = make_qx_quants_rmse1(x, 32)
+    scales, search = make_qx_quants_rmse1(x, 32, weights)
     scales = scales.reshape(rows, nb, per)
     max_scale = _signed_max(scales)
     empty = max_scale.abs() < GROUP_MAX_EPS
@@ -472,3 +479,131 @@ def _q6_k(x, fmt, rows, nb):
     levels = torch.where(d_sub == 0, search, _requantize(x, d_sub, None, -32, 31) + 32)
     levels = torch.where(empty.reshape(-1, 1).repeat_interleave(per, dim=0), 0, levels)
     return KBlocks(fmt, levels.reshape(rows, nb * SUPER), stored, None, d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# With an importance matrix (llama.cpp's quantize_row_q*_K_impl, what llama-quantize --imatrix runs):
+# ``importance`` [n] is the per-column mean of x^2 over the calibration tokens; a weight's importance
+# is importance_j * sqrt(sigma2 + w^2) (Q2_K-Q5_K) or importance_j (Q6_K), and the super-block scales
+# are fitted to the sub-block scales under the sub-blocks' summed importance (make_qp_quants).
+# ---------------------------------------------------------------------------------------------------
+
+def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative values x [B, n] (sub-block scales or mins) onto d * L, L in 0..nmax: the best of 9 trial
+    grids (nmax + 0.1 is) / max by weighted error, then up to 5 passes of coordinate descent on L
+    (weighted least squares). -> (d [B], L [B, n])."""
+    n = x.shape[1]
+    columns, w = [x[:, i] for i in range(n)], [weights[:, i] for i in range(n)]
+    top = _weighted_max(columns)
+    empty = top < GROUP_MAX_EPS
+    safe_top = torch.where(empty, _f32(1), top)
+    iscale = _f32(nmax) / safe_top
+    scale = 1 / iscale
+    levels = [_nearest(iscale * c) for c in columns]
+    best = _weighted_sum(w[i] * (columns[i] - scale * levels[i].float()) * (columns[i] - scale * levels[i].float())
+                         for i in range(n))
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        trial = (_f32(0.1) * step + nmax) / safe_top
+        trial_scale = 1 / trial
+        diffs = [columns[i] - trial_scale * _nearest(trial * columns[i]).clamp(max=nmax).float() for i in range(n)]
+        error = _weighted_sum(w[i] * diffs[i] * diffs[i] for i in range(n))
+        better = error < best
+        best, iscale = torch.where(better, error, best), torch.where(better, trial, iscale)
+    L = [_nearest(iscale * c).clamp(max=nmax) for c in columns]
+    sumlx = _weighted_sum(w[i] * columns[i] * L[i].float() for i in range(n))
+    suml2 = _weighted_sum(w[i] * L[i].float() * L[i].float() for i in range(n))
+    L, sumlx, suml2 = _coordinate_descent(columns, w, L, sumlx, suml2, None, nmax, ~empty, q3_rules=False)
+    d = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, _f32(1)), _f32(0))
+    levels = torch.stack(L, dim=1)
+    return torch.where(empty, _f32(0), d), torch.where(empty[:, None], 0, levels)
+
+
+def _weighted_max(columns) -> torch.Tensor:
+    """max(0, x_0, x_1, ...) (make_qp_quants starts its max from 0)."""
+    top = torch.zeros_like(columns[0])
+    for c in columns:
+        top = torch.maximum(top, c)
+    return top
+
+
+def _importance_weights(x: torch.Tensor, importance: torch.Tensor, sub: int, sigma_factor: float) -> torch.Tensor:
+    """importance_j * sqrt(sigma2 + x_j^2), sigma2 = factor * sum x^2 / 256 over the super-block
+    (sub-blocks x [S, sub] of super-blocks in order; importance [S, sub])."""
+    per = SUPER // sub
+    blocks = x.reshape(-1, SUPER)
+    sum_x2 = _weighted_sum(blocks[:, i] * blocks[:, i] for i in range(SUPER))
+    sigma2 = (_f32(sigma_factor) * sum_x2 / SUPER if sigma_factor != 1 else sum_x2 / SUPER)
+    sigma2 = sigma2.repeat_interleave(per)[:, None]
+    return importance * torch.sqrt((sigma2 + x * x).double()).float()
+
+
+def quantize_weighted(weight: torch.Tensor, name: str, importance: torch.Tensor) -> KBlocks:
+    """llama.cpp's quantization of weight [rows, n] with an importance matrix: importance [n] float32 (the
+    per-column mean of the squared calibration inputs, llama-quantize --imatrix)."""
+    fmt = K_FORMATS[name]
+    rows, n = weight.shape
+    assert n % SUPER == 0 and importance.shape == (n,), (weight.shape, importance.shape)
+    nb, per = n // SUPER, SUPER // fmt.sub
+    x = weight.float().reshape(rows * nb * per, fmt.sub)
+    qw = importance.float().reshape(1, nb * per, fmt.sub).expand(rows, -1, -1).reshape(-1, fmt.sub)
+    return {"Q2_K": _q2_k_weighted, "Q3_K": _q3_k_weighted, "Q4_K": _q45_k_weighted, "Q5_K": _q45_k_weighted,
+            "Q6_K": _q6_k_weighted}[name](x, qw, fmt, rows, nb)
+
+
+def _sub_sums(weights: torch.Tensor) -> torch.Tensor:
+    return _weighted_sum(weights[:, i] for i in range(weights.shape[1]))
+
+
+def _q45_k_weighted(x, qw, fmt, rows, nb):
+    """Q4_K/Q5_K: make_qkx3_quants(rmin -0.9, rdelta 0.05, 36 steps) under the importance weights, then the
+    6-bit scales and mins by make_qp_quants under each sub-block's summed weight."""
+    per, nmax = SUPER // fmt.sub, fmt.levels - 1
+    weights = _importance_weights(x, qw, fmt.sub, 2.0)
+    sums = _sub_sums(weights).reshape(rows * nb, per)
+    scales, mins, search_levels = make_qkx2_quants(x, weights, nmax, -0.9, 0.05, 36, False)
+    d_block, ls = make_qp_quants(scales.reshape(rows * nb, per), 63, sums)
+    m_block, lm = make_qp_quants(mins.reshape(rows * nb, per), 63, sums)
+    ls, lm = ls.clamp(max=63).reshape(rows, nb, per), lm.clamp(max=63).reshape(rows, nb, per)
+    d, dmin = _f16(d_block.reshape(rows, nb)), _f16(m_block.reshape(rows, nb))
+    d_sub = (d.float()[..., None] * ls.float()).reshape(-1, 1)
+    m_sub = (dmin.float()[..., None] * lm.float()).reshape(-1, 1)
+    levels = torch.where(d_sub == 0, search_levels, _requantize(x, d_sub, m_sub, 0, nmax))
+    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), ls, lm, d, dmin)
+
+
+def _q2_k_weighted(x, qw, fmt, rows, nb):
+    """Q2_K: as Q4_K with sigma2 = sum x^2 / 256, nmax 3 and 4-bit scales and mins."""
+    per = SUPER // fmt.sub
+    weights = _importance_weights(x, qw, fmt.sub, 1.0)
+    sums = _sub_sums(weights).reshape(rows * nb, per)
+    scales, mins, search_levels = make_qkx2_quants(x, weights, 3, -0.9, 0.05, 36, False)
+    d_block, ls = make_qp_quants(scales.reshape(rows * nb, per), 15, sums)
+    m_block, lm = make_qp_quants(mins.reshape(rows * nb, per), 15, sums)
+    ls, lm = ls.reshape(rows, nb, per), lm.reshape(rows, nb, per)
+    d, dmin = _f16(d_block.reshape(rows, nb)), _f16(m_block.reshape(rows, nb))
+    d_sub = (d.float()[..., None] * ls.float()).reshape(-1, 1)
+    m_sub = (dmin.float()[..., None] * lm.float()).reshape(-1, 1)
+    levels = torch.where(d_sub == 0, search_levels, _requantize(x, d_sub, m_sub, 0, 3))
+    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), ls, lm, d, dmin)
+
+
+def _q3_k_weighted(x, qw, fmt, rows, nb):
+    """Q3_K: make_qx_quants(nmax 4) under the importance weights per sub-block, then the 6-bit signed scales
+    by make_qx_quants(nmax 32) of the sub-block scales under their summed weight."""
+    per = SUPER // fmt.sub
+    weights = _importance_weights(x, qw, fmt.sub, 2.0)
+    sums = _sub_sums(weights).reshape(rows * nb, per)
+    scales, search = make_qx_quants_rmse1(x, 4, weights)
+    d_block, stored = make_qx_quants_rmse1(scales.reshape(rows * nb, per), 32, sums)
+    stored = stored.reshape(rows, nb, per)
+    d = _f16(d_block.reshape(rows, nb))
+    d_sub = (d.float()[..., None] * (stored - 32).float()).reshape(-1, 1)
+    levels = torch.where(d_sub == 0, search, _requantize(x, d_sub, None, -4, 3) + 4)
+    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), stored, None, d)
+
+
+def _q6_k_weighted(x, qw, fmt, rows, nb):
+    """Q6_K: the reference search with make_qx_quants weighted by the importance itself."""
+    return _q6_k(x, fmt, rows, nb, weights=qw)

@@ -7,7 +7,9 @@ The input (6 rows x 512) mixes Gaussian rows of several magnitudes with the edge
 handles specially: an all-zero super-block, zero sub-blocks, a constant sub-block, an all-positive
 and an all-negative row, one outlier per sub-block, and values near float16's smallest normal.
 Each type's bytes come from ggml's ``quantize_row_*_ref`` (what llama-quantize runs without an imatrix),
-called through ctypes in llama-cpp-python's libggml-base.
+and, under ``<type>.imatrix``, from ``quantize_*`` with the recorded ``importance`` vector (what
+llama-quantize --imatrix runs; a few columns have importance 0), called through ctypes in
+llama-cpp-python's libggml-base.
 """
 import ctypes
 from pathlib import Path
@@ -31,19 +33,38 @@ def make_input() -> torch.Tensor:
     return x.float()
 
 
-def llama_cpp_blocks(x: torch.Tensor, name: str) -> torch.Tensor:
+def make_importance() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(99)
+    importance = torch.rand(512, generator=generator) ** 4 * 10
+    importance[:20] = 0.0
+    return importance.float()
+
+
+def _library():
     import llama_cpp
 
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    function = getattr(lib, f"quantize_row_{name[:2].lower()}_K_ref")
-    data = np.ascontiguousarray(x.numpy().reshape(-1))
+    return ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+
+
+def llama_cpp_blocks(x: torch.Tensor, name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+    data = np.ascontiguousarray(x.numpy())
     out = np.zeros(data.size // 256 * TYPE_SIZES[name], dtype=np.uint8)
-    function(data.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(data.size))
+    pointer = ctypes.c_void_p
+    if importance is None:
+        function = getattr(_library(), f"quantize_row_{name[:2].lower()}_K_ref")
+        function(data.ctypes.data_as(pointer), out.ctypes.data_as(pointer), ctypes.c_int64(data.size))
+    else:
+        weights = np.ascontiguousarray(importance.numpy())
+        function = getattr(_library(), f"quantize_{name[:2].lower()}_K")
+        function.restype = ctypes.c_size_t
+        function(data.ctypes.data_as(pointer), out.ctypes.data_as(pointer), ctypes.c_int64(x.shape[0]),
+                 ctypes.c_int64(x.shape[1]), weights.ctypes.data_as(pointer))
     return torch.from_numpy(out.reshape(x.shape[0], -1))
 
 
 if __name__ == "__main__":
-    x = make_input()
-    tensors = {"input": x, **{name: llama_cpp_blocks(x, name) for name in TYPE_SIZES}}
+    x, importance = make_input(), make_importance()
+    tensors = {"input": x, "importance": importance, **{name: llama_cpp_blocks(x, name) for name in TYPE_SIZES},
+               **{f"{name}.imatrix": llama_cpp_blocks(x, name, importance) for name in TYPE_SIZES}}
     save_file(tensors, Path(__file__).with_name("llama_cpp_kquants.safetensors"),
               metadata={"source": "llama-cpp-python 0.3.36, ggml quantize_row_*_ref"})
