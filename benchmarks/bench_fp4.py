@@ -2,7 +2,7 @@
 llm-compressor on the same tokens.
 
     python benchmarks/bench_fp4.py [--peer-python /path/to/venv-with-llmcompressor/bin/python]
-        [--torchao-python /path/to/python-with-torchao] [--only WORD ...] [--peers-only]
+        [--torchao-python /path/to/python-with-torchao] [--only WORD ...] [--peers-only | --quantkit-only]
 
 Calibration 64 x 512 tokens of English prose; evaluation 16 x 512 held-out tokens (benchmarks/common.py).
 quantkit: every new scheme with RTN and GPTQ (W4A4 also with SmoothQuant's per-block alpha search and
@@ -11,7 +11,8 @@ MXFP4) and its GPTQ under the weight-only FP4 presets. torchao: its NVFP4 and MX
 (round-to-nearest; its FP4 kernels need a Blackwell GPU, so the weights are dequantized into the float
 model, peers/run_torchao.py). Prints perplexity, KL(float || quantized), top-1 agreement, wall time,
 calibrate+quantize time and peak RSS. ``--only`` runs the rows whose label or peer kind contains one of
-the given words (e.g. ``--only nvfp4a16``); ``--peers-only`` skips quantkit's rows.
+the given words (e.g. ``--only nvfp4a16``); ``--peers-only`` skips quantkit's rows, ``--quantkit-only`` the
+peers'.
 """
 import argparse
 import tempfile
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--torchao-python", default="")
     parser.add_argument("--only", nargs="*", default=[])
     parser.add_argument("--peers-only", action="store_true")
+    parser.add_argument("--quantkit-only", action="store_true")
     args = parser.parse_args()
 
     def wanted(label: str) -> bool:
@@ -61,10 +63,10 @@ def main() -> None:
             if wanted(label) and not args.peers_only:
                 common.add_quantkit_row(rows, Path(tmp) / f"run{index}", label, flags, reference, windows)
     for kind, label in PEERS:
-        if wanted(kind):
+        if wanted(kind) and not args.quantkit_only:
             common.add_peer_row(rows, args.peer_python, "run_llmcompressor.py", kind, "llm-compressor", label)
     for kind, label in TORCHAO:
-        if wanted(kind):
+        if wanted(kind) and not args.quantkit_only:
             common.add_peer_row(rows, args.torchao_python, "run_torchao.py", kind, "torchao 0.18", label)
     print(common.table(rows, common.QUALITY_COLUMNS))
 

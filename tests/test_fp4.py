@@ -358,3 +358,25 @@ def test_validate_covers_microscaled_grids(llama_dir, tmp_path, scheme):
     report = validate(ValidateConfig(tmp_path / "q", backend="reference", device="cpu", num_samples=2, seq_len=32))
     assert report.passed, report.failures
     assert all(layer.kernel_sqnr_db > 80 and layer.kernel_max_rel_error < 1e-4 for layer in report.layers.values())
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_nvfp4_layers_vllm_fuses_share_one_global_scale(llama_dir, tmp_path, algorithm):
+    """vLLM runs q/k/v and gate/up as one GEMM with one weight_global_scale (the largest of the shards',
+    which would rescale the others wrongly): they share the smallest of their own, as llm-compressor does;
+    o_proj and down_proj keep theirs."""
+    from transformers import AutoModelForCausalLM
+
+    result, reloaded = calibrate_and_reload(llama_dir, tmp_path / "q", scheme="nvfp4a16", algorithm=algorithm)
+    source = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    for index in range(2):
+        attention, mlp = reloaded.model.layers[index].self_attn, reloaded.model.layers[index].mlp
+        float_attention, float_mlp = source.model.layers[index].self_attn, source.model.layers[index].mlp
+        for fused, originals in (((attention.q_proj, attention.k_proj, attention.v_proj),
+                                  (float_attention.q_proj, float_attention.k_proj, float_attention.v_proj)),
+                                 ((mlp.gate_proj, mlp.up_proj), (float_mlp.gate_proj, float_mlp.up_proj))):
+            expected = 448.0 * 6.0 / max(float(m.weight.abs().max()) for m in originals)
+            for module in fused:
+                assert module.weight_global_scale.item() == pytest.approx(expected, rel=1e-6)
+        own = 448.0 * 6.0 / float(float_mlp.down_proj.weight.abs().max())
+        assert mlp.down_proj.weight_global_scale.item() == pytest.approx(own, rel=1e-6)

@@ -198,7 +198,7 @@ class AWQ:
     sequential = False
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
-        return quantize_rtn(weight, spec), {}
+        return quantize_rtn(weight, spec, context.global_scale), {}
 
     def transform_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
         """Search and fold AWQ scales, then search and apply clipping, for this block's AWQ layers."""

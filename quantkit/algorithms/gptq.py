@@ -69,13 +69,14 @@ def _single_thread() -> Iterator[None]:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = True, static_groups: bool = True
-                  ) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
-    """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results)."""
-    return _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups)
+                  damp: float = 0.01, act_order: bool = True, static_groups: bool = True,
+                  global_scale: torch.Tensor | None = None) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
+    """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results); ``global_scale``
+    [1] overrides a two-level grid's own (a fused group's shared one)."""
+    return _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale)
 
 
-def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
+def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale=None):
     out_features, in_features = weight.shape
     W = weight.float().clone()
     H = hessian.float().clone()
@@ -86,7 +87,8 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups):
     group_size = primitives.group_size_for(spec, in_features)
     whole_row = spec.granularity != "group"          # per tensor, channel or 2-D block: fixed parameters
     fixed_params = whole_row or (act_order and static_groups)
-    glob = primitives.global_scale(W, spec)          # two-level grids (NVFP4): fixed by the whole tensor
+    # two-level grids (NVFP4): fixed by the whole tensor, or shared with the layers fused with it
+    glob = primitives.global_scale(W, spec) if global_scale is None else global_scale
     if fixed_params:  # per-tensor/channel/block, or static groups: parameters from the original weights
         stored, stored_zero = primitives.weight_qparams(W, spec, glob)
         zero = stored_zero
@@ -197,5 +199,5 @@ class GPTQ:
         options = parse_options(self.name, context.options)
         return gptq_quantize(
             weight, context.stats.hessian.matrix, spec, block_size=options.block_size, damp=options.damp,
-            act_order=options.act_order, static_groups=options.static_groups,
+            act_order=options.act_order, static_groups=options.static_groups, global_scale=context.global_scale,
         )

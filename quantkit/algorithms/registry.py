@@ -31,6 +31,8 @@ class LayerContext:
     name: str
     stats: LayerStats | None = None
     options: dict = field(default_factory=dict)
+    # two-level grids (NVFP4): the global scale shared with the Linears a runtime fuses with this one
+    global_scale: torch.Tensor | None = None
 
 
 @dataclass

@@ -11,10 +11,11 @@ from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.formats.schemes import WeightSpec
 
 
-def quantize_rtn(weight: torch.Tensor, spec: WeightSpec) -> QuantTensor:
-    """Min/max grid per group, codes = round(w / scale) + zero. weight: [out, in] float."""
+def quantize_rtn(weight: torch.Tensor, spec: WeightSpec, global_scale: torch.Tensor | None = None) -> QuantTensor:
+    """Min/max grid per group, codes = round(w / scale) + zero. weight: [out, in] float; ``global_scale``
+    [1] overrides a two-level grid's own (a fused group's shared one)."""
     weight = weight.float()
-    glob = primitives.global_scale(weight, spec)
+    glob = primitives.global_scale(weight, spec) if global_scale is None else global_scale
     scale, zero = primitives.weight_qparams(weight, spec, glob)
     group_size = primitives.group_size_for(spec, weight.shape[1])
     codes = primitives.quantize(weight, primitives.effective_scale(scale, glob), zero, group_size, spec.element,
@@ -34,4 +35,4 @@ class RoundToNearest:
     sequential = False
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
-        return quantize_rtn(weight, spec), {}
+        return quantize_rtn(weight, spec, context.global_scale), {}

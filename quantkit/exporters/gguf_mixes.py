@@ -121,10 +121,10 @@ def tensor_type(mix: str, name: str, row_length: int, model: ModelShape) -> tupl
         return "Q6_K", f"{mix}: output tensor"
     layer = _layer(name)
     chosen = _promoted(mix, category, layer, model) or base
-    why = f"{mix}: {category} of layer {layer} promoted" if chosen != base else f"{mix}"
+    why = f"{mix}: {category} promoted to {chosen}" if chosen != base else f"{mix}"
     if row_length % _block(chosen):
         fallback = FALLBACK.get(chosen, chosen)
         if row_length % _block(fallback):
             return "F16", f"{why}; rows of {row_length} fit no block type"
-        return fallback, f"{why}; {chosen} needs rows that are a multiple of 256 ({row_length}): {fallback} as llama.cpp"
+        return fallback, f"{why}; rows of {row_length} are not a multiple of 256: {fallback}, as llama.cpp"
     return chosen, why

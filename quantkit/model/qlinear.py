@@ -37,7 +37,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", weight.scale.to(scale_format(weight.spec.scale_format).dtype))
         self.register_buffer("weight_zero", None if weight.zero is None else weight.zero.float())
         self.register_buffer("weight_g_idx", None if weight.g_idx is None else weight.g_idx.to(torch.int32))
-        self.register_buffer("weight_global_scale", None if weight.global_scale is None else weight.global_scale.float())
+        self.register_buffer("weight_global_scale",  # a fused group shares one value, never one tensor
+                             None if weight.global_scale is None else weight.global_scale.float().clone())
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self.register_buffer("input_zero", None if input_zero is None else input_zero.float().reshape(1))
         self.register_buffer("input_global_scale",

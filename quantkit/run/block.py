@@ -88,6 +88,7 @@ class BlockResult:
 class BlockQuantizer:
     def __init__(self, job: BlockJob):
         self.job = job
+        self.fused_scales: dict[tuple[str, ...], torch.Tensor] = {}
         self.timings: dict[str, float] = {}
         self.routed_tokens: dict[int, float] = {}   # MoE: expert -> calibration tokens routed to it
 
@@ -274,6 +275,25 @@ class BlockQuantizer:
 
     # Quantize and propagate -----------------------------------------------------------------------
 
+    def fused_global_scale(self, name: str, spec) -> torch.Tensor | None:
+        """Two-level grids (NVFP4): the Linears vLLM runs as one fused GEMM (q/k/v, gate/up, each expert's
+        gate/up: the consumers of one norm-fed group under one parent module) must share one global
+        scale, the smallest of theirs, G = 448 * 6 / (largest absmax among them), as llm-compressor does;
+        a lone Linear keeps its own (None)."""
+        if spec.second_scale is None:
+            return None
+        job = self.job
+        parent = name.rpartition(".")[0]
+        members = next((tuple(c for c in group.consumers if c.rpartition(".")[0] == parent and c in job.assigned
+                              and job.assigned[c].scheme.weight == spec)
+                        for group in job.arch.smooth if name in group.consumers), ())
+        if len(members) < 2:
+            return None
+        if members not in self.fused_scales:    # computed at the first member, before any is quantized
+            weights = [job.block.get_submodule(m).weight.float() for m in members]
+            self.fused_scales[members] = torch.stack([primitives.global_scale(w, spec) for w in weights]).amin(0)
+        return self.fused_scales[members]
+
     def quantize_linear(self, name: str, stats: LayerStats | None, result: BlockResult) -> None:
         """Quantize one Linear with its algorithm and swap in a QuantLinear. A Linear that saw no
         calibration token (an expert no token was routed to) gets the data-free RTN instead."""
@@ -290,8 +310,9 @@ class BlockQuantizer:
         if activation is not None and activation.calibrated and stats is None and job.inputs is not None:
             raise QuantkitError(f"{full_name} saw no calibration token, so its static activation range is unknown; "
                                 "calibrate with more samples or keep MoE statistics on every token")
-        quant, results = get_algorithm(algorithm_name).quantize(
-            weight, assignment.scheme.weight, LayerContext(full_name, stats, dict(assignment.options)))
+        context = LayerContext(full_name, stats, dict(assignment.options),
+                               global_scale=self.fused_global_scale(name, assignment.scheme.weight))
+        quant, results = get_algorithm(algorithm_name).quantize(weight, assignment.scheme.weight, context)
         layer = make_quant_linear(linear, assignment.scheme, quant, input_range(stats) if stats else None,
                                   job.storage_dtype)
         set_submodule(job.block, name, layer)
