@@ -187,7 +187,7 @@ def run_operands(operands: layout.Operands, x: torch.Tensor, backend: str) -> to
         activation, a_scale, a = operands.activation, None, x2d
         if activation is not None:
             groups, a_scale = primitives.group_activation_scales(x2d, activation, operands.input_global_scale)
-            a = primitives.round_to_grid(groups / a_scale, activation.element).reshape(x2d.shape[0], -1)[:, :k]
+            a = activation.element.round(groups / a_scale).reshape(x2d.shape[0], -1)[:, :k]
             a_scale = a_scale.squeeze(-1)
         y = reference.group_scaled_mm(a, a_scale, operands.codes, operands.scale, operands.group_size,
                                       operands.bias, x.dtype)

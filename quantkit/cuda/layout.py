@@ -40,8 +40,18 @@ from quantkit.formats import packing, primitives
 from quantkit.model.qlinear import QuantLinear
 
 
+class _CodesShaped:
+    """Operands whose weight codes are held unpacked [N, K]: their shape is the codes' shape."""
+
+    codes: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+
 @dataclass
-class Int8Operands:
+class Int8Operands(_CodesShaped):
     codes: torch.Tensor
     scale: torch.Tensor
     group_size: int
@@ -52,10 +62,6 @@ class Int8Operands:
     input_scale: torch.Tensor | None
     input_zero: torch.Tensor | None
     bias: torch.Tensor | None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
 
 
 @dataclass
@@ -76,7 +82,7 @@ class WeightOnlyOperands:
 
 
 @dataclass
-class Fp8Operands:
+class Fp8Operands(_CodesShaped):
     """An fp8 e4m3 layer with fp8 activations: codes [N, K] float8_e4m3fn, one fp32 weight scale per
     output channel ([N]) or for the tensor ([1]), the activation grid, bias [N]."""
 
@@ -86,23 +92,15 @@ class Fp8Operands:
     input_scale: torch.Tensor | None
     bias: torch.Tensor | None
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
 
 @dataclass
-class GroupScaledOperands:
+class GroupScaledOperands(_CodesShaped):
     codes: torch.Tensor
     scale: torch.Tensor
     group_size: int
     activation: object | None          # ActivationSpec (per-token group grid) or None (float activations)
     input_global_scale: torch.Tensor | None
     bias: torch.Tensor | None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
 
 
 Operands = Int8Operands | WeightOnlyOperands | Fp8Operands | GroupScaledOperands

@@ -224,15 +224,9 @@ def linear_tensors(name: str, record: LinearRecord, scheme: Scheme,
     quant = record.quant
     spec = quant.spec
     out_features, in_features = quant.shape
-    if spec.format != "int":      # fp8 scales are arbitrary float32 values: kept exactly
-        scale_dtype = torch.float32
-    tensors = {"weight_scale": _shaped(quant.scale.to(scale_dtype), spec)}
+    tensors = {"weight_scale": _stored_scale(quant, scale_dtype)}
     if layer_format(scheme) in (NVFP4_PACKED, MXFP4_PACKED):
         tensors["weight_packed"] = packing.pack_fp4(quant.codes)
-        if spec.scale_format == "e8m0":     # the biased exponent: 2^E is stored as E + 127
-            tensors["weight_scale"] = (torch.log2(quant.scale).round().to(torch.int32) + 127).to(torch.uint8)
-        else:
-            tensors["weight_scale"] = quant.scale.to(torch.float8_e4m3fn)
         if quant.global_scale is not None:
             tensors["weight_global_scale"] = quant.global_scale.float().reshape(1)
         if record.input_global_scale is not None:
@@ -259,6 +253,18 @@ def linear_tensors(name: str, record: LinearRecord, scheme: Scheme,
     if record.bias is not None:
         tensors["bias"] = record.bias
     return {f"{name}.{key}": value for key, value in tensors.items()}
+
+
+def _stored_scale(quant, scale_dtype: torch.dtype) -> torch.Tensor:
+    """``weight_scale`` as compressed-tensors stores it: e8m0 as the biased exponent byte (2^E -> E + 127),
+    NVFP4's as float8_e4m3fn, fp8 grids' float32 values exactly, integer grids' fp16 values in
+    ``scale_dtype``."""
+    spec = quant.spec
+    if spec.scale_format == "e8m0":
+        return (torch.log2(quant.scale).round().to(torch.int32) + 127).to(torch.uint8)
+    if spec.scale_format == "fp8_e4m3":
+        return quant.scale.to(torch.float8_e4m3fn)
+    return _shaped(quant.scale.to(torch.float32 if spec.format != "int" else scale_dtype), spec)
 
 
 def _shaped(param: torch.Tensor, spec: WeightSpec) -> torch.Tensor:

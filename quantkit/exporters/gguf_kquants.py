@@ -290,8 +290,7 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int, weights: torch.Tensor | Non
     is = -9..9 and keep the least-squares scale of the rounding with the largest sumlx^2 / suml2."""
     n = x.shape[1]
     columns = [x[:, i] for i in range(n)]
-    index = x.abs().argmax(dim=1, keepdim=True)      # first index of the largest |x| (C keeps the first)
-    signed_max = torch.gather(x, 1, index)[:, 0]
+    signed_max = _signed_max(x)
     zero = signed_max.abs() < GROUP_MAX_EPS
     safe_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
     w = [c * c for c in columns] if weights is None else [weights[:, i] for i in range(n)]
@@ -326,8 +325,7 @@ def make_q3_quants_rmse(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch
     [S, n] stored as l + nmax, 0 for an all-zero sub-block)."""
     n = x.shape[1]
     columns = [x[:, i] for i in range(n)]
-    index = x.abs().argmax(dim=1, keepdim=True)
-    signed_max = torch.gather(x, 1, index)[:, 0]
+    signed_max = _signed_max(x)
     zero = signed_max.abs() < GROUP_MAX_EPS
     iscale = -_f32(nmax) / torch.where(zero, torch.ones_like(signed_max), signed_max)
     L = [_nearest(iscale * c).clamp(-nmax, nmax - 1) for c in columns]
@@ -401,6 +399,17 @@ def _asymmetric_fields(scales, mins, levels_max, rows, nb, per):
     return max_scale, max_min, inv_scale, inv_min
 
 
+def _asymmetric_blocks(x, fmt, ls, lm, d, dmin, search_levels) -> KBlocks:
+    """The levels of Q2_K/Q4_K/Q5_K once the super-block fields are fixed: nearest((x + dmin * m) / (d * sc))
+    clamped, where d * sc is not 0 (there the search's levels stay, as in ggml). ls, lm [rows, nb, per]
+    int64; d, dmin [rows, nb] float16."""
+    rows, nb = d.shape
+    d_sub = (d.float()[..., None] * ls.float()).reshape(-1, 1)
+    m_sub = (dmin.float()[..., None] * lm.float()).reshape(-1, 1)
+    levels = torch.where(d_sub == 0, search_levels, _requantize(x, d_sub, m_sub, 0, fmt.levels - 1))
+    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), ls, lm, d, dmin)
+
+
 def _q45_k(x, fmt, rows, nb):
     """Q4_K / Q5_K: weights av_x + |x| (av_x = sqrt(mean x^2)), make_qkx2_quants(nmax 15 / 31, rmin -1 / -0.5,
     rdelta 0.1, nstep 20 / 15), 6-bit scales and mins under d = max_scale / 63, dmin = max_min / 63."""
@@ -416,10 +425,7 @@ def _q45_k(x, fmt, rows, nb):
     ls = _nearest(inv_scale[..., None] * scales.reshape(rows, nb, per)).clamp(max=63)
     lm = _nearest(inv_min[..., None] * mins.reshape(rows, nb, per)).clamp(max=63)
     d, dmin = _f16(max_scale / 63), _f16(max_min / 63)
-    d_sub = (d.float()[..., None] * ls.float()).reshape(-1, 1)
-    m_sub = (dmin.float()[..., None] * lm.float()).reshape(-1, 1)
-    levels = torch.where(d_sub == 0, search_levels, _requantize(x, d_sub, m_sub, 0, nmax))
-    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), ls, lm, d, dmin)
+    return _asymmetric_blocks(x, fmt, ls, lm, d, dmin, search_levels)
 
 
 def _q2_k(x, fmt, rows, nb):
@@ -434,10 +440,7 @@ def _q2_k(x, fmt, rows, nb):
                      torch.zeros(rows, nb, per, dtype=torch.int64))
     d = _f16(torch.where(max_scale > 0, max_scale / 15, _f32(0)))
     dmin = _f16(torch.where(max_min > 0, max_min / 15, _f32(0)))
-    d_sub = (d.float()[..., None] * ls.float()).reshape(-1, 1)
-    m_sub = (dmin.float()[..., None] * lm.float()).reshape(-1, 1)
-    levels = torch.where(d_sub == 0, search_levels, _requantize(x, d_sub, m_sub, 0, 3))
-    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), ls, lm, d, dmin)
+    return _asymmetric_blocks(x, fmt, ls, lm, d, dmin, search_levels)
 
 
 def _signed_max(scales: torch.Tensor) -> torch.Tensor:
@@ -494,7 +497,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
     (weighted least squares). -> (d [B], L [B, n])."""
     n = x.shape[1]
     columns, w = [x[:, i] for i in range(n)], [weights[:, i] for i in range(n)]
-    top = _weighted_max(columns)
+    top = _max_from_zero(columns)
     empty = top < GROUP_MAX_EPS
     safe_top = torch.where(empty, _f32(1), top)
     iscale = _f32(nmax) / safe_top
@@ -520,7 +523,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
     return torch.where(empty, _f32(0), d), torch.where(empty[:, None], 0, levels)
 
 
-def _weighted_max(columns) -> torch.Tensor:
+def _max_from_zero(columns) -> torch.Tensor:
     """max(0, x_0, x_1, ...) (make_qp_quants starts its max from 0)."""
     top = torch.zeros_like(columns[0])
     for c in columns:
@@ -534,8 +537,7 @@ def _importance_weights(x: torch.Tensor, importance: torch.Tensor, sub: int, sig
     per = SUPER // sub
     blocks = x.reshape(-1, SUPER)
     sum_x2 = _weighted_sum(blocks[:, i] * blocks[:, i] for i in range(SUPER))
-    sigma2 = (_f32(sigma_factor) * sum_x2 / SUPER if sigma_factor != 1 else sum_x2 / SUPER)
-    sigma2 = sigma2.repeat_interleave(per)[:, None]
+    sigma2 = (_f32(sigma_factor) * sum_x2 / SUPER).repeat_interleave(per)[:, None]   # 1 * s is exact
     return importance * torch.sqrt((sigma2 + x * x).double()).float()
 
 
@@ -548,45 +550,28 @@ def quantize_weighted(weight: torch.Tensor, name: str, importance: torch.Tensor)
     nb, per = n // SUPER, SUPER // fmt.sub
     x = weight.float().reshape(rows * nb * per, fmt.sub)
     qw = importance.float().reshape(1, nb * per, fmt.sub).expand(rows, -1, -1).reshape(-1, fmt.sub)
-    return {"Q2_K": _q2_k_weighted, "Q3_K": _q3_k_weighted, "Q4_K": _q45_k_weighted, "Q5_K": _q45_k_weighted,
-            "Q6_K": _q6_k_weighted}[name](x, qw, fmt, rows, nb)
+    return {"Q2_K": _asymmetric_weighted, "Q3_K": _q3_k_weighted, "Q4_K": _asymmetric_weighted,
+            "Q5_K": _asymmetric_weighted, "Q6_K": _q6_k_weighted}[name](x, qw, fmt, rows, nb)
 
 
 def _sub_sums(weights: torch.Tensor) -> torch.Tensor:
     return _weighted_sum(weights[:, i] for i in range(weights.shape[1]))
 
 
-def _q45_k_weighted(x, qw, fmt, rows, nb):
-    """Q4_K/Q5_K: make_qkx3_quants(rmin -0.9, rdelta 0.05, 36 steps) under the importance weights, then the
-    6-bit scales and mins by make_qp_quants under each sub-block's summed weight."""
-    per, nmax = SUPER // fmt.sub, fmt.levels - 1
-    weights = _importance_weights(x, qw, fmt.sub, 2.0)
-    sums = _sub_sums(weights).reshape(rows * nb, per)
-    scales, mins, search_levels = make_qkx2_quants(x, weights, nmax, -0.9, 0.05, 36, False)
-    d_block, ls = make_qp_quants(scales.reshape(rows * nb, per), 63, sums)
-    m_block, lm = make_qp_quants(mins.reshape(rows * nb, per), 63, sums)
-    ls, lm = ls.clamp(max=63).reshape(rows, nb, per), lm.clamp(max=63).reshape(rows, nb, per)
-    d, dmin = _f16(d_block.reshape(rows, nb)), _f16(m_block.reshape(rows, nb))
-    d_sub = (d.float()[..., None] * ls.float()).reshape(-1, 1)
-    m_sub = (dmin.float()[..., None] * lm.float()).reshape(-1, 1)
-    levels = torch.where(d_sub == 0, search_levels, _requantize(x, d_sub, m_sub, 0, nmax))
-    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), ls, lm, d, dmin)
-
-
-def _q2_k_weighted(x, qw, fmt, rows, nb):
-    """Q2_K: as Q4_K with sigma2 = sum x^2 / 256, nmax 3 and 4-bit scales and mins."""
+def _asymmetric_weighted(x, qw, fmt, rows, nb):
+    """Q2_K/Q4_K/Q5_K: make_qkx3_quants(rmin -0.9, rdelta 0.05, 36 steps) under the importance weights
+    (sigma2 = sum x^2 / 256 for Q2_K, twice that for Q4_K/Q5_K), then the integer scales and mins (4-bit
+    for Q2_K, 6-bit otherwise) by make_qp_quants under each sub-block's summed weight."""
     per = SUPER // fmt.sub
-    weights = _importance_weights(x, qw, fmt.sub, 1.0)
+    q2 = fmt.name == "Q2_K"
+    weights = _importance_weights(x, qw, fmt.sub, 1.0 if q2 else 2.0)
     sums = _sub_sums(weights).reshape(rows * nb, per)
-    scales, mins, search_levels = make_qkx2_quants(x, weights, 3, -0.9, 0.05, 36, False)
-    d_block, ls = make_qp_quants(scales.reshape(rows * nb, per), 15, sums)
-    m_block, lm = make_qp_quants(mins.reshape(rows * nb, per), 15, sums)
-    ls, lm = ls.reshape(rows, nb, per), lm.reshape(rows, nb, per)
+    scales, mins, search_levels = make_qkx2_quants(x, weights, fmt.levels - 1, -0.9, 0.05, 36, False)
+    scale_levels = 15 if q2 else 63
+    d_block, ls = make_qp_quants(scales.reshape(rows * nb, per), scale_levels, sums)
+    m_block, lm = make_qp_quants(mins.reshape(rows * nb, per), scale_levels, sums)
     d, dmin = _f16(d_block.reshape(rows, nb)), _f16(m_block.reshape(rows, nb))
-    d_sub = (d.float()[..., None] * ls.float()).reshape(-1, 1)
-    m_sub = (dmin.float()[..., None] * lm.float()).reshape(-1, 1)
-    levels = torch.where(d_sub == 0, search_levels, _requantize(x, d_sub, m_sub, 0, 3))
-    return KBlocks(fmt, levels.reshape(rows, nb * SUPER), ls, lm, d, dmin)
+    return _asymmetric_blocks(x, fmt, ls.reshape(rows, nb, per), lm.reshape(rows, nb, per), d, dmin, search_levels)
 
 
 def _q3_k_weighted(x, qw, fmt, rows, nb):

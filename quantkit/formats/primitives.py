@@ -51,15 +51,6 @@ def half_range(element: ElementFormat) -> float:
     return (element.max - element.min) / 2 if element.kind == "int" else element.max
 
 
-def round_to_grid(x: torch.Tensor, element: ElementFormat) -> torch.Tensor:
-    """x (already divided by its scale, zero added) rounded onto the grid, in x's float dtype: integers
-    round half to even and clamp to [qmin, qmax]; float grids round to the nearest value (ties to even)
-    after saturating at +-max."""
-    if element.kind == "int":
-        return torch.round(x).clamp_(element.min, element.max)
-    return element.round(x)
-
-
 def code_dtype(element: ElementFormat) -> torch.dtype:
     """The tensor dtype codes of ``element`` are held in (exactly)."""
     if element.kind == "int":
@@ -171,8 +162,12 @@ def global_scale(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor | None:
     tensors' ``generate_gparam``). An all-zero tensor gets G = 1."""
     if spec.second_scale is None:
         return None
-    absmax = w.float().abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
-    value = ELEMENT_FORMATS[spec.scale_format].max * spec.element.max / absmax
+    return _global_scale_of(w.float().abs().amax(), spec.scale_format, spec.element)
+
+
+def _global_scale_of(absmax: torch.Tensor, storage: str, element: ElementFormat) -> torch.Tensor:
+    """G = storage_max * element_max / absmax as [1] float32 (1 where absmax is 0)."""
+    value = ELEMENT_FORMATS[storage].max * element.max / absmax.float().clamp(min=torch.finfo(torch.float32).tiny)
     return torch.where(torch.isfinite(value), value, torch.ones_like(value)).reshape(1).float()
 
 
@@ -238,9 +233,9 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, gr
     element = as_element(grid)
     q = w.float() / expand_params(scale, w.shape, group_size, g_idx, row_block)
     if zero is None:
-        return round_to_grid(q, element).to(code_dtype(element))
+        return element.round(q).to(code_dtype(element))
     q = torch.round(q) + expand_params(zero, w.shape, group_size, g_idx, row_block)
-    return round_to_grid(q, element).to(code_dtype(element))
+    return element.round(q).to(code_dtype(element))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
@@ -276,9 +271,9 @@ def fake_quantize_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
         scale, zero = scale[..., None], None if zero is None else zero[..., None]
     element = spec.element
     if zero is not None:
-        q = round_to_grid(torch.round(groups / scale) + zero, element) - zero
+        q = element.round(torch.round(groups / scale) + zero) - zero
     else:
-        q = round_to_grid(groups / scale, element)
+        q = element.round(groups / scale)
     return (q * scale).reshape(w.shape[0], -1)[:, : w.shape[1]]
 
 
@@ -306,7 +301,7 @@ def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, zero: torch
     q = x.float() / scale
     if zero is not None:
         q = torch.round(q) + zero
-    return round_to_grid(q, element).to(code_dtype(element))
+    return element.round(q).to(code_dtype(element))
 
 
 def quantize_activation_per_token(x: torch.Tensor, grid: int | ElementFormat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +312,7 @@ def quantize_activation_per_token(x: torch.Tensor, grid: int | ElementFormat) ->
     element = as_element(grid)
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / element.max).clamp(min=MIN_ACTIVATION_SCALE)
-    codes = round_to_grid(xf / scale, element).to(code_dtype(element))
+    codes = element.round(xf / scale).to(code_dtype(element))
     return codes, scale
 
 
@@ -325,9 +320,7 @@ def activation_global_scale(lo: torch.Tensor, hi: torch.Tensor, spec: Activation
     """The static global scale of a two-level activation grid (NVFP4) from the calibrated range:
     G = scale_max * element_max / max(|lo|, |hi|) = 448 * 6 / absmax, [1] float32 (compressed-tensors'
     ``input_global_scale``; an all-zero range gets 1)."""
-    absmax = torch.maximum(-lo.float(), hi.float()).clamp(min=torch.finfo(torch.float32).tiny)
-    value = ELEMENT_FORMATS[spec.scale_format].max * spec.element.max / absmax
-    return torch.where(torch.isfinite(value), value, torch.ones_like(value)).reshape(1).float()
+    return _global_scale_of(torch.maximum(-lo.float(), hi.float()), spec.scale_format, spec.element)
 
 
 def group_activation_scales(x: torch.Tensor, spec: ActivationSpec,
@@ -361,14 +354,14 @@ def fake_quantize_activation(x: torch.Tensor, spec: ActivationSpec, scale: torch
     xf = x.float()
     if spec.granularity == "group":
         groups, group_scale = group_activation_scales(x, spec, global_scale)
-        x_hat = round_to_grid(groups / group_scale, element) * group_scale
+        x_hat = element.round(groups / group_scale) * group_scale
         return x_hat.reshape(*x.shape[:-1], -1)[..., : x.shape[-1]].to(x.dtype)
     if spec.dynamic:
         scale = (xf.abs().amax(dim=-1, keepdim=True) / element.max).clamp(min=MIN_ACTIVATION_SCALE)
-        return (round_to_grid(xf / scale, element) * scale).to(x.dtype)
+        return (element.round(xf / scale) * scale).to(x.dtype)
     if zero is None:
-        return (round_to_grid(xf / scale, element) * scale).to(x.dtype)
-    return ((round_to_grid(torch.round(xf / scale) + zero, element) - zero) * scale).to(x.dtype)
+        return (element.round(xf / scale) * scale).to(x.dtype)
+    return ((element.round(torch.round(xf / scale) + zero) - zero) * scale).to(x.dtype)
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
