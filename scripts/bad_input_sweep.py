@@ -57,6 +57,9 @@ def build(work: Path) -> dict[str, Path]:
     assert quantkit("calibrate", paths["model"], "--scheme", "w8a8_dynamic", *FAST, "--out", work / "q",
                     "--quiet").returncode == 0
     paths["q"] = work / "q"
+    assert quantkit("calibrate", paths["model"], "--scheme", "q4_k", *FAST, "--out", work / "q_rtn",
+                    "--quiet").returncode == 0       # weight-only rtn: no data, so no importance statistics
+    paths["q_rtn"] = work / "q_rtn"
 
     def variant(name, edit=None):
         target = work / name
@@ -147,6 +150,13 @@ def cases(p: dict[str, Path], work: Path) -> list[tuple[str, list, Path | None]]
         ("pickle checkpoint with a non-tensor", ["calibrate", p["pickle"], *FAST, "--out", out], p["pickle"]),
         ("float model overflows", ["calibrate", p["overflow"], "--scheme", "w8a8_dynamic", "--alpha", "0.5", *FAST,
                                    "--out", out], p["overflow"]),
+        ("K-quant file type with hqq", ["calibrate", m, "--scheme", "q4_k_m", "--algo", "hqq", *FAST, "--out", out], None),
+        ("misspelled file type", ["calibrate", m, "--scheme", "q4_k_z", *FAST, "--out", out], None),
+        ("--imatrix-from float with awq", ["calibrate", m, "--scheme", "q4_k_m", "--algo", "awq", "--imatrix-from",
+                                           "float", *FAST, "--out", out], None),
+        ("export --format imatrix of a float checkpoint", ["export", m, "--format", "imatrix", "--out", work / "m.gguf"], m),
+        ("export --format imatrix, no statistics", ["export", p["q_rtn"], "--format", "imatrix", "--out",
+                                                    work / "m.gguf"], p["q_rtn"]),
     ]
 
 

@@ -8,22 +8,21 @@ import io
 import json
 import math
 
+import gguf
 import numpy as np
 import pytest
 import torch
-
-import gguf
+from conftest import assert_one_line_error, make_checkpoint, run_cli, tiny_text
 from gguf import GGMLQuantizationType, GGUFReader
 
 import quantkit.exporters.gguf as gguf_export
-from quantkit.model.checkpoint import Checkpoint
 from quantkit.check.evaluate import compare, eval_windows
 from quantkit.exporters import gguf_blocks
 from quantkit.exporters.gguf import export_gguf, rotary_row_permutation
+from quantkit.formats import ggml_blocks
+from quantkit.model.checkpoint import Checkpoint
 from quantkit.native.loader import load_quantized
 from quantkit.run.pipeline import CalibrateConfig, calibrate
-
-from conftest import assert_one_line_error, run_cli, make_checkpoint, tiny_text
 
 VOCAB = 320
 FAST = dict(num_samples=4, seq_len=32)
@@ -133,7 +132,7 @@ def gguf_weight(path, name, rows, cols):
 # --------------------------------------------------------------------------------- block formats
 
 
-@pytest.mark.parametrize("fmt", sorted(gguf_blocks.FORMATS))
+@pytest.mark.parametrize("fmt", sorted(ggml_blocks.FORMATS))
 def test_block_quantizer_is_bit_identical_to_gguf_py(fmt):
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(48, 256, generator=generator) * torch.logspace(-5, 2, 48)[:, None]
@@ -142,7 +141,7 @@ def test_block_quantizer_is_bit_identical_to_gguf_py(fmt):
     weight[2, :16], weight[2, 16:32] = -3.0, 3.0   # magnitude tie: the first element's sign wins
     weight[3, :32] = torch.round(weight[3, :32] * 4) / 4 + 0.5   # values on round-half boundaries
     expected = gguf.quants.quantize(weight.numpy(), GGMLQuantizationType[fmt])
-    blocks = gguf_blocks.quantize_blocks(weight, fmt)
+    blocks = ggml_blocks.quantize_blocks(weight, fmt)
     packed = gguf_blocks.pack(blocks)
     assert packed.dtype == np.uint8 and np.array_equal(packed, expected)
     unpacked = gguf_blocks.unpack(packed, fmt, 256)

@@ -103,7 +103,20 @@ def test_reference_accumulator_is_exact(a_zero, w_zero):
     assert torch.equal(reference.int8_accumulator(a, b, zx, zw), expected)
 
 
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+KERNEL_SCHEMES = sorted(name for name, scheme in SCHEMES.items() if scheme.weight.k_format is None)
+
+
+def test_k_quant_grids_have_no_kernel():
+    """llama.cpp's K grids run in llama.cpp: the kernels refuse them in one line rather than compute a guess."""
+    from quantkit.errors import QuantkitError
+
+    spec = SCHEMES["q4_k"].weight
+    layer = _quant_linear(spec, None, n=8, k=256, seed=1)
+    with pytest.raises(QuantkitError, match="no kernel for layer <unnamed>: Q4_K is llama.cpp's grid"):
+        forward.kernel_forward(layer, torch.randn(2, 256), backend="reference")
+
+
+@pytest.mark.parametrize("scheme", KERNEL_SCHEMES)
 def test_reference_ops_compute_quant_linear(scheme):
     """kernel_forward(backend=reference) == QuantLinear.forward (fp32), for every scheme: the prepared
     operands and the op references mean exactly the layer."""
@@ -309,7 +322,7 @@ def test_weight_only_gemv_split_k(tk, split_k):
     _assert_within_rounding(y, ref, x.double().abs() @ w.double().abs().T, torch.float16)
 
 
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("scheme", KERNEL_SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_every_scheme_through_the_interpreter(tk, scheme, dtype):
     """A whole layer: prepare + quantize + GEMM kernels == the reference ops on the same operands."""

@@ -14,9 +14,10 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import load_file
 
-from quantkit.exporters import gguf_kquants as K
-from quantkit.exporters import gguf_mixes
+from quantkit.exporters import gguf_kquants as KP
 from quantkit.exporters.gguf import export_gguf
+from quantkit.formats import ggml_mixes as gguf_mixes
+from quantkit.formats import kquants as K
 from quantkit.run.pipeline import CalibrateConfig, calibrate
 
 DATA = Path(__file__).parent / "data" / "llama_cpp_kquants.safetensors"
@@ -34,16 +35,16 @@ def _weights() -> torch.Tensor:
 @pytest.mark.parametrize("name", list(K.K_FORMATS))
 def test_blocks_read_back_in_gguf_py(name):
     blocks = K.quantize_reference(_weights(), name)
-    data = K.pack(blocks)
+    data = KP.pack(blocks)
     assert data.shape == (12, 3 * K.K_FORMATS[name].type_size)
     theirs = dequantize(data, GGMLQuantizationType[name]).reshape(12, 768)
     assert torch.equal(torch.from_numpy(theirs.copy()), blocks.dequantize())
-    again = K.unpack(data, name, 768)
+    again = KP.unpack(data, name, 768)
     for field in ("q", "sc", "m"):
         assert (getattr(again, field) is None) == (getattr(blocks, field) is None)
         if getattr(blocks, field) is not None:
             assert torch.equal(getattr(again, field), getattr(blocks, field)), field
-    assert np.array_equal(K.pack(again), data)
+    assert np.array_equal(KP.pack(again), data)
 
 
 @pytest.mark.parametrize("name", list(K.K_FORMATS))
@@ -59,7 +60,7 @@ def test_hand_built_blocks_mean_ggmls_formula(name):
     d, dmin = torch.tensor([[0.5]], dtype=torch.float16), torch.tensor([[0.25]], dtype=torch.float16)
     blocks = K.KBlocks(fmt, q, sc.reshape(1, 1, per), None if m is None else m.reshape(1, 1, per), d,
                        dmin if fmt.has_min else None)
-    theirs = torch.from_numpy(dequantize(K.pack(blocks), GGMLQuantizationType[name]).reshape(256).copy()).double()
+    theirs = torch.from_numpy(dequantize(KP.pack(blocks), GGMLQuantizationType[name]).reshape(256).copy()).double()
     j = torch.arange(256) // fmt.sub
     scale = sc[j].double() - (32 if name == "Q3_K" else 0)
     expected = 0.5 * scale * (q[0].double() - fmt.offset)
@@ -73,7 +74,7 @@ def test_reference_quantizer_is_llama_cpps(name):
     """Bit-identical to ggml's quantize_row_*_ref on the recorded input (zero blocks, constant and one-signed
     sub-blocks, outliers, tiny values)."""
     recorded = load_file(DATA)
-    ours = torch.from_numpy(K.pack(K.quantize_reference(recorded["input"], name)))
+    ours = torch.from_numpy(KP.pack(K.quantize_reference(recorded["input"], name)))
     assert torch.equal(ours, recorded[name])
 
 
@@ -82,7 +83,19 @@ def test_importance_weighted_quantizer_is_llama_cpps(name):
     """Bit-identical to ggml's quantize_*_K with an importance matrix (llama-quantize --imatrix) on the
     recorded input and importance vector (some columns of importance 0)."""
     recorded = load_file(DATA)
-    ours = torch.from_numpy(K.pack(K.quantize_weighted(recorded["input"], name, recorded["importance"])))
+    ours = torch.from_numpy(KP.pack(K.quantize_weighted(recorded["input"], name, recorded["importance"])))
+    assert torch.equal(ours, recorded[f"{name}.imatrix"])
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_weighted_search_of_the_32_value_types_is_llama_cpps(name):
+    """llama-quantize --imatrix searches the 32-value fallback types too (quantize_q4_0 ... with the matrix):
+    bit-identical on the recorded input and importance."""
+    from quantkit.exporters import gguf_blocks
+    from quantkit.formats.ggml_blocks import quantize_weighted_blocks
+
+    recorded = load_file(DATA)
+    ours = torch.from_numpy(gguf_blocks.pack(quantize_weighted_blocks(recorded["input"], name, recorded["importance"])))
     assert torch.equal(ours, recorded[f"{name}.imatrix"])
 
 
@@ -324,7 +337,7 @@ def test_export_with_an_imatrix_uses_llama_cpps_weighted_search(tiny, tmp_path):
     tensor = next(t for t in GGUFReader(weighted.out).tensors if t.name == "blk.2.ffn_up.weight")
     expected = K.quantize_weighted(source["model.layers.2.mlp.up_proj.weight"].float(), "Q4_K",
                                    matrix.sums["blk.2.ffn_up.weight"][0] / 1000.0)
-    assert np.array_equal(np.asarray(tensor.data), K.pack(expected))
+    assert np.array_equal(np.asarray(tensor.data), KP.pack(expected))
     plain_tensor = next(t for t in GGUFReader(plain.out).tensors if t.name == "blk.2.ffn_up.weight")
     assert not np.array_equal(np.asarray(tensor.data), np.asarray(plain_tensor.data))
 

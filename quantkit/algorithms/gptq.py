@@ -21,7 +21,7 @@ import torch
 
 from quantkit.algorithms.registry import LayerContext, option, parse_options, register
 from quantkit.errors import QuantkitError
-from quantkit.formats import primitives
+from quantkit.formats import ggml_blocks, kquants, primitives
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.formats.schemes import WeightSpec
 
@@ -70,13 +70,15 @@ def _single_thread() -> Iterator[None]:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = True, static_groups: bool = True,
-                  global_scale: torch.Tensor | None = None) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
+                  global_scale: torch.Tensor | None = None, llama_cpp: bool = False
+                  ) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
     """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results); ``global_scale``
-    [1] overrides a two-level grid's own (a fused group's shared one)."""
-    return _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale)
+    [1] overrides a two-level grid's own (a fused group's shared one); ``llama_cpp``: int4/int5 g32 symmetric
+    grids take their scales from llama.cpp's weighted Q4_0/Q5_0 search (`llama_cpp_grid`)."""
+    return _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale, llama_cpp)
 
 
-def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale=None):
+def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale=None, llama_cpp=False):
     out_features, in_features = weight.shape
     W = weight.float().clone()
     H = hessian.float().clone()
@@ -86,11 +88,16 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
 
     group_size = primitives.group_size_for(spec, in_features)
     whole_row = spec.granularity != "group"          # per tensor, channel or 2-D block: fixed parameters
-    fixed_params = whole_row or (act_order and static_groups)
+    searched = llama_cpp_grid(W, H, spec, llama_cpp)  # K-quants (and Q4_0/Q5_0): llama.cpp's weighted search's
+    k_grid = searched if spec.k_format is not None else None
+    fixed_params = whole_row or (act_order and static_groups) or searched is not None
     # two-level grids (NVFP4): fixed by the whole tensor, or shared with the layers fused with it
     glob = primitives.global_scale(W, spec) if global_scale is None else global_scale
-    if fixed_params:  # per-tensor/channel/block, or static groups: parameters from the original weights
-        stored, stored_zero = primitives.weight_qparams(W, spec, glob)
+    if k_grid is not None:
+        stored, stored_zero = k_grid.scale, k_grid.zero
+        scale, zero = k_step(k_grid)
+    elif fixed_params:  # per-tensor/channel/block, or static groups: parameters from the original weights
+        stored, stored_zero = (searched.scale, None) if searched is not None else primitives.weight_qparams(W, spec, glob)
         zero = stored_zero
         # one row of parameters per output row (blocks repeat theirs over the block's rows)
         row_block = primitives.rows_per_scale(spec, out_features)
@@ -103,6 +110,7 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
         zero = None if spec.symmetric else torch.empty(out_features, num_groups)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
+    k_codes_t = None if k_grid is None else k_grid.codes[:, perm].t().contiguous()  # the search's own codes
     if act_order:
         H = H[perm][:, perm]
     U, damp_used = damped_inverse_cholesky(H, damp)
@@ -110,7 +118,7 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
     # Columns as rows ([in, out], contiguous): each step of the sweep touches one contiguous row.
     Wt = W[:, perm].t().contiguous()
     scale_t = scale.expand(out_features, -1).t().contiguous()        # [G, out] stored scales
-    step_t = primitives.effective_scale(scale_t, glob)                # [G, out] what a code is worth
+    step_t = scale_t if k_grid is not None else primitives.effective_scale(scale_t, glob)  # [G, out] a code's worth
     zero_t = None if zero is None else zero.expand(out_features, -1).t().contiguous()
 
     # Group of each swept position: static groups follow the original column, dynamic ones the sweep.
@@ -137,7 +145,9 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
                     zero_t[g] = z
             s = step_t[g]
             w = W1[i]
-            if element.kind == "float":      # the nearest grid value (symmetric: no zero point)
+            if k_grid is not None:
+                q, dequantized = _k_round(w, s, None if zero_t is None else zero_t[g], element, k_codes_t[col])
+            elif element.kind == "float":      # the nearest grid value (symmetric: no zero point)
                 q = element.round(w / s)
                 dequantized = q * s
             elif zero_t is not None:
@@ -171,13 +181,59 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
     results = {"damp": torch.tensor(damp_used)}
     if act_order:
         results["perm"] = perm.to(torch.int32)
+    if k_grid is not None:
+        return QuantTensor(codes, stored, stored_zero, spec, super_scale=k_grid.super_scale,
+                           super_min=k_grid.super_min), results
     return QuantTensor(codes, scale, zero, spec, g_idx, global_scale=glob), results
+
+
+def llama_cpp_grid(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, legacy: bool) -> QuantTensor | None:
+    """The grid GPTQ places codes on when llama.cpp's search chooses it, with importance E[x_j^2] = H_jj / 2:
+    K-quant grids always (`kquants.quantize_weighted`: every super-block's d/dmin and sub-block scales/mins),
+    and with ``legacy`` the int4/int5 g32 symmetric grids (llama.cpp's weighted Q4_0/Q5_0 search for each
+    block's scale, `ggml_blocks.quantize_weighted_blocks`). None otherwise: GPTQ's own min/max grid."""
+    importance = torch.diag(hessian).float() / 2
+    if spec.k_format is not None:
+        return QuantTensor.from_k_blocks(kquants.quantize_weighted(weight, spec.k_format.name, importance), spec)
+    block_type = ggml_blocks.symmetric_type(spec)
+    if not legacy or block_type not in ("Q4_0", "Q5_0"):
+        return None
+    return QuantTensor.from_ggml_blocks(ggml_blocks.quantize_weighted_blocks(weight, block_type, importance), spec)
+
+
+def k_step(grid: QuantTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[out, G] float32 (d * sc, dmin * m) of a K grid: what one code step is worth and the sub-block's
+    offset, computed as ggml does (float32 products of the fp16 super-block scale and the integer)."""
+    per = grid.scale.shape[1] // grid.super_scale.shape[1]
+    step = grid.super_scale.repeat_interleave(per, dim=1) * grid.scale
+    offset = None if grid.zero is None else grid.super_min.repeat_interleave(per, dim=1) * grid.zero
+    return step, offset
+
+
+def _k_round(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, element, searched: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column [out] onto a K grid: q = nearest((w + dmin*m) / (d*sc)) in 0..2^b-1 (w ~ d*sc*q - dmin*m),
+    or nearest(w / (d*sc)) for the symmetric types, as ggml's final rounding; a sub-block whose d*sc is
+    0 keeps the search's code (any code means the same there). -> (signed codes, dequantized) [out]."""
+    half = -element.min
+    zero = step == 0
+    safe = torch.where(zero, torch.ones_like(step), step)
+    if offset is None:
+        q = torch.round(w / safe).clamp_(element.min, element.max)
+        q = torch.where(zero, searched.float(), q)
+        return q, step * q
+    q = torch.round((w + offset) / safe).clamp_(0, 2 * half - 1)
+    q = torch.where(zero, searched.float() + half, q)
+    return q - half, step * q - offset
 
 
 @register("gptq")
 class GPTQ:
     """Options: block_size (128), damp (0.01), act_order (True), static_groups (True), true_sequential
-    (True; false collects every Linear's Hessian in one pass over the float block: fewer passes).
+    (True; false collects every Linear's Hessian in one pass over the float block: fewer passes), llama_cpp
+    (False; true: int4/int5 g32 symmetric grids, llama.cpp's Q4_0/Q5_0, take their scales from llama.cpp's
+    weighted search; the llama.cpp file-type plans set it). K-quant grids always start from llama.cpp's
+    weighted search (`llama_cpp_grid`).
 
     act_order with static groups is the default (llm-compressor's "static" act order): on SmolLM2
     4-bit g64 symmetric it cut the perplexity increase over float from +43% to +23%
@@ -191,6 +247,7 @@ class GPTQ:
         act_order: bool = option(True)
         static_groups: bool = option(True)
         true_sequential: bool = option(True)
+        llama_cpp: bool = option(False)
 
     statistics = frozenset({"hessian"})
     sequential = True  # true-sequential: each stage's Hessian sees the earlier stages quantized
@@ -200,4 +257,5 @@ class GPTQ:
         return gptq_quantize(
             weight, context.stats.hessian.matrix, spec, block_size=options.block_size, damp=options.damp,
             act_order=options.act_order, static_groups=options.static_groups, global_scale=context.global_scale,
+            llama_cpp=options.llama_cpp,
         )

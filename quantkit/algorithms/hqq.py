@@ -62,6 +62,9 @@ def hqq_group_error(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 def check_spec(spec: WeightSpec) -> None:
+    if spec.k_format is not None:
+        raise QuantkitError(f"HQQ's fractional zero points do not fit {spec.k_format.name}'s integer mins "
+                            "(use rtn, imatrix, gptq or awq)")
     if spec.format != "int":
         raise QuantkitError(f"HQQ optimises an integer grid's zero point; {spec.format} grids have none "
                             "(use rtn, gptq or awq)")

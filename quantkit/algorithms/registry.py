@@ -93,7 +93,7 @@ def register(name: str):
 
 def _load_builtin() -> None:
     # Importing the algorithm modules registers them; done on first use, not at import.
-    from quantkit.algorithms import awq, gptq, hqq, rtn  # noqa: F401
+    from quantkit.algorithms import awq, gptq, hqq, imatrix, rtn  # noqa: F401
 
 
 def algorithm_names() -> list[str]:

@@ -55,16 +55,12 @@ class ChannelRange:
         self.min = -negated_min
 
 
-class ChannelMeanAbs:
-    """Running per-channel mean of |x_j| (AWQ's activation statistic); sums kept in fp64."""
+class _ChannelSum:
+    """A running per-channel sum over tokens (fp64) and the token count; subclasses say what is summed."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
         self.count = torch.zeros((), dtype=torch.float64)
-
-    @staticmethod
-    def contribution(x: torch.Tensor) -> tuple:
-        return x.abs().sum(dim=0, dtype=torch.float64), x.shape[0]
 
     def add(self, part: tuple) -> None:
         total, count = part
@@ -74,6 +70,18 @@ class ChannelMeanAbs:
     def update(self, x: torch.Tensor) -> None:
         self.add(self.contribution(_tokens(x)))
 
+    def all_reduce(self) -> None:
+        dist.all_reduce(self.total)
+        dist.all_reduce(self.count)
+
+
+class ChannelMeanAbs(_ChannelSum):
+    """Running per-channel mean of |x_j| (AWQ's activation statistic)."""
+
+    @staticmethod
+    def contribution(x: torch.Tensor) -> tuple:
+        return x.abs().sum(dim=0, dtype=torch.float64), x.shape[0]
+
     @property
     def mean(self) -> torch.Tensor:
         return (self.total / self.count).float()
@@ -81,9 +89,25 @@ class ChannelMeanAbs:
     def scale_channels(self, divisor: torch.Tensor) -> None:
         self.total = self.total / divisor.double()
 
-    def all_reduce(self) -> None:
-        dist.all_reduce(self.total)
-        dist.all_reduce(self.count)
+
+class ChannelSumSquares(_ChannelSum):
+    """Running per-channel sum of x_j^2 and the token count: llama.cpp's importance matrix (llama-imatrix's
+    in_sum2 and counts; importance_j = sum / count), the K-quant searches' weights."""
+
+    @staticmethod
+    def contribution(x: torch.Tensor) -> tuple:
+        x = x.float()
+        return (x * x).sum(dim=0, dtype=torch.float64), x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """[C] float32 E[x_j^2], as llama-quantize --imatrix computes it from the file: the float32 sum over
+        the float32 count (so our imatrix search and llama.cpp's on our exported file see the same values)."""
+        return self.total.float() / self.count.float()
+
+    def scale_channels(self, divisor: torch.Tensor) -> None:
+        """sum (x_j / s_j)^2 = sum x_j^2 / s_j^2."""
+        self.total = self.total / divisor.double().pow(2)
 
 
 class Hessian:
@@ -124,7 +148,7 @@ class Hessian:
         dist.all_reduce(self.count)
 
 
-STATISTICS = {"range": ChannelRange, "mean_abs": ChannelMeanAbs, "hessian": Hessian}
+STATISTICS = {"range": ChannelRange, "mean_abs": ChannelMeanAbs, "sum_sq": ChannelSumSquares, "hessian": Hessian}
 
 
 class LayerStats:
@@ -168,6 +192,10 @@ class LayerStats:
     @property
     def mean_abs(self) -> ChannelMeanAbs:
         return self.items["mean_abs"]
+
+    @property
+    def sum_sq(self) -> ChannelSumSquares:
+        return self.items["sum_sq"]
 
     @property
     def hessian(self) -> Hessian:

@@ -40,12 +40,17 @@ import click
                    "true routing), or only from the tokens routed to it.")
 @click.option("--expert-batch", default=16, show_default=True, type=int,
               help="MoE: experts whose Hessians (GPTQ) are collected at once; bounds memory.")
+@click.option("--imatrix-from", type=click.Choice(["quantized", "float"]), default="quantized", show_default=True,
+              help="The importance statistics recorded for llama.cpp (export --format imatrix): each Linear's input "
+                   "as calibration propagates it (earlier blocks quantized), or the float model's own, as "
+                   "llama-imatrix measures it (one more forward pass per block; not with smoothing/AWQ).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, symmetric, dataset, data_files,
               text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, dry_run, resume,
-              offload_activations, dtype, moe_all_experts, expert_batch, trust_remote_code, as_json, quiet):
+              offload_activations, dtype, moe_all_experts, expert_batch, imatrix_from, trust_remote_code, as_json,
+              quiet):
     """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
     quantized model: packed safetensors plus quant_manifest.json."""
     from quantkit.cli import render
@@ -66,7 +71,7 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
         dataset=dataset, data_files=tuple(data_files), text_column=text_column, num_samples=num_samples,
         seq_len=seq_len, batch_size=batch_size, alpha=alpha, smooth=smooth, seed=seed, out=out,
         overwrite=overwrite, dry_run=dry_run, resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
-        moe_all_experts=moe_all_experts, expert_batch=expert_batch,
+        moe_all_experts=moe_all_experts, expert_batch=expert_batch, imatrix_from=imatrix_from,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports
         run_calibration(config, Progress())

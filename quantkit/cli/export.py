@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-FORMATS = ("gguf", "compressed-tensors")
+FORMATS = ("gguf", "compressed-tensors", "imatrix")
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S",
               "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q3_K", "Q4_K", "Q5_K")
 
@@ -14,7 +14,8 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--format", "export_format", required=True, type=click.Choice(FORMATS),
               help="gguf: one .gguf file for llama.cpp/ollama/LM Studio; compressed-tensors: a directory for "
-                   "vLLM/transformers.")
+                   "vLLM/transformers; imatrix: the calibration's importance statistics as llama-imatrix's .gguf "
+                   "(for llama-quantize --imatrix).")
 @click.option("--type", "ggml_type", metavar="TYPE",
               help="GGUF only: type for layers whose codes no GGUF block holds exactly (and for every linear of "
                    "a float checkpoint), or a llama.cpp K-quant file type (Q4_K_M, ...) choosing each tensor's "
@@ -34,7 +35,7 @@ def export(directory, export_format, ggml_type, imatrix, out, overwrite, as_json
 
     if (ggml_type is not None or imatrix is not None) and export_format != "gguf":
         raise QuantkitError("--type and --imatrix apply to --format gguf only")
-    run = _gguf if export_format == "gguf" else _compressed_tensors
+    run = {"gguf": _gguf, "compressed-tensors": _compressed_tensors, "imatrix": _imatrix}[export_format]
     if quiet or as_json:
         result = run(directory, out, ggml_type, overwrite, imatrix)
     else:
@@ -43,7 +44,11 @@ def export(directory, export_format, ggml_type, imatrix, out, overwrite, as_json
     if as_json:
         render.emit_json(result.to_dict())
     elif not quiet:
-        render.stderr.print(_gguf_table(result) if export_format == "gguf" else _ct_table(result))
+        if export_format != "imatrix":
+            render.stderr.print(_gguf_table(result) if export_format == "gguf" else _ct_table(result))
+        else:
+            render.stderr.print(f"{result.tensors} weight tensors' importance statistics "
+                                f"({result.chunk_count} chunks of {result.chunk_size} tokens)")
         for note in result.notes:
             render.stderr.print(f"note: {note}")
         render.stderr.print(f"wrote {result.out} ({result.size_bytes / 2**20:.1f} MiB)")
@@ -60,6 +65,12 @@ def _compressed_tensors(directory, out, ggml_type, overwrite, imatrix):
     from quantkit.exporters.compressed_tensors import export_compressed_tensors
 
     return export_compressed_tensors(directory, out, overwrite=overwrite)
+
+
+def _imatrix(directory, out, ggml_type, overwrite, imatrix):
+    from quantkit.exporters.gguf_imatrix import export_imatrix
+
+    return export_imatrix(directory, out, overwrite=overwrite)
 
 
 def _gguf_table(result):

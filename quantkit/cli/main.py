@@ -57,12 +57,16 @@ def cli() -> None:
 
 @cli.command()
 def schemes() -> None:
-    """List the quantization schemes, one line each."""
+    """List the quantization schemes, one line each, then llama.cpp's file types (per-tensor plans)."""
+    from quantkit.formats.ggml_mixes import FILE_TYPE_SCHEMES
     from quantkit.formats.schemes import SCHEMES
 
-    width = max(len(name) for name in SCHEMES)
+    width = max(len(name) for name in [*SCHEMES, *FILE_TYPE_SCHEMES])
     for scheme in SCHEMES.values():
         click.echo(f"{scheme.name:<{width}}  {scheme.summary}")
+    for name, file_type in FILE_TYPE_SCHEMES.items():
+        click.echo(f"{name:<{width}}  llama.cpp's {file_type} file type: each tensor gets the K grid (or fallback) "
+                   "llama-quantize gives it")
 
 
 def _register_commands() -> None:

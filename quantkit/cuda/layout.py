@@ -145,6 +145,9 @@ def _refuse(name: str, reason: str):
 def prepare(layer: QuantLinear, name: str = "") -> Operands:
     """The kernel operands of ``layer`` (on its device); ``name`` labels errors."""
     spec = layer.weight_spec
+    if spec.k_format is not None:
+        _refuse(name, f"{spec.k_format.name} is llama.cpp's grid (its sub-block mins are no zero point these kernels "
+                      "take): export it with --format gguf and run it in llama.cpp")
     if spec.format == "fp4_e2m1" or spec.granularity == "block":
         return _prepare_group_scaled(layer, name)
     if layer.activation_spec is None:

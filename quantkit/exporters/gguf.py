@@ -19,7 +19,7 @@ Linear weights, each decided from its manifest entry:
                to gguf-py's quantizer.
   float        unquantized linears, and rows whose length is not a multiple of 32: F16 (F32 when the
                source stores float32).
-A K-quant file type (``--type Q4_K_M`` ..., `gguf_mixes`) chooses each tensor's type as llama-quantize
+A K-quant file type (``--type Q4_K_M`` ..., `ggml_mixes`) chooses each tensor's type as llama-quantize
 does, token_embd and output included; K-quant blocks are computed by llama.cpp's reference quantizer
 (`gguf_kquants`, bit-identical to llama-quantize without an importance matrix), legacy fallbacks as above.
 Activation quantization has no GGUF equivalent: layers whose scheme quantizes activations keep
@@ -44,16 +44,17 @@ import torch
 
 import quantkit
 from quantkit.errors import QuantkitError
-from quantkit.exporters import gguf_blocks, gguf_imatrix, gguf_kquants, gguf_mixes
+from quantkit.exporters import gguf_blocks, gguf_imatrix, gguf_kquants
 from quantkit.exporters.gguf_vocab import GGUFVocab, read_vocab
 from quantkit.exporters.source import ExportSource
 from quantkit.files import check_output_path, staged_file
-from quantkit.formats import primitives
+from quantkit.formats import ggml_blocks, ggml_mixes, kquants, primitives
 from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.model.gguf_names import GGUFNames, model_shape
 
 REQUANT_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # llama.cpp's K-quant file types (and its aliases Q3_K, Q4_K, Q5_K for the _M mixes)
-FILE_TYPES = (*gguf_mixes.BASE_TYPES, *gguf_mixes.ALIASES)
+FILE_TYPES = (*ggml_mixes.BASE_TYPES, *ggml_mixes.ALIASES)
 METADATA_KEY = "quantkit.export"
 F16_MAX = 65504.0
 
@@ -80,9 +81,9 @@ class TensorRecord:
         count = math.prod(self.shape)
         if self.ggml_type in ("F32", "F16"):
             return count * (4 if self.ggml_type == "F32" else 2)
-        if self.ggml_type in gguf_kquants.K_FORMATS:
-            return count // gguf_kquants.SUPER * gguf_kquants.K_FORMATS[self.ggml_type].type_size
-        return count // gguf_blocks.BLOCK * gguf_blocks.BLOCK_BYTES[self.ggml_type]
+        if self.ggml_type in kquants.K_FORMATS:
+            return count // kquants.SUPER * kquants.K_FORMATS[self.ggml_type].type_size
+        return count // ggml_blocks.BLOCK * gguf_blocks.BLOCK_BYTES[self.ggml_type]
 
 
 @dataclass
@@ -131,17 +132,17 @@ def rotary_row_permutation(rows: int, heads: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class _Requested:
     """What the user asked for: one type for every requantized tensor, a K-quant file type whose type is
-    chosen per tensor (`gguf_mixes`), or nothing (each layer's closest type)."""
+    chosen per tensor (`ggml_mixes`), or nothing (each layer's closest type)."""
 
     uniform: str | None = None
     mix: str | None = None
-    model: gguf_mixes.ModelShape | None = None
+    model: ggml_mixes.ModelShape | None = None
 
     def for_tensor(self, gguf_name: str, row_length: int) -> tuple[str | None, str]:
         """(type, why) for one tensor; (None, "") leaves the choice to the layer."""
         if self.mix is None:
             return self.uniform, ""
-        return gguf_mixes.tensor_type(self.mix, gguf_name, row_length, self.model)
+        return ggml_mixes.tensor_type(self.mix, gguf_name, row_length, self.model)
 
 
 @dataclass
@@ -170,6 +171,8 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
         raise QuantkitError(f"unknown GGUF type '{ggml_type}'; {hint}")
     out = Path(out)
     source = ExportSource.open(source_dir, require_manifest=False)
+    if ggml_type is None and source.manifest is not None and source.manifest.gguf_file_type:
+        ggml_type = source.manifest.gguf_file_type     # calibrated as llama.cpp's file type: written as one
     if out.is_dir():
         raise QuantkitError(f"output {out} is a directory; give the path of the .gguf file to write")
     check_output_path(out, overwrite, [source.path])
@@ -187,17 +190,11 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
 
 
 def _requested(source: ExportSource, ggml_type: str | None) -> _Requested:
-    mix = gguf_mixes.file_type(ggml_type) if ggml_type else None
+    mix = ggml_mixes.file_type(ggml_type) if ggml_type else None
     if mix is None:
         return _Requested(uniform=ggml_type)
-    config = source.config
-    experts = source.arch.experts
-    model = gguf_mixes.ModelShape(
-        n_layers=config.num_hidden_layers,
-        n_gqa=config.num_attention_heads // getattr(config, "num_key_value_heads", config.num_attention_heads),
-        n_expert=0 if experts is None else experts.count(config),
-        is_70b=source.arch.gguf_arch == "llama" and config.num_hidden_layers == 80,
-        tied=source.arch.lm_head not in source.linear_names() or source.tied_embeddings)
+    tied = source.arch.lm_head not in source.linear_names() or source.tied_embeddings
+    model = model_shape(source.arch, source.config, tied)
     return _Requested(mix=mix, model=model)
 
 
@@ -210,7 +207,7 @@ def _plan(source: ExportSource, ggml_type: str | None) -> _Plan:
     permutations = _permutations(source, gguf_arch)
     requested = _requested(source, ggml_type)
     records = _embedding_record(source, requested)
-    name_map = _tensor_name_map(source, gguf_arch)
+    name_map = GGUFNames.of(source.arch, source.num_blocks)
     stacked = _expert_stacks(source)
     in_stacks = {name for names in stacked.values() for name in names}
     for linear in source.linear_names():
@@ -218,18 +215,18 @@ def _plan(source: ExportSource, ggml_type: str | None) -> _Plan:
             continue
         records += _linear_records(source, linear, name_map, requested)
     for merged, experts in stacked.items():
-        records.append(_stacked_record(source, _gguf_name(name_map, merged + ".weight"), experts, requested))
+        records.append(_stacked_record(source, name_map.gguf_name(merged + ".weight"), experts, requested))
     for index in range(source.num_blocks):
         for norm in _block_norms(source, index):
-            records.append(TensorRecord(_gguf_name(name_map, norm), norm, tuple(_shape(source, norm)), "F32", "float"))
+            records.append(TensorRecord(name_map.gguf_name(norm), norm, tuple(_shape(source, norm)), "F32", "float"))
         for module in source.arch.float_modules:   # routers: F32, as llama.cpp's converter keeps them
             name = f"{source.arch.blocks}.{index}.{module}.weight"
             shape = tuple(_shape(source, name))
             if shape[0] == 1:      # a one-row gate (Qwen2-MoE's shared-expert gate): llama.cpp wants [n_embd]
                 shape = shape[1:]
-            records.append(TensorRecord(_gguf_name(name_map, name), name, shape, "F32", "float"))
+            records.append(TensorRecord(name_map.gguf_name(name), name, shape, "F32", "float"))
     final_norm = source.arch.final_norm + ".weight"
-    records.append(TensorRecord(_gguf_name(name_map, final_norm), final_norm, tuple(_shape(source, final_norm)),
+    records.append(TensorRecord(name_map.gguf_name(final_norm), final_norm, tuple(_shape(source, final_norm)),
                                 "F32", "float"))
     if source.arch.lm_head in source.linear_names():
         if source.is_quantized(source.arch.lm_head):
@@ -439,31 +436,6 @@ def _permutations(source: ExportSource, gguf_arch: str) -> dict[str, torch.Tenso
     return result
 
 
-@dataclass
-class _NameMap:
-    """gguf-py's HF -> GGUF tensor names, after the table's renames (a multimodal text tower's prefix)."""
-
-    table: object
-    arch: object
-
-    def get_name(self, name: str, try_suffixes=()) -> str | None:
-        return self.table.get_name(self.arch.gguf_source_name(name), try_suffixes=try_suffixes)
-
-
-def _tensor_name_map(source: ExportSource, gguf_arch: str) -> _NameMap:
-    import gguf
-
-    arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == gguf_arch)
-    return _NameMap(gguf.get_tensor_name_map(arch, source.num_blocks), source.arch)
-
-
-def _gguf_name(name_map, hf_name: str) -> str:
-    name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-    if name is None:
-        raise QuantkitError(f"tensor {hf_name} has no GGUF name")
-    return name
-
-
 def _block_norms(source: ExportSource, index: int) -> list[str]:
     prefix = f"{source.arch.blocks}.{index}."
     return [f"{prefix}{norm}.weight" for norm in source.arch.block_norms]
@@ -505,7 +477,7 @@ def _float_record(source: ExportSource, hf_name: str, gguf_name: str, *,
 
 def _linear_records(source: ExportSource, linear: str, name_map, requested: _Requested, *,
                     weight_name: str | None = None) -> list[TensorRecord]:
-    weight_name = weight_name or _gguf_name(name_map, linear + ".weight")
+    weight_name = weight_name or name_map.gguf_name(linear + ".weight")
     records = []
     shape = tuple(source.manifest.layers[linear].shape) if source.is_quantized(linear) else \
         tuple(_shape(source, linear + ".weight"))
@@ -527,14 +499,14 @@ def _linear_records(source: ExportSource, linear: str, name_map, requested: _Req
             status, reason = "float", "float source"
         else:
             ggml_type, status, reason = _float_type(source, linear + ".weight"), "float", "not quantized in the source"
-        if ggml_type not in ("F16", "F32") and shape[1] % gguf_blocks.BLOCK:
+        if ggml_type not in ("F16", "F32") and shape[1] % ggml_blocks.BLOCK:
             ggml_type, status, reason = "F16", "float", f"row length {shape[1]} is not a multiple of 32"
     dropped = source.is_quantized(linear) and source.manifest.layers[linear].scheme.activation is not None
     records.append(TensorRecord(weight_name, linear, shape, ggml_type, status, reason, is_linear=True,
                                 activation_dropped=dropped))
     bias = source.bias_name(linear)
     if bias is not None:
-        records.append(TensorRecord(_gguf_name(name_map, bias), bias, (shape[0],), "F32", "float"))
+        records.append(TensorRecord(name_map.gguf_name(bias), bias, (shape[0],), "F32", "float"))
     return records
 
 
@@ -555,11 +527,13 @@ def _carrying_decision(entry, params: dict[str, torch.Tensor], requested: str | 
     Q5_0 / Q8_0 keeps int4 codes exactly), not only in their own smallest type."""
     spec = entry.scheme.weight
     out_features, in_features = entry.shape
-    if in_features % gguf_blocks.BLOCK:
+    if in_features % ggml_blocks.BLOCK:
         return "F16", "float", f"row length {in_features} is not a multiple of 32, so no block type fits"
+    if spec.k_format is not None:        # K-quant fields carry as they are (quantkit computes them as ggml)
+        return spec.k_format.name, "exact", ""
     fallback = requested or gguf_blocks.closest_format(spec.bits, spec.symmetric)
     if spec.format == "fp4_e2m1" and spec.scale_format == "e8m0":
-        if spec.group_size == gguf_blocks.BLOCK and "g_idx" not in params:
+        if spec.group_size == ggml_blocks.BLOCK and "g_idx" not in params:
             return "MXFP4", "exact", ""
         return fallback, "requantized", "MXFP4 blocks hold 32 consecutive columns under one e8m0 scale"
     if spec.format != "int":
@@ -585,12 +559,12 @@ def _block_misalignment(spec, in_features: int, params: dict[str, torch.Tensor])
     """Why one (scale, zero) per row and 32-column block cannot describe this layer ('' if it can)."""
     group_size = primitives.group_size_for(spec, in_features)
     g_idx = params.get("g_idx")
-    blocks = in_features // gguf_blocks.BLOCK
+    blocks = in_features // ggml_blocks.BLOCK
     for role in ("scale", "zero"):
         if role not in params:
             continue
         per_column = primitives.expand_to_columns(params[role].float(), in_features, group_size, g_idx)
-        per_block = per_column.reshape(per_column.shape[0], blocks, gguf_blocks.BLOCK)
+        per_block = per_column.reshape(per_column.shape[0], blocks, ggml_blocks.BLOCK)
         if not bool((per_block == per_block[..., :1]).all()):
             if g_idx is not None:
                 return "act-order g_idx puts columns of different groups in one 32-value block"
@@ -701,6 +675,8 @@ def _file_type(records: list[TensorRecord], mix: str | None = None):
     dominant = counts.most_common(1)[0][0] if counts else "F32"
     if dominant == "MXFP4":       # llama.cpp's only MXFP4 file type (gpt-oss) is named for MoE models
         return gguf.LlamaFileType.MOSTLY_MXFP4_MOE
+    # a K type alone names llama.cpp's all-base-type file type (Q4_K -> Q4_K_S, which promotes nothing)
+    dominant = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}.get(dominant, dominant)
     return gguf.LlamaFileType.ALL_F32 if dominant == "F32" else gguf.LlamaFileType[f"MOSTLY_{dominant}"]
 
 
@@ -727,6 +703,10 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
             blocks = gguf_blocks.carry_mxfp4(quant.codes, _per_block(quant.scale, quant))
             _measure(record, reference, blocks.dequantize())
             return gguf_blocks.pack_mxfp4(blocks)
+        if record.ggml_type in kquants.K_FORMATS:
+            k_blocks = quant.k_blocks()
+            _measure(record, reference, k_blocks.dequantize())
+            return gguf_kquants.pack(k_blocks)
         blocks = _carried_blocks(quant, record.ggml_type)
         if blocks.m is not None:
             record.min_error_in_scales = _min_error(quant, blocks)
@@ -754,31 +734,32 @@ def _importance(plan: _Plan, record: TensorRecord) -> torch.Tensor | None:
 
 def _importance_notes(plan: _Plan) -> list[str]:
     """What the importance matrix does and does not cover, said once."""
-    k_tensors = [r for r in plan.records if r.ggml_type in gguf_kquants.K_FORMATS and r.status == "requantized"]
+    k_tensors = [r for r in plan.records if r.ggml_type in (*kquants.K_FORMATS, "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+                 and r.status == "requantized"]
     missing = [r.name for r in k_tensors if plan.importance.importance(r.name, 0) is None]
     notes = []
     if missing:
-        notes.append(f"the importance matrix has no entry for {len(missing)} K-quant tensor(s) ({missing[0]}, ...): "
+        notes.append(f"the importance matrix has no entry for {len(missing)} quantized tensor(s) ({missing[0]}, ...): "
                      "they use llama.cpp's search without importance, as llama-quantize does")
-    if any(r.ggml_type in ("Q4_0", "Q4_1", "Q5_0", "Q5_1") and r.status == "requantized" for r in plan.records):
-        notes.append("requantized Q4_0/Q4_1/Q5_0/Q5_1 tensors are rounded without the importance matrix "
-                     "(llama.cpp's importance-weighted search for those types is not reproduced)")
     return notes
 
 
 def _requantized_bytes(record: TensorRecord, reference: torch.Tensor,
                        importance: torch.Tensor | None = None) -> np.ndarray:
-    """Float weights [rows, n] re-rounded to the record's block type: llama.cpp's quantizers (K-quants:
-    `gguf_kquants`, weighted by ``importance`` [n] when given; legacy: gguf-py's, `gguf_blocks`),
-    measured against ``reference``."""
-    if record.ggml_type in gguf_kquants.K_FORMATS:
+    """Float weights [rows, n] re-rounded to the record's block type by llama.cpp's quantizers (K-quants:
+    `kquants`; 32-value types: `ggml_blocks`), with its importance-weighted search when ``importance`` [n] is
+    given (what llama-quantize --imatrix runs), measured against ``reference``."""
+    if record.ggml_type in kquants.K_FORMATS:
         if importance is not None:
-            blocks = gguf_kquants.quantize_weighted(reference, record.ggml_type, importance.float())
+            blocks = kquants.quantize_weighted(reference, record.ggml_type, importance.float())
         else:
-            blocks = gguf_kquants.quantize_reference(reference, record.ggml_type)
+            blocks = kquants.quantize_reference(reference, record.ggml_type)
         _measure(record, reference, blocks.dequantize())
         return gguf_kquants.pack(blocks)
-    return _blocks_bytes(record, gguf_blocks.quantize_blocks(reference, record.ggml_type), reference)
+    if importance is not None:
+        return _blocks_bytes(record, ggml_blocks.quantize_weighted_blocks(reference, record.ggml_type, importance.float()),
+                             reference)
+    return _blocks_bytes(record, ggml_blocks.quantize_blocks(reference, record.ggml_type), reference)
 
 
 def _stacked_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
@@ -798,7 +779,7 @@ def _measure(record: TensorRecord, reference: torch.Tensor, approximation: torch
     record.weight_sqnr_db = primitives.sqnr_db_from_sums(*record.error_sums)
 
 
-def _blocks_bytes(record: TensorRecord, blocks: gguf_blocks.Blocks, reference: torch.Tensor) -> np.ndarray:
+def _blocks_bytes(record: TensorRecord, blocks: ggml_blocks.Blocks, reference: torch.Tensor) -> np.ndarray:
     _measure(record, reference, blocks.dequantize())
     return gguf_blocks.pack(blocks)
 
@@ -819,22 +800,24 @@ def _permute_quant(plan: _Plan, linear: str, quant: QuantTensor) -> QuantTensor:
     per_row = quant.scale.shape[0] != 1
     return QuantTensor(quant.codes[perm], quant.scale[perm] if per_row else quant.scale,
                        None if quant.zero is None else (quant.zero[perm] if per_row else quant.zero),
-                       quant.spec, quant.g_idx, quant.global_scale)
+                       quant.spec, quant.g_idx, quant.global_scale,
+                       None if quant.super_scale is None else quant.super_scale[perm],
+                       None if quant.super_min is None else quant.super_min[perm])
 
 
 def _per_block(param: torch.Tensor, quant: QuantTensor) -> torch.Tensor:
     """[R, G] per-group parameter -> [out, in/32] one value per 32-column block."""
     out_features, in_features = quant.shape
     per_column = primitives.expand_to_columns(param.float(), in_features, quant.group_size, quant.g_idx)
-    return per_column[:, :: gguf_blocks.BLOCK].expand(out_features, -1)
+    return per_column[:, :: ggml_blocks.BLOCK].expand(out_features, -1)
 
 
-def _carried_blocks(quant: QuantTensor, ggml_type: str) -> gguf_blocks.Blocks:
+def _carried_blocks(quant: QuantTensor, ggml_type: str) -> ggml_blocks.Blocks:
     zero = None if quant.zero is None else _per_block(quant.zero, quant)
     return gguf_blocks.carry_codes(quant.codes, _per_block(quant.scale, quant), zero, ggml_type)
 
 
-def _min_error(quant: QuantTensor, blocks: gguf_blocks.Blocks) -> float:
+def _min_error(quant: QuantTensor, blocks: ggml_blocks.Blocks) -> float:
     """Largest |m_f16 - m| / scale over the blocks, m = -scale * (zero + offset) in float64."""
     scale = _per_block(quant.scale, quant).double()
     exact = -scale * (_per_block(quant.zero, quant).double() + blocks.fmt.offset)

@@ -1,4 +1,4 @@
-"""GGUF (ggml) block formats written by the exporter: packing given codes, and re-rounding float weights.
+"""GGUF (ggml) 32-value block formats written by the exporter: their byte layouts, and codes carried into them.
 
 Every format cuts a row into blocks of 32 consecutive values; a block is stored little-endian as
 
@@ -16,12 +16,8 @@ Every format cuts a row into blocks of 32 consecutive values; a block is stored 
 Nibbles: byte i of qs holds the low 4 bits of q_i (low nibble) and of q_{i+16} (high nibble);
 qh bit j holds bit 4 of q_j. (ggml-common.h block_q4_0 ... block_q8_0; gguf-py quants.py.)
 
-`quantize_blocks` re-rounds float weights exactly as gguf-py's `gguf.quants.quantize` does (which is
-bit-exact with ggml's reference quantizers), reproducing its float32 arithmetic step by step:
-  Q8_0: d = absmax/127, q = round_half_away(x / d)
-  Q4_0/Q5_0: d = x_max_abs_signed / -8 (or -16), q = trunc(x / d + 8.5 (16.5)), clamp
-  Q4_1/Q5_1: d = (max - min)/15 (31), m = min, q = trunc((x - min) / d + 0.5), clamp
-where "/ d" is a multiplication by id = 1/d (0 when d = 0), exactly as the reference does.
+The fields and the roundings onto them (`Blocks`, `quantize_blocks`, `quantize_weighted_blocks`) are
+`quantkit.formats.ggml_blocks`.
 """
 from __future__ import annotations
 
@@ -32,53 +28,9 @@ import numpy as np
 import torch
 
 from quantkit.formats import packing
+from quantkit.formats.ggml_blocks import BLOCK, FORMATS, Blocks
 
-BLOCK = 32
-
-
-@dataclass(frozen=True)
-class BlockFormat:
-    name: str
-    type_size: int          # bytes per block
-    offset: int             # q = code + offset for the signed-code formats (0 for Q8_0)
-    levels: int             # number of q values: 2^bits
-    has_min: bool           # Q4_1 / Q5_1 store an f16 minimum m
-
-
-FORMATS: dict[str, BlockFormat] = {
-    "Q8_0": BlockFormat("Q8_0", 34, 0, 256, False),
-    "Q4_0": BlockFormat("Q4_0", 18, 8, 16, False),
-    "Q4_1": BlockFormat("Q4_1", 20, 8, 16, True),
-    "Q5_0": BlockFormat("Q5_0", 22, 16, 32, False),
-    "Q5_1": BlockFormat("Q5_1", 24, 16, 32, True),
-}
-
-
-# Bytes per 32-value block of every block type the exporter writes (the integer formats and MXFP4).
 BLOCK_BYTES = {**{name: fmt.type_size for name, fmt in FORMATS.items()}, "MXFP4": 17}
-
-
-@dataclass
-class Blocks:
-    """Block parameters of a [rows, n] matrix, n a multiple of 32.
-
-    q: [rows, n] int64 stored values (unsigned q for Q4/Q5, signed qs for Q8_0)
-    d: [rows, n/32] float16 block scales;  m: [rows, n/32] float16 block minimums (Q4_1/Q5_1) or None
-    """
-
-    fmt: BlockFormat
-    q: torch.Tensor
-    d: torch.Tensor
-    m: torch.Tensor | None = None
-
-    def dequantize(self) -> torch.Tensor:
-        """[rows, n] float32, computed as ggml does: d * (q - offset) or d * q + m."""
-        rows, n = self.q.shape
-        q = self.q.reshape(rows, n // BLOCK, BLOCK).float()
-        d = self.d.float()[..., None]
-        if self.fmt.has_min:
-            return (d * q + self.m.float()[..., None]).reshape(rows, n)
-        return (d * (q - self.fmt.offset)).reshape(rows, n)
 
 
 def _f16_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -147,41 +99,6 @@ def unpack(data: np.ndarray, fmt_name: str, n: int) -> Blocks:
         qs = raw[..., at:at + 16].long()
         q = torch.cat([qs & 0x0F, qs >> 4], dim=-1) | high
     return Blocks(fmt, q.reshape(raw.shape[0], n), d, m)
-
-
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """ggml's roundf as gguf-py writes it: sign(x) * (floor|x| + floor(2 * (|x| - floor|x|)))."""
-    a = x.abs()
-    floored = torch.floor(a)
-    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
-
-
-def _inverse(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-
-
-def quantize_blocks(weight: torch.Tensor, fmt_name: str) -> Blocks:
-    """Re-round float weights [rows, n] (n a multiple of 32) to a block format, bit-identical to
-    ``gguf.quants.quantize(weight.float().numpy(), type)``. All arithmetic in float32."""
-    fmt = FORMATS[fmt_name]
-    rows, n = weight.shape
-    assert n % BLOCK == 0, n
-    x = weight.float().reshape(rows, n // BLOCK, BLOCK)
-    if fmt.name == "Q8_0":
-        d = x.abs().amax(dim=-1, keepdim=True) / 127
-        q = _round_half_away(x * _inverse(d))
-        return Blocks(fmt, q.long().reshape(rows, n), d.squeeze(-1).half())
-    if fmt.has_min:
-        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-        d = (hi - lo) / (fmt.levels - 1)
-        q = torch.trunc((x - lo) * _inverse(d) + 0.5).clamp(0, fmt.levels - 1)
-        return Blocks(fmt, q.long().reshape(rows, n), d.squeeze(-1).half(), lo.squeeze(-1).half())
-    # Symmetric 4/5-bit: the element of largest magnitude (first one on ties, keeping its sign)
-    # maps to q = 0, i.e. d = x_max / -offset.
-    index = x.abs().argmax(dim=-1, keepdim=True)
-    d = torch.gather(x, -1, index) / -fmt.offset
-    q = torch.trunc(x * _inverse(d) + (fmt.offset + 0.5)).clamp(0, fmt.levels - 1)
-    return Blocks(fmt, q.long().reshape(rows, n), d.squeeze(-1).half())
 
 
 @dataclass

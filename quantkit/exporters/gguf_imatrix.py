@@ -94,3 +94,78 @@ def write_imatrix(path, matrix: ImportanceMatrix) -> None:
         writer.write_tensors_to_file()
     finally:
         writer.close()
+
+
+@dataclass
+class ImatrixExportResult:
+    out: Path
+    tensors: int                   # GGUF weight tensors with statistics
+    chunk_count: int
+    chunk_size: int
+    notes: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "format": "imatrix", "tensors": self.tensors, "chunk_count": self.chunk_count,
+                "chunk_size": self.chunk_size, "notes": self.notes, "size_bytes": self.size_bytes}
+
+
+def export_imatrix(source_dir, out, *, overwrite: bool = False) -> ImatrixExportResult:
+    """The importance statistics a calibration recorded, as llama-imatrix's file: per GGUF weight tensor the
+    sum of its inputs' squares per column and the token count (experts stacked, one row each)."""
+    from safetensors import safe_open
+
+    from quantkit.exporters.source import ExportSource
+    from quantkit.files import check_output_path, staged_file
+    from quantkit.model.gguf_names import GGUFNames
+    from quantkit.native.manifest import IN_COUNT, IN_SUM2
+
+    out = Path(out)
+    source = ExportSource.open(source_dir, require_manifest=True)
+    manifest = source.manifest
+    results = None if manifest.search_results is None else source.path / manifest.search_results
+    if results is None or not results.is_file():
+        raise QuantkitError(f"{source.path} has no search results file, so no importance statistics: it was "
+                            "calibrated without data (rtn on every layer); calibrate with --algo imatrix, gptq or awq")
+    with safe_open(str(results), "pt") as handle:
+        stored = {key: handle.get_tensor(key) for key in handle.keys() if key.endswith((IN_SUM2, IN_COUNT))}
+    linears = [name for name in manifest.layers if f"{name}.{IN_SUM2}" in stored]
+    if not linears:
+        raise QuantkitError(f"{source.path} records no importance statistics (calibrated by a quantkit older than "
+                            "the imatrix export, or without data); recalibrate to export them")
+    names = GGUFNames.of(source.arch, source.num_blocks)
+    stacks: dict[str, dict[int, str]] = {}
+    for linear in linears:
+        gguf_name, expert = _stack_place(names, source.arch, linear)
+        stacks.setdefault(gguf_name, {})[expert] = linear
+    sums, counts = {}, {}
+    for gguf_name, members in stacks.items():
+        order = [members[e] for e in sorted(members)]
+        sums[gguf_name] = torch.stack([stored[f"{m}.{IN_SUM2}"].float() for m in order])
+        counts[gguf_name] = torch.cat([stored[f"{m}.{IN_COUNT}"].float().reshape(1) for m in order])
+    calibration = manifest.calibration
+    dataset = (calibration.dataset or {}).get("name", "quantkit calibration")
+    matrix = ImportanceMatrix(sums, counts, [f"quantkit:{dataset}"], calibration.num_samples or 0,
+                              calibration.seq_len or 0)
+    notes = [f"{len(manifest.layers) - len(linears)} quantized linear(s) have no statistics (no token reached them)"] \
+        if len(linears) < len(manifest.layers) else []
+    notes.append("statistics are of each Linear's input as calibration quantized it (earlier blocks already "
+                 "quantized, after smoothing/AWQ scaling), where llama-imatrix measures the float model")
+    check_output_path(out, overwrite, [source.path])
+    with staged_file(out, overwrite) as staging:
+        write_imatrix(staging, matrix)
+    return ImatrixExportResult(out.resolve(), len(sums), matrix.chunk_count, matrix.chunk_size, notes,
+                               out.stat().st_size)
+
+
+def _stack_place(names, arch, linear: str) -> tuple[str, int]:
+    """(GGUF weight name, expert index or 0) of a block Linear; an expert's rows stack under its merged tensor."""
+    import re
+
+    if arch.experts is not None:
+        container = re.escape(arch.experts.container)
+        match = re.search(rf"\.{container}\.(\d+)\.", linear)
+        if match:
+            merged = linear[:match.start()] + f".{arch.experts.container}." + linear[match.end():]
+            return names.gguf_name(merged + ".weight"), int(match.group(1))
+    return names.gguf_name(linear + ".weight"), 0

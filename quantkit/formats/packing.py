@@ -1,4 +1,4 @@
-"""Bit packing of signed b-bit codes (b in 2, 3, 4, 8) into int32 words along the input dimension.
+"""Bit packing of signed b-bit codes (b in 2..8) into int32 words along the input dimension.
 
 Bit order (the native format's, written down once):
   1. each code c in [-2^(b-1), 2^(b-1)-1] becomes the unsigned value u = c + 2^(b-1);
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-PACKABLE_BITS = (2, 3, 4, 8)
+PACKABLE_BITS = tuple(range(2, 9))
 
 
 def packed_words_per_row(in_features: int, bits: int) -> int:

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from quantkit.formats import kquants
 from quantkit.formats.numbers import (
     ELEMENT_FORMATS,
     ElementFormat,
@@ -255,6 +256,8 @@ def fake_quantize_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     Bit-identical to ``rtn.quantize_rtn(w, spec).dequantize()``, computed on the grouped view
     (no per-column gathers): what search loops (AWQ's scale and clip grids) call thousands of times."""
     w = w.float()
+    if spec.k_format is not None:      # llama.cpp's reference search (`rtn.quantize_rtn`)
+        return kquants.quantize_reference(w, spec.k_format.name).dequantize()
     if spec.granularity == "block" or spec.second_scale is not None:
         glob = global_scale(w, spec)
         scale, zero = weight_qparams(w, spec, glob)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.formats import primitives
+from quantkit.formats import ggml_blocks, kquants, primitives
 from quantkit.formats.schemes import WeightSpec
 
 
@@ -23,6 +23,10 @@ class QuantTensor:
     g_idx:  [in] int32 group of each input column when act-order reordered the groups, else None
     global_scale: [1] float32 per-tensor divisor of two-level grids (NVFP4: w = code * scale / global_scale),
             present exactly when ``spec.second_scale`` is set
+    super_scale, super_min: [out, in / 256] float32 holding float16 values: a K-quant grid's super-block
+            ``d`` and ``dmin`` (``spec.super_group``); ``scale`` then holds the integer sub-block scales
+            (Q3_K's as sc - 32) and ``zero`` the integer sub-block mins m:
+            w = (d * scale) * code  (symmetric),  (d * scale) * (code + 2^(bits-1)) - (dmin * zero)
     """
 
     codes: torch.Tensor
@@ -31,6 +35,8 @@ class QuantTensor:
     spec: WeightSpec
     g_idx: torch.Tensor | None = None
     global_scale: torch.Tensor | None = None
+    super_scale: torch.Tensor | None = None
+    super_min: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         out_features, in_features = self.codes.shape
@@ -42,6 +48,11 @@ class QuantTensor:
         assert self.scale.shape[1] == primitives.group_count(in_features, self.group_size), self.scale.shape
         assert self.zero is None or self.zero.shape == self.scale.shape
         assert self.spec.symmetric == (self.zero is None)
+        assert (self.super_scale is None) == (self.spec.super_group is None)
+        assert (self.super_min is None) == (self.super_scale is None or self.spec.symmetric)
+        if self.super_scale is not None:
+            assert in_features % self.spec.super_group == 0, (in_features, self.spec.super_group)
+            assert self.super_scale.shape == (out_features, in_features // self.spec.super_group), self.super_scale.shape
         values = self.codes.float()
         assert self.codes.numel() == 0 or element.min <= float(values.min()) <= float(values.max()) <= element.max
 
@@ -75,7 +86,38 @@ class QuantTensor:
             return torch.searchsorted(element.values(), self.codes.float().contiguous()).to(torch.uint8)
         return (self.codes.to(torch.int16) - int(element.min)).to(torch.uint8)
 
+    @classmethod
+    def from_k_blocks(cls, blocks: kquants.KBlocks, spec: WeightSpec) -> "QuantTensor":
+        """The K-quant fields as a QuantTensor of ``spec`` (whose `WeightSpec.k_format` is ``blocks.fmt``)."""
+        assert spec.k_format == blocks.fmt, (spec, blocks.fmt.name)
+        rows, n = blocks.q.shape
+        scale = blocks.sc - 32 if blocks.fmt.name == "Q3_K" else blocks.sc
+        codes = (blocks.q - (1 << (spec.bits - 1))).to(torch.int8)
+        return cls(codes, scale.reshape(rows, -1).float(), None if blocks.m is None else blocks.m.reshape(rows, -1).float(),
+                   spec, super_scale=blocks.d.float(), super_min=None if blocks.dmin is None else blocks.dmin.float())
+
+    @classmethod
+    def from_ggml_blocks(cls, blocks: ggml_blocks.Blocks, spec: WeightSpec) -> "QuantTensor":
+        """A symmetric 32-value block type (Q4_0, Q5_0, Q8_0) as the int g32 grid that holds it exactly:
+        code = q - offset, scale = d (negative where llama.cpp's d = max / -8 is)."""
+        assert not blocks.fmt.has_min and (spec.group_size, spec.symmetric) == (ggml_blocks.BLOCK, True), spec
+        codes = (blocks.q - blocks.fmt.offset).to(torch.int8)
+        return cls(codes, blocks.d.float(), None, spec)
+
+    def k_blocks(self) -> kquants.KBlocks:
+        """The K-quant fields of a K grid (`from_k_blocks` inverted)."""
+        fmt = self.spec.k_format
+        rows, n = self.shape
+        nb = n // kquants.SUPER
+        sc = self.scale.long().reshape(rows, nb, -1)
+        q = self.codes.long() + (1 << (self.spec.bits - 1))
+        return kquants.KBlocks(fmt, q, sc + 32 if fmt.name == "Q3_K" else sc,
+                               None if self.zero is None else self.zero.long().reshape(rows, nb, -1),
+                               self.super_scale.half(), None if self.super_min is None else self.super_min.half())
+
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32."""
+        if self.super_scale is not None:       # K-quants: ggml's own order of float32 operations
+            return self.k_blocks().dequantize()
         return primitives.dequantize(self.codes, self.scale, self.zero, self.group_size, self.g_idx, self.row_block,
                                      self.global_scale)

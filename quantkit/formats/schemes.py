@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from quantkit.errors import QuantkitError
+from quantkit.formats import ggml_mixes, kquants
 from quantkit.formats.numbers import (
     ElementFormat,
     element_format,
@@ -43,6 +44,11 @@ class WeightSpec:
     The combinations that exist (`_GRIDS`): integers with fp16 scales per tensor, channel or group;
     fp8 e4m3 with fp32 scales per tensor, channel, group or block; fp4 e2m1 in groups with e8m0
     scales (MXFP4) or fp8 e4m3 scales under an fp32 global scale (NVFP4).
+    super_group: llama.cpp's K-quants (Q2_K ... Q6_K, `kquants`): int{bits} codes in groups (sub-blocks)
+    of 16 or 32 with small integer scales (and integer mins for the asymmetric types) under one fp16
+    scale (and fp16 min scale) per super-block of 256 columns:
+      w = (d * sc) * code                      (Q3_K, Q6_K: symmetric)
+      w = (d * sc) * (code + 2^(bits-1)) - (dmin * m)   (Q2_K, Q4_K, Q5_K)
     """
 
     bits: int
@@ -53,10 +59,14 @@ class WeightSpec:
     block_shape: tuple[int, int] | None = None
     second_scale: str | None = None
     format: str = "int"        # the element grid: "int" (int{bits}) or a float element format
+    super_group: int | None = None   # llama.cpp K-quants: integer group scales under fp16 super-block scales
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise QuantkitError(f"weight bits must be between 2 and 8, got {self.bits}")
+        if self.super_group is not None:
+            self._check_k_grid()
+            return
         scale_format(self.scale_format)  # an unknown name stops here
         if self.second_scale is not None:
             scale_format(self.second_scale)
@@ -76,11 +86,30 @@ class WeightSpec:
         if any(size < 1 for size in sizes) or (self.block_shape is not None and len(self.block_shape) != 2):
             raise QuantkitError(f"group and block sizes must be positive (a block is rows x columns), got {sizes}")
 
+    def _check_k_grid(self) -> None:
+        fmt = kquants.format_of(self.bits, self.symmetric, self.group_size or 0)
+        if (self.super_group != kquants.SUPER or fmt is None or self.granularity != "group" or self.format != "int"
+                or self.scale_format != "fp16" or self.second_scale is not None or self.block_shape is not None):
+            grids = ", ".join(f"{name} (int{b} g{sub} {'sym' if sym else 'asym'})"
+                              for name, (b, sym, sub) in ((f.name, kquants.grid_of(f)) for f in kquants.K_FORMATS.values()))
+            raise QuantkitError(f"no K-quant grid has int{self.bits} {'sym' if self.symmetric else 'asym'} codes in "
+                                f"groups of {self.group_size} under super-blocks of {self.super_group}; the K grids "
+                                f"(super-blocks of {kquants.SUPER}, fp16 super-block scales) are: {grids}")
+
+    @property
+    def k_format(self) -> kquants.KFormat | None:
+        """The llama.cpp K-quant type this grid is (`quantkit.formats.kquants`), or None."""
+        return None if self.super_group is None else kquants.format_of(self.bits, self.symmetric, self.group_size)
+
     @property
     def element(self) -> ElementFormat:
         return signed_int(self.bits) if self.format == "int" else element_format(self.format)
 
     def describe(self) -> str:
+        if self.k_format is not None:
+            scales = {"Q2_K": "4-bit scales and mins", "Q6_K": "int8 scales", "Q3_K": "6-bit scales"}.get(
+                self.k_format.name, "6-bit scales and mins")
+            return f"{self.k_format.name} (int{self.bits} g{self.group_size}, {scales} x fp16 per {self.super_group})"
         grain = {"group": f"g{self.group_size}", "block": "block{}x{}".format(*(self.block_shape or (0, 0)))
                  }.get(self.granularity, f"per-{self.granularity}")
         return _describe_grid(self, grain, "")
@@ -200,6 +229,16 @@ _FP8_CHANNEL = WeightSpec(8, "channel", True, scale_format="fp32", format="fp8_e
 _MXFP4 = WeightSpec(4, "group", True, 32, scale_format="e8m0", format="fp4_e2m1")
 _NVFP4 = WeightSpec(4, "group", True, 16, scale_format="fp8_e4m3", second_scale="fp32", format="fp4_e2m1")
 
+# llama.cpp's 32-value block types as integer grids (its K-quants are `kquants.K_FORMATS`). Codes and fp16
+# scales carry into the GGUF blocks exactly (Q4_1/Q5_1 store their min m = -scale * (zero + 2^(b-1)) in fp16).
+LEGACY_GGML = {"Q4_0": (4, True), "Q4_1": (4, False), "Q5_0": (5, True), "Q5_1": (5, False), "Q8_0": (8, True)}
+
+
+def _k_spec(fmt: kquants.KFormat) -> WeightSpec:
+    bits, symmetric, sub = kquants.grid_of(fmt)
+    return WeightSpec(bits, "group", symmetric, sub, super_group=kquants.SUPER)
+
+
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
@@ -235,10 +274,21 @@ SCHEMES: dict[str, Scheme] = {
                "scale, NVFP4 activations (dynamic fp8 group scales under a calibrated global scale)", _NVFP4,
                ActivationSpec(4, "group", True, "fp4_e2m1", group_size=16, scale_format="fp8_e4m3",
                               second_scale="fp32")),
+        *(Scheme(f.name.lower(), f"llama.cpp {f.name} weight-only: super-blocks of 256, sub-blocks of {f.sub} "
+                 f"({'symmetric' if not f.has_min else 'with mins'}); activations stay float (GGUF)",
+                 _k_spec(f)) for f in kquants.K_FORMATS.values()),
+        *(Scheme(name.lower(), f"llama.cpp {name} weight-only: int{bits} {'symmetric' if sym else 'with a min'} in "
+                 "blocks of 32 with fp16 scales (GGUF)", WeightSpec(bits, "group", sym, 32))
+          for name, (bits, sym) in LEGACY_GGML.items()),
         Scheme("nvfp4a16", "NVFP4 weight-only: fp4 e2m1 groups of 16, fp8 e4m3 scales x fp32 global scale; "
                "activations stay float", _NVFP4),
     )
 }
+
+
+def ggml_scheme(ggml_type: str) -> Scheme:
+    """The weight-only scheme whose grid is the ggml block type ``ggml_type`` (Q2_K ... Q6_K, Q4_0 ... Q8_0)."""
+    return SCHEMES[ggml_type.lower()]
 
 
 def get_scheme(name: str) -> Scheme:
@@ -246,7 +296,7 @@ def get_scheme(name: str) -> Scheme:
     try:
         return SCHEMES[name]
     except KeyError:
-        close = difflib.get_close_matches(name, SCHEMES, n=3, cutoff=0.4)
+        close = difflib.get_close_matches(name, [*SCHEMES, *ggml_mixes.FILE_TYPE_SCHEMES], n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(SCHEMES)}"
         raise QuantkitError(f"unknown scheme '{name}'{hint}") from None
 
@@ -266,7 +316,8 @@ def scheme_to_dict(scheme: Scheme) -> dict:
 
 
 # Fields newer than the first manifests, left out of a scheme's record at their defaults.
-_WEIGHT_DEFAULTS = {"scale_format": "fp16", "block_shape": None, "second_scale": None, "format": "int"}
+_WEIGHT_DEFAULTS = {"scale_format": "fp16", "block_shape": None, "second_scale": None, "format": "int",
+                    "super_group": None}
 _ACTIVATION_DEFAULTS = {"format": "int", "group_size": None, "scale_format": "fp32", "second_scale": None}
 
 

@@ -39,6 +39,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_g_idx", None if weight.g_idx is None else weight.g_idx.to(torch.int32))
         self.register_buffer("weight_global_scale",  # a fused group shares one value, never one tensor
                              None if weight.global_scale is None else weight.global_scale.float().clone())
+        for role in ("super_scale", "super_min"):      # K-quants' fp16 super-block scales
+            value = getattr(weight, role)
+            self.register_buffer(f"weight_{role}", None if value is None else value.to(torch.float16))
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
         self.register_buffer("input_zero", None if input_zero is None else input_zero.float().reshape(1))
         self.register_buffer("input_global_scale",
@@ -47,8 +50,10 @@ class QuantLinear(nn.Module):
         self._cached_weight: tuple | None = None
 
     def quant_tensor(self) -> QuantTensor:
+        supers = {role: getattr(self, f"weight_{role}") for role in ("super_scale", "super_min")}
         return QuantTensor(self.weight_codes, self.weight_scale.float(), self.weight_zero, self.weight_spec,
-                           self.weight_g_idx, self.weight_global_scale)
+                           self.weight_g_idx, self.weight_global_scale,
+                           **{role: None if value is None else value.float() for role, value in supers.items()})
 
     def dequantized_weight(self) -> torch.Tensor:
         """[out, in] float32."""

@@ -40,8 +40,9 @@ def read_record(entry: LayerEntry, tensors: dict[str, torch.Tensor]) -> LinearRe
     zero = tensors[names["zero"]].float() if "zero" in names else None
     g_idx = tensors[names["g_idx"]] if "g_idx" in names else None
     global_scale = tensors[names["global_scale"]].float() if "global_scale" in names else None
+    supers = {role: tensors[names[role]].float() for role in ("super_scale", "super_min") if role in names}
     weight = QuantTensor(codes.to(primitives.code_dtype(spec.element)), tensors[names["scale"]].float(), zero, spec,
-                         g_idx, global_scale)
+                         g_idx, global_scale, **supers)
     return LinearRecord(
         weight, input_scale=tensors.get(names.get("input_scale", "")),
         input_zero=tensors[names["input_zero"]].float() if "input_zero" in names else None,
@@ -54,7 +55,8 @@ def quant_linear_from_tensors(entry: LayerEntry, tensors: dict[str, torch.Tensor
     return read_record(entry, tensors).module(entry.scheme.activation)
 
 
-QUANT_TENSOR_SUFFIXES = (".weight_codes", ".weight_scale", ".weight_zero", ".weight_g_idx", ".weight_global_scale")
+QUANT_TENSOR_SUFFIXES = (".weight_codes", ".weight_scale", ".weight_zero", ".weight_g_idx", ".weight_global_scale",
+                          ".weight_super_scale", ".weight_super_min")
 
 
 def check_native_weights(path: Path, checkpoint: Checkpoint, manifest: Manifest) -> None:

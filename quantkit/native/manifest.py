@@ -25,8 +25,11 @@ def _json_type(value) -> str:
 
 
 _REQUIRED_FIELDS = {"tool": dict, "source": dict, "calibration": dict, "storage_dtype": str, "layers": dict}
+# The names calibrate saves each quantized Linear's input statistics under in the search results file:
+# <linear>.in_sum2 [in] float32 sum of x_j^2, <linear>.in_count [1] float32 tokens (llama.cpp's imatrix).
+IN_SUM2, IN_COUNT = "in_sum2", "in_count"
 _OPTIONAL_FIELDS = {"smoothing": dict, "ignored": dict, "recipe": dict, "weight_files": list,
-                    "search_results": str, "summary": dict}
+                    "search_results": str, "summary": dict, "gguf_file_type": str}
 _KIND_NAMES = {dict: "an object", str: "a string", list: "an array"}
 
 
@@ -176,6 +179,7 @@ class Manifest:
     search_results: str | None = None                  # file holding smoothing factors, AWQ scales, ...
     summary: Summary = field(default_factory=Summary)
     format_version: int = FORMAT_VERSION
+    gguf_file_type: str | None = None                  # the llama.cpp file type the plan follows (Q4_K_M, ...)
 
     def to_dict(self) -> dict:
         return {
@@ -191,6 +195,7 @@ class Manifest:
             "search_results": self.search_results,
             "summary": self.summary.to_dict(),
             "layers": {name: entry.to_dict() for name, entry in self.layers.items()},
+            **({"gguf_file_type": self.gguf_file_type} if self.gguf_file_type else {}),
         }
 
     @classmethod
@@ -230,7 +235,7 @@ class Manifest:
         return cls(
             storage_dtype=data["storage_dtype"], ignored=dict(data.get("ignored") or {}), recipe=data.get("recipe"),
             weight_files=list(data.get("weight_files") or []), search_results=data.get("search_results"),
-            format_version=version, layers=layers, **sections,
+            format_version=version, layers=layers, gguf_file_type=data.get("gguf_file_type"), **sections,
         )
 
     def save(self, directory: Path) -> Path:

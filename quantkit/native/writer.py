@@ -7,6 +7,8 @@ Tensors of a quantized Linear ``L`` (roles recorded in the manifest's ``tensors`
   L.weight_scale  [R, G] in the scale format's dtype: float16 (integer grids), float32 (fp8),
                   float8_e8m0fnu (MXFP4), float8_e4m3fn (NVFP4)
   L.weight_zero   int8 [R, G] (float32 when fractional)     L.weight_global_scale  float32 [1] (NVFP4)
+  L.weight_super_scale, L.weight_super_min  float16 [out, in/256] (K-quants' d, dmin; then weight_scale holds
+                  the integer sub-block scales and weight_zero the integer mins, `QuantTensor`)
   L.weight_g_idx  int32 [in] (act-order)  L.input_scale  float32 [1] (static activations)
   L.input_zero    int8 [1] (static asym)  L.input_global_scale  float32 [1] (NVFP4 activations)
   L.bias          storage dtype [out]
@@ -27,7 +29,8 @@ from quantkit.model.qlinear import QuantLinear
 
 # role -> tensor-name suffix
 SUFFIXES = {"codes": "weight_codes", "scale": "weight_scale", "zero": "weight_zero", "g_idx": "weight_g_idx",
-            "global_scale": "weight_global_scale", "input_scale": "input_scale", "input_zero": "input_zero",
+            "global_scale": "weight_global_scale", "super_scale": "weight_super_scale",
+            "super_min": "weight_super_min", "input_scale": "input_scale", "input_zero": "input_zero",
             "input_global_scale": "input_global_scale", "bias": "bias"}
 
 
@@ -74,6 +77,7 @@ def tensor_names(name: str, record: LinearRecord) -> dict[str, str]:
     """The role -> tensor-name map of one quantized Linear for the manifest (nothing is packed)."""
     present = {"codes": True, "scale": True, "zero": record.quant.zero is not None,
                "g_idx": record.quant.g_idx is not None, "global_scale": record.quant.global_scale is not None,
+               "super_scale": record.quant.super_scale is not None, "super_min": record.quant.super_min is not None,
                "input_scale": record.input_scale is not None, "input_zero": record.input_zero is not None,
                "input_global_scale": record.input_global_scale is not None, "bias": record.bias is not None}
     return {role: f"{name}.{SUFFIXES[role]}" for role, here in present.items() if here}
@@ -96,6 +100,9 @@ def record_tensors(name: str, record: LinearRecord) -> dict[str, torch.Tensor]:
         by_role["g_idx"] = quant.g_idx.to(torch.int32)
     if quant.global_scale is not None:
         by_role["global_scale"] = quant.global_scale.float().reshape(1)
+    for role in ("super_scale", "super_min"):          # K-quants' fp16 d and dmin
+        if getattr(quant, role) is not None:
+            by_role[role] = getattr(quant, role).to(torch.float16)
     if record.input_global_scale is not None:
         by_role["input_global_scale"] = record.input_global_scale.float().reshape(1)
     if record.input_scale is not None:

@@ -38,7 +38,7 @@ from quantkit.formats import primitives
 from quantkit.model.architectures import Architecture
 from quantkit.model.moe import expert_calibration, expert_index, expert_modules
 from quantkit.model.qlinear import set_submodule
-from quantkit.native.manifest import LayerEntry
+from quantkit.native.manifest import IN_COUNT, IN_SUM2, LayerEntry
 from quantkit.native.writer import LinearRecord, codes_layout, tensor_names
 from quantkit.run.distributed import Processes
 from quantkit.run.layers import (
@@ -49,6 +49,10 @@ from quantkit.run.layers import (
 )
 from quantkit.run.recipe import LayerAssignment
 from quantkit.run.smoothing import smooth_block
+
+# Every observed Linear keeps its input range (static activations, reports) and sum of squares (llama.cpp's
+# importance matrix, saved in the search results as <linear>.in_sum2 [in] and <linear>.in_count [1]).
+IMPORTANCE = frozenset({"range", "sum_sq"})
 
 
 @dataclass
@@ -73,6 +77,7 @@ class BlockJob:
     float_block: Callable[[], nn.Module] | None = None  # a fresh float copy (to tell overflow from quantization error)
     moe_all_experts: bool = True                 # experts' statistics from every token (outputs keep the routing)
     expert_batch: int = 16                       # experts whose Hessians are collected at once
+    float_inputs: list[BlockInput] | None = None  # the float model's own block inputs (--imatrix-from float)
 
 
 @dataclass
@@ -83,6 +88,7 @@ class BlockResult:
     alpha: float | None = None
     alpha_errors: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    float_outputs: list[BlockInput] | None = None  # the float block's outputs (--imatrix-from float)
 
 
 class BlockQuantizer:
@@ -91,6 +97,7 @@ class BlockQuantizer:
         self.fused_scales: dict[tuple[str, ...], torch.Tensor] = {}
         self.timings: dict[str, float] = {}
         self.routed_tokens: dict[int, float] = {}   # MoE: expert -> calibration tokens routed to it
+        self.float_importance: dict[str, LayerStats] = {}  # --imatrix-from float: Σx² on the float model
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -111,6 +118,9 @@ class BlockQuantizer:
         result = BlockResult(outputs=None, entries={})
         stats: dict[str, LayerStats | None] = dict.fromkeys(job.assigned)
         deferred = self.resequenced()
+        if job.float_inputs is not None:   # before anything changes the block
+            with self.timed("observe"):
+                self.float_importance, result.float_outputs = self.float_statistics()
         if calibrated:
             with self.timed("observe"):
                 try:
@@ -179,7 +189,7 @@ class BlockQuantizer:
         The first pass (not ``partial``) also observes the inputs of scaling groups whose consumers
         see only part of them (MoE experts); ``count_routes`` counts each expert's routed tokens."""
         job = self.job
-        kinds = {name: frozenset({"range"}) | (frozenset() if name in deferred else
+        kinds = {name: IMPORTANCE | (frozenset() if name in deferred else
                                                get_algorithm(job.assigned[name].algorithm).statistics)
                  for name in names}
         if not partial:
@@ -198,6 +208,27 @@ class BlockQuantizer:
         if count_routes and routed:
             self.routed_tokens = dict(enumerate(job.processes.sum_values(routed)))
         return stats
+
+    def float_statistics(self) -> tuple[dict[str, LayerStats], list[BlockInput]]:
+        """What llama-imatrix measures: each assigned Linear's Σx² and token count on the float model's own
+        activations (the float block on the float stream; experts see their routed tokens), and the float
+        block's outputs, the next block's float inputs."""
+        job = self.job
+        runner = runner_for(job.float_block(), job.compute_dtype)
+        stats = {name: LayerStats(frozenset({"sum_sq"})) for name in job.assigned}
+
+        def make_hook(name: str):
+            def hook(module, args, output):
+                if args[0].shape[0]:
+                    stats[name].update(args[0])
+            return hook
+
+        outputs = []
+        with forward_hooks({name: runner.get_submodule(name) for name in job.assigned}, make_hook):
+            for call in job.float_inputs:
+                outputs.append(BlockInput(run_block(runner, call), call.kwargs, call.first_sample))
+        job.processes.all_reduce_stats({n: s for n, s in stats.items() if "sum_sq" in s.items and s.tokens})
+        return stats, outputs
 
     def group_inputs(self) -> list[str]:
         """Modules observed for a scaling group's input (the MoE block: its experts each see part)."""
@@ -325,6 +356,12 @@ class BlockQuantizer:
         )
         if stats is not None:
             result.entries[full_name].metrics["input_absmax"] = float(stats.range.absmax.max())
+        # llama.cpp's importance matrix (export --format imatrix): of the input this Linear was quantized on, or
+        # with --imatrix-from float of the float model's
+        importance = self.float_importance.get(name, stats) if job.float_inputs is not None else stats
+        if importance is not None and importance.tokens and importance.sum_sq.total is not None:
+            result.search_results[f"{full_name}.{IN_SUM2}"] = importance.sum_sq.total.float()
+            result.search_results[f"{full_name}.{IN_COUNT}"] = importance.sum_sq.count.float().reshape(1)
         expert = expert_index(name, job.arch.experts) if job.arch.experts else None
         if expert is not None and expert in self.routed_tokens:
             result.entries[full_name].metrics["routed_tokens"] = float(self.routed_tokens[expert])

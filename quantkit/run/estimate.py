@@ -151,6 +151,8 @@ def _output_bytes(run, shapes, storage: int) -> int:
         rows = primitives.group_count(shape[0], primitives.rows_per_scale(spec, shape[0]))
         per_scale = scale_format(spec.scale_format).bits // 8 + (0 if spec.symmetric else 1)
         total += _numel(shape) * spec.bits // 8 + rows * groups * per_scale + (4 if spec.second_scale else 0)
+        if spec.super_group:   # K-quants' fp16 d (and dmin) per super-block
+            total += rows * (shape[1] // spec.super_group) * 2 * (1 if spec.symmetric else 2)
     return total
 
 

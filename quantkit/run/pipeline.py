@@ -38,6 +38,7 @@ from quantkit.calibrate.hooks import (
 )
 from quantkit.errors import QuantkitError, RunInterrupted
 from quantkit.files import check_output_path, writing
+from quantkit.formats import ggml_mixes
 from quantkit.formats.schemes import get_scheme, scheme_to_dict
 from quantkit.model.architectures import Architecture, architecture_for
 from quantkit.model.checkpoint import (
@@ -65,6 +66,7 @@ from quantkit.run.block import BlockJob, BlockQuantizer, BlockResult
 from quantkit.run.distributed import Processes, from_environment
 from quantkit.run.estimate import Estimate, check_fits, estimate_run
 from quantkit.run.layers import cast_parameters
+from quantkit.run.mixes import resolve_ggml_types
 from quantkit.run.recipe import LayerAssignment, Recipe, make_scheme, uniform_plan
 from quantkit.run.smoothing import ALPHA_GRID
 from quantkit.run.workdir import WorkDir, check_committed_work
@@ -102,6 +104,8 @@ class CalibrateConfig:
     keep_model: bool = False            # return the in-memory quantized model (tests, validation)
     resume: bool = False                # continue an interrupted run from its first unfinished block
     offload_activations: bool = False   # keep the cached block inputs on disk, one file per batch
+    imatrix_from: str = "quantized"     # importance statistics of the inputs as calibration propagates them, or
+                                        # "float": the float model's own (llama-imatrix's; one more forward per block)
     dry_run: bool = False               # validate everything and estimate memory/disk, then stop
     moe_all_experts: bool = True        # MoE: every expert's statistics from every token (outputs keep the routing)
     expert_batch: int = 16              # MoE: experts whose Hessians are collected at once
@@ -186,6 +190,7 @@ class _Run:
     copied_files: list[Path] = field(default_factory=list)  # config and tokenizer files copied to the output
     block_alpha: dict[int, float | None] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    gguf_file_type: str | None = None   # the llama.cpp file type the plan follows (--scheme q4_k_m)
 
     def full_name(self, block_index: int, name: str) -> str:
         return f"{self.arch.blocks}.{block_index}.{name}"
@@ -201,16 +206,25 @@ def _timed(run: _Run, stage: str) -> Iterator[None]:
 
 
 def _plan(config: CalibrateConfig, layer_names: list[str]) -> tuple[dict, dict, Recipe | None]:
-    """(layer -> assignment, ignored layers, recipe) from --recipe or from --scheme/--algo and overrides."""
+    """(layer -> assignment, ignored layers, recipe) from --recipe or from --scheme/--algo and overrides
+    (llama.cpp file types and K grids are resolved per tensor afterwards: `mixes.resolve_ggml_types`)."""
     if config.recipe is not None:
         recipe = Recipe.load(config.recipe)
         plan, ignored = recipe.plan(layer_names)
         return plan, ignored, recipe
     scheme = make_scheme(config.scheme, config.bits, config.group_size, config.symmetric)
     get_algorithm(config.algorithm).validate(scheme.weight)
-    overridden = " with weight overrides" if scheme != get_scheme(config.scheme) else ""
+    file_type = ggml_mixes.scheme_file_type(config.scheme)
+    overridden = " with weight overrides" if file_type is None and scheme != get_scheme(config.scheme) else ""
     rule = f"--scheme {config.scheme}{overridden} --algo {config.algorithm}"
-    return uniform_plan(layer_names, LayerAssignment(scheme, config.algorithm, rule, dict(config.options))), {}, None
+    assignment = LayerAssignment(scheme, config.algorithm, rule, dict(config.options), file_type)
+    return uniform_plan(layer_names, assignment), {}, None
+
+
+def _file_type(plan: dict[str, LayerAssignment | None]) -> str | None:
+    """The llama.cpp file type every planned layer follows, if they all follow one (the GGUF export's default)."""
+    types = {a.file_type for a in plan.values() if a is not None}
+    return next(iter(types)) if len(types) == 1 else None
 
 
 def _prepare(config: CalibrateConfig) -> _Run:
@@ -226,6 +240,10 @@ def _prepare(config: CalibrateConfig) -> _Run:
         raise QuantkitError(f"--seq-len must be at least 2 tokens, got {config.seq_len}")
     if config.expert_batch < 1:
         raise QuantkitError(f"--expert-batch must be at least 1, got {config.expert_batch}")
+    if config.imatrix_from not in ("quantized", "float"):
+        raise QuantkitError(f"--imatrix-from is 'quantized' or 'float', got '{config.imatrix_from}'")
+    if config.imatrix_from == "float" and config.resume:
+        raise QuantkitError("--imatrix-from float follows the float model from block 0: it cannot --resume a run")
     source = resolve_model(config.model)
     checkpoint = Checkpoint(source.path, trust_remote_code=config.trust_remote_code)
     arch = architecture_for(checkpoint.config)
@@ -234,10 +252,14 @@ def _prepare(config: CalibrateConfig) -> _Run:
     max_len = getattr(checkpoint.text_config, "max_position_embeddings", None)
     if max_len is not None and config.seq_len > max_len:
         raise QuantkitError(f"--seq-len {config.seq_len} is over the model's maximum of {max_len} tokens")
-    check_weights(source.path, checkpoint.shapes(),
-                  expected_tensors(checkpoint.config, trust_remote_code=config.trust_remote_code))
+    expected = expected_tensors(checkpoint.config, trust_remote_code=config.trust_remote_code)
+    check_weights(source.path, checkpoint.shapes(), expected)
     names = [f"{arch.blocks}.{i}.{linear}" for i in range(checkpoint.text_config.num_hidden_layers) for linear in arch.linears]
     plan, ignored, recipe = _plan(config, names)
+    file_type = _file_type(plan)
+    plan, left_float = resolve_ggml_types(plan, {n: tuple(expected.shapes[n + ".weight"]) for n in names}, arch,
+                                          checkpoint.text_config)
+    ignored = {**ignored, **left_float}
     label = Path(config.recipe).stem if recipe else config.scheme
     out = Path(config.out or Path("out") / f"{Path(config.model).name}-{label}")
     check_output_path(out, config.overwrite, [source.path])
@@ -250,10 +272,14 @@ def _prepare(config: CalibrateConfig) -> _Run:
         alpha = (None if recipe.alpha in (None, "auto") else float(recipe.alpha)) if alpha is None else alpha
     if smooth is None:
         smooth = alpha is not None or any(a.scheme.activation is not None for a in assignments)
+    if config.imatrix_from == "float" and (smooth or any(isinstance(get_algorithm(a.algorithm), BlockTransform)
+                                                         for a in assignments)):
+        raise QuantkitError("--imatrix-from float measures the float model's inputs, which smoothing and AWQ scale "
+                            "differently from the quantized model's: use it without them (or the default 'quantized')")
     return _Run(
         config=config, source=source, checkpoint=checkpoint, arch=arch, plan=plan, ignored=ignored,
-        recipe=recipe.source if recipe else None,
-        needs_data=smooth or any(_needs_calibration(a) for a in assignments),
+        recipe=recipe.source if recipe else None, gguf_file_type=file_type,
+        needs_data=smooth or any(_needs_calibration(a) for a in assignments) or config.imatrix_from == "float",
         smooth=smooth, alpha=alpha, compute_dtype=compute_dtype(config.dtype, checkpoint.source_dtype),
         storage_dtype=checkpoint.source_dtype, out=out, weights_sha256=checkpoint.sha256(),
         copied_files=_source_files(source.path),
@@ -341,15 +367,21 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
         inputs = _restore_or_offload(run, work, first, inputs)
     num_blocks = run.checkpoint.text_config.num_hidden_layers
     progress.stage("blocks", num_blocks)
+    # --imatrix-from float: the float model's own activations, block by block (kept in memory)
+    float_inputs = inputs if inputs is not None and run.config.imatrix_from == "float" else None
+    if float_inputs is not None and run.config.offload_activations:
+        float_inputs = [BlockInput(call.tensor(), call.kwargs, call.first_sample) for call in float_inputs]
     for index in range(num_blocks):
         if index < first:
             progress.advance("blocks", f"block {index} (committed earlier)")
             continue
         if inputs is not None:  # this block's own mask and rotary table (layer types differ in Gemma)
             inputs = [dataclasses.replace(call, kwargs=block_kwargs[i][index]) for i, call in enumerate(inputs)]
+        if float_inputs is not None:
+            float_inputs = [dataclasses.replace(call, kwargs=block_kwargs[i][index]) for i, call in enumerate(float_inputs)]
         result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs,
-                                          _keeper(run, work, index + 1))
-        inputs = result.outputs
+                                          _keeper(run, work, index + 1), float_inputs)
+        inputs, float_inputs = result.outputs, result.float_outputs
         record = {"entries": {name: entry.to_dict() for name, entry in result.entries.items()},
                   "alpha": result.alpha, "timings": result.timings}
         in_memory = inputs is not None and not run.config.offload_activations
@@ -418,6 +450,7 @@ def _fingerprint(run: _Run) -> dict:
         "seq_len": config.seq_len, "seed": config.seed, "batch_size": config.batch_size, "smooth": run.smooth,
         "alpha": run.alpha, "compute_dtype": str(run.compute_dtype), "metric_samples": config.metric_samples,
         "world_size": run.processes.world_size, "offload_activations": config.offload_activations,
+        **({"imatrix_from": config.imatrix_from} if config.imatrix_from != "quantized" else {}),
         **({"moe_all_experts": config.moe_all_experts, "expert_batch": config.expert_batch}
            if run.arch.experts is not None else {}),
     }
@@ -447,7 +480,7 @@ def _skeleton(run: _Run) -> nn.Module:
 
 
 def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockInput] | None,
-                    keep) -> tuple[BlockResult, dict[str, torch.Tensor]]:
+                    keep, float_inputs: list[BlockInput] | None = None) -> tuple[BlockResult, dict[str, torch.Tensor]]:
     """Load, quantize (block.py) and release one decoder block; returns its result and tensors."""
     prefix = f"{run.arch.blocks}.{index}"
     template = copy.deepcopy(block)  # still on the meta device: costs no memory
@@ -465,7 +498,7 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
                    storage_dtype=run.storage_dtype, smooth=run.smooth, alpha=run.alpha,
                    metric_samples=run.config.metric_samples, processes=run.processes, keep=keep,
                    float_block=float_block, moe_all_experts=run.config.moe_all_experts,
-                   expert_batch=run.config.expert_batch)
+                   expert_batch=run.config.expert_batch, float_inputs=float_inputs)
     result = BlockQuantizer(job).run()
     for stage, seconds in result.timings.items():
         run.timings[stage] = run.timings.get(stage, 0.0) + seconds
@@ -536,6 +569,7 @@ def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], 
         storage_dtype=str(run.storage_dtype).removeprefix("torch."),
         smoothing=_smoothing_record(run),
         layers=layers, ignored=run.ignored, recipe=run.recipe, weight_files=files, search_results=results_file,
+        gguf_file_type=run.gguf_file_type,
         summary=summary,
     )
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.schemes import Scheme, get_scheme
+from quantkit.formats import ggml_mixes
+from quantkit.formats.schemes import Scheme, get_scheme, ggml_scheme
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class LayerAssignment:
     algorithm: str
     rule: str                                  # which CLI option or recipe rule chose this
     options: dict = field(default_factory=dict, hash=False, compare=False)
+    file_type: str | None = None               # a llama.cpp file type (Q4_K_M): the grid is chosen per tensor
 
 
 def uniform_plan(layer_names: list[str], assignment: LayerAssignment) -> dict[str, LayerAssignment | None]:
@@ -47,7 +49,14 @@ def uniform_plan(layer_names: list[str], assignment: LayerAssignment) -> dict[st
 
 def make_scheme(name: str, bits: int | None = None, group_size: int | None = None,
                 symmetric: bool | None = None) -> Scheme:
-    """A registered scheme with optional weight-grid overrides (group_size -1: per channel)."""
+    """A registered scheme with optional weight-grid overrides (group_size -1: per channel). A llama.cpp
+    file type (q4_k_m, gguf:q4_k_m) gives its base K grid here; `run.mixes` chooses each tensor's."""
+    file_type = ggml_mixes.scheme_file_type(name)
+    if file_type is not None:
+        if (bits, group_size, symmetric) != (None, None, None):
+            raise QuantkitError(f"{name} is llama.cpp's {file_type} file type: its grids are llama.cpp's per-tensor "
+                                "choice, so --bits/--group-size/--sym/--asym do not apply")
+        return ggml_scheme(ggml_mixes.BASE_TYPES[file_type])
     scheme = get_scheme(name)
     changes: dict = {}
     if bits is not None:
@@ -176,4 +185,4 @@ def _assignment(raw: dict, rule: str, where: str) -> LayerAssignment:
     get_algorithm(algorithm).validate(scheme.weight)
     options = dict(raw.get("options") or {})
     check_options(algorithm, options)
-    return LayerAssignment(scheme, algorithm, rule, options)
+    return LayerAssignment(scheme, algorithm, rule, options, ggml_mixes.scheme_file_type(raw["scheme"]))

@@ -8,7 +8,8 @@ handles specially: an all-zero super-block, zero sub-blocks, a constant sub-bloc
 and an all-negative row, one outlier per sub-block, and values near float16's smallest normal.
 Each type's bytes come from ggml's ``quantize_row_*_ref`` (what llama-quantize runs without an imatrix),
 and, under ``<type>.imatrix``, from ``quantize_*`` with the recorded ``importance`` vector (what
-llama-quantize --imatrix runs; a few columns have importance 0), called through ctypes in
+llama-quantize --imatrix runs; a few columns have importance 0; also for the 32-value types Q4_0, Q4_1,
+Q5_0 and Q5_1, whose search with an imatrix is llama.cpp's own), called through ctypes in
 llama-cpp-python's libggml-base.
 """
 import ctypes
@@ -19,6 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 TYPE_SIZES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+# llama.cpp's 32-value types, whose importance-weighted search (quantize_q4_0 ... with an imatrix) is recorded too
+LEGACY_SIZES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
 
 
 def make_input() -> torch.Tensor:
@@ -48,6 +51,15 @@ def _library():
 
 def llama_cpp_blocks(x: torch.Tensor, name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
     data = np.ascontiguousarray(x.numpy())
+    if name in LEGACY_SIZES:
+        out = np.zeros(data.size // 32 * LEGACY_SIZES[name], dtype=np.uint8)
+        weights = np.ascontiguousarray(importance.numpy())
+        function = getattr(_library(), f"quantize_{name.lower()}")
+        function.restype = ctypes.c_size_t
+        pointer = ctypes.c_void_p
+        function(data.ctypes.data_as(pointer), out.ctypes.data_as(pointer), ctypes.c_int64(x.shape[0]),
+                 ctypes.c_int64(x.shape[1]), weights.ctypes.data_as(pointer))
+        return torch.from_numpy(out.reshape(x.shape[0], -1))
     out = np.zeros(data.size // 256 * TYPE_SIZES[name], dtype=np.uint8)
     pointer = ctypes.c_void_p
     if importance is None:
@@ -65,6 +77,6 @@ def llama_cpp_blocks(x: torch.Tensor, name: str, importance: torch.Tensor | None
 if __name__ == "__main__":
     x, importance = make_input(), make_importance()
     tensors = {"input": x, "importance": importance, **{name: llama_cpp_blocks(x, name) for name in TYPE_SIZES},
-               **{f"{name}.imatrix": llama_cpp_blocks(x, name, importance) for name in TYPE_SIZES}}
+               **{f"{name}.imatrix": llama_cpp_blocks(x, name, importance) for name in (*TYPE_SIZES, *LEGACY_SIZES)}}
     save_file(tensors, Path(__file__).with_name("llama_cpp_kquants.safetensors"),
               metadata={"source": "llama-cpp-python 0.3.36, ggml quantize_row_*_ref"})

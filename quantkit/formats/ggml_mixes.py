@@ -28,12 +28,26 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from quantkit.exporters.gguf_kquants import K_FORMATS, SUPER
+from quantkit.formats.kquants import K_FORMATS, SUPER
 
 BASE_TYPES = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K",
               "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+# The file types usable as a scheme name (quantkit calibrate --scheme): gguf:<type> for every file type above
+# and its aliases, and the _S/_M/_L mixes under their own names (q2_k ... q6_k alone are uniform grids).
+FILE_TYPE_SCHEMES = {
+    **{f"gguf:{name.lower()}": name for name in BASE_TYPES},
+    **{f"gguf:{alias.lower()}": target for alias, target in ALIASES.items()},
+    **{name.lower(): name for name in BASE_TYPES if name[-2] == "_" and name[-1] in "SML"},
+}
+
+
+def scheme_file_type(scheme_name: str) -> str | None:
+    """The file type a scheme name means (``q4_k_m``, ``gguf:q4_k_m`` -> Q4_K_M), or None."""
+    return FILE_TYPE_SCHEMES.get(scheme_name.lower())
 
 
 def file_type(name: str) -> str | None:
@@ -122,9 +136,16 @@ def tensor_type(mix: str, name: str, row_length: int, model: ModelShape) -> tupl
     layer = _layer(name)
     chosen = _promoted(mix, category, layer, model) or base
     why = f"{mix}: {category} promoted to {chosen}" if chosen != base else f"{mix}"
-    if row_length % _block(chosen):
-        fallback = FALLBACK.get(chosen, chosen)
-        if row_length % _block(fallback):
-            return "F16", f"{why}; rows of {row_length} fit no block type"
-        return fallback, f"{why}; rows of {row_length} are not a multiple of 256: {fallback}, as llama.cpp"
-    return chosen, why
+    return fit(chosen, row_length, why)
+
+
+def fit(ggml_type: str, row_length: int, why: str = "") -> tuple[str, str]:
+    """(type, why) for rows of ``row_length`` values: ``ggml_type``, or llama.cpp's fallback when its block
+    does not divide the rows (F16 when even 32 does not)."""
+    if row_length % _block(ggml_type) == 0:
+        return ggml_type, why
+    prefix = f"{why}; " if why else ""
+    fallback = FALLBACK.get(ggml_type, ggml_type)
+    if row_length % _block(fallback):
+        return "F16", f"{prefix}rows of {row_length} fit no block type"
+    return fallback, f"{prefix}rows of {row_length} are not a multiple of 256: {fallback}, as llama.cpp"

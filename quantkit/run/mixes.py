@@ -1,0 +1,68 @@
+"""llama.cpp's file types as calibration plans: ``--scheme q4_k_m`` (or ``gguf:q4_k_m``, and a recipe rule
+or default with such a scheme) gives every block Linear the ggml type ``llama-quantize`` would give its
+GGUF tensor (`formats.ggml_mixes`), as a weight grid our algorithms find codes on; the GGUF export then
+carries those codes. K-quant grids on rows that are not a multiple of 256 fall back as llama.cpp does
+(Q4_K -> Q5_0, ...), whichever way they were asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from quantkit.algorithms.registry import get_algorithm
+from quantkit.errors import QuantkitError
+from quantkit.formats import ggml_mixes
+from quantkit.formats.ggml_blocks import symmetric_type as ggml_symmetric_type
+from quantkit.formats.schemes import ggml_scheme
+from quantkit.model.architectures import Architecture
+from quantkit.model.gguf_names import GGUFNames, model_shape
+from quantkit.run.recipe import LayerAssignment
+
+
+def resolve_ggml_types(plan: dict[str, LayerAssignment | None], shapes: dict[str, tuple[int, int]],
+                       arch: Architecture, config) -> tuple[dict[str, LayerAssignment | None], dict[str, str]]:
+    """Each file-type assignment turned into its tensor's ggml type, and K grids on rows that do not fit
+    turned into llama.cpp's fallback: (plan, {layer left in float: why}). ``shapes``: layer -> (out, in)."""
+    names = model = None
+    resolved, ignored = dict(plan), {}
+    for layer, assignment in plan.items():
+        if assignment is None:
+            continue
+        row_length = shapes[layer][1]
+        if assignment.file_type is not None:
+            if names is None:     # only file types need the GGUF names (and an architecture that has them)
+                names, model = GGUFNames.of(arch, config.num_hidden_layers), model_shape(arch, config, tied=False)
+            gguf_name = names.gguf_name(_stacked_name(layer, arch) + ".weight")
+            ggml_type, why = ggml_mixes.tensor_type(assignment.file_type, gguf_name, row_length, model)
+        elif assignment.scheme.weight.k_format is not None:
+            ggml_type, why = ggml_mixes.fit(assignment.scheme.weight.k_format.name, row_length)
+            if not why:
+                continue
+        else:
+            continue
+        if ggml_type == "F16":
+            resolved[layer], ignored[layer] = None, f"{assignment.rule}: {why}"
+            continue
+        resolved[layer] = _with_type(assignment, ggml_type, why)
+    return resolved, ignored
+
+
+def _with_type(assignment: LayerAssignment, ggml_type: str, why: str) -> LayerAssignment:
+    scheme = ggml_scheme(ggml_type)
+    algorithm, options = assignment.algorithm, assignment.options
+    try:
+        get_algorithm(algorithm).validate(scheme.weight)
+    except QuantkitError:     # imatrix: Q4_1/Q5_1's float16 minimum is no integer zero point, Q8_0 has no search
+        algorithm, options = "rtn", {}
+        why = f"{why}; {assignment.algorithm} does not search {ggml_type}: rtn"
+    if algorithm in ("rtn", "gptq") and ggml_symmetric_type(scheme.weight) is not None:
+        options = {**options, "llama_cpp": True}   # llama.cpp's rounding (rtn) or weighted grid (gptq) of Q4_0/Q5_0
+    rule = f"{assignment.rule} -> {ggml_type}" + (f" ({why})" if why else "")
+    return dataclasses.replace(assignment, scheme=scheme, algorithm=algorithm, options=options, rule=rule)
+
+
+def _stacked_name(layer: str, arch: Architecture) -> str:
+    """An expert's Linear under the name of its stacked GGUF tensor (experts.3.down_proj -> experts.down_proj)."""
+    if arch.experts is None:
+        return layer
+    return re.sub(rf"\.{re.escape(arch.experts.container)}\.\d+\.", f".{arch.experts.container}.", layer)
