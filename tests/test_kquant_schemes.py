@@ -213,9 +213,8 @@ def test_imatrix_export_round_trips_and_drives_the_same_search(tiny, tmp_path):
 def test_imatrix_from_float_is_the_float_models_statistics(tmp_path):
     """--imatrix-from float: every Linear's recorded Σx² is that of the float model's own activations
     (transformers' float32 forward with hooks, every block), not of the quantized propagation."""
-    from transformers import AutoModelForCausalLM
-
     from test_export_gguf import VOCAB, save_byte_level_bpe
+    from transformers import AutoModelForCausalLM
 
     source = make_checkpoint(tmp_path / "m", "llama", vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
                              num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
@@ -306,3 +305,48 @@ def test_k_grid_spec_round_trips_the_fields():
         assert torch.equal(again.q, blocks.q) and torch.equal(again.sc, blocks.sc) and torch.equal(again.d, blocks.d)
         assert torch.equal(quant.dequantize(), blocks.dequantize())
         assert spec.k_format == fmt and WeightSpec(**{**spec.__dict__}).k_format == fmt
+
+
+def test_moe_imatrix_keeps_every_experts_row(qwen3_moe_dir, tmp_path):
+    """Stacked expert tensors get one row per expert, in expert order, an expert no token reached a zero row
+    with count 0 (llama.cpp's loader gives it importance 1); the starved experts' rtn fallback drops the
+    options only gptq reads."""
+    out = tmp_path / "q"
+    result = run_cli("calibrate", str(qwen3_moe_dir), "--scheme", "w4a16", "--algo", "gptq", "--algo-option",
+                     "damp=0.02", "--num-samples", "1", "--seq-len", "8", "--moe-routed-only", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    layers = Manifest.load(out).layers
+    starved = {k for k, v in layers.items() if ".experts." in k and v.metrics["routed_tokens"] == 0}
+    assert starved
+    assert run_cli("export", out, "--format", "imatrix", "--out", tmp_path / "m.imatrix.gguf").exit_code == 0
+    matrix = read_imatrix(tmp_path / "m.imatrix.gguf")
+    from transformers import AutoConfig
+
+    experts = AutoConfig.from_pretrained(qwen3_moe_dir).num_experts
+    for name in starved:
+        block, expert, part = int(name.split(".")[2]), int(name.split(".")[5]), name.rsplit(".", 1)[1]
+        gguf_name = f"blk.{block}.ffn_{part.removesuffix('_proj')}_exps.weight"
+        assert matrix.sums[gguf_name].shape[0] == experts
+        assert float(matrix.counts[gguf_name][expert]) == 0 and not matrix.sums[gguf_name][expert].any()
+        assert torch.equal(matrix.importance(gguf_name, expert), torch.ones(matrix.sums[gguf_name].shape[1]))
+
+
+def test_gptq_on_llama_cpps_q4_0_grid_survives_dead_blocks():
+    """A 32-column block no token activates has scale 0 on llama.cpp's weighted grid: it keeps the search's
+    codes (value 0) and the live columns are still placed by GPTQ, beating the weighted search alone."""
+    x, w = _correlated_layer(n_in=256, n_out=32)
+    x[:, :32] = 0.0
+    hessian = 2 * x.t() @ x / x.shape[0]
+    spec = SCHEMES["q4_0"].weight
+    gptq, _ = gptq_quantize(w, hessian, spec, llama_cpp=True)
+    searched = quantize_imatrix(w, spec, (x * x).mean(0))
+    values = gptq.dequantize()
+    assert torch.isfinite(values).all() and not values[:, :32].any() and values[:, 32:].abs().sum() > 0
+    loss = lambda q: float(((x @ (q.dequantize() - w).t()) ** 2).mean())   # noqa: E731
+    assert loss(gptq) < loss(searched)
+
+
+def test_compressed_tensors_refuses_k_grids(tiny, tmp_path):
+    _calibrate(tiny, tmp_path / "q", "q4_k", "rtn")
+    assert_one_line_error(run_cli("export", tmp_path / "q", "--format", "compressed-tensors", "--out", tmp_path / "ct"),
+                          "Q4_K is llama.cpp's grid")

@@ -110,7 +110,7 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
         zero = None if spec.symmetric else torch.empty(out_features, num_groups)
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
-    k_codes_t = None if k_grid is None else k_grid.codes[:, perm].t().contiguous()  # the search's own codes
+    searched_t = None if searched is None else searched.codes[:, perm].t().contiguous()  # the search's own codes
     if act_order:
         H = H[perm][:, perm]
     U, damp_used = damped_inverse_cholesky(H, damp)
@@ -145,8 +145,8 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
                     zero_t[g] = z
             s = step_t[g]
             w = W1[i]
-            if k_grid is not None:
-                q, dequantized = _k_round(w, s, None if zero_t is None else zero_t[g], element, k_codes_t[col])
+            if searched is not None:   # llama.cpp's grid: a sub-block whose step is 0 keeps the search's code
+                q, dequantized = _k_round(w, s, None if zero_t is None else zero_t[g], element, searched_t[col])
             elif element.kind == "float":      # the nearest grid value (symmetric: no zero point)
                 q = element.round(w / s)
                 dequantized = q * s
@@ -212,9 +212,10 @@ def k_step(grid: QuantTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _k_round(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, element, searched: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One column [out] onto a K grid: q = nearest((w + dmin*m) / (d*sc)) in 0..2^b-1 (w ~ d*sc*q - dmin*m),
-    or nearest(w / (d*sc)) for the symmetric types, as ggml's final rounding; a sub-block whose d*sc is
-    0 keeps the search's code (any code means the same there). -> (signed codes, dequantized) [out]."""
+    """One column [out] onto llama.cpp's grid: q = nearest((w + dmin*m) / (d*sc)) in 0..2^b-1 (K types with
+    mins: w ~ d*sc*q - dmin*m), or nearest(w / step) for the symmetric ones (Q3_K, Q6_K: d*sc; Q4_0, Q5_0: d), as
+    ggml's final rounding; a (sub-)block whose step is 0 keeps the search's code (any code means the same
+    there). -> (signed codes, dequantized) [out]."""
     half = -element.min
     zero = step == 0
     safe = torch.where(zero, torch.ones_like(step), step)

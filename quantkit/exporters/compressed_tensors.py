@@ -170,6 +170,10 @@ def _plan(source: ExportSource) -> tuple[dict[str, dict], list[str]]:
 def _check_expressible(name: str, entry) -> None:
     spec = entry.scheme.weight
     out_features, in_features = entry.shape
+    if spec.k_format is not None:
+        raise QuantkitError(f"layer {name}: {spec.k_format.name} is llama.cpp's grid (fp16 super-block scales over "
+                            "integer sub-block scales and mins), which compressed-tensors cannot express; export it "
+                            "with --format gguf")
     if "g_idx" in entry.tensors:
         raise QuantkitError(f"layer {name}: act-order g_idx cannot be expressed in compressed-tensors "
                             "(group activation ordering was removed from the format)")

@@ -139,18 +139,27 @@ def export_imatrix(source_dir, out, *, overwrite: bool = False) -> ImatrixExport
         gguf_name, expert = _stack_place(names, source.arch, linear)
         stacks.setdefault(gguf_name, {})[expert] = linear
     sums, counts = {}, {}
+    experts = 1 if source.arch.experts is None else source.arch.experts.num_experts(source.config)
     for gguf_name, members in stacks.items():
-        order = [members[e] for e in sorted(members)]
-        sums[gguf_name] = torch.stack([stored[f"{m}.{IN_SUM2}"].float() for m in order])
-        counts[gguf_name] = torch.cat([stored[f"{m}.{IN_COUNT}"].float().reshape(1) for m in order])
+        # one row per expert of a stacked tensor; an expert no token reached: zero sums and count 0 (llama.cpp's
+        # loader then uses importance 1 for it, as for its own files)
+        rows = experts if any(e > 0 for e in members) or len(members) > 1 else 1
+        width = next(iter(stored[f"{m}.{IN_SUM2}"] for m in members.values())).shape[0]
+        sums[gguf_name] = torch.zeros(rows, width)
+        counts[gguf_name] = torch.zeros(rows)
+        for expert, linear in members.items():
+            sums[gguf_name][expert] = stored[f"{linear}.{IN_SUM2}"].float()
+            counts[gguf_name][expert] = stored[f"{linear}.{IN_COUNT}"].float().reshape(())
     calibration = manifest.calibration
     dataset = (calibration.dataset or {}).get("name", "quantkit calibration")
     matrix = ImportanceMatrix(sums, counts, [f"quantkit:{dataset}"], calibration.num_samples or 0,
                               calibration.seq_len or 0)
     notes = [f"{len(manifest.layers) - len(linears)} quantized linear(s) have no statistics (no token reached them)"] \
         if len(linears) < len(manifest.layers) else []
-    notes.append("statistics are of each Linear's input as calibration quantized it (earlier blocks already "
-                 "quantized, after smoothing/AWQ scaling), where llama-imatrix measures the float model")
+    if calibration.imatrix_from != "float":
+        notes.append("statistics are of each Linear's input as calibration quantized it (earlier blocks already "
+                     "quantized, after smoothing/AWQ scaling), where llama-imatrix measures the float model "
+                     "(calibrate --imatrix-from float records that)")
     check_output_path(out, overwrite, [source.path])
     with staged_file(out, overwrite) as staging:
         write_imatrix(staging, matrix)

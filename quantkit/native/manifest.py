@@ -123,11 +123,12 @@ class CalibrationInfo:
     metric_samples: int | None = None
     processes: int | None = None
     skipped: str | None = None
+    imatrix_from: str | None = None        # "float": the importance statistics are the float model's
 
     def to_dict(self) -> dict:
         if self.skipped is not None:
             return {"dataset": self.dataset, "skipped": self.skipped}
-        return {k: v for k, v in asdict(self).items() if k != "skipped"}
+        return {k: v for k, v in asdict(self).items() if k != "skipped" and (k != "imatrix_from" or v is not None)}
 
 
 @dataclass

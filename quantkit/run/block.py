@@ -224,10 +224,14 @@ class BlockQuantizer:
             return hook
 
         outputs = []
-        with forward_hooks({name: runner.get_submodule(name) for name in job.assigned}, make_hook):
+        modules = {name: runner.get_submodule(name) for name in job.assigned}
+        with forward_hooks(modules, make_hook):
             for call in job.float_inputs:
                 outputs.append(BlockInput(run_block(runner, call), call.kwargs, call.first_sample))
-        job.processes.all_reduce_stats({n: s for n, s in stats.items() if "sum_sq" in s.items and s.tokens})
+        for name, stat in stats.items():   # every rank reduces every Linear (an expert may see no token on one)
+            if stat.sum_sq.total is None:
+                stat.sum_sq.total = torch.zeros(modules[name].in_features, dtype=torch.float64)
+        job.processes.all_reduce_stats(stats)
         return stats, outputs
 
     def group_inputs(self) -> list[str]:
@@ -333,15 +337,16 @@ class BlockQuantizer:
         linear = job.block.get_submodule(name)
         weight = linear.weight.float()
         full_name = self.full_name(name)
-        algorithm_name, note = assignment.algorithm, ""
+        algorithm_name, note, options = assignment.algorithm, "", dict(assignment.options)
         if stats is not None and not stats.tokens:
             algorithm_name, stats = "rtn", None
+            options = {k: v for k, v in options.items() if k == "llama_cpp"}   # the one option rtn shares
             note = f"no calibration token reached it: {assignment.algorithm} fell back to rtn (data-free)"
         activation = assignment.scheme.activation
         if activation is not None and activation.calibrated and stats is None and job.inputs is not None:
             raise QuantkitError(f"{full_name} saw no calibration token, so its static activation range is unknown; "
                                 "calibrate with more samples or keep MoE statistics on every token")
-        context = LayerContext(full_name, stats, dict(assignment.options),
+        context = LayerContext(full_name, stats, options,
                                global_scale=self.fused_global_scale(name, assignment.scheme.weight))
         quant, results = get_algorithm(algorithm_name).quantize(weight, assignment.scheme.weight, context)
         layer = make_quant_linear(linear, assignment.scheme, quant, input_range(stats) if stats else None,

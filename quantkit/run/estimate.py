@@ -78,6 +78,8 @@ def estimate_run(run) -> Estimate:
     activations = samples * seq_len * hidden * compute if run.needs_data else 0
     if run.config.offload_activations:  # one batch of inputs and one of outputs in memory at a time
         activations = min(activations, run.config.batch_size * seq_len * hidden * compute)
+    if run.needs_data and run.config.imatrix_from == "float":   # the float stream, in memory next to the inputs
+        activations += samples * seq_len * hidden * compute
     embeddings = config.vocab_size * hidden * compute if run.needs_data else 0
     batch_intermediate = run.config.batch_size * seq_len * intermediate * 4 * 3 if run.needs_data else 0
     stats = _statistics_bytes(run, shapes) if run.needs_data else 0

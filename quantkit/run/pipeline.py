@@ -583,7 +583,7 @@ def _calibration_record(run: _Run) -> CalibrationInfo:
         dataset=run.dataset.describe(), num_samples=config.num_samples, seq_len=config.seq_len,
         tokens=run.calibration_tokens, seed=config.seed, batch_size=config.batch_size,
         compute_dtype=str(run.compute_dtype).removeprefix("torch."), metric_samples=config.metric_samples,
-        processes=run.processes.world_size)
+        processes=run.processes.world_size, imatrix_from="float" if config.imatrix_from == "float" else None)
 
 
 def _smoothing_record(run: _Run) -> SmoothingInfo:
