@@ -80,10 +80,10 @@ def _gguf_table(result):
 
     table = Table(title=f"quantkit export -> {result.out.name} ({result.architecture}, {result.file_type}, "
                         f"tokenizer {result.tokenizer})")
-    for column in ("linear layers", "status", "GGUF type", "why"):
-        table.add_column(column, justify="right" if column == "linear layers" else "left")
-    for status, ggml_type, count, reason in describe(result):
-        table.add_row(str(count), status, ggml_type, reason)
+    for column in ("linear layers", "status", "GGUF type", "why", "min weight SQNR dB"):
+        table.add_column(column, justify="right" if column in ("linear layers", "min weight SQNR dB") else "left")
+    for status, ggml_type, count, reason, sqnr in describe(result):
+        table.add_row(str(count), status, ggml_type, reason, "" if sqnr is None else f"{sqnr:.1f}")
     return table
 
 

@@ -487,6 +487,8 @@ def _linear_records(source: ExportSource, linear: str, name_map, requested: _Req
         ggml_type, status, reason = _quantized_decision(entry, source.quant_params(linear), wanted, requested.mix)
         if status == "requantized" and why:
             reason = f"{reason}; {why}"
+        elif why and not reason:          # carried under a file type: the file type's choice, and why
+            reason = why
         if entry.scheme.activation is not None:
             reason = (reason + "; " if reason else "") + \
                 f"its activation grid ({entry.scheme.activation.describe()}) is dropped"
@@ -824,8 +826,14 @@ def _min_error(quant: QuantTensor, blocks: ggml_blocks.Blocks) -> float:
     return float(((blocks.m.double() - exact).abs() / scale).max())
 
 
-def describe(result: GGUFExportResult) -> list[tuple[str, str, int, str]]:
-    """(status, type, layer count, reason) rows, most layers first, for tables."""
+def describe(result: GGUFExportResult) -> list[tuple[str, str, int, str, float | None]]:
+    """(status, type, layer count, reason, lowest weight SQNR in dB of the file against the source) rows, most
+    layers first, for tables."""
     groups = Counter((t.status, t.ggml_type, t.reason) for t in result.linears)
-    return [(status, ggml_type, count, reason) for (status, ggml_type, reason), count in groups.most_common()]
+    rows = []
+    for (status, ggml_type, reason), count in groups.most_common():
+        sqnr = [t.weight_sqnr_db for t in result.linears if (t.status, t.ggml_type, t.reason) == (status, ggml_type, reason)
+                and t.weight_sqnr_db is not None]      # inf: the file holds the source's weights exactly
+        rows.append((status, ggml_type, count, reason, min(sqnr) if sqnr else None))
+    return rows
 
