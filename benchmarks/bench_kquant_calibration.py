@@ -151,12 +151,7 @@ def imatrix_agreement(theirs_path: Path, ours_path: Path) -> str:
 
 
 def same_tensors(a: Path, b: Path) -> str:
-    import numpy as np
-    from gguf import GGUFReader
-
-    ta, tb = {t.name: t for t in GGUFReader(a).tensors}, {t.name: t for t in GGUFReader(b).tensors}
-    equal = sum(np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)) for n in ta)
-    return f"{equal}/{len(ta)}"
+    return "{}/{}".format(*common.identical_tensors(a, b))
 
 
 def autoround_row(args, workdir, source, calibration, file_type, measure) -> None:

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import common
-import numpy as np
 from bench_llama_cpp import perplexity, torch_logits
 
 
@@ -32,12 +31,8 @@ def main() -> None:
 
 
 def identical(ours: Path, theirs: Path) -> bool:
-    from gguf import GGUFReader
-
-    a = {t.name: t for t in GGUFReader(ours).tensors}
-    b = {t.name: t for t in GGUFReader(theirs).tensors}
-    return set(a) == set(b) and all(a[n].tensor_type == b[n].tensor_type and
-                                    np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data)) for n in a)
+    equal, total = common.identical_tensors(ours, theirs)
+    return equal == total
 
 
 def run(workdir: Path, args) -> None:

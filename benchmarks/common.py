@@ -199,6 +199,17 @@ def llama_cpp_logits(path: Path, windows: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def identical_tensors(a: Path, b: Path) -> tuple[int, int]:
+    """(tensors of GGUF file ``a`` with the same type and bytes in ``b``, tensors named in either file)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    ours, theirs = {t.name: t for t in GGUFReader(a).tensors}, {t.name: t for t in GGUFReader(b).tensors}
+    equal = sum(name in theirs and ours[name].tensor_type == theirs[name].tensor_type and
+                np.array_equal(np.asarray(ours[name].data), np.asarray(theirs[name].data)) for name in ours)
+    return equal, len(set(ours) | set(theirs))
+
+
 def next_token_agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
     """(top-1 agreement, mean KL(ours || theirs)) of two [..., vocab] logits' next-token distributions."""
     p, q = torch.log_softmax(ours.double(), -1), torch.log_softmax(theirs.double(), -1)

@@ -146,7 +146,8 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
             s = step_t[g]
             w = W1[i]
             if searched is not None:   # llama.cpp's grid: a sub-block whose step is 0 keeps the search's code
-                q, dequantized = _k_round(w, s, None if zero_t is None else zero_t[g], element, searched_t[col])
+                offset = None if zero_t is None else zero_t[g]
+                q, dequantized = _llama_cpp_round(w, s, offset, element, searched_t[col])
             elif element.kind == "float":      # the nearest grid value (symmetric: no zero point)
                 q = element.round(w / s)
                 dequantized = q * s
@@ -210,7 +211,7 @@ def k_step(grid: QuantTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return step, offset
 
 
-def _k_round(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, element, searched: torch.Tensor
+def _llama_cpp_round(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, element, searched: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """One column [out] onto llama.cpp's grid: q = nearest((w + dmin*m) / (d*sc)) in 0..2^b-1 (K types with
     mins: w ~ d*sc*q - dmin*m), or nearest(w / step) for the symmetric ones (Q3_K, Q6_K: d*sc; Q4_0, Q5_0: d), as

@@ -736,9 +736,9 @@ def _importance(plan: _Plan, record: TensorRecord) -> torch.Tensor | None:
 
 def _importance_notes(plan: _Plan) -> list[str]:
     """What the importance matrix does and does not cover, said once."""
-    k_tensors = [r for r in plan.records if r.ggml_type in (*kquants.K_FORMATS, "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-                 and r.status == "requantized"]
-    missing = [r.name for r in k_tensors if plan.importance.importance(r.name, 0) is None]
+    searched = [r for r in plan.records if r.ggml_type in (*kquants.K_FORMATS, *ggml_blocks.WEIGHTED)
+                and r.status == "requantized"]
+    missing = [r.name for r in searched if plan.importance.importance(r.name, 0) is None]
     notes = []
     if missing:
         notes.append(f"the importance matrix has no entry for {len(missing)} quantized tensor(s) ({missing[0]}, ...): "
@@ -829,11 +829,12 @@ def _min_error(quant: QuantTensor, blocks: ggml_blocks.Blocks) -> float:
 def describe(result: GGUFExportResult) -> list[tuple[str, str, int, str, float | None]]:
     """(status, type, layer count, reason, lowest weight SQNR in dB of the file against the source) rows, most
     layers first, for tables."""
-    groups = Counter((t.status, t.ggml_type, t.reason) for t in result.linears)
+    groups: dict[tuple[str, str, str], list[TensorRecord]] = {}
+    for record in result.linears:
+        groups.setdefault((record.status, record.ggml_type, record.reason), []).append(record)
     rows = []
-    for (status, ggml_type, reason), count in groups.most_common():
-        sqnr = [t.weight_sqnr_db for t in result.linears if (t.status, t.ggml_type, t.reason) == (status, ggml_type, reason)
-                and t.weight_sqnr_db is not None]      # inf: the file holds the source's weights exactly
-        rows.append((status, ggml_type, count, reason, min(sqnr) if sqnr else None))
+    for (status, ggml_type, reason), members in sorted(groups.items(), key=lambda item: -len(item[1])):
+        sqnr = [t.weight_sqnr_db for t in members if t.weight_sqnr_db is not None]  # inf: exactly the source's
+        rows.append((status, ggml_type, len(members), reason, min(sqnr) if sqnr else None))
     return rows
 

@@ -134,22 +134,22 @@ def export_imatrix(source_dir, out, *, overwrite: bool = False) -> ImatrixExport
         raise QuantkitError(f"{source.path} records no importance statistics (calibrated by a quantkit older than "
                             "the imatrix export, or without data); recalibrate to export them")
     names = GGUFNames.of(source.arch, source.num_blocks)
-    stacks: dict[str, dict[int, str]] = {}
+    stacks: dict[str, dict[int | None, str]] = {}
     for linear in linears:
-        gguf_name, expert = _stack_place(names, source.arch, linear)
+        gguf_name, expert = names.linear_weight(linear)
         stacks.setdefault(gguf_name, {})[expert] = linear
     sums, counts = {}, {}
     experts = 1 if source.arch.experts is None else source.arch.experts.num_experts(source.config)
     for gguf_name, members in stacks.items():
         # one row per expert of a stacked tensor; an expert no token reached: zero sums and count 0 (llama.cpp's
         # loader then uses importance 1 for it, as for its own files)
-        rows = experts if any(e > 0 for e in members) or len(members) > 1 else 1
+        rows = 1 if None in members else experts
         width = next(iter(stored[f"{m}.{IN_SUM2}"] for m in members.values())).shape[0]
         sums[gguf_name] = torch.zeros(rows, width)
         counts[gguf_name] = torch.zeros(rows)
         for expert, linear in members.items():
-            sums[gguf_name][expert] = stored[f"{linear}.{IN_SUM2}"].float()
-            counts[gguf_name][expert] = stored[f"{linear}.{IN_COUNT}"].float().reshape(())
+            sums[gguf_name][expert or 0] = stored[f"{linear}.{IN_SUM2}"].float()
+            counts[gguf_name][expert or 0] = stored[f"{linear}.{IN_COUNT}"].float().reshape(())
     calibration = manifest.calibration
     dataset = (calibration.dataset or {}).get("name", "quantkit calibration")
     matrix = ImportanceMatrix(sums, counts, [f"quantkit:{dataset}"], calibration.num_samples or 0,
@@ -166,15 +166,3 @@ def export_imatrix(source_dir, out, *, overwrite: bool = False) -> ImatrixExport
     return ImatrixExportResult(out.resolve(), len(sums), matrix.chunk_count, matrix.chunk_size, notes,
                                out.stat().st_size)
 
-
-def _stack_place(names, arch, linear: str) -> tuple[str, int]:
-    """(GGUF weight name, expert index or 0) of a block Linear; an expert's rows stack under its merged tensor."""
-    import re
-
-    if arch.experts is not None:
-        container = re.escape(arch.experts.container)
-        match = re.search(rf"\.{container}\.(\d+)\.", linear)
-        if match:
-            merged = linear[:match.start()] + f".{arch.experts.container}." + linear[match.end():]
-            return names.gguf_name(merged + ".weight"), int(match.group(1))
-    return names.gguf_name(linear + ".weight"), 0

@@ -110,12 +110,12 @@ def symmetric_type(spec) -> str | None:
     if spec.format != "int" or spec.granularity != "group" or spec.group_size != BLOCK or not spec.symmetric \
             or spec.super_group is not None or spec.scale_format != "fp16":
         return None
-    return {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}.get(spec.bits)
+    return next((f.name for f in FORMATS.values() if not f.has_min and f.levels == 1 << spec.bits), None)
 
 
 # llama.cpp's importance-weighted search per type: (make_qx_quants nmax) for the symmetric ones, (make_qkx3_quants
 # nmax) for those with a minimum (quantize_row_q4_0_impl ... quantize_row_q5_1_impl); Q8_0 ignores the matrix.
-_WEIGHTED = {"Q4_0": 8, "Q5_0": 16, "Q4_1": 15, "Q5_1": 31}
+WEIGHTED = {"Q4_0": 8, "Q5_0": 16, "Q4_1": 15, "Q5_1": 31}
 
 
 def quantize_weighted_blocks(weight: torch.Tensor, fmt_name: str, importance: torch.Tensor) -> Blocks:
@@ -124,7 +124,7 @@ def quantize_weighted_blocks(weight: torch.Tensor, fmt_name: str, importance: to
     Q4_0/Q5_0 take make_qx_quants' scale (19 trial grids, weighted least squares), Q4_1/Q5_1 make_qkx3_quants'
     scale and min (36 trial grids); the search's own levels are stored (not re-rounded with the f16 d).
     Q8_0 is the reference rounding, as llama.cpp ignores the matrix there."""
-    if fmt_name not in _WEIGHTED:
+    if fmt_name not in WEIGHTED:
         return quantize_blocks(weight, fmt_name)
     fmt = FORMATS[fmt_name]
     rows, n = weight.shape
@@ -134,7 +134,7 @@ def quantize_weighted_blocks(weight: torch.Tensor, fmt_name: str, importance: to
     blocks = x.reshape(rows * (n // BLOCK), BLOCK)
     qw = importance.float().reshape(1, n // BLOCK, BLOCK).expand(rows, -1, -1).reshape(-1, BLOCK)
     weights = qw * torch.sqrt((sigma2 + blocks * blocks).double()).float()      # sqrtf: correctly rounded
-    nmax = _WEIGHTED[fmt_name]
+    nmax = WEIGHTED[fmt_name]
     if fmt.has_min:
         scale, the_min, levels = kquants.make_qkx2_quants(blocks, weights, nmax, -0.9, 0.05, 36, False)
         return Blocks(fmt, levels.reshape(rows, n), scale.reshape(rows, -1).half(), (-the_min).reshape(rows, -1).half())

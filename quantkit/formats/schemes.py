@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from quantkit.errors import QuantkitError
-from quantkit.formats import ggml_mixes, kquants
+from quantkit.formats import ggml_blocks, ggml_mixes, kquants
 from quantkit.formats.numbers import (
     ElementFormat,
     element_format,
@@ -229,9 +229,10 @@ _FP8_CHANNEL = WeightSpec(8, "channel", True, scale_format="fp32", format="fp8_e
 _MXFP4 = WeightSpec(4, "group", True, 32, scale_format="e8m0", format="fp4_e2m1")
 _NVFP4 = WeightSpec(4, "group", True, 16, scale_format="fp8_e4m3", second_scale="fp32", format="fp4_e2m1")
 
-# llama.cpp's 32-value block types as integer grids (its K-quants are `kquants.K_FORMATS`). Codes and fp16
-# scales carry into the GGUF blocks exactly (Q4_1/Q5_1 store their min m = -scale * (zero + 2^(b-1)) in fp16).
-LEGACY_GGML = {"Q4_0": (4, True), "Q4_1": (4, False), "Q5_0": (5, True), "Q5_1": (5, False), "Q8_0": (8, True)}
+def _block_spec(fmt: ggml_blocks.BlockFormat) -> WeightSpec:
+    """llama.cpp's 32-value block type as the integer grid whose codes and fp16 scales carry into it (Q4_1/Q5_1
+    store their min m = -scale * (zero + 2^(b-1)) in fp16)."""
+    return WeightSpec(fmt.levels.bit_length() - 1, "group", not fmt.has_min, ggml_blocks.BLOCK)
 
 
 def _k_spec(fmt: kquants.KFormat) -> WeightSpec:
@@ -277,9 +278,9 @@ SCHEMES: dict[str, Scheme] = {
         *(Scheme(f.name.lower(), f"llama.cpp {f.name} weight-only: super-blocks of 256, sub-blocks of {f.sub} "
                  f"({'symmetric' if not f.has_min else 'with mins'}); activations stay float (GGUF)",
                  _k_spec(f)) for f in kquants.K_FORMATS.values()),
-        *(Scheme(name.lower(), f"llama.cpp {name} weight-only: int{bits} {'symmetric' if sym else 'with a min'} in "
-                 "blocks of 32 with fp16 scales (GGUF)", WeightSpec(bits, "group", sym, 32))
-          for name, (bits, sym) in LEGACY_GGML.items()),
+        *(Scheme(f.name.lower(), f"llama.cpp {f.name} weight-only: int{_block_spec(f).bits} "
+                 f"{'with a min' if f.has_min else 'symmetric'} in blocks of 32 with fp16 scales (GGUF)", _block_spec(f))
+          for f in ggml_blocks.FORMATS.values()),
         Scheme("nvfp4a16", "NVFP4 weight-only: fp4 e2m1 groups of 16, fp8 e4m3 scales x fp32 global scale; "
                "activations stay float", _NVFP4),
     )

@@ -2,6 +2,7 @@
 table's renames), shared by the GGUF exporter and the llama.cpp file-type recipes (`run/mixes.py`)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from quantkit.errors import QuantkitError
@@ -27,6 +28,17 @@ class GGUFNames:
 
     def get_name(self, name: str, try_suffixes=()) -> str | None:
         return self.table.get_name(self.arch.gguf_source_name(name), try_suffixes=try_suffixes)
+
+    def linear_weight(self, linear: str) -> tuple[str, int | None]:
+        """(GGUF weight name, expert) of a block Linear: an expert's Linear is row e of its stacked tensor
+        (``....mlp.experts.3.down_proj`` -> ``blk.N.ffn_down_exps.weight``, 3); any other has its own (None)."""
+        experts = self.arch.experts
+        if experts is not None:
+            match = re.search(rf"\.{re.escape(experts.container)}\.(\d+)\.", linear)
+            if match:
+                merged = f"{linear[:match.start()]}.{experts.container}.{linear[match.end():]}"
+                return self.gguf_name(merged + ".weight"), int(match.group(1))
+        return self.gguf_name(linear + ".weight"), None
 
     def gguf_name(self, hf_name: str) -> str:
         """The GGUF name of ``hf_name`` (with its .weight/.bias suffix); a name with none is an error."""

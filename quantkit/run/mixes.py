@@ -7,7 +7,6 @@ carries those codes. K-quant grids on rows that are not a multiple of 256 fall b
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from quantkit.algorithms.registry import get_algorithm
 from quantkit.errors import QuantkitError
@@ -32,7 +31,7 @@ def resolve_ggml_types(plan: dict[str, LayerAssignment | None], shapes: dict[str
         if assignment.file_type is not None:
             if names is None:     # only file types need the GGUF names (and an architecture that has them)
                 names, model = GGUFNames.of(arch, config.num_hidden_layers), model_shape(arch, config, tied=False)
-            gguf_name = names.gguf_name(_stacked_name(layer, arch) + ".weight")
+            gguf_name, _ = names.linear_weight(layer)
             ggml_type, why = ggml_mixes.tensor_type(assignment.file_type, gguf_name, row_length, model)
         elif assignment.scheme.weight.k_format is not None:
             ggml_type, why = ggml_mixes.fit(assignment.scheme.weight.k_format.name, row_length)
@@ -60,9 +59,3 @@ def _with_type(assignment: LayerAssignment, ggml_type: str, why: str) -> LayerAs
     rule = f"{assignment.rule} -> {ggml_type}" + (f" ({why})" if why else "")
     return dataclasses.replace(assignment, scheme=scheme, algorithm=algorithm, options=options, rule=rule)
 
-
-def _stacked_name(layer: str, arch: Architecture) -> str:
-    """An expert's Linear under the name of its stacked GGUF tensor (experts.3.down_proj -> experts.down_proj)."""
-    if arch.experts is None:
-        return layer
-    return re.sub(rf"\.{re.escape(arch.experts.container)}\.\d+\.", f".{arch.experts.container}.", layer)

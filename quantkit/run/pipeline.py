@@ -375,10 +375,7 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
         if index < first:
             progress.advance("blocks", f"block {index} (committed earlier)")
             continue
-        if inputs is not None:  # this block's own mask and rotary table (layer types differ in Gemma)
-            inputs = [dataclasses.replace(call, kwargs=block_kwargs[i][index]) for i, call in enumerate(inputs)]
-        if float_inputs is not None:
-            float_inputs = [dataclasses.replace(call, kwargs=block_kwargs[i][index]) for i, call in enumerate(float_inputs)]
+        inputs, float_inputs = (_block_calls(calls, block_kwargs, index) for calls in (inputs, float_inputs))
         result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs,
                                           _keeper(run, work, index + 1), float_inputs)
         inputs, float_inputs = result.outputs, result.float_outputs
@@ -393,6 +390,13 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
         progress.block_done(index, {name: entry.metrics for name, entry in result.entries.items()})
         progress.advance("blocks", f"block {index}")
     return model
+
+
+def _block_calls(calls: list[BlockInput] | None, block_kwargs, index: int) -> list[BlockInput] | None:
+    """The calls with block ``index``'s own mask and rotary table (layer types differ in Gemma)."""
+    if calls is None:
+        return None
+    return [dataclasses.replace(call, kwargs=block_kwargs[i][index]) for i, call in enumerate(calls)]
 
 
 def _restore_or_offload(run: _Run, work: WorkDir, first: int, captured: list[BlockInput]) -> list[BlockInput]:
