@@ -125,9 +125,11 @@ def add_quantkit_row(rows: list[dict], out: Path, config: str, flags: list[str],
     print(json.dumps(rows[-1]), flush=True)
 
 
-def add_peer_row(rows: list[dict], python: str, script: str, argument: str, tool: str, config: str) -> None:
-    """Run a peer script (when its environment exists) and append its row, echoed as a JSON line."""
-    peer = run_peer(python, script, argument)
+def add_peer_row(rows: list[dict], python: str, script: str, argument: str | list[str], tool: str,
+                 config: str) -> None:
+    """Run a peer script (when its environment exists) with its argument(s) and append its row, echoed as a
+    JSON line."""
+    peer = run_peer(python, script, *([argument] if isinstance(argument, str) else argument))
     if peer is not None:
         rows.append({"tool": tool, "config": config, **peer})
         print(json.dumps(rows[-1]), flush=True)

@@ -75,10 +75,24 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
     """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results); ``global_scale``
     [1] overrides a two-level grid's own (a fused group's shared one); ``llama_cpp``: int4/int5 g32 symmetric
     grids take their scales from llama.cpp's weighted Q4_0/Q5_0 search (`llama_cpp_grid`)."""
-    return _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale, llama_cpp)
+    quant, results, _ = _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale,
+                              llama_cpp)
+    return quant, results
 
 
-def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale=None, llama_cpp=False):
+def gptq_rounding(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, block_size: int = 128,
+                  damp: float = 0.01, act_order: bool = True, static_groups: bool = True,
+                  global_scale: torch.Tensor | None = None, llama_cpp: bool = False
+                  ) -> tuple[QuantTensor, dict[str, torch.Tensor], torch.Tensor]:
+    """`gptq_quantize`, and the weight [out, in] fp32 its codes were rounded from: each column as the error
+    feedback of the earlier columns left it, so codes = grid_round(rounded / scale) + zero exactly (where
+    SignRound's learned offsets start)."""
+    return _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale, llama_cpp,
+                 keep_rounded=True)
+
+
+def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale=None, llama_cpp=False,
+          keep_rounded=False):
     out_features, in_features = weight.shape
     W = weight.float().clone()
     H = hessian.float().clone()
@@ -126,6 +140,7 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
     position_group = (original_group[perm] if fixed_params else torch.arange(in_features) // group_size).tolist()
     element = spec.element
     codes_t = torch.empty(in_features, out_features, dtype=primitives.code_dtype(element))
+    rounded_t = torch.empty(in_features, out_features) if keep_rounded else None
     qmin, qmax = element.min, element.max
     step = block_size if whole_row else _aligned_block_size(block_size, group_size)
 
@@ -145,6 +160,8 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
                     zero_t[g] = z
             s = step_t[g]
             w = W1[i]
+            if rounded_t is not None:
+                rounded_t[col] = w
             if searched is not None:   # llama.cpp's grid: a sub-block whose step is 0 keeps the search's code
                 offset = None if zero_t is None else zero_t[g]
                 q, dequantized = _llama_cpp_round(w, s, offset, element, searched_t[col])
@@ -182,10 +199,11 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
     results = {"damp": torch.tensor(damp_used)}
     if act_order:
         results["perm"] = perm.to(torch.int32)
+    rounded = None if rounded_t is None else rounded_t.t()[:, inverse].contiguous()
     if k_grid is not None:
         return QuantTensor(codes, stored, stored_zero, spec, super_scale=k_grid.super_scale,
-                           super_min=k_grid.super_min), results
-    return QuantTensor(codes, scale, zero, spec, g_idx, global_scale=glob), results
+                           super_min=k_grid.super_min), results, rounded
+    return QuantTensor(codes, scale, zero, spec, g_idx, global_scale=glob), results, rounded
 
 
 def llama_cpp_grid(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, legacy: bool) -> QuantTensor | None:
@@ -256,8 +274,16 @@ class GPTQ:
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
         options = parse_options(self.name, context.options)
-        return gptq_quantize(
-            weight, context.stats.hessian.matrix, spec, block_size=options.block_size, damp=options.damp,
-            act_order=options.act_order, static_groups=options.static_groups, global_scale=context.global_scale,
-            llama_cpp=options.llama_cpp,
-        )
+        return gptq_quantize(weight, context.stats.hessian.matrix, spec, **self._settings(options, context))
+
+    def rounding(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext
+                 ) -> tuple[QuantTensor, dict, torch.Tensor]:
+        """`quantize`, and the weight its codes were rounded from (`gptq_rounding`)."""
+        options = parse_options(self.name, context.options)
+        return gptq_rounding(weight, context.stats.hessian.matrix, spec, **self._settings(options, context))
+
+    @staticmethod
+    def _settings(options, context: LayerContext) -> dict:
+        return dict(block_size=options.block_size, damp=options.damp, act_order=options.act_order,
+                    static_groups=options.static_groups, global_scale=context.global_scale,
+                    llama_cpp=options.llama_cpp)

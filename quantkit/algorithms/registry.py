@@ -78,6 +78,54 @@ class BlockTransform(Protocol):
         ...
 
 
+@dataclass
+class RefineContext:
+    """What a block-level refinement (SignRound) works on, after every Linear of the block is quantized.
+
+    block holds QuantLinears with the initial codes (fp32 master copy); ``rounded_from[name]`` is the
+    weight [out, in] fp32 the initial algorithm rounded to get them (GPTQ: the columns as its error
+    feedback left them), ``inputs`` the block's calibration calls (the quantized model's hidden states)
+    and ``targets`` the outputs the block should produce for them (the float model's), one per call."""
+
+    prefix: str
+    block: nn.Module
+    assigned: dict                           # block-relative Linear name -> LayerAssignment (all of them)
+    rounded_from: dict[str, torch.Tensor]
+    inputs: list                             # BlockInput per calibration batch
+    targets: list[torch.Tensor]              # [batch, seq, hidden] per call
+    compute_dtype: torch.dtype
+    seed: int = 0
+    advance: Callable[[int, float], None] = lambda iteration, loss: None   # progress of the optimisation
+
+
+@dataclass
+class Refined:
+    """A refinement's result: the new quantized weights and the block's loss before and after (mean
+    squared error of its outputs against the targets over every calibration call)."""
+
+    weights: dict[str, QuantTensor]
+    loss_before: float
+    loss_after: float
+    iterations: int                          # optimisation steps taken (early stopping may cut them)
+    best_iteration: int                      # the step whose parameters were kept (0: the initial ones)
+
+
+@runtime_checkable
+class BlockRefinement(Protocol):
+    """An algorithm that quantizes its Linears with an initial algorithm (its ``init``), then improves the
+    whole block's codes together against the block's float outputs (SignRound)."""
+
+    def initial(self, options: dict) -> tuple[str, dict]:
+        """The initial algorithm and its options, from this algorithm's options."""
+
+    def initialize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext
+                   ) -> tuple[QuantTensor, dict, torch.Tensor]:
+        """The initial quantization, its search results, and the weight its codes were rounded from."""
+
+    def refine_block(self, context: RefineContext) -> Refined:
+        ...
+
+
 _REGISTRY: dict[str, type] = {}
 
 
@@ -93,7 +141,7 @@ def register(name: str):
 
 def _load_builtin() -> None:
     # Importing the algorithm modules registers them; done on first use, not at import.
-    from quantkit.algorithms import awq, gptq, hqq, imatrix, rtn  # noqa: F401
+    from quantkit.algorithms import awq, gptq, hqq, imatrix, rtn, signround  # noqa: F401
 
 
 def algorithm_names() -> list[str]:
@@ -110,9 +158,20 @@ def get_algorithm(name: str) -> WeightAlgorithm:
     return _REGISTRY[name]()
 
 
-def option(default, *, minimum=None, above=None):
-    """A typed algorithm option: its default and bounds (``minimum`` inclusive, ``above`` exclusive)."""
-    return field(default=default, metadata={"minimum": minimum, "above": above})
+def base_algorithm(name: str, options: dict) -> tuple[str, dict]:
+    """The algorithm whose statistics, block transform and quantizer a Linear's assignment runs first:
+    the algorithm itself, or a refinement's initial algorithm with its options."""
+    algorithm = get_algorithm(name)
+    if isinstance(algorithm, BlockRefinement):
+        return algorithm.initial(options)
+    return name, options
+
+
+def option(default, *, minimum=None, above=None, maximum=None, choices: tuple[str, ...] | None = None):
+    """A typed algorithm option: its default and bounds (``minimum``/``maximum`` inclusive, ``above``
+    exclusive), or for text options the ``choices`` it takes."""
+    return field(default=default, metadata={"minimum": minimum, "above": above, "maximum": maximum,
+                                            "choices": choices})
 
 
 def parse_options(name: str, raw: dict):
@@ -143,6 +202,13 @@ def _typed(algorithm: str, spec, kind: type, value):
         if not isinstance(value, bool):
             raise QuantkitError(f"{what}: expected true or false")
         return value
+    if kind is str:
+        choices = spec.metadata.get("choices") or ()
+        if not isinstance(value, str) or value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise QuantkitError(f"{what}: {hint}(one of {', '.join(choices)})")
+        return value
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise QuantkitError(f"{what}: expected a whole number")
     if kind is float:
@@ -154,4 +220,7 @@ def _typed(algorithm: str, spec, kind: type, value):
         raise QuantkitError(f"{what}: must be at least {minimum}")
     if above is not None and value <= above:
         raise QuantkitError(f"{what}: must be greater than {above}")
+    maximum = spec.metadata.get("maximum")
+    if maximum is not None and value > maximum:
+        raise QuantkitError(f"{what}: must be at most {maximum}")
     return value

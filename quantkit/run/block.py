@@ -7,6 +7,7 @@ on); forward passes run on a copy in the compute dtype. Nothing here writes file
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,8 +19,11 @@ from torch import nn
 
 from quantkit.algorithms.registry import (
     BlockContext,
+    BlockRefinement,
     BlockTransform,
     LayerContext,
+    RefineContext,
+    base_algorithm,
     get_algorithm,
     parse_options,
 )
@@ -77,7 +81,8 @@ class BlockJob:
     float_block: Callable[[], nn.Module] | None = None  # a fresh float copy (to tell overflow from quantization error)
     moe_all_experts: bool = True                 # experts' statistics from every token (outputs keep the routing)
     expert_batch: int = 16                       # experts whose Hessians are collected at once
-    float_inputs: list[BlockInput] | None = None  # the float model's own block inputs (--imatrix-from float)
+    float_inputs: list[BlockInput] | None = None  # the float model's own block inputs (the float stream)
+    imatrix_from_float: bool = False             # --imatrix-from float: Σx² of the float stream's inputs
 
 
 @dataclass
@@ -88,7 +93,7 @@ class BlockResult:
     alpha: float | None = None
     alpha_errors: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    float_outputs: list[BlockInput] | None = None  # the float block's outputs (--imatrix-from float)
+    float_outputs: list[BlockInput] | None = None  # the float block's outputs (the next block's float stream)
 
 
 class BlockQuantizer:
@@ -98,6 +103,11 @@ class BlockQuantizer:
         self.timings: dict[str, float] = {}
         self.routed_tokens: dict[int, float] = {}   # MoE: expert -> calibration tokens routed to it
         self.float_importance: dict[str, LayerStats] = {}  # --imatrix-from float: Σx² on the float model
+        # what each Linear runs first: its algorithm, or a refinement's initial one (SignRound's init)
+        self.base = {name: dataclasses.replace(a, algorithm=base[0], options=base[1])
+                     for name, a in job.assigned.items() for base in [base_algorithm(a.algorithm, a.options)]}
+        self.rounded_from: dict[str, torch.Tensor] = {}   # refinement's Linears: the weight their codes came from
+        self.source_weights: dict[str, torch.Tensor] = {}  # and their weights before quantization (metrics)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -120,7 +130,7 @@ class BlockQuantizer:
         deferred = self.resequenced()
         if job.float_inputs is not None:   # before anything changes the block
             with self.timed("observe"):
-                self.float_importance, result.float_outputs = self.float_statistics()
+                self.float_importance, result.float_outputs = self.float_statistics(job.imatrix_from_float)
         if calibrated:
             with self.timed("observe"):
                 try:
@@ -148,6 +158,9 @@ class BlockQuantizer:
                         self.quantize_linear(name, stats[name], result)
                         if stats[name] is not None:
                             stats[name].release("hessian")  # GPTQ's [C, C] sums: up to 1 GB per Linear
+        if calibrated and self.rounded_from:
+            with self.timed("refine"):
+                self.refine(stats, result)
         if calibrated:
             with self.timed("propagate"):
                 result.outputs, output_sqnr = self.propagate(float_weights)
@@ -190,7 +203,7 @@ class BlockQuantizer:
         see only part of them (MoE experts); ``count_routes`` counts each expert's routed tokens."""
         job = self.job
         kinds = {name: IMPORTANCE | (frozenset() if name in deferred else
-                                               get_algorithm(job.assigned[name].algorithm).statistics)
+                                               get_algorithm(self.base[name].algorithm).statistics)
                  for name in names}
         if not partial:
             kinds.update(dict.fromkeys(self.group_inputs(), frozenset({"range", "mean_abs"})))
@@ -209,13 +222,13 @@ class BlockQuantizer:
             self.routed_tokens = dict(enumerate(job.processes.sum_values(routed)))
         return stats
 
-    def float_statistics(self) -> tuple[dict[str, LayerStats], list[BlockInput]]:
-        """What llama-imatrix measures: each assigned Linear's Σx² and token count on the float model's own
-        activations (the float block on the float stream; experts see their routed tokens), and the float
-        block's outputs, the next block's float inputs."""
+    def float_statistics(self, importance: bool = True) -> tuple[dict[str, LayerStats], list[BlockInput]]:
+        """The float block's outputs on the float stream (the next block's float inputs, and SignRound's
+        targets), and with ``importance`` what llama-imatrix measures: each assigned Linear's Σx² and token
+        count on the float model's own activations (experts see their routed tokens)."""
         job = self.job
         runner = runner_for(job.float_block(), job.compute_dtype)
-        stats = {name: LayerStats(frozenset({"sum_sq"})) for name in job.assigned}
+        stats = {name: LayerStats(frozenset({"sum_sq"})) for name in job.assigned} if importance else {}
 
         def make_hook(name: str):
             def hook(module, args, output):
@@ -224,7 +237,7 @@ class BlockQuantizer:
             return hook
 
         outputs = []
-        modules = {name: runner.get_submodule(name) for name in job.assigned}
+        modules = {name: runner.get_submodule(name) for name in stats}
         with forward_hooks(modules, make_hook):
             for call in job.float_inputs:
                 outputs.append(BlockInput(run_block(runner, call), call.kwargs, call.first_sample))
@@ -276,14 +289,14 @@ class BlockQuantizer:
             batches = self.batches([name for name in stage if name in job.assigned])
             if len(batches) > 1:
                 deferred |= {n for batch in batches for n in batch
-                             if "hessian" in get_algorithm(job.assigned[n].algorithm).statistics}
+                             if "hessian" in get_algorithm(self.base[n].algorithm).statistics}
         return frozenset(deferred)
 
     def true_sequential(self, name: str) -> bool:
         """Whether the Linear's statistics are collected with the block's earlier stages already
         quantized: its algorithm asks for it (GPTQ) unless the option ``true_sequential=false`` trades
         that for one pass collecting every Linear's statistics from the float block (faster)."""
-        assignment = self.job.assigned[name]
+        assignment = self.base[name]
         options = parse_options(assignment.algorithm, assignment.options)
         return get_algorithm(assignment.algorithm).sequential and getattr(options, "true_sequential", True)
 
@@ -295,12 +308,12 @@ class BlockQuantizer:
     def transform(self, stats: dict[str, LayerStats], result: BlockResult) -> None:
         """Block-level transforms of the assigned algorithms (AWQ), after smoothing."""
         job = self.job
-        for name in sorted({a.algorithm for a in job.assigned.values()}):
+        for name in sorted({a.algorithm for a in self.base.values()}):
             algorithm = get_algorithm(name)
             if not isinstance(algorithm, BlockTransform):
                 continue
             context = BlockContext(
-                prefix=job.prefix, block=job.block, assigned=job.assigned, stats=stats, groups=job.arch.awq,
+                prefix=job.prefix, block=job.block, assigned=self.base, stats=stats, groups=job.arch.awq,
                 model_config=job.model_config, norm_offset=job.arch.norm_offset, first_samples=self.first_samples,
                 runner=lambda: runner_for(job.block, job.compute_dtype), sum_=job.processes.sum_,
                 no_clip=job.arch.no_clip,
@@ -348,7 +361,12 @@ class BlockQuantizer:
                                 "calibrate with more samples or keep MoE statistics on every token")
         context = LayerContext(full_name, stats, options,
                                global_scale=self.fused_global_scale(name, assignment.scheme.weight))
-        quant, results = get_algorithm(algorithm_name).quantize(weight, assignment.scheme.weight, context)
+        algorithm = get_algorithm(algorithm_name)
+        if isinstance(algorithm, BlockRefinement):   # its initial codes now, refined with the whole block later
+            quant, results, self.rounded_from[name] = algorithm.initialize(weight, assignment.scheme.weight, context)
+            self.source_weights[name] = weight
+        else:
+            quant, results = algorithm.quantize(weight, assignment.scheme.weight, context)
         layer = make_quant_linear(linear, assignment.scheme, quant, input_range(stats) if stats else None,
                                   job.storage_dtype)
         set_submodule(job.block, name, layer)
@@ -363,7 +381,7 @@ class BlockQuantizer:
             result.entries[full_name].metrics["input_absmax"] = float(stats.range.absmax.max())
         # llama.cpp's importance matrix (export --format imatrix): of the input this Linear was quantized on, or
         # with --imatrix-from float of the float model's
-        importance = self.float_importance.get(name, stats) if job.float_inputs is not None else stats
+        importance = self.float_importance.get(name, stats) if job.imatrix_from_float else stats
         if importance is not None and importance.tokens and importance.sum_sq.total is not None:
             result.search_results[f"{full_name}.{IN_SUM2}"] = importance.sum_sq.total.float()
             result.search_results[f"{full_name}.{IN_COUNT}"] = importance.sum_sq.count.float().reshape(1)
@@ -371,6 +389,35 @@ class BlockQuantizer:
         if expert is not None and expert in self.routed_tokens:
             result.entries[full_name].metrics["routed_tokens"] = float(self.routed_tokens[expert])
         result.search_results.update({f"{full_name}.{key}": value for key, value in results.items()})
+
+    def refine(self, stats: dict[str, LayerStats | None], result: BlockResult) -> None:
+        """Block-level refinements (SignRound) of the Linears quantized with one: their codes are learned
+        against the float model's block outputs (the float stream's; without one, the float block's on
+        the quantized inputs), and the refined QuantLinears replace the initial ones."""
+        job = self.job
+        if result.float_outputs is not None:
+            targets = [call.tensor() for call in result.float_outputs]
+        else:
+            runner = runner_for(job.float_block(), job.compute_dtype)
+            targets = [run_block(runner, call) for call in job.inputs]
+        for algorithm_name in sorted({job.assigned[n].algorithm for n in self.rounded_from}):
+            names = sorted(n for n in self.rounded_from if job.assigned[n].algorithm == algorithm_name)
+            context = RefineContext(prefix=job.prefix, block=job.block, assigned=job.assigned,
+                                    rounded_from={n: self.rounded_from.pop(n) for n in names}, inputs=job.inputs,
+                                    targets=targets, compute_dtype=job.compute_dtype, seed=job.index)
+            refined = get_algorithm(algorithm_name).refine_block(context)
+            for name, quant in refined.weights.items():
+                assignment, full_name = job.assigned[name], self.full_name(name)
+                layer = make_quant_linear(job.block.get_submodule(name), assignment.scheme, quant,
+                                          input_range(stats[name]) if stats[name] else None, job.storage_dtype)
+                set_submodule(job.block, name, layer)
+                metrics = result.entries[full_name].metrics
+                metrics["weight_sqnr_db"] = primitives.sqnr_db(self.source_weights.pop(name), quant.dequantize())
+                metrics["block_loss_before"], metrics["block_loss_after"] = refined.loss_before, refined.loss_after
+            result.search_results[f"{job.prefix}.{algorithm_name}.loss"] = torch.tensor(
+                [refined.loss_before, refined.loss_after])
+            result.search_results[f"{job.prefix}.{algorithm_name}.steps"] = torch.tensor(
+                [float(refined.iterations), float(refined.best_iteration)])
 
     def propagate(self, float_weights: dict[str, torch.Tensor]) -> tuple[list[BlockInput], dict[str, float]]:
         """Recompute the block's outputs with its quantized Linears (the next block's inputs), and

@@ -7,7 +7,8 @@ Memory model (bytes), the largest of three phases on top of the Python/torch bas
            inputs and outputs of every calibration sample (N x L x hidden, twice), one batch's largest
            intermediate (B x L x intermediate x 3 in fp32) and the statistics of the block's Linears
            (per-channel ranges; Hessians in x in fp32 for GPTQ; AWQ's captured inputs of its search
-           samples)
+           samples); SignRound adds the float stream's cached inputs, its training copy of the block
+           with per-weight offsets, their gradients and two snapshots, and one batch's autograd tape
   finish:  the non-block tensors, plus the whole output when it is small enough to be merged into
            one model.safetensors
 Disk: the output (codes at their bit width, fp16 scales, the rest in the storage dtype) and, during the
@@ -78,7 +79,8 @@ def estimate_run(run) -> Estimate:
     activations = samples * seq_len * hidden * compute if run.needs_data else 0
     if run.config.offload_activations:  # one batch of inputs and one of outputs in memory at a time
         activations = min(activations, run.config.batch_size * seq_len * hidden * compute)
-    if run.needs_data and run.config.imatrix_from == "float":   # the float stream, in memory next to the inputs
+    refined = _refined_layers(run)
+    if run.needs_data and (run.config.imatrix_from == "float" or refined):   # the float stream, in memory
         activations += samples * seq_len * hidden * compute
     embeddings = config.vocab_size * hidden * compute if run.needs_data else 0
     batch_intermediate = run.config.batch_size * seq_len * intermediate * 4 * 3 if run.needs_data else 0
@@ -88,12 +90,28 @@ def estimate_run(run) -> Estimate:
         "capture": embeddings + activations,
         # fp32 master copy, the compute-dtype runner, and the float reference weights of the metrics
         "block": block_params * (4 + compute + compute) + 2 * activations + batch_intermediate + stats
-        + _alpha_search_bytes(run, block_params, compute),
+        + _alpha_search_bytes(run, block_params, compute)
+        + (_refine_bytes(run, block_params, compute, hidden, intermediate) if refined else 0),
         "finish": rest + (output if output <= 2 * 1024**3 else 0),
     }
     # the work directory's blocks and inputs, then the output with the copied config/tokenizer files
     disk = output + (output + activations) + sum(f.stat().st_size for f in run.copied_files) + _side_bytes(run, shapes)
     return Estimate(BASELINE_BYTES + max(phases.values()), disk, phases, activations)
+
+
+def _refined_layers(run) -> bool:
+    from quantkit.algorithms.registry import BlockRefinement, get_algorithm
+
+    return any(isinstance(get_algorithm(a.algorithm), BlockRefinement) for a in run.plan.values() if a is not None)
+
+
+def _refine_bytes(run, block_params: int, compute: int, hidden: int, intermediate: int) -> int:
+    """SignRound's training of one block: the block copy in the compute dtype; per weight in fp32 the
+    weight it was rounded from, its source weight, the initial codes and weight, the offsets, their
+    gradient and two snapshots (best, initial); and the autograd tape of one batch (the inputs of every
+    Linear and activation: about 10 hidden-wide and 4 intermediate-wide fp32 tensors per token)."""
+    tokens = run.config.batch_size * run.config.seq_len
+    return block_params * (compute + 8 * 4) + tokens * (10 * hidden + 4 * intermediate) * 4
 
 
 def _alpha_search_bytes(run, block_params: int, compute: int) -> int:
@@ -106,7 +124,11 @@ def _alpha_search_bytes(run, block_params: int, compute: int) -> int:
 
 def _statistics_bytes(run, shapes) -> int:
     """Statistics of one block's Linears (block 0's shapes; blocks are alike)."""
-    from quantkit.algorithms.registry import get_algorithm, parse_options
+    from quantkit.algorithms.registry import (
+        base_algorithm,
+        get_algorithm,
+        parse_options,
+    )
 
     total, gptq_working_set = 0, 0
     layout = run.arch.experts
@@ -117,7 +139,8 @@ def _statistics_bytes(run, shapes) -> int:
         if assignment is None or weight is None:
             continue
         out_features, in_features = weight[0]
-        kinds = get_algorithm(assignment.algorithm).statistics
+        algorithm, options = base_algorithm(assignment.algorithm, assignment.options)  # a refinement's init
+        kinds = get_algorithm(algorithm).statistics
         # MoE experts: Hessians of at most --expert-batch experts are alive at once; AWQ captures the
         # routed tokens, top_k of every E experts' worth in all
         expert = layout is not None and expert_index(name, layout) is not None
@@ -130,8 +153,8 @@ def _statistics_bytes(run, shapes) -> int:
             total += int(in_features * in_features * 8 * alive)
             gptq_working_set = max(gptq_working_set, 4 * in_features * in_features * 4
                                    + 2 * out_features * in_features * 4)
-        if assignment.algorithm == "awq":
-            samples = parse_options("awq", assignment.options).samples
+        if algorithm == "awq":
+            samples = parse_options("awq", options).samples
             total += int(samples * run.config.seq_len * in_features * 4 * routed)
     return total + gptq_working_set
 

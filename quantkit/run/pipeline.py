@@ -29,7 +29,13 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.algorithms.registry import BlockTransform, check_options, get_algorithm
+from quantkit.algorithms.registry import (
+    BlockRefinement,
+    BlockTransform,
+    base_algorithm,
+    check_options,
+    get_algorithm,
+)
 from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
 from quantkit.calibrate.hooks import (
     BlockInput,
@@ -242,8 +248,6 @@ def _prepare(config: CalibrateConfig) -> _Run:
         raise QuantkitError(f"--expert-batch must be at least 1, got {config.expert_batch}")
     if config.imatrix_from not in ("quantized", "float"):
         raise QuantkitError(f"--imatrix-from is 'quantized' or 'float', got '{config.imatrix_from}'")
-    if config.imatrix_from == "float" and config.resume:
-        raise QuantkitError("--imatrix-from float follows the float model from block 0: it cannot --resume a run")
     source = resolve_model(config.model)
     checkpoint = Checkpoint(source.path, trust_remote_code=config.trust_remote_code)
     arch = architecture_for(checkpoint.config)
@@ -272,7 +276,7 @@ def _prepare(config: CalibrateConfig) -> _Run:
         alpha = (None if recipe.alpha in (None, "auto") else float(recipe.alpha)) if alpha is None else alpha
     if smooth is None:
         smooth = alpha is not None or any(a.scheme.activation is not None for a in assignments)
-    if config.imatrix_from == "float" and (smooth or any(isinstance(get_algorithm(a.algorithm), BlockTransform)
+    if config.imatrix_from == "float" and (smooth or any(isinstance(get_algorithm(_base(a)), BlockTransform)
                                                          for a in assignments)):
         raise QuantkitError("--imatrix-from float measures the float model's inputs, which smoothing and AWQ scale "
                             "differently from the quantized model's: use it without them (or the default 'quantized')")
@@ -305,11 +309,23 @@ def _preflight(run: _Run, progress: Progress) -> None:
         run.dataset = spec
 
 
+def _base(assignment: LayerAssignment) -> str:
+    """The algorithm a layer runs first (a refinement's initial one)."""
+    return base_algorithm(assignment.algorithm, assignment.options)[0]
+
+
+def _refined(run: _Run) -> bool:
+    """Whether any layer's algorithm refines its block against the float model's outputs (SignRound): the
+    run then keeps the float stream, the float model's own block inputs, next to the quantized one."""
+    return any(isinstance(get_algorithm(a.algorithm), BlockRefinement) for a in run.plan.values() if a is not None)
+
+
 def _needs_calibration(assignment: LayerAssignment) -> bool:
     """Whether a layer's quantization uses calibration activations at all."""
-    algorithm = get_algorithm(assignment.algorithm)
+    algorithm = get_algorithm(_base(assignment))
     calibrated_activations = assignment.scheme.activation is not None and assignment.scheme.activation.calibrated
-    return bool(algorithm.statistics) or isinstance(algorithm, BlockTransform) or calibrated_activations
+    return (bool(algorithm.statistics) or isinstance(algorithm, BlockTransform) or calibrated_activations
+            or isinstance(get_algorithm(assignment.algorithm), BlockRefinement))
 
 
 def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> CalibrationResult:
@@ -326,6 +342,8 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
         # an expert one rank never routes a token to would have no statistics there to merge
         raise QuantkitError("--moe-routed-only runs in one process; drop it under torchrun (every expert then "
                             "sees every token on every rank)")
+    if _refined(run) and processes.world_size > 1:
+        raise QuantkitError("signround optimises each block in one process; run it without torchrun")
     run.estimate = estimate_run(run)
     progress.estimate(run.estimate)
     check_fits(run.estimate, run.out)
@@ -367,10 +385,12 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
         inputs = _restore_or_offload(run, work, first, inputs)
     num_blocks = run.checkpoint.text_config.num_hidden_layers
     progress.stage("blocks", num_blocks)
-    # --imatrix-from float: the float model's own activations, block by block (kept in memory)
-    float_inputs = inputs if inputs is not None and run.config.imatrix_from == "float" else None
-    if float_inputs is not None and run.config.offload_activations:
-        float_inputs = [BlockInput(call.tensor(), call.kwargs, call.first_sample) for call in float_inputs]
+    # the float stream (--imatrix-from float, SignRound's targets): the float model's own activations, block by
+    # block (kept in memory, committed with each block for --resume)
+    float_inputs = None
+    if inputs is not None and (run.config.imatrix_from == "float" or _refined(run)):
+        hidden = [call.tensor() for call in inputs] if first == 0 else work.saved_inputs(float_stream=True)
+        float_inputs = [BlockInput(h, call.kwargs, call.first_sample) for h, call in zip(hidden, inputs)]
     for index in range(num_blocks):
         if index < first:
             progress.advance("blocks", f"block {index} (committed earlier)")
@@ -384,7 +404,8 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
         in_memory = inputs is not None and not run.config.offload_activations
         with _timed(run, "write"):
             work.commit_block(index, tensors, record, result.search_results,
-                              [call.hidden for call in inputs] if in_memory else None)
+                              [call.hidden for call in inputs] if in_memory else None,
+                              None if float_inputs is None else [call.tensor() for call in float_inputs])
             if run.config.offload_activations:
                 work.drop_offloaded(index)
         progress.block_done(index, {name: entry.metrics for name, entry in result.entries.items()})
@@ -502,7 +523,8 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
                    storage_dtype=run.storage_dtype, smooth=run.smooth, alpha=run.alpha,
                    metric_samples=run.config.metric_samples, processes=run.processes, keep=keep,
                    float_block=float_block, moe_all_experts=run.config.moe_all_experts,
-                   expert_batch=run.config.expert_batch, float_inputs=float_inputs)
+                   expert_batch=run.config.expert_batch, float_inputs=float_inputs,
+                   imatrix_from_float=run.config.imatrix_from == "float")
     result = BlockQuantizer(job).run()
     for stage, seconds in result.timings.items():
         run.timings[stage] = run.timings.get(stage, 0.0) + seconds

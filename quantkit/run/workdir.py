@@ -7,6 +7,7 @@
         blocks/block-00003.json         its manifest entries, chosen alpha and timings
         blocks/search-00003.safetensors its search results (SmoothQuant factors, AWQ scales, ...)
         activations-rank0.safetensors   the inputs of block `next_block` (hidden states per batch)
+        activations-float-rank0.safetensors  its float-stream inputs (the float model's), when the run keeps them
 
 Every file is written to a temporary name and renamed, and progress.json last, so a run killed at
 any instant leaves a consistent state: `--resume` continues from the first unfinished block with the
@@ -102,15 +103,17 @@ class WorkDir:
     # per block ------------------------------------------------------------------------------------
 
     def commit_block(self, index: int, tensors: dict[str, torch.Tensor], record: dict,
-                     search_results: dict[str, torch.Tensor], next_inputs: list[torch.Tensor] | None) -> None:
+                     search_results: dict[str, torch.Tensor], next_inputs: list[torch.Tensor] | None,
+                     next_float_inputs: list[torch.Tensor] | None = None) -> None:
         """Persist one finished block; progress.json moves on only after everything else is on disk."""
         with writing(self.path):
-            self._commit_block(index, tensors, record, search_results, next_inputs)
+            self._commit_block(index, tensors, record, search_results, next_inputs, next_float_inputs)
 
-    def _commit_block(self, index, tensors, record, search_results, next_inputs) -> None:
-        if next_inputs is not None:
-            atomic_safetensors(self.path / f"activations-rank{self.rank}.safetensors",
-                                {f"batch_{i}": h for i, h in enumerate(next_inputs)})
+    def _commit_block(self, index, tensors, record, search_results, next_inputs, next_float_inputs) -> None:
+        for stream, hidden in (("", next_inputs), ("float-", next_float_inputs)):
+            if hidden is not None:
+                atomic_safetensors(self.path / f"activations-{stream}rank{self.rank}.safetensors",
+                                   {f"batch_{i}": h for i, h in enumerate(hidden)})
         if not self.writer:
             return
         atomic_safetensors(self.blocks / f"block-{index:05d}.safetensors", tensors)
@@ -130,9 +133,10 @@ class WorkDir:
         for path in (self.path / f"offload-rank{self.rank}").glob(f"block{block:05d}-*.safetensors"):
             path.unlink()
 
-    def saved_inputs(self) -> list[torch.Tensor]:
-        """The hidden states saved with the last committed block (the next block's inputs)."""
-        path = self.path / f"activations-rank{self.rank}.safetensors"
+    def saved_inputs(self, float_stream: bool = False) -> list[torch.Tensor]:
+        """The hidden states saved with the last committed block (the next block's inputs, or with
+        ``float_stream`` its float-stream inputs)."""
+        path = self.path / f"activations-{'float-' if float_stream else ''}rank{self.rank}.safetensors"
         if not path.is_file():
             raise QuantkitError(f"--resume: {path} is missing; rerun without --resume")
         tensors = load_file(str(path))

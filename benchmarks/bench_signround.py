@@ -1,0 +1,63 @@
+"""Issue 16 benchmark: SignRound (block-wise learned rounding) against RTN/GPTQ/AWQ/HQQ and AutoRound on SmolLM2.
+
+    python benchmarks/bench_signround.py --peer-python /work/peers-venv/bin/python \
+        [--grids "int4 g64 sym" ...] [--variants gptq "signround gptq 50" ...] [--autoround-iters 50 200]
+
+Protocol of benchmarks/common.py: 64 x 512 calibration tokens of Austen's Persuasion (AutoRound gets the very same
+ids, one sample per batch entry; it keeps every sample, all being 512 tokens long), perplexity, KL and top-1 in
+float32 on 16 held-out Alice windows. Grids: 4-bit g64 symmetric, 4-bit g128 symmetric (ragged: 576 = 4.5 x 128),
+3-bit g64 asymmetric and 2-bit g64 asymmetric. A variant "signround INIT N" is `--algo signround --algo-option
+init=INIT --algo-option iters=N`. Time: quantkit's calibrate+quantize seconds (every stage but load and write) and
+AutoRound's quantize() call, in the same run on the same machine.
+"""
+import argparse
+import tempfile
+from pathlib import Path
+
+import common
+
+GRIDS = {
+    "int4 g64 sym": ["--bits", "4", "--group-size", "64", "--sym"],
+    "int4 g128 sym": ["--bits", "4", "--group-size", "128", "--sym"],
+    "int3 g64 asym": ["--bits", "3", "--group-size", "64", "--asym"],
+    "int2 g64 asym": ["--bits", "2", "--group-size", "64", "--asym"],
+}
+DEFAULT_VARIANTS = ["rtn", "gptq", "awq", "hqq", "signround gptq 50", "signround gptq 200"]
+
+
+def variant_flags(variant: str) -> list[str]:
+    words = variant.split()
+    if words[0] == "signround":
+        init, iters = words[1], words[2]
+        return ["--algo", "signround", "--algo-option", f"init={init}", "--algo-option", f"iters={iters}",
+                *[flag for option in words[3:] for flag in ("--algo-option", option)]]
+    return ["--algo", words[0]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--peer-python", default="")
+    parser.add_argument("--grids", nargs="*", default=list(GRIDS))
+    parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS)
+    parser.add_argument("--autoround-iters", nargs="*", type=int, default=[50, 200])
+    args = parser.parse_args()
+    windows = common.eval_windows()
+    reference = common.float_model()
+    rows = [{"tool": "float", "config": "", **common.score(reference, reference, windows)}]
+    with tempfile.TemporaryDirectory() as tmp:
+        for grid in args.grids:
+            bits, group_size, symmetry = GRIDS[grid][1], GRIDS[grid][3], GRIDS[grid][4].lstrip("-")
+            for variant in args.variants:
+                if variant == "hqq" and symmetry == "sym":
+                    continue   # HQQ optimises a zero point: asymmetric grids only
+                out = Path(tmp) / f"{grid}-{variant}".replace(" ", "_")
+                common.add_quantkit_row(rows, out, f"{grid} {variant}", ["--scheme", "w4a16", *variant_flags(variant),
+                                                                         *GRIDS[grid]], reference, windows)
+            for iters in args.autoround_iters:
+                common.add_peer_row(rows, args.peer_python, "run_autoround.py", [bits, group_size, symmetry, str(iters)],
+                                    "AutoRound", f"{grid} iters {iters}")
+    print(common.table(rows, common.QUALITY_COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

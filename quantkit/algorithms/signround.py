@@ -1,0 +1,357 @@
+"""SignRound (Cheng et al. 2023, arXiv 2309.05516; intel/auto-round): block-wise learned rounding.
+
+Every Linear of the block is first quantized by an initial algorithm (``init``: gptq, awq, rtn or imatrix);
+then the block's rounding is learned against its float outputs, all its SignRound Linears together:
+
+    code  = clamp(round((w0 + off) / s + V) + z, qmin, qmax),     w_hat = (code - z) * s - off
+    V     [out, in] in [-0.5, 0.5]: a learned rounding offset per weight, 0 at the start
+    w0    the weight the initial algorithm rounded (GPTQ: each column as its error feedback left it), so
+          V = 0 gives the initial codes exactly
+    s, z  the initial grid. Where its group scale is a free float (integer grids, not K-quants), the group's
+          range is learned too: symmetric s = s0 * f_hi; asymmetric [lo0 * f_lo, hi0 * f_hi] with
+          lo0 = (qmin - z0) * s0, hi0 = (qmax - z0) * s0, s = (hi - lo) / (qmax - qmin),
+          z = clamp(qmin - round(lo / s)); factors in [0.5, 1], 1 at the start (AutoRound's min/max tuning)
+    off   K-quants with mins: dmin * m of the sub-block (the sub-block scales d * sc stay as searched)
+
+Loss: mean squared error of the block's outputs, run on the quantized model's inputs, against the float
+model's block outputs (the float stream), so each block also compensates the error of the blocks before it.
+Update: signed gradient descent with straight-through rounding, p -= lr_t * sign(dL/dp), lr_t falling
+linearly from lr (default 1 / iters) to 0; one calibration batch per step, batches in a seeded random order.
+The parameters with the lowest batch loss relative to that batch's initial loss are kept; when they do not
+lower the loss over the whole calibration set, the initial codes are kept.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.algorithms.gptq import k_step
+from quantkit.algorithms.registry import (
+    LayerContext,
+    RefineContext,
+    Refined,
+    get_algorithm,
+    option,
+    parse_options,
+    register,
+)
+from quantkit.calibrate.hooks import run_block
+from quantkit.errors import QuantkitError
+from quantkit.formats import primitives
+from quantkit.formats.numbers import scale_format
+from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.formats.schemes import WeightSpec
+from quantkit.model.qlinear import QuantLinear, set_submodule
+
+INITS = ("gptq", "awq", "rtn", "imatrix")
+OFFSET_BOUND = 0.5           # |V| <= 0.5: a code moves at most one step from nearest rounding
+FACTOR_RANGE = (0.5, 1.0)    # the learned range shrinks a group's range at most to half
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _expand(param: torch.Tensor, quant: QuantTensor) -> torch.Tensor:
+    """[R, G] group parameters -> [out, in]."""
+    return primitives.expand_params(param, quant.shape, quant.group_size, quant.g_idx, quant.row_block)
+
+
+class LearnedGrid(nn.Module):
+    """One Linear's learnable rounding on the grid of its initial QuantTensor.
+
+    offsets [out, in] fp32 (V), and with ``learn_range`` the factors [R, G] fp32 of the group ranges."""
+
+    def __init__(self, init: QuantTensor, rounded_from: torch.Tensor, learn_range: bool):
+        super().__init__()
+        spec = init.spec
+        self.init = init
+        self.element = spec.element
+        self.k_grid = spec.super_group is not None
+        self.learn_range = learn_range and self.range_learnable(init)
+        if self.k_grid:   # w = (d*sc) * (code + 2^(b-1)) - dmin*m  (asymmetric) or (d*sc) * code
+            step, offset = k_step(init)
+            self.register_buffer("step0", _expand(step, init))
+            self.register_buffer("offset", None if offset is None else _expand(offset, init))
+            self.shift = None if offset is None else -float(1 << (spec.bits - 1))  # z of the K grids with mins
+        else:
+            self.register_buffer("step0", primitives.effective_scale(init.scale.float(), init.global_scale))
+            self.register_buffer("offset", None)
+            self.shift = None
+        self.register_buffer("zero0", None if init.zero is None or self.k_grid else init.zero.float())
+        self.offsets = nn.Parameter(torch.zeros(init.shape))
+        shape = init.scale.shape
+        self.factor_lo = nn.Parameter(torch.ones(shape)) if self.learn_range and init.zero is not None else None
+        self.factor_hi = nn.Parameter(torch.ones(shape)) if self.learn_range else None
+        rounded_from = rounded_from.detach().float().clone()     # an inference tensor cannot join autograd
+        with torch.no_grad():
+            step, zero = self.grid(exact=True)
+            nearest = self.codes(rounded_from, step, zero, torch.zeros_like(rounded_from))
+        self.register_buffer("dead", step == 0)   # a (sub-)block whose step is 0 keeps its initial codes
+        self.register_buffer("init_codes", init.codes.float())
+        self.register_buffer("init_weight", init.dequantize())
+        # Nearest rounding of w0 must give the initial codes: where the initial algorithm rounded otherwise
+        # (llama.cpp's Q4_0 reference truncates x/d + 8.5), w0 is replaced by the initial dequantized value.
+        self.register_buffer("rounded_from", torch.where(nearest == self.init_codes, rounded_from, self.init_weight))
+
+    @staticmethod
+    def range_learnable(init: QuantTensor) -> bool:
+        """Whether the group scale is a free float the range factors can move: integer grids with a
+        float scale format, no K super-blocks, no second-level scale."""
+        spec = init.spec
+        return (spec.element.kind == "int" and spec.super_group is None and spec.second_scale is None
+                and spec.scale_format in ("fp16", "bf16", "fp32"))
+
+    def factors(self) -> list[nn.Parameter]:
+        return [p for p in (self.factor_lo, self.factor_hi) if p is not None]
+
+    def grid(self, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(step [out, in], zero [out, in] or None) of the current factors; ``exact``: the stored values
+        without gradients (the final QuantTensor's), else straight-through rounded ones."""
+        init = self.init
+        if self.k_grid:    # K grids with mins: code = unsigned level - 2^(b-1), so z = -2^(b-1)
+            return self.step0, None if self.shift is None else torch.full_like(self.step0, self.shift)
+        if not self.learn_range:
+            return _expand(self.step0, init), None if self.zero0 is None else _expand(self.zero0, init)
+        scale, zero = self.group_grid(exact)
+        return _expand(scale, init), None if zero is None else _expand(zero, init)
+
+    def group_grid(self, exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The learned group scale and zero [R, G] (range mode): factors at 1 keep the initial ones exactly."""
+        element, storage = self.element, scale_format(self.init.spec.scale_format)
+        qmin, qmax = float(element.min), float(element.max)
+        rounding = storage.round if exact else (lambda s: s + (storage.round(s.detach()) - s).detach())
+        hi_factor = self.factor_hi
+        if self.zero0 is None:
+            scale = rounding(self.step0 * hi_factor)
+            unchanged = hi_factor == 1
+            scale = torch.where(unchanged, self.step0, scale) if exact else scale
+            return scale, None
+        lo = (qmin - self.zero0) * self.step0 * self.factor_lo
+        hi = (qmax - self.zero0) * self.step0 * hi_factor
+        scale = rounding((hi - lo) / (qmax - qmin))
+        zero = ((qmin - (torch.round(lo / scale) if exact else round_ste(lo / scale))).clamp(qmin, qmax))
+        if exact:
+            unchanged = (self.factor_lo == 1) & (hi_factor == 1)
+            scale = torch.where(unchanged, self.step0, scale)
+            zero = torch.where(unchanged, self.zero0, zero)
+        return scale, zero
+
+    def codes(self, w0: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | None, offsets: torch.Tensor,
+              ste: bool = False) -> torch.Tensor:
+        """[out, in] float codes: clamp(round((w0 + off) / step + V) + z)."""
+        safe = torch.where(step == 0, torch.ones_like(step), step)
+        position = (w0 if self.offset is None else w0 + self.offset) / safe + offsets
+        code = round_ste(position) if ste else torch.round(position)
+        if zero is not None:
+            code = code + zero
+        return code.clamp(self.element.min, self.element.max)
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in] fp32 of the current parameters (differentiable)."""
+        step, zero = self.grid()
+        code = self.codes(self.rounded_from, step, zero, self.offsets, ste=True)
+        value = code if zero is None else code - zero
+        value = value * step
+        if self.offset is not None:
+            value = value - self.offset
+        return torch.where(self.dead, self.init_weight, value)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.offsets.clamp_(-OFFSET_BOUND, OFFSET_BOUND)
+        for factor in self.factors():
+            factor.clamp_(*FACTOR_RANGE)
+
+    @torch.no_grad()
+    def quant_tensor(self) -> QuantTensor:
+        """The exact QuantTensor of the current parameters (the initial one's fields, new codes and scales)."""
+        init = self.init
+        step, zero = self.grid(exact=True)
+        codes = self.codes(self.rounded_from, step, zero, self.offsets)
+        codes = torch.where(self.dead | (step == 0), self.init_codes, codes).to(init.codes.dtype)
+        if not self.learn_range:
+            return dataclasses.replace(init, codes=codes)
+        scale, group_zero = self.group_grid(exact=True)
+        return dataclasses.replace(init, codes=codes, scale=scale, zero=group_zero)
+
+
+class LearnedLinear(nn.Module):
+    """The training stand-in of one QuantLinear: its learned weight, its activation grid (straight through)
+    and its bias."""
+
+    def __init__(self, grid: LearnedGrid, quantized: QuantLinear):
+        super().__init__()
+        self.grid = grid
+        self.quantized = quantized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized.activation_spec is not None:
+            x = x + (self.quantized.quantize_input(x) - x).detach()
+        bias = None if self.quantized.bias is None else self.quantized.bias.to(x.dtype)
+        return F.linear(x, self.grid.weight().to(x.dtype), bias)
+
+
+def _trainable(value):
+    """A copy of a call's tensors outside inference mode (autograd cannot save inference tensors)."""
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_trainable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _trainable(v) for k, v in value.items()}
+    return value
+
+
+@register("signround")
+class SignRound:
+    """Options: init (gptq: where the codes start; awq, rtn, imatrix), iters (200 steps per block; 0 keeps the
+    initial codes), lr (0: 1 / iters, AutoRound's default), range_lr (0: lr; of the range factors),
+    learn_range (True), patience (0: never stop early; else stop after that many steps without a new
+    best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
+    algorithm's options (GPTQ's block_size, damp, act_order, static_groups, true_sequential, llama_cpp; AWQ's
+    samples and clip), passed to it. Block-wide settings (iters, lr, patience, autocast) come from the
+    block's first SignRound Linear in name order."""
+
+    @dataclass(frozen=True)
+    class Options:
+        init: str = option("gptq", choices=INITS)
+        iters: int = option(200, minimum=0)
+        lr: float = option(0.0, minimum=0.0)
+        range_lr: float = option(0.0, minimum=0.0)
+        learn_range: bool = option(True)
+        patience: int = option(0, minimum=0)
+        autocast: bool = option(False)
+        # passed to the initial algorithm
+        block_size: int = option(128, minimum=1)
+        damp: float = option(0.01, above=0.0)
+        act_order: bool = option(True)
+        static_groups: bool = option(True)
+        true_sequential: bool = option(True)
+        llama_cpp: bool = option(False)
+        samples: int = option(16, minimum=1)
+        clip: bool = option(True)
+
+    # what the pipeline asks of the algorithm itself; its initial algorithm's come through `initial`
+    statistics: frozenset[str] = frozenset()
+    sequential = False
+
+    def validate(self, spec: WeightSpec) -> None:
+        if spec.element.kind != "int":
+            raise QuantkitError(f"signround learns offsets on integer grids (int, K-quants); {spec.describe()} "
+                                "has a float element grid: use gptq")
+
+    def initial(self, options: dict) -> tuple[str, dict]:
+        init = parse_options(self.name, options).init
+        known = {f.name for f in fields(get_algorithm(init).Options)}
+        return init, {key: value for key, value in options.items() if key in known}
+
+    def initialize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext
+                   ) -> tuple[QuantTensor, dict, torch.Tensor]:
+        name, options = self.initial(context.options)
+        algorithm = get_algorithm(name)
+        init_context = dataclasses.replace(context, options=options)
+        rounding = getattr(algorithm, "rounding", None)
+        if rounding is not None:     # GPTQ: the codes come from the error-compensated columns
+            return rounding(weight, spec, init_context)
+        quant, results = algorithm.quantize(weight, spec, init_context)
+        return quant, results, weight.detach().float()
+
+    def refine_block(self, context: RefineContext) -> Refined:
+        names = sorted(context.rounded_from)
+        options = parse_options(self.name, context.assigned[names[0]].options)
+        with torch.inference_mode(False), torch.enable_grad():
+            return _Trainer(context, names, options).run()
+
+
+class _Trainer:
+    """The optimisation of one block (see the module docstring)."""
+
+    def __init__(self, context: RefineContext, names: list[str], options):
+        self.context, self.options = context, options
+        self.block = copy.deepcopy(context.block)      # a copy outside inference mode, in the compute dtype
+        for param in self.block.parameters():
+            param.data = param.data.to(context.compute_dtype) if param.is_floating_point() else param.data
+            param.requires_grad_(False)
+        self.grids: dict[str, LearnedGrid] = {}
+        for name in names:
+            quantized = self.block.get_submodule(name)
+            grid = LearnedGrid(quantized.quant_tensor(), context.rounded_from[name], options.learn_range)
+            self.grids[name] = grid
+            set_submodule(self.block, name, LearnedLinear(grid, quantized))
+        self.targets = context.targets
+
+    def loss(self, index: int) -> tuple[torch.Tensor, int]:
+        """(sum of squared errors of the block's output on call ``index``, element count)."""
+        call = self.context.inputs[index]
+        call = dataclasses.replace(call, hidden=call.tensor().clone(), kwargs=_trainable(call.kwargs))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.autocast):
+            output = run_block(self.block, call)
+        target = self.targets[index].to(torch.float32, copy=True)
+        return F.mse_loss(output.float(), target, reduction="sum"), target.numel()
+
+    @torch.no_grad()
+    def total_loss(self) -> tuple[list[float], float]:
+        """Per-call mean squared errors and the mean over every calibration element."""
+        sums = [self.loss(i) for i in range(len(self.context.inputs))]
+        per_call = [s.item() / max(n, 1) for s, n in sums]
+        return per_call, sum(s.item() for s, _ in sums) / max(sum(n for _, n in sums), 1)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for grid in self.grids.values() for p in grid.parameters()]
+
+    @torch.no_grad()
+    def restore(self, values: list[torch.Tensor]) -> None:
+        params = [p for grid in self.grids.values() for p in grid.parameters()]
+        for param, value in zip(params, values):
+            param.copy_(value)
+
+    def run(self) -> Refined:
+        options = self.options
+        iters = options.iters
+        start_per_call, before = self.total_loss()
+        initial = self.snapshot()
+        best, best_state, best_iteration, done = 1.0, initial, 0, 0
+        lr = options.lr or (1.0 / iters if iters else 0.0)
+        range_lr = options.range_lr or lr
+        offsets = [grid.offsets for grid in self.grids.values()]
+        factors = [f for grid in self.grids.values() for f in grid.factors()]
+        generator = torch.Generator().manual_seed(self.context.seed)
+        order: list[int] = []
+        for iteration in range(iters):
+            if not order:
+                order = torch.randperm(len(self.context.inputs), generator=generator).tolist()
+            index = order.pop()
+            total, count = self.loss(index)
+            relative = total.item() / max(count, 1) / start_per_call[index] if start_per_call[index] > 0 else 0.0
+            if relative < best:
+                best, best_state, best_iteration = relative, self.snapshot(), iteration
+            elif options.patience and iteration - best_iteration >= options.patience:
+                break
+            self.context.advance(iteration, relative)
+            total.backward()
+            decay = 1.0 - iteration / iters            # linear schedule from lr to 0
+            with torch.no_grad():
+                for params, rate in ((offsets, lr), (factors, range_lr)):
+                    for param in params:
+                        if param.grad is not None:
+                            param.add_(param.grad.sign(), alpha=-rate * decay)
+                            param.grad = None
+                for grid in self.grids.values():
+                    grid.clamp_()
+            done = iteration + 1
+        self.restore(best_state)
+        after = before
+        if best_iteration > 0:
+            _, after = self.total_loss()
+            if after >= before:       # the batch-wise best did not help over the whole calibration set
+                self.restore(initial)
+                after, best_iteration = before, 0
+        return Refined({name: grid.quant_tensor() for name, grid in self.grids.items()}, before, after, done,
+                       best_iteration)

@@ -1,0 +1,203 @@
+"""SignRound (block-wise learned rounding): bounds, zero-iteration identity with its initial algorithm, a lower
+block error than the initialisation, recipes, resume, and both exports reading its codes back exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from conftest import assert_one_line_error, make_checkpoint, run_cli
+from safetensors.torch import load_file
+
+from quantkit.algorithms.rtn import quantize_rtn
+from quantkit.algorithms.signround import OFFSET_BOUND, LearnedGrid
+from quantkit.formats.schemes import WeightSpec, get_scheme
+from quantkit.native.loader import load_quantized
+from quantkit.native.manifest import Manifest
+from quantkit.run.pipeline import CalibrateConfig, calibrate
+
+FAST = dict(dataset="dummy", num_samples=8, seq_len=32, batch_size=4)
+
+
+def _run(source, out, **options):
+    return calibrate(CalibrateConfig(model=str(source), out=out, overwrite=True, **FAST, **options))
+
+
+def _codes(directory):
+    """Every quantized tensor the output holds (codes, scales, zeros), by name."""
+    return {name: tensor for name, tensor in load_file(directory / "model.safetensors").items()
+            if name.rsplit(".", 1)[1].startswith("weight_")}
+
+
+def _assert_same_codes(a, b):
+    first, second = _codes(a), _codes(b)
+    assert first.keys() == second.keys() and first
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_offsets_and_factors_stay_in_bounds():
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    spec = WeightSpec(4, "group", False, 32)
+    grid = LearnedGrid(quantize_rtn(weight, spec), weight, learn_range=True)
+    with torch.no_grad():
+        grid.offsets.normal_(0, 3)
+        grid.factor_lo.fill_(-2.0)
+        grid.factor_hi.fill_(7.0)
+    grid.clamp_()
+    assert grid.offsets.abs().max() <= OFFSET_BOUND and grid.offsets.abs().max() == OFFSET_BOUND
+    assert float(grid.factor_lo.detach().min()) == 0.5 and float(grid.factor_hi.detach().max()) == 1.0
+    quant = grid.quant_tensor()   # a valid QuantTensor (its own checks: codes on the grid, shapes)
+    assert quant.codes.dtype == torch.int8 and quant.integer_zero
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (3, False)])
+def test_a_code_moves_at_most_one_step_from_nearest(bits, symmetric):
+    """With the grid fixed, offsets in [-0.5, 0.5] reach only the two grid points around w / s."""
+    weight = torch.randn(16, 96, generator=torch.Generator().manual_seed(bits))
+    spec = WeightSpec(bits, "group", symmetric, 32)
+    nearest = quantize_rtn(weight, spec)
+    grid = LearnedGrid(nearest, weight, learn_range=False)
+    with torch.no_grad():
+        grid.offsets.uniform_(-1, 1, generator=torch.Generator().manual_seed(1))
+    grid.clamp_()
+    moved = grid.quant_tensor()
+    assert torch.equal(moved.scale, nearest.scale)
+    assert (moved.codes.int() - nearest.codes.int()).abs().max() == 1
+    exact = (weight / nearest.scale.repeat_interleave(32, dim=1) + grid.offsets)
+    exact = exact if symmetric else exact.round() + nearest.zero.repeat_interleave(32, dim=1)
+    assert torch.equal(moved.codes.float(), exact.round().clamp(nearest.spec.element.min, nearest.spec.element.max))
+
+
+@pytest.mark.parametrize("init,options", [
+    ("gptq", dict(scheme="w4a16", group_size=32)),
+    ("rtn", dict(scheme="w4a16", group_size=32, symmetric=False, bits=3)),
+    ("awq", dict(scheme="w4a16", group_size=32)),
+])
+def test_zero_iterations_equal_the_initial_algorithm(llama_dir, tmp_path, init, options):
+    _run(llama_dir, tmp_path / "init", algorithm=init, **options)
+    _run(llama_dir, tmp_path / "sr", algorithm="signround", options=dict(init=init, iters=0), **options)
+    _assert_same_codes(tmp_path / "init", tmp_path / "sr")
+    assert {e.algorithm for e in Manifest.load(tmp_path / "sr").layers.values()} == {"signround"}
+
+
+def test_zero_iterations_equal_gptq_on_a_k_grid(tmp_path):
+    """K-quant super-blocks (256-wide rows): the learned offsets start on GPTQ's codes on the weighted K grid."""
+    source = make_checkpoint(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=1, num_hidden_layers=1)
+    _run(source, tmp_path / "gptq", scheme="q4_k", algorithm="gptq")
+    _run(source, tmp_path / "sr", scheme="q4_k", algorithm="signround", options=dict(iters=0))
+    _assert_same_codes(tmp_path / "gptq", tmp_path / "sr")
+    result = _run(source, tmp_path / "sr8", scheme="q4_k", algorithm="signround", options=dict(iters=20, lr=0.005))
+    for entry in result.manifest.layers.values():
+        assert entry.metrics["block_loss_after"] < entry.metrics["block_loss_before"]
+    quantized = load_quantized(tmp_path / "sr8", dtype=torch.float32)
+    layer = quantized.model.layers[0].mlp.down_proj
+    assert layer.weight_super_scale is not None     # still the K grid: d, dmin, sub-block scales as searched
+    initial = load_quantized(tmp_path / "gptq", dtype=torch.float32).model.layers[0].mlp.down_proj
+    assert torch.equal(layer.weight_scale, initial.weight_scale)
+    assert torch.equal(layer.weight_super_scale, initial.weight_super_scale)
+
+
+@pytest.mark.parametrize("init", ["gptq", "rtn"])
+def test_optimisation_lowers_every_blocks_error(llama_dir, tmp_path, init):
+    result = _run(llama_dir, tmp_path / "sr", scheme="w4a16", group_size=32, algorithm="signround",
+                  options=dict(init=init, iters=20, lr=0.005))
+    blocks = {}
+    for name, entry in result.manifest.layers.items():
+        blocks.setdefault(".".join(name.split(".")[:3]), set()).add(
+            (entry.metrics["block_loss_before"], entry.metrics["block_loss_after"]))
+    assert len(blocks) == 2
+    for losses in blocks.values():
+        (before, after), = losses        # one figure per block, shared by its Linears
+        assert after < before
+    results = load_file(tmp_path / "sr" / "search_results.safetensors")
+    steps = results["model.layers.0.signround.steps"]
+    assert steps[0] == 20 and 0 < steps[1] < 20
+
+
+def test_a_recipe_mixes_signround_with_other_algorithms(llama_dir, tmp_path):
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "default": {"scheme": "w4a16", "algorithm": "gptq", "group_size": 32},
+        "rules": [{"match": "*.mlp.*", "scheme": "w4a16", "group_size": 32, "algorithm": "signround",
+                   "options": {"iters": 10}}],
+    }))
+    result = _run(llama_dir, tmp_path / "out", recipe=recipe)
+    algorithms = {name.rsplit(".", 1)[1]: entry.algorithm for name, entry in result.manifest.layers.items()}
+    assert algorithms["down_proj"] == "signround" and algorithms["q_proj"] == "gptq"
+    reference = _run(llama_dir, tmp_path / "gptq", scheme="w4a16", group_size=32, algorithm="gptq")
+    attention = {n: t for n, t in _codes(tmp_path / "out").items() if "self_attn" in n and ".0." in n}
+    plain = _codes(tmp_path / "gptq")
+    for name, tensor in attention.items():   # block 0's attention is GPTQ's, before any refinement
+        assert torch.equal(tensor, plain[name]), name
+    assert reference.manifest is not None
+
+
+def test_resume_after_kill_is_bit_identical(llama_dir, tmp_path):
+    """The float stream (the targets) is committed with each block, so a resumed run refines the same way."""
+    from test_pipeline import _files, _KillAfter
+
+    from quantkit.errors import RunInterrupted
+
+    options = dict(model=str(llama_dir), scheme="w4a16", group_size=32, algorithm="signround",
+                   options=dict(iters=6), **FAST)
+    calibrate(CalibrateConfig(out=tmp_path / "straight", **options))
+    with pytest.raises(RunInterrupted):
+        calibrate(CalibrateConfig(out=tmp_path / "resumed", **options), progress=_KillAfter(0))
+    assert (tmp_path / ".resumed.partial" / "activations-float-rank0.safetensors").is_file()
+    calibrate(CalibrateConfig(out=tmp_path / "resumed", resume=True, **options))
+    assert _files(tmp_path / "straight") == _files(tmp_path / "resumed")
+
+
+@pytest.fixture(scope="module")
+def llama_bpe(tmp_path_factory):
+    from test_export_gguf import trained_bpe_llama
+
+    return trained_bpe_llama(tmp_path_factory)
+
+
+def test_exports_read_back_the_refined_codes(llama_bpe, tmp_path):
+    """The codes are ordinary codes on the grid: gguf-py and compressed-tensors' decompressor give back
+    quantkit's own dequantized weights."""
+    import gguf
+    from test_export_gguf import gguf_weight
+
+    from quantkit.exporters.gguf import export_gguf
+
+    _run(llama_bpe, tmp_path / "sr", scheme="w4a16", group_size=32, symmetric=True, algorithm="signround",
+         options=dict(iters=8))
+    quantized = load_quantized(tmp_path / "sr", dtype=torch.float32)
+    down = quantized.model.layers[1].mlp.down_proj.dequantized_weight()
+    result = export_gguf(tmp_path / "sr", tmp_path / "sr.gguf")
+    assert result.file_type == "MOSTLY_Q4_0"
+    assert torch.equal(gguf_weight(result.out, "blk.1.ffn_down.weight", 64, 160), down)
+    assert gguf.GGUFReader(result.out).tensors
+
+    compressed_tensors = pytest.importorskip("compressed_tensors")
+    import json
+
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from quantkit.exporters.compressed_tensors import export_compressed_tensors
+
+    exported = export_compressed_tensors(tmp_path / "sr", tmp_path / "ct")
+    config = QuantizationConfig.model_validate(json.loads((exported.out / "config.json").read_text())[
+        "quantization_config"])
+    tensors = load_file(exported.out / "model.safetensors")
+    prefix = "model.layers.1.mlp.down_proj."
+    state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    decompressed = PackedQuantizationCompressor.decompress(state, config.config_groups["group_0"])["weight"]
+    assert torch.equal(decompressed.float(), down)
+    assert compressed_tensors is not None
+
+
+def test_bad_options_and_grids_are_one_line(llama_dir, tmp_path):
+    out = ["--out", str(tmp_path / "x"), "--num-samples", "2", "--seq-len", "16"]
+    assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "w4a16", "--algo", "signround",
+                                  "--algo-option", "init=gpt", *out), "did you mean gptq?")
+    assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "w4a16", "--algo", "signround",
+                                  "--algo-option", "iters=-1", *out), "must be at least 0")
+    assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "nvfp4a16", "--algo", "signround", *out),
+                          "signround learns offsets on integer grids")
+    assert get_scheme("w4a16").weight.element.kind == "int"
