@@ -201,3 +201,21 @@ def test_bad_options_and_grids_are_one_line(llama_dir, tmp_path):
     assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "nvfp4a16", "--algo", "signround", *out),
                           "signround learns offsets on integer grids")
     assert get_scheme("w4a16").weight.element.kind == "int"
+
+
+def test_cli_reports_each_blocks_loss(llama_dir, tmp_path):
+    import json
+
+    common = ["calibrate", str(llama_dir), "--scheme", "w4a16", "--group-size", "32", "--algo", "signround",
+              "--algo-option", "iters=4", "--dataset", "dummy", "--num-samples", "4", "--seq-len", "16",
+              "--batch-size", "2"]
+    shown = run_cli(*common, "--out", str(tmp_path / "a"))
+    assert shown.exit_code == 0, shown.output
+    assert "block 0: signround block loss" in shown.output and "block 1: signround block loss" in shown.output
+    assert "signround block loss after / before" in shown.output
+    listed = run_cli(*common, "--out", str(tmp_path / "b"), "--json")
+    losses = json.loads(listed.output)["block_loss"]
+    manifest = Manifest.load(tmp_path / "b")
+    entry = manifest.layers["model.layers.1.mlp.down_proj"]
+    assert losses["model.layers.1"] == {"before": entry.metrics["block_loss_before"],
+                                        "after": entry.metrics["block_loss_after"]}

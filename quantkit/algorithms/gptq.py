@@ -21,7 +21,7 @@ import torch
 
 from quantkit.algorithms.registry import LayerContext, option, parse_options, register
 from quantkit.errors import QuantkitError
-from quantkit.formats import ggml_blocks, kquants, primitives
+from quantkit.formats import ggml_blocks, kquants, primitives, weighted_search
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.formats.schemes import WeightSpec
 
@@ -70,29 +70,30 @@ def _single_thread() -> Iterator[None]:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = True, static_groups: bool = True,
-                  global_scale: torch.Tensor | None = None, llama_cpp: bool = False
+                  global_scale: torch.Tensor | None = None, llama_cpp: bool = False, weighted_grid: bool = False
                   ) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
     """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results); ``global_scale``
     [1] overrides a two-level grid's own (a fused group's shared one); ``llama_cpp``: int4/int5 g32 symmetric
-    grids take their scales from llama.cpp's weighted Q4_0/Q5_0 search (`llama_cpp_grid`)."""
+    grids take their scales from llama.cpp's weighted Q4_0/Q5_0 search, ``weighted_grid``: every symmetric
+    integer grid takes its group scales from that search (`llama_cpp_grid`)."""
     quant, results, _ = _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale,
-                              llama_cpp)
+                              llama_cpp, weighted_grid=weighted_grid)
     return quant, results
 
 
 def gptq_rounding(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, block_size: int = 128,
                   damp: float = 0.01, act_order: bool = True, static_groups: bool = True,
-                  global_scale: torch.Tensor | None = None, llama_cpp: bool = False
+                  global_scale: torch.Tensor | None = None, llama_cpp: bool = False, weighted_grid: bool = False
                   ) -> tuple[QuantTensor, dict[str, torch.Tensor], torch.Tensor]:
     """`gptq_quantize`, and the weight [out, in] fp32 its codes were rounded from: each column as the error
     feedback of the earlier columns left it, so codes = grid_round(rounded / scale) + zero exactly (where
     SignRound's learned offsets start)."""
     return _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale, llama_cpp,
-                 keep_rounded=True)
+                 keep_rounded=True, weighted_grid=weighted_grid)
 
 
 def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale=None, llama_cpp=False,
-          keep_rounded=False):
+          keep_rounded=False, weighted_grid=False):
     out_features, in_features = weight.shape
     W = weight.float().clone()
     H = hessian.float().clone()
@@ -102,7 +103,7 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
 
     group_size = primitives.group_size_for(spec, in_features)
     whole_row = spec.granularity != "group"          # per tensor, channel or 2-D block: fixed parameters
-    searched = llama_cpp_grid(W, H, spec, llama_cpp)  # K-quants (and Q4_0/Q5_0): llama.cpp's weighted search's
+    searched = llama_cpp_grid(W, H, spec, llama_cpp, weighted_grid)  # K-quants (Q4_0/Q5_0, ...): llama.cpp's search's
     k_grid = searched if spec.k_format is not None else None
     fixed_params = whole_row or (act_order and static_groups) or searched is not None
     # two-level grids (NVFP4): fixed by the whole tensor, or shared with the layers fused with it
@@ -206,18 +207,22 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
     return QuantTensor(codes, scale, zero, spec, g_idx, global_scale=glob), results, rounded
 
 
-def llama_cpp_grid(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, legacy: bool) -> QuantTensor | None:
+def llama_cpp_grid(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, legacy: bool,
+                   weighted: bool = False) -> QuantTensor | None:
     """The grid GPTQ places codes on when llama.cpp's search chooses it, with importance E[x_j^2] = H_jj / 2:
     K-quant grids always (`kquants.quantize_weighted`: every super-block's d/dmin and sub-block scales/mins),
-    and with ``legacy`` the int4/int5 g32 symmetric grids (llama.cpp's weighted Q4_0/Q5_0 search for each
-    block's scale, `ggml_blocks.quantize_weighted_blocks`). None otherwise: GPTQ's own min/max grid."""
+    with ``legacy`` the int4/int5 g32 symmetric grids (llama.cpp's weighted Q4_0/Q5_0 search for each
+    block's scale, `ggml_blocks.quantize_weighted_blocks`), and with ``weighted`` every symmetric integer grid
+    (the same search per group, `weighted_search`). None otherwise: GPTQ's own min/max grid."""
     importance = torch.diag(hessian).float() / 2
     if spec.k_format is not None:
         return QuantTensor.from_k_blocks(kquants.quantize_weighted(weight, spec.k_format.name, importance), spec)
     block_type = ggml_blocks.symmetric_type(spec)
-    if not legacy or block_type not in ("Q4_0", "Q5_0"):
-        return None
-    return QuantTensor.from_ggml_blocks(ggml_blocks.quantize_weighted_blocks(weight, block_type, importance), spec)
+    if legacy and block_type in ("Q4_0", "Q5_0"):
+        return QuantTensor.from_ggml_blocks(ggml_blocks.quantize_weighted_blocks(weight, block_type, importance), spec)
+    if weighted and weighted_search.supports(spec):
+        return weighted_search.weighted_symmetric(weight, spec, importance)
+    return None
 
 
 def k_step(grid: QuantTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -252,8 +257,9 @@ class GPTQ:
     """Options: block_size (128), damp (0.01), act_order (True), static_groups (True), true_sequential
     (True; false collects every Linear's Hessian in one pass over the float block: fewer passes), llama_cpp
     (False; true: int4/int5 g32 symmetric grids, llama.cpp's Q4_0/Q5_0, take their scales from llama.cpp's
-    weighted search; the llama.cpp file-type plans set it). K-quant grids always start from llama.cpp's
-    weighted search (`llama_cpp_grid`).
+    weighted search; the llama.cpp file-type plans set it), weighted_grid (False; true: every symmetric integer
+    grid takes its group scales from llama.cpp's importance-weighted least-squares search, `weighted_search`).
+    K-quant grids always start from llama.cpp's weighted search (`llama_cpp_grid`).
 
     act_order with static groups is the default (llm-compressor's "static" act order): on SmolLM2
     4-bit g64 symmetric it cut the perplexity increase over float from +43% to +23%
@@ -268,6 +274,7 @@ class GPTQ:
         static_groups: bool = option(True)
         true_sequential: bool = option(True)
         llama_cpp: bool = option(False)
+        weighted_grid: bool = option(False)
 
     statistics = frozenset({"hessian"})
     sequential = True  # true-sequential: each stage's Hessian sees the earlier stages quantized
@@ -286,4 +293,4 @@ class GPTQ:
     def _settings(options, context: LayerContext) -> dict:
         return dict(block_size=options.block_size, damp=options.damp, act_order=options.act_order,
                     static_groups=options.static_groups, global_scale=context.global_scale,
-                    llama_cpp=options.llama_cpp)
+                    llama_cpp=options.llama_cpp, weighted_grid=options.weighted_grid)

@@ -6,7 +6,9 @@ importance_j (Q6_K), and every sub-block's scale and min and every super-block's
 weighted least squares under it (`kquants.quantize_weighted`, bit-identical to ggml's quantize_q*_K for
 the same importance values). Codes are then rounded to nearest on that grid, as llama.cpp does. The
 32-value fallback types Q4_0 and Q5_0 get llama.cpp's weighted search for them (`quantize_weighted_blocks`);
-Q4_1/Q5_1 (whose float16 minimum is no integer zero point) are left to rtn by the file-type plans.
+Q4_1/Q5_1 (whose float16 minimum is no integer zero point) are left to rtn by the file-type plans. Any other
+symmetric integer grid (any bits, group size or per channel) gets the same least-squares scale search per group
+(`weighted_search.weighted_symmetric`): what AutoRound's iters=0 ("opt_rtn") does for its int grids.
 """
 from __future__ import annotations
 
@@ -16,17 +18,20 @@ import torch
 
 from quantkit.algorithms.registry import LayerContext, register
 from quantkit.errors import QuantkitError
-from quantkit.formats import ggml_blocks, kquants
+from quantkit.formats import ggml_blocks, kquants, weighted_search
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.formats.schemes import WeightSpec
 
 
 def quantize_imatrix(weight: torch.Tensor, spec: WeightSpec, importance: torch.Tensor) -> QuantTensor:
     """weight [out, in] float, importance [in] float32 (E[x^2] per input column) -> the QuantTensor of llama.cpp's
-    weighted search on ``spec``: a K grid, or a symmetric 32-value block type (`ggml_blocks.symmetric_type`)."""
+    weighted search on ``spec``: a K grid, a symmetric 32-value block type (`ggml_blocks.symmetric_type`), or
+    another symmetric integer grid (`weighted_search`)."""
     if spec.k_format is not None:
         return QuantTensor.from_k_blocks(kquants.quantize_weighted(weight.float(), spec.k_format.name,
                                                                    importance.float()), spec)
+    if ggml_blocks.symmetric_type(spec) not in ("Q4_0", "Q5_0"):
+        return weighted_search.weighted_symmetric(weight, spec, importance)
     blocks = ggml_blocks.quantize_weighted_blocks(weight.float(), ggml_blocks.symmetric_type(spec), importance.float())
     return QuantTensor.from_ggml_blocks(blocks, spec)
 
@@ -43,9 +48,10 @@ class ImportanceMatrix:
     sequential = False
 
     def validate(self, spec: WeightSpec) -> None:
-        if spec.k_format is None and ggml_blocks.symmetric_type(spec) in (None, "Q8_0"):
+        if spec.k_format is None and (ggml_blocks.symmetric_type(spec) == "Q8_0" or not weighted_search.supports(spec)):
             raise QuantkitError(f"imatrix is llama.cpp's search for K-quant grids (q2_k ... q6_k, the gguf:* file "
-                                f"types) and the q4_0/q5_0 blocks, not for {spec.describe()}; use rtn, gptq or awq")
+                                f"types), the q4_0/q5_0 blocks and symmetric integer group grids, not for "
+                                f"{spec.describe()}; use rtn, gptq or awq")
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:
         return quantize_imatrix(weight, spec, context.stats.sum_sq.mean), {}

@@ -95,7 +95,8 @@ class RefineContext:
     targets: list[torch.Tensor]              # [batch, seq, hidden] per call
     compute_dtype: torch.dtype
     seed: int = 0
-    advance: Callable[[int, float], None] = lambda iteration, loss: None   # progress of the optimisation
+    # progress of the optimisation: (steps done, steps planned, loss relative to the start)
+    advance: Callable[[int, int, float], None] = lambda done, total, loss: None
 
 
 @dataclass

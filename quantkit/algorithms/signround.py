@@ -235,6 +235,7 @@ class SignRound:
         static_groups: bool = option(True)
         true_sequential: bool = option(True)
         llama_cpp: bool = option(False)
+        weighted_grid: bool = option(False)
         samples: int = option(16, minimum=1)
         clip: bool = option(True)
 
@@ -334,7 +335,7 @@ class _Trainer:
                 best, best_state, best_iteration = relative, self.snapshot(), iteration
             elif options.patience and iteration - best_iteration >= options.patience:
                 break
-            self.context.advance(iteration, relative)
+            self.context.advance(iteration + 1, iters, relative)
             total.backward()
             decay = 1.0 - iteration / iters            # linear schedule from lr to 0
             with torch.no_grad():

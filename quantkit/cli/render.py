@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from rich.console import Console
 from rich.progress import (
@@ -56,11 +57,22 @@ class RichProgress(PipelineProgress):
         worst = f"worst output SQNR {self.worst[0]:.1f} dB ({self.worst[1]})" if self.worst[1] else ""
         self.bar.update(self.tasks[name], advance=1, detail=f"{detail}  {worst}")
 
+    def step(self, name: str, done: int, total: int, detail: str = "") -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.bar.add_task(name, total=total, detail="")
+        self.bar.update(self.tasks[name], completed=done, detail=detail)
+
     def block_done(self, index: int, layers: dict[str, dict]) -> None:
         for name, metrics in layers.items():
             value = metrics.get("output_sqnr_db")
             if value is not None and value < self.worst[0]:
                 self.worst = (value, name)
+        for name in [n for n in self.tasks if n.startswith(f"block {index} ")]:   # its refinement's steps
+            self.bar.remove_task(self.tasks.pop(name))
+        losses = {(m["block_loss_before"], m["block_loss_after"]) for m in layers.values() if "block_loss_before" in m}
+        for before, after in sorted(losses):
+            change = f"{100 * (after / before - 1):+.1f}%" if before > 0 else ""
+            self.bar.console.print(f"block {index}: signround block loss {before:.3g} -> {after:.3g} {change}")
 
     def estimate(self, estimate) -> None:
         self.bar.console.print(estimate.describe())
@@ -90,7 +102,21 @@ def calibration_table(result) -> Table:
             worst, best = min(values), max(values)
             table.add_row(f"{metric} worst", f"{_db(worst[0])} ({worst[1]})")
             table.add_row(f"{metric} best", f"{_db(best[0])} ({best[1]})")
+    ratios = sorted(after / before for before, after in block_losses(manifest).values() if before > 0)
+    if ratios:
+        table.add_row("signround block loss after / before", f"median {ratios[len(ratios) // 2]:.3f}, "
+                                                             f"range {ratios[0]:.3f}-{ratios[-1]:.3f}")
     return table
+
+
+def block_losses(manifest) -> dict[str, tuple[float, float]]:
+    """{block: (loss before, loss after)} of the blocks a refinement (SignRound) optimised."""
+    losses = {}
+    for name, entry in manifest.layers.items():
+        if "block_loss_before" in entry.metrics:
+            block = re.match(r"(.*?\.\d+)\.", name).group(1)     # model.layers.3.mlp.experts.5.up -> model.layers.3
+            losses[block] = (entry.metrics["block_loss_before"], entry.metrics["block_loss_after"])
+    return losses
 
 
 def calibration_json(result) -> dict:
@@ -110,6 +136,8 @@ def calibration_json(result) -> dict:
         "worst_output_sqnr": {"layer": worst[1], "db": worst[0] if worst[0] != math.inf else None},
         "estimate": manifest.summary.estimate,
         "notes": layer_notes(manifest),
+        **({"block_loss": {block: {"before": b, "after": a} for block, (b, a) in block_losses(manifest).items()}}
+           if block_losses(manifest) else {}),
     }
 
 

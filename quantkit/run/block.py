@@ -83,6 +83,7 @@ class BlockJob:
     expert_batch: int = 16                       # experts whose Hessians are collected at once
     float_inputs: list[BlockInput] | None = None  # the float model's own block inputs (the float stream)
     imatrix_from_float: bool = False             # --imatrix-from float: Σx² of the float stream's inputs
+    on_step: Callable[[int, int, float], None] = lambda done, total, loss: None  # a refinement's steps (progress)
 
 
 @dataclass
@@ -404,7 +405,8 @@ class BlockQuantizer:
             names = sorted(n for n in self.rounded_from if job.assigned[n].algorithm == algorithm_name)
             context = RefineContext(prefix=job.prefix, block=job.block, assigned=job.assigned,
                                     rounded_from={n: self.rounded_from.pop(n) for n in names}, inputs=job.inputs,
-                                    targets=targets, compute_dtype=job.compute_dtype, seed=job.index)
+                                    targets=targets, compute_dtype=job.compute_dtype, seed=job.index,
+                                    advance=job.on_step)
             refined = get_algorithm(algorithm_name).refine_block(context)
             for name, quant in refined.weights.items():
                 assignment, full_name = job.assigned[name], self.full_name(name)

@@ -136,6 +136,9 @@ class Progress:
     def advance(self, name: str, detail: str = "") -> None:
         """One step of the current stage is done."""
 
+    def step(self, name: str, done: int, total: int, detail: str = "") -> None:
+        """``done`` of ``total`` steps of a long stage inside a block (SignRound's optimisation)."""
+
     def block_done(self, index: int, layers: dict[str, dict]) -> None:
         """A decoder block is quantized; ``layers`` holds each Linear's metrics."""
 
@@ -397,7 +400,7 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
             continue
         inputs, float_inputs = (_block_calls(calls, block_kwargs, index) for calls in (inputs, float_inputs))
         result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs,
-                                          _keeper(run, work, index + 1), float_inputs)
+                                          _keeper(run, work, index + 1), float_inputs, progress)
         inputs, float_inputs = result.outputs, result.float_outputs
         record = {"entries": {name: entry.to_dict() for name, entry in result.entries.items()},
                   "alpha": result.alpha, "timings": result.timings}
@@ -505,7 +508,8 @@ def _skeleton(run: _Run) -> nn.Module:
 
 
 def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockInput] | None,
-                    keep, float_inputs: list[BlockInput] | None = None) -> tuple[BlockResult, dict[str, torch.Tensor]]:
+                    keep, float_inputs: list[BlockInput] | None = None, progress: Progress | None = None
+                    ) -> tuple[BlockResult, dict[str, torch.Tensor]]:
     """Load, quantize (block.py) and release one decoder block; returns its result and tensors."""
     prefix = f"{run.arch.blocks}.{index}"
     template = copy.deepcopy(block)  # still on the meta device: costs no memory
@@ -524,7 +528,9 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
                    metric_samples=run.config.metric_samples, processes=run.processes, keep=keep,
                    float_block=float_block, moe_all_experts=run.config.moe_all_experts,
                    expert_batch=run.config.expert_batch, float_inputs=float_inputs,
-                   imatrix_from_float=run.config.imatrix_from == "float")
+                   imatrix_from_float=run.config.imatrix_from == "float",
+                   on_step=lambda done, total, loss: (progress or Progress()).step(
+                       f"block {index} signround", done, total, f"batch loss {loss:.3f} x the start"))
     result = BlockQuantizer(job).run()
     for stage, seconds in result.timings.items():
         run.timings[stage] = run.timings.get(stage, 0.0) + seconds
