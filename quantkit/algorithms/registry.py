@@ -168,6 +168,15 @@ def base_algorithm(name: str, options: dict) -> tuple[str, dict]:
     return name, options
 
 
+def validate_grid(name: str, options: dict, spec: WeightSpec) -> None:
+    """Raise QuantkitError, before any work, when the algorithm, or a refinement's initial algorithm, cannot
+    produce ``spec``."""
+    get_algorithm(name).validate(spec)
+    base, _ = base_algorithm(name, options)
+    if base != name:
+        get_algorithm(base).validate(spec)
+
+
 def option(default, *, minimum=None, above=None, maximum=None, choices: tuple[str, ...] | None = None):
     """A typed algorithm option: its default and bounds (``minimum``/``maximum`` inclusive, ``above``
     exclusive), or for text options the ``choices`` it takes."""

@@ -1,6 +1,6 @@
 """SignRound (Cheng et al. 2023, arXiv 2309.05516; intel/auto-round): block-wise learned rounding.
 
-Every Linear of the block is first quantized by an initial algorithm (``init``: gptq, awq, rtn or imatrix);
+Every Linear of the block is first quantized by an initial algorithm (``init``: rtn, gptq, awq or imatrix);
 then the block's rounding is learned against its float outputs, all its SignRound Linears together:
 
     code  = clamp(round((w0 + off) / s + V) + z, qmin, qmax),     w_hat = (code - z) * s - off
@@ -48,7 +48,7 @@ from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.formats.schemes import WeightSpec
 from quantkit.model.qlinear import QuantLinear, set_submodule
 
-INITS = ("gptq", "awq", "rtn", "imatrix")
+INITS = ("rtn", "gptq", "awq", "imatrix")
 OFFSET_BOUND = 0.5           # |V| <= 0.5: a code moves at most one step from nearest rounding
 FACTOR_RANGE = (0.5, 1.0)    # the learned range shrinks a group's range at most to half
 
@@ -96,9 +96,23 @@ class LearnedGrid(nn.Module):
         self.register_buffer("dead", step == 0)   # a (sub-)block whose step is 0 keeps its initial codes
         self.register_buffer("init_codes", init.codes.float())
         self.register_buffer("init_weight", init.dequantize())
-        # Nearest rounding of w0 must give the initial codes: where the initial algorithm rounded otherwise
-        # (llama.cpp's Q4_0 reference truncates x/d + 8.5), w0 is replaced by the initial dequantized value.
-        self.register_buffer("rounded_from", torch.where(nearest == self.init_codes, rounded_from, self.init_weight))
+        # Nearest rounding of w0 must give the initial codes: where the initial algorithm rounded otherwise (llama.cpp's
+        # Q4_0 reference truncates x/d + 8.5; a least-squares scale stored after its levels were chosen), w0 is moved
+        # just inside its code's cell (keeping which side it lies on), or to the cell's centre where that misses.
+        with torch.no_grad():
+            moved = self.project(rounded_from, step, zero)
+            self.replaced = int((nearest != self.init_codes).sum())
+            rounded_from = torch.where(nearest == self.init_codes, rounded_from, moved)
+            again = self.codes(rounded_from, step, zero, torch.zeros_like(rounded_from))
+        self.register_buffer("rounded_from", torch.where(again == self.init_codes, rounded_from, self.init_weight))
+
+    def project(self, w0: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """w0 moved into the initial code's rounding cell: position (w0 + off) / s clamped to cell +- 0.45."""
+        safe = torch.where(step == 0, torch.ones_like(step), step)
+        position = (w0 if self.offset is None else w0 + self.offset) / safe
+        cell = self.init_codes if zero is None else self.init_codes - zero
+        moved = torch.minimum(torch.maximum(position, cell - 0.45), cell + 0.45) * safe
+        return moved if self.offset is None else moved - self.offset
 
     @staticmethod
     def range_learnable(init: QuantTensor) -> bool:
@@ -211,7 +225,8 @@ def _trainable(value):
 
 @register("signround")
 class SignRound:
-    """Options: init (gptq: where the codes start; awq, rtn, imatrix), iters (200 steps per block; 0 keeps the
+    """Options: init (rtn: where the codes start; gptq, awq, imatrix; rtn measured best on SmolLM2, see
+    docs/benchmarks.md "Issue 16"), iters (200 steps per block; 0 keeps the
     initial codes), lr (0: 1 / iters, AutoRound's default), range_lr (0: lr; of the range factors),
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
     best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
@@ -221,7 +236,7 @@ class SignRound:
 
     @dataclass(frozen=True)
     class Options:
-        init: str = option("gptq", choices=INITS)
+        init: str = option("rtn", choices=INITS)
         iters: int = option(200, minimum=0)
         lr: float = option(0.0, minimum=0.0)
         range_lr: float = option(0.0, minimum=0.0)
@@ -283,7 +298,8 @@ class _Trainer:
         self.grids: dict[str, LearnedGrid] = {}
         for name in names:
             quantized = self.block.get_submodule(name)
-            grid = LearnedGrid(quantized.quant_tensor(), context.rounded_from[name], options.learn_range)
+            quantized._cached_weight = None     # the copy's dequantized weight cache: not needed for training
+            grid = LearnedGrid(quantized.quant_tensor(), context.rounded_from.pop(name), options.learn_range)
             self.grids[name] = grid
             set_submodule(self.block, name, LearnedLinear(grid, quantized))
         self.targets = context.targets

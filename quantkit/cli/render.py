@@ -68,7 +68,7 @@ class RichProgress(PipelineProgress):
             if value is not None and value < self.worst[0]:
                 self.worst = (value, name)
         for name in [n for n in self.tasks if n.startswith(f"block {index} ")]:   # its refinement's steps
-            self.bar.remove_task(self.tasks.pop(name))
+            self.bar.update(self.tasks[name], visible=False)
         losses = {(m["block_loss_before"], m["block_loss_after"]) for m in layers.values() if "block_loss_before" in m}
         for before, after in sorted(losses):
             change = f"{100 * (after / before - 1):+.1f}%" if before > 0 else ""

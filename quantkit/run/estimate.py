@@ -108,10 +108,11 @@ def _refined_layers(run) -> bool:
 def _refine_bytes(run, block_params: int, compute: int, hidden: int, intermediate: int) -> int:
     """SignRound's training of one block: the block copy in the compute dtype; per weight in fp32 the
     weight it was rounded from, its source weight, the initial codes and weight, the offsets, their
-    gradient and two snapshots (best, initial); and the autograd tape of one batch (the inputs of every
-    Linear and activation: about 10 hidden-wide and 4 intermediate-wide fp32 tensors per token)."""
+    gradient, two snapshots (best, initial) and the step's dequantized weight with its temporaries (about
+    14 fp32 values per weight, K grids' expanded scales included); and the autograd tape of one batch (the
+    inputs of every Linear and activation: about 10 hidden-wide and 4 intermediate-wide fp32 tensors per token)."""
     tokens = run.config.batch_size * run.config.seq_len
-    return block_params * (compute + 8 * 4) + tokens * (10 * hidden + 4 * intermediate) * 4
+    return block_params * (compute + 14 * 4) + tokens * (10 * hidden + 4 * intermediate) * 4
 
 
 def _alpha_search_bytes(run, block_params: int, compute: int) -> int:

@@ -35,6 +35,7 @@ from quantkit.algorithms.registry import (
     base_algorithm,
     check_options,
     get_algorithm,
+    validate_grid,
 )
 from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
 from quantkit.calibrate.hooks import (
@@ -222,7 +223,7 @@ def _plan(config: CalibrateConfig, layer_names: list[str]) -> tuple[dict, dict, 
         plan, ignored = recipe.plan(layer_names)
         return plan, ignored, recipe
     scheme = make_scheme(config.scheme, config.bits, config.group_size, config.symmetric)
-    get_algorithm(config.algorithm).validate(scheme.weight)
+    validate_grid(config.algorithm, config.options, scheme.weight)
     file_type = ggml_mixes.scheme_file_type(config.scheme)
     overridden = " with weight overrides" if file_type is None and scheme != get_scheme(config.scheme) else ""
     rule = f"--scheme {config.scheme}{overridden} --algo {config.algorithm}"

@@ -175,14 +175,15 @@ def _reject_unknown(data: dict, allowed: set[str], where: str) -> None:
 
 
 def _assignment(raw: dict, rule: str, where: str) -> LayerAssignment:
-    from quantkit.algorithms.registry import check_options, get_algorithm
+    from quantkit.algorithms.registry import check_options, get_algorithm, validate_grid
 
     if not isinstance(raw, dict) or "scheme" not in raw:
         raise QuantkitError(f"{where}: {rule} needs a 'scheme'")
     _reject_unknown(raw, _RULE_KEYS, f"{where} {rule}")
     scheme = make_scheme(raw["scheme"], raw.get("bits"), raw.get("group_size"), raw.get("symmetric"))
     algorithm = raw.get("algorithm", "rtn")
-    get_algorithm(algorithm).validate(scheme.weight)
+    get_algorithm(algorithm)
     options = dict(raw.get("options") or {})
     check_options(algorithm, options)
+    validate_grid(algorithm, options, scheme.weight)
     return LayerAssignment(scheme, algorithm, rule, options, ggml_mixes.scheme_file_type(raw["scheme"]))
