@@ -30,9 +30,10 @@ def quantize_imatrix(weight: torch.Tensor, spec: WeightSpec, importance: torch.T
     if spec.k_format is not None:
         return QuantTensor.from_k_blocks(kquants.quantize_weighted(weight.float(), spec.k_format.name,
                                                                    importance.float()), spec)
-    if ggml_blocks.symmetric_type(spec) not in ("Q4_0", "Q5_0"):
+    block_type = ggml_blocks.symmetric_type(spec)
+    if block_type not in ("Q4_0", "Q5_0"):
         return weighted_search.weighted_symmetric(weight, spec, importance)
-    blocks = ggml_blocks.quantize_weighted_blocks(weight.float(), ggml_blocks.symmetric_type(spec), importance.float())
+    blocks = ggml_blocks.quantize_weighted_blocks(weight.float(), block_type, importance.float())
     return QuantTensor.from_ggml_blocks(blocks, spec)
 
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.algorithms.gptq import k_step
+from quantkit.algorithms.awq import AWQ
+from quantkit.algorithms.gptq import GPTQ, k_step
 from quantkit.algorithms.registry import (
     LayerContext,
     RefineContext,
@@ -106,10 +107,14 @@ class LearnedGrid(nn.Module):
             again = self.codes(rounded_from, step, zero, torch.zeros_like(rounded_from))
         self.register_buffer("rounded_from", torch.where(again == self.init_codes, rounded_from, self.init_weight))
 
+    def position(self, w0: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((w0 + off) / s, s) with a zero step read as 1 (its codes are the initial ones anyway)."""
+        safe = torch.where(step == 0, torch.ones_like(step), step)
+        return (w0 if self.offset is None else w0 + self.offset) / safe, safe
+
     def project(self, w0: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
         """w0 moved into the initial code's rounding cell: position (w0 + off) / s clamped to cell +- 0.45."""
-        safe = torch.where(step == 0, torch.ones_like(step), step)
-        position = (w0 if self.offset is None else w0 + self.offset) / safe
+        position, safe = self.position(w0, step)
         cell = self.init_codes if zero is None else self.init_codes - zero
         moved = torch.minimum(torch.maximum(position, cell - 0.45), cell + 0.45) * safe
         return moved if self.offset is None else moved - self.offset
@@ -160,8 +165,7 @@ class LearnedGrid(nn.Module):
     def codes(self, w0: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | None, offsets: torch.Tensor,
               ste: bool = False) -> torch.Tensor:
         """[out, in] float codes: clamp(round((w0 + off) / step + V) + z)."""
-        safe = torch.where(step == 0, torch.ones_like(step), step)
-        position = (w0 if self.offset is None else w0 + self.offset) / safe + offsets
+        position = self.position(w0, step)[0] + offsets
         code = round_ste(position) if ste else torch.round(position)
         if zero is not None:
             code = code + zero
@@ -230,12 +234,12 @@ class SignRound:
     initial codes), lr (0: 1 / iters, AutoRound's default), range_lr (0: lr; of the range factors),
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
     best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
-    algorithm's options (GPTQ's block_size, damp, act_order, static_groups, true_sequential, llama_cpp; AWQ's
-    samples and clip), passed to it. Block-wide settings (iters, lr, patience, autocast) come from the
+    algorithm's options (GPTQ's block_size, damp, act_order, static_groups, true_sequential, llama_cpp,
+    weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it. Block-wide settings (iters, lr, patience, autocast) come from the
     block's first SignRound Linear in name order."""
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(GPTQ.Options, AWQ.Options):   # the initial algorithms' options (rtn's llama_cpp is GPTQ's too)
         init: str = option("rtn", choices=INITS)
         iters: int = option(200, minimum=0)
         lr: float = option(0.0, minimum=0.0)
@@ -243,16 +247,6 @@ class SignRound:
         learn_range: bool = option(True)
         patience: int = option(0, minimum=0)
         autocast: bool = option(False)
-        # passed to the initial algorithm
-        block_size: int = option(128, minimum=1)
-        damp: float = option(0.01, above=0.0)
-        act_order: bool = option(True)
-        static_groups: bool = option(True)
-        true_sequential: bool = option(True)
-        llama_cpp: bool = option(False)
-        weighted_grid: bool = option(False)
-        samples: int = option(16, minimum=1)
-        clip: bool = option(True)
 
     # what the pipeline asks of the algorithm itself; its initial algorithm's come through `initial`
     statistics: frozenset[str] = frozenset()

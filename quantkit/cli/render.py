@@ -122,6 +122,7 @@ def block_losses(manifest) -> dict[str, tuple[float, float]]:
 def calibration_json(result) -> dict:
     manifest = result.manifest
     layers = {name: entry.metrics for name, entry in manifest.layers.items()}
+    refined = block_losses(manifest)
     worst = min(((m.get("output_sqnr_db"), n) for n, m in layers.items() if m.get("output_sqnr_db") is not None),
                 default=(None, None))
     return {
@@ -136,8 +137,7 @@ def calibration_json(result) -> dict:
         "worst_output_sqnr": {"layer": worst[1], "db": worst[0] if worst[0] != math.inf else None},
         "estimate": manifest.summary.estimate,
         "notes": layer_notes(manifest),
-        **({"block_loss": {block: {"before": b, "after": a} for block, (b, a) in block_losses(manifest).items()}}
-           if block_losses(manifest) else {}),
+        **({"block_loss": {block: {"before": b, "after": a} for block, (b, a) in refined.items()}} if refined else {}),
     }
 
 

@@ -393,14 +393,11 @@ class BlockQuantizer:
 
     def refine(self, stats: dict[str, LayerStats | None], result: BlockResult) -> None:
         """Block-level refinements (SignRound) of the Linears quantized with one: their codes are learned
-        against the float model's block outputs (the float stream's; without one, the float block's on
-        the quantized inputs), and the refined QuantLinears replace the initial ones."""
+        against the float model's block outputs on the float stream (the pipeline keeps one for them), and
+        the refined QuantLinears replace the initial ones."""
         job = self.job
-        if result.float_outputs is not None:
-            targets = [call.tensor() for call in result.float_outputs]
-        else:
-            runner = runner_for(job.float_block(), job.compute_dtype)
-            targets = [run_block(runner, call) for call in job.inputs]
+        assert result.float_outputs is not None, "a refinement needs the float stream (BlockJob.float_inputs)"
+        targets = [call.tensor() for call in result.float_outputs]
         for algorithm_name in sorted({job.assigned[n].algorithm for n in self.rounded_from}):
             names = sorted(n for n in self.rounded_from if job.assigned[n].algorithm == algorithm_name)
             context = RefineContext(prefix=job.prefix, block=job.block, assigned=job.assigned,

@@ -79,7 +79,7 @@ def estimate_run(run) -> Estimate:
     activations = samples * seq_len * hidden * compute if run.needs_data else 0
     if run.config.offload_activations:  # one batch of inputs and one of outputs in memory at a time
         activations = min(activations, run.config.batch_size * seq_len * hidden * compute)
-    refined = _refined_layers(run)
+    refined = run.refined
     if run.needs_data and (run.config.imatrix_from == "float" or refined):   # the float stream, in memory
         activations += samples * seq_len * hidden * compute
     embeddings = config.vocab_size * hidden * compute if run.needs_data else 0
@@ -97,12 +97,6 @@ def estimate_run(run) -> Estimate:
     # the work directory's blocks and inputs, then the output with the copied config/tokenizer files
     disk = output + (output + activations) + sum(f.stat().st_size for f in run.copied_files) + _side_bytes(run, shapes)
     return Estimate(BASELINE_BYTES + max(phases.values()), disk, phases, activations)
-
-
-def _refined_layers(run) -> bool:
-    from quantkit.algorithms.registry import BlockRefinement, get_algorithm
-
-    return any(isinstance(get_algorithm(a.algorithm), BlockRefinement) for a in run.plan.values() if a is not None)
 
 
 def _refine_bytes(run, block_params: int, compute: int, hidden: int, intermediate: int) -> int:

@@ -205,6 +205,12 @@ class _Run:
     def full_name(self, block_index: int, name: str) -> str:
         return f"{self.arch.blocks}.{block_index}.{name}"
 
+    @property
+    def refined(self) -> bool:
+        """Whether any layer's algorithm refines its block against the float model's outputs (SignRound): the
+        run then keeps the float stream, the float model's own block inputs, next to the quantized one."""
+        return any(isinstance(get_algorithm(a.algorithm), BlockRefinement) for a in self.plan.values() if a is not None)
+
 
 @contextmanager
 def _timed(run: _Run, stage: str) -> Iterator[None]:
@@ -318,12 +324,6 @@ def _base(assignment: LayerAssignment) -> str:
     return base_algorithm(assignment.algorithm, assignment.options)[0]
 
 
-def _refined(run: _Run) -> bool:
-    """Whether any layer's algorithm refines its block against the float model's outputs (SignRound): the
-    run then keeps the float stream, the float model's own block inputs, next to the quantized one."""
-    return any(isinstance(get_algorithm(a.algorithm), BlockRefinement) for a in run.plan.values() if a is not None)
-
-
 def _needs_calibration(assignment: LayerAssignment) -> bool:
     """Whether a layer's quantization uses calibration activations at all."""
     algorithm = get_algorithm(_base(assignment))
@@ -346,7 +346,7 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
         # an expert one rank never routes a token to would have no statistics there to merge
         raise QuantkitError("--moe-routed-only runs in one process; drop it under torchrun (every expert then "
                             "sees every token on every rank)")
-    if _refined(run) and processes.world_size > 1:
+    if run.refined and processes.world_size > 1:
         raise QuantkitError("signround optimises each block in one process; run it without torchrun")
     run.estimate = estimate_run(run)
     progress.estimate(run.estimate)
@@ -392,7 +392,7 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
     # the float stream (--imatrix-from float, SignRound's targets): the float model's own activations, block by
     # block (kept in memory, committed with each block for --resume)
     float_inputs = None
-    if inputs is not None and (run.config.imatrix_from == "float" or _refined(run)):
+    if inputs is not None and (run.config.imatrix_from == "float" or run.refined):
         hidden = [call.tensor() for call in inputs] if first == 0 else work.saved_inputs(float_stream=True)
         float_inputs = [BlockInput(h, call.kwargs, call.first_sample) for h, call in zip(hidden, inputs)]
     for index in range(num_blocks):
