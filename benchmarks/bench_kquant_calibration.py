@@ -3,6 +3,7 @@ importance matrix), every file measured by llama.cpp itself on SmolLM2-135M.
 
     python benchmarks/bench_kquant_calibration.py --llama-cpp-bin DIR [--types Q4_K_M,Q3_K_M,Q2_K] [--windows 8]
         [--autoround-python /work/peers-venv/bin/python --autoround-iters 50]
+        [--algorithms imatrix,gptq,signround:imatrix:50] [--no-round-trip]
 
 DIR holds llama.cpp's ``llama-imatrix`` and ``llama-quantize`` (the cmake build of the llama.cpp source that
 llama-cpp-python vendors); llama-cpp-python computes the logits. Rows per file type T, all on the same float
@@ -13,6 +14,8 @@ llama-imatrix's 512-token chunks and quantkit's 32 x 512 samples are the same to
   quantkit imatrix (b)    quantkit calibrate --scheme gguf:T --algo imatrix (llama.cpp's weighted search on our
                           statistics), then quantkit export --format gguf
   quantkit gptq (c)       quantkit calibrate --scheme gguf:T --algo gptq (that grid, codes by GPTQ), then export
+  quantkit signround ...  with --algorithms signround:INIT:ITERS: the initial algorithm's K grid, codes learned
+                          block by block (issue 16's SignRound), then export
   AutoRound T             auto-round's own gguf export (signround, --autoround-iters steps per block of
                           --autoround-batch samples) for --autoround-types, when --autoround-python names a
                           Python with auto-round installed (its defaults, 200 steps of 8, take hours on 2 cores)
@@ -44,6 +47,9 @@ def main() -> None:
     parser.add_argument("--autoround-iters", type=int, default=50)
     parser.add_argument("--autoround-batch", type=int, default=4)
     parser.add_argument("--autoround-types", default="Q4_K_M")
+    parser.add_argument("--algorithms", default="imatrix,gptq",
+                        help="quantkit rows: comma-separated ALGO or signround:INIT:ITERS (e.g. signround:imatrix:50)")
+    parser.add_argument("--no-round-trip", action="store_true", help="skip the imatrix round trip rows")
     args = parser.parse_args()
     common.in_workdir(args.workdir, "bench-kquant-cal-", lambda d: run(d, args))
 
@@ -94,16 +100,17 @@ def run(workdir: Path, args) -> None:
                           file_type, "2"])
         measure(f"llama.cpp {file_type} + imatrix", weighted, imatrix_seconds + seconds,
                 f"llama-imatrix {imatrix_seconds:.0f} s + llama-quantize {seconds:.0f} s")
-        for algorithm in ("imatrix", "gptq"):
-            directory = workdir / f"qk-{algorithm}-{file_type}"
-            summary = common.run_quantkit(directory, "--scheme", f"gguf:{file_type.lower()}", "--algo", algorithm, *data)
-            gguf = workdir / f"qk-{algorithm}-{file_type}.gguf"
+        for algorithm in args.algorithms.split(","):
+            label, flags = _algorithm_flags(algorithm)
+            directory = workdir / f"qk-{label.replace(' ', '-')}-{file_type}"
+            summary = common.run_quantkit(directory, "--scheme", f"gguf:{file_type.lower()}", *flags, *data)
+            gguf = workdir / f"qk-{label.replace(' ', '-')}-{file_type}.gguf"
             export_seconds = _quantkit_export(directory, gguf, "--format", "gguf")
-            measure(f"quantkit {algorithm} {file_type}", gguf, summary["wall_s"] + export_seconds,
+            measure(f"quantkit {label} {file_type}", gguf, summary["wall_s"] + export_seconds,
                     f"calibrate {summary['wall_s']:.0f} s + export {export_seconds:.0f} s")
         if args.autoround_python and file_type in args.autoround_types.split(","):
             autoround_row(args, workdir, source, calibration, file_type, measure)
-        if index == 0:
+        if index == 0 and not args.no_round_trip:
             round_trip(workdir, binaries, f16, lc_imatrix, weighted, file_type, data, measure)
     print(f"SmolLM2-135M; {protocol}; float (transformers) ppl {perplexity(float_logits, windows):.3f}")
     print("| file | llama.cpp ppl | top-1 vs float | KL vs float | MiB | wall s | note |")
@@ -111,6 +118,16 @@ def run(workdir: Path, args) -> None:
     for label, ppl, top1, kl, size, seconds, note in rows:
         print(f"| {label} | {ppl:.3f} | {top1:.2%} | {kl:.4f} | {size / 2**20:.1f} | "
               f"{'' if seconds is None else f'{seconds:.0f}'} | {note} |")
+
+
+def _algorithm_flags(algorithm: str) -> tuple[str, list[str]]:
+    """'gptq' -> ('gptq', --algo gptq); 'signround:INIT:ITERS' -> ('signround INIT ITERS', its options)."""
+    name, *rest = algorithm.split(":")
+    if name != "signround" or not rest:
+        return name, ["--algo", name]
+    init, iters = rest
+    return (f"signround {init} {iters}",
+            ["--algo", "signround", "--algo-option", f"init={init}", "--algo-option", f"iters={iters}"])
 
 
 def round_trip(workdir, binaries, f16, lc_imatrix, lc_file, file_type, data, measure) -> None:
