@@ -324,3 +324,17 @@ class ShardedWriter:
     def finish(self) -> list[str]:
         self.flush()
         return name_shards(self.directory, self.parts)
+
+
+def tensor_bytes(paths: list[Path]) -> dict[str, int]:
+    """{tensor name: its data bytes} of safetensors files, from their headers alone (data_offsets)."""
+    sizes = {}
+    for path in paths:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                sizes[name] = end - start
+    return sizes

@@ -44,13 +44,21 @@ import click
               help="The importance statistics recorded for llama.cpp (export --format imatrix): each Linear's input "
                    "as calibration propagates it (earlier blocks quantized), or the float model's own, as "
                    "llama-imatrix measures it (one more forward pass per block; not with smoothing/AWQ).")
+@click.option("--target-bits", type=float, help="Automatic mixed precision: choose each Linear's grid so that the "
+              "quantized Linears average at most this many stored bits per weight (codes, scales, zeros).")
+@click.option("--target-size", help="Automatic mixed precision under a size for the output's weight files, "
+              "embeddings included, e.g. 80MB, 3.2GB, 800MiB.")
+@click.option("--candidates", help="Grids the allocation chooses from, comma-separated: intB[-gG|-ch][-sym|-asym] "
+              "or weight-only scheme names (default int2..int8 at groups 32/64/128).")
+@click.option("--sensitivity", type=click.Choice(["block", "layer"]), default="block", show_default=True,
+              help="How a grid's harm is measured: the block output error it causes, or the Linear's own output error.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, symmetric, dataset, data_files,
               text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, dry_run, resume,
-              offload_activations, dtype, moe_all_experts, expert_batch, imatrix_from, trust_remote_code, as_json,
-              quiet):
+              offload_activations, dtype, moe_all_experts, expert_batch, imatrix_from, target_bits, target_size,
+              candidates, sensitivity, trust_remote_code, as_json, quiet):
     """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
     quantized model: packed safetensors plus quant_manifest.json."""
     from quantkit.cli import render
@@ -66,12 +74,13 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
     if recipe is not None and given:
         raise QuantkitError(f"--recipe sets every layer's scheme and algorithm; drop {given[0]} (put it in the recipe)")
     config = CalibrateConfig(
-        model=model, scheme=scheme or "w8a8_dynamic", algorithm=algorithm or "rtn", recipe=recipe,
+        model=model, scheme=scheme or ("w4a16" if target_bits is not None or target_size else "w8a8_dynamic"), algorithm=algorithm or "rtn", recipe=recipe,
         options=_parse_options(algo_options), bits=bits, group_size=group_size, symmetric=symmetric,
         dataset=dataset, data_files=tuple(data_files), text_column=text_column, num_samples=num_samples,
         seq_len=seq_len, batch_size=batch_size, alpha=alpha, smooth=smooth, seed=seed, out=out,
         overwrite=overwrite, dry_run=dry_run, resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
         moe_all_experts=moe_all_experts, expert_batch=expert_batch, imatrix_from=imatrix_from,
+        target_bits=target_bits, target_size=target_size, candidates=candidates, sensitivity=sensitivity,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports
         run_calibration(config, Progress())

@@ -29,7 +29,7 @@ _REQUIRED_FIELDS = {"tool": dict, "source": dict, "calibration": dict, "storage_
 # <linear>.in_sum2 [in] float32 sum of x_j^2, <linear>.in_count [1] float32 tokens (llama.cpp's imatrix).
 IN_SUM2, IN_COUNT = "in_sum2", "in_count"
 _OPTIONAL_FIELDS = {"smoothing": dict, "ignored": dict, "recipe": dict, "weight_files": list,
-                    "search_results": str, "summary": dict, "gguf_file_type": str}
+                    "search_results": str, "summary": dict, "gguf_file_type": str, "allocation": dict}
 _KIND_NAMES = {dict: "an object", str: "a string", list: "an array"}
 
 
@@ -181,6 +181,7 @@ class Manifest:
     summary: Summary = field(default_factory=Summary)
     format_version: int = FORMAT_VERSION
     gguf_file_type: str | None = None                  # the llama.cpp file type the plan follows (Q4_K_M, ...)
+    allocation: dict | None = None                     # --target-bits/--target-size: the budget and the choice
 
     def to_dict(self) -> dict:
         return {
@@ -197,6 +198,7 @@ class Manifest:
             "summary": self.summary.to_dict(),
             "layers": {name: entry.to_dict() for name, entry in self.layers.items()},
             **({"gguf_file_type": self.gguf_file_type} if self.gguf_file_type else {}),
+            **({"allocation": self.allocation} if self.allocation else {}),
         }
 
     @classmethod
@@ -236,7 +238,8 @@ class Manifest:
         return cls(
             storage_dtype=data["storage_dtype"], ignored=dict(data.get("ignored") or {}), recipe=data.get("recipe"),
             weight_files=list(data.get("weight_files") or []), search_results=data.get("search_results"),
-            format_version=version, layers=layers, gguf_file_type=data.get("gguf_file_type"), **sections,
+            format_version=version, layers=layers, gguf_file_type=data.get("gguf_file_type"),
+            allocation=data.get("allocation"), **sections,
         )
 
     def save(self, directory: Path) -> Path:

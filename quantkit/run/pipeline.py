@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import resource
 import shutil
 import time
@@ -44,7 +45,7 @@ from quantkit.calibrate.hooks import (
     capture_block_inputs,
 )
 from quantkit.errors import QuantkitError, RunInterrupted
-from quantkit.files import check_output_path, writing
+from quantkit.files import check_output_path, tensor_bytes, writing
 from quantkit.formats import ggml_mixes
 from quantkit.formats.schemes import get_scheme, scheme_to_dict
 from quantkit.model.architectures import Architecture, architecture_for
@@ -69,7 +70,10 @@ from quantkit.native.manifest import (
     ToolInfo,
 )
 from quantkit.native.writer import LinearRecord, record_tensors
+from quantkit.run import allocate, budget
+from quantkit.run.allocate import Allocation
 from quantkit.run.block import BlockJob, BlockQuantizer, BlockResult
+from quantkit.run.budget import Candidate
 from quantkit.run.distributed import Processes, from_environment
 from quantkit.run.estimate import Estimate, check_fits, estimate_run
 from quantkit.run.layers import cast_parameters
@@ -116,6 +120,10 @@ class CalibrateConfig:
     dry_run: bool = False               # validate everything and estimate memory/disk, then stop
     moe_all_experts: bool = True        # MoE: every expert's statistics from every token (outputs keep the routing)
     expert_batch: int = 16              # MoE: experts whose Hessians are collected at once
+    target_bits: float | None = None    # automatic mixed precision: bits per weight of the quantized Linears
+    target_size: str | None = None      # or bytes of the output's weight files ("3.2GB", "800MiB")
+    candidates: str | None = None       # the grids allowed (`run.budget.parse_candidates`); None: int 2-8 x g32-128
+    sensitivity: str = "block"          # how a grid's harm is measured (`run.allocate`): block or layer
 
 
 @dataclass
@@ -201,6 +209,10 @@ class _Run:
     block_alpha: dict[int, float | None] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     gguf_file_type: str | None = None   # the llama.cpp file type the plan follows (--scheme q4_k_m)
+    candidates: list[Candidate] | None = None   # --target-bits/--target-size: the grids the allocation chooses from
+    allocation: Allocation | None = None
+    allocation_record: dict | None = None   # the manifest's: the allocation with the achieved size from the files
+    fixed_bytes: int = 0                # --target-size: the weight files' bytes no allocation changes (bound)
 
     def full_name(self, block_index: int, name: str) -> str:
         return f"{self.arch.blocks}.{block_index}.{name}"
@@ -243,6 +255,52 @@ def _file_type(plan: dict[str, LayerAssignment | None]) -> str | None:
     return next(iter(types)) if len(types) == 1 else None
 
 
+def _target_candidates(config: CalibrateConfig) -> list[Candidate] | None:
+    """The candidate grids of --target-bits/--target-size (None without a target), every setting checked."""
+    if config.target_bits is None and config.target_size is None:
+        if config.candidates is not None:
+            raise QuantkitError("--candidates lists the grids --target-bits/--target-size choose from; give a target")
+        return None
+    if config.target_bits is not None and config.target_size is not None:
+        raise QuantkitError("give --target-bits or --target-size, not both")
+    if config.recipe is not None:
+        raise QuantkitError("--target-bits/--target-size write their own recipe; drop --recipe (rerun the written "
+                            "recipe.yaml with --recipe alone)")
+    if config.bits is not None or config.group_size is not None:
+        raise QuantkitError("--bits/--group-size fix one grid; with a target the grids come from --candidates")
+    if config.target_bits is not None and not 0 < config.target_bits <= 32:
+        raise QuantkitError(f"--target-bits must be in (0, 32] bits per weight, got {config.target_bits}")
+    if config.target_size is not None:
+        budget.parse_size(config.target_size)
+    if config.sensitivity not in allocate.SENSITIVITIES:
+        raise QuantkitError(f"unknown sensitivity '{config.sensitivity}' (use {' or '.join(allocate.SENSITIVITIES)})")
+    candidates = budget.parse_candidates(config.candidates, config.scheme, config.symmetric)
+    for candidate in candidates:
+        scheme = candidate.scheme()
+        if scheme.activation is not None:
+            raise QuantkitError(f"candidate {candidate.label} quantizes activations; the allocation chooses among "
+                                "weight-only grids")
+        try:
+            validate_grid(config.algorithm, config.options, scheme.weight)
+        except QuantkitError as error:
+            raise QuantkitError(f"candidate {candidate.label}: {error}") from None
+    return candidates
+
+
+def _fixed_bytes(checkpoint: Checkpoint, arch: Architecture, expected, plan: dict, storage_dtype: torch.dtype) -> int:
+    """--target-size: an upper bound of the output weight files' bytes besides the quantized Linears' grids:
+    the tensors kept in the storage dtype (embeddings, norms, lm_head, biases, routers) with their header
+    entries, and every file's own overhead (one file per block and one for the rest when sharded)."""
+    size = torch.empty((), dtype=storage_dtype).element_size()
+    block_prefix = arch.blocks + "."
+    quantized = {f"{name}.weight" for name, assignment in plan.items() if assignment is not None}
+    kept = [(n, s) for n, (s, _) in checkpoint.shapes().items() if not n.startswith(block_prefix)]
+    kept += [(n, s) for n, s in expected.shapes.items() if n.startswith(block_prefix) and n not in quantized]
+    headers = sum(budget.header_entry_bound(n, tuple(s), allocate.OFFSET_DIGITS) for n, s in kept)
+    files = checkpoint.text_config.num_hidden_layers + 1
+    return sum(math.prod(s) * size for _, s in kept) + headers + budget.FILE_OVERHEAD * files
+
+
 def _prepare(config: CalibrateConfig) -> _Run:
     """Resolve and check every input before any heavy work: names, numbers, the checkpoint's weights
     against its config, the plan and the output location."""
@@ -269,6 +327,7 @@ def _prepare(config: CalibrateConfig) -> _Run:
     expected = expected_tensors(checkpoint.config, trust_remote_code=config.trust_remote_code)
     check_weights(source.path, checkpoint.shapes(), expected)
     names = [f"{arch.blocks}.{i}.{linear}" for i in range(checkpoint.text_config.num_hidden_layers) for linear in arch.linears]
+    candidates = _target_candidates(config)
     plan, ignored, recipe = _plan(config, names)
     file_type = _file_type(plan)
     plan, left_float = resolve_ggml_types(plan, {n: tuple(expected.shapes[n + ".weight"]) for n in names}, arch,
@@ -290,12 +349,17 @@ def _prepare(config: CalibrateConfig) -> _Run:
                                                          for a in assignments)):
         raise QuantkitError("--imatrix-from float measures the float model's inputs, which smoothing and AWQ scale "
                             "differently from the quantized model's: use it without them (or the default 'quantized')")
+    if candidates is not None and smooth:
+        raise QuantkitError("automatic allocation chooses weight-only grids; drop --smooth/--alpha")
+    storage_dtype = checkpoint.source_dtype
     return _Run(
         config=config, source=source, checkpoint=checkpoint, arch=arch, plan=plan, ignored=ignored,
-        recipe=recipe.source if recipe else None, gguf_file_type=file_type,
-        needs_data=smooth or any(_needs_calibration(a) for a in assignments) or config.imatrix_from == "float",
+        recipe=recipe.source if recipe else None, gguf_file_type=file_type, candidates=candidates,
+        fixed_bytes=_fixed_bytes(checkpoint, arch, expected, plan, storage_dtype) if candidates else 0,
+        needs_data=(smooth or any(_needs_calibration(a) for a in assignments) or config.imatrix_from == "float"
+                    or candidates is not None),
         smooth=smooth, alpha=alpha, compute_dtype=compute_dtype(config.dtype, checkpoint.source_dtype),
-        storage_dtype=checkpoint.source_dtype, out=out, weights_sha256=checkpoint.sha256(),
+        storage_dtype=storage_dtype, out=out, weights_sha256=checkpoint.sha256(),
         copied_files=_source_files(source.path),
     )
 
@@ -348,12 +412,16 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
                             "sees every token on every rank)")
     if run.refined and processes.world_size > 1:
         raise QuantkitError("signround optimises each block in one process; run it without torchrun")
+    if run.candidates is not None and processes.world_size > 1:
+        raise QuantkitError("--target-bits/--target-size measure sensitivities in one process; run without torchrun")
     run.estimate = estimate_run(run)
     progress.estimate(run.estimate)
     check_fits(run.estimate, run.out)
     _preflight(run, progress)
     if config.dry_run:
         return CalibrationResult(run.out, None, None, {}, _peak_rss(), estimate=run.estimate)
+    if run.candidates is not None:
+        _allocate(run, progress)
     work = WorkDir(run.out, _fingerprint(run), rank=processes.rank, writer=processes.writer)
     first = work.start(config.resume, config.overwrite)
     processes.barrier()  # the work directory exists before any rank writes into it
@@ -417,6 +485,54 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
     return model
 
 
+def _allocate(run: _Run, progress: Progress) -> None:
+    """--target-bits/--target-size: one streaming pass over the float model measures every Linear's
+    sensitivity to every candidate grid (`run.allocate`), the budgeted choice is solved, and the run's plan
+    becomes the recipe that choice writes (recorded in the manifest and saved as recipe.yaml)."""
+    config = run.config
+    start = time.perf_counter()
+    model, inputs, block_kwargs = _capture(run, progress)
+    with _timed(run, "sensitivity"):
+        num_blocks = run.checkpoint.text_config.num_hidden_layers
+        progress.stage("sensitivity", num_blocks)
+        probe = LayerAssignment(run.candidates[0].scheme(), "gptq", "sensitivity")   # GPTQ's Hessian statistics
+        layers: dict[str, allocate.LayerSensitivity] = {}
+        for index in range(num_blocks):
+            prefix = f"{run.arch.blocks}.{index}"
+            block = model.get_submodule(prefix)
+            materialize(block, prefix, run.checkpoint, torch.float32)
+            assigned = {name: probe for name in run.arch.linears if run.plan.get(f"{prefix}.{name}")}
+            job = BlockJob(index=index, prefix=prefix, block=block, assigned=assigned,
+                           inputs=_block_calls(inputs, block_kwargs, index), arch=run.arch,
+                           model_config=run.checkpoint.text_config, compute_dtype=run.compute_dtype,
+                           storage_dtype=run.storage_dtype, smooth=False, alpha=None,
+                           metric_samples=config.metric_samples, processes=run.processes,
+                           moe_all_experts=config.moe_all_experts, expert_batch=config.expert_batch)
+            measured, inputs = allocate.measure_block(BlockQuantizer(job), run.candidates, config.algorithm,
+                                                      config.options, config.sensitivity)
+            layers.update(measured)
+            release(block)
+            progress.advance("sensitivity", f"block {index}")
+    weights = sum(layer.weights for layer in layers.values())
+    if config.target_bits is not None:
+        target, budget_bytes = {"bits": config.target_bits}, int(config.target_bits * weights) // 8
+    else:
+        size = budget.parse_size(config.target_size)
+        target, budget_bytes = {"size_bytes": size, "fixed_bytes_bound": run.fixed_bytes}, size - run.fixed_bytes
+    smallest = sum(min(b for b in (layer.bytes if config.target_bits is not None else layer.file_bytes)
+                       if b is not None) for layer in layers.values())
+    if smallest > budget_bytes:
+        least = (f"{8 * smallest / weights:.3f} bits per weight" if config.target_bits is not None
+                 else f"{(smallest + run.fixed_bytes) / 1e6:.1f} MB")
+        raise QuantkitError(f"the target is below the smallest the candidates allow ({least}); "
+                            "add lower-bit candidates or raise the target")
+    run.allocation = allocate.choose(layers, run.candidates, config.sensitivity, target, budget_bytes)
+    run.allocation.seconds = time.perf_counter() - start
+    run.recipe = run.allocation.recipe(config.algorithm, config.options)
+    plan, _ = Recipe.from_dict(run.recipe, "the allocated recipe").plan(list(run.plan))
+    run.plan = {name: plan[name] if run.plan[name] is not None else None for name in run.plan}
+
+
 def _block_calls(calls: list[BlockInput] | None, block_kwargs, index: int) -> list[BlockInput] | None:
     """The calls with block ``index``'s own mask and rotary table (layer types differ in Gemma)."""
     if calls is None:
@@ -460,6 +576,8 @@ def _finish(run: _Run, work: WorkDir, progress: Progress) -> Manifest:
             search_results.update(work.block_search_results(index))
         files = work.finish(num_blocks, _non_block_tensors(run))
         with writing(work.path):
+            if run.allocation is not None:
+                _record_allocation(run, work.path, files, layers)
             results_file = _save_search_results(work.path, search_results)
             _copy_source_files(run.copied_files, work.path)
             manifest = _build_manifest(run, layers, files, results_file)
@@ -563,6 +681,35 @@ def _non_block_tensors(run: _Run) -> dict[str, torch.Tensor]:
     return {name: t.to(run.storage_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
 
 
+def _record_allocation(run: _Run, directory: Path, files: list[str], layers: dict[str, LayerEntry]) -> None:
+    """The achieved size, read from the written files (refused if over the target: nothing is published),
+    the recipe (recipe.yaml) and every Linear's measured sensitivities (allocation.json)."""
+    import yaml
+
+    allocation = run.allocation
+    sizes = tensor_bytes([directory / f for f in files])
+    grid_bytes = sum(sizes[name] for entry in layers.values() for role, name in entry.tensors.items()
+                     if role not in ("bias", "input_scale", "input_zero", "input_global_scale"))
+    weights = sum(math.prod(entry.shape) for entry in layers.values())
+    file_bytes = sum((directory / f).stat().st_size for f in files)
+    achieved = {"bits": 8 * grid_bytes / weights, "grid_bytes": grid_bytes, "weight_file_bytes": file_bytes}
+    target = allocation.target
+    over = (achieved["bits"] > target["bits"] if "bits" in target else file_bytes > target["size_bytes"])
+    if over:
+        raise QuantkitError(f"the written weights ({achieved}) exceed the target {target}: this is a quantkit bug, "
+                            "nothing was published; please report it")
+    run.allocation_record = {**allocation.to_dict(), "achieved": achieved}
+    asked = (f"--target-bits {target['bits']}" if "bits" in target else f"--target-size {run.config.target_size}")
+    (directory / allocate.RECIPE_FILE).write_text(
+        f"# quantkit calibrate {asked}: {achieved['bits']:.4f} bits per weight; rerun with --recipe {allocate.RECIPE_FILE}\n"
+        + yaml.safe_dump(run.recipe, sort_keys=False, width=120))
+    table = {name: {"weights": layer.weights, "gain": layer.gain, "chosen": allocation.candidates[allocation.chosen[name]].label,
+                    "candidates": {c.label: {"bytes": layer.bytes[i], "error": layer.error[i]}
+                                   for i, c in enumerate(allocation.candidates)}}
+             for name, layer in allocation.layers.items()}
+    (directory / "allocation.json").write_text(json.dumps({**run.allocation_record, "layers": table}, indent=1) + "\n")
+
+
 def _save_search_results(directory: Path, results: dict[str, torch.Tensor]) -> str | None:
     if not results:
         return None
@@ -602,7 +749,7 @@ def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], 
         storage_dtype=str(run.storage_dtype).removeprefix("torch."),
         smoothing=_smoothing_record(run),
         layers=layers, ignored=run.ignored, recipe=run.recipe, weight_files=files, search_results=results_file,
-        gguf_file_type=run.gguf_file_type,
+        gguf_file_type=run.gguf_file_type, allocation=run.allocation_record,
         summary=summary,
     )
 

@@ -94,7 +94,8 @@ class _Rule:
     priority: int | None
 
     def describe(self) -> str:
-        return f"rule {self.index} (match: {', '.join(self.patterns)})"
+        shown = ", ".join(self.patterns[:3]) + (f" and {len(self.patterns) - 3} more" if len(self.patterns) > 3 else "")
+        return f"rule {self.index} (match: {shown})"
 
 
 @dataclass

@@ -1,0 +1,226 @@
+"""Automatic mixed precision: measure each Linear's sensitivity to each candidate grid, then choose one grid
+per Linear under a size budget (`budget.solve`) and write the choice as an ordinary recipe.
+
+Sensitivity of Linear l to candidate c, measured block by block on the float model's own activations (one
+streaming pass before the quantizing one; one block in memory):
+
+    layer  e(l, c) = mean over calibration tokens of ||(W - Q_c(W)) x||^2 = tr(D H D^T),  D = W - Q_c(W),
+                     H = E[x x^T] of the Linear's input, Q_c the candidate's round-to-nearest grid
+    block  s(l, c) = g_l * e(l, c), g_l = (block output error with only l on its reference candidate)
+                     / e(l, reference): the layer's error carried to the residual stream the block writes,
+                     so the errors of a q_proj and a down_proj are comparable (default)
+
+and the allocation minimises sum_l s(l, c_l) (or e) subject to the stored size. A Linear's error is taken as
+additive across Linears (the knapsack's assumption); the reference candidate is the one of median size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.algorithms.registry import base_algorithm, parse_options
+from quantkit.algorithms.rtn import quantize_rtn
+from quantkit.calibrate.hooks import BlockInput, run_block
+from quantkit.errors import QuantkitError
+from quantkit.formats import ggml_mixes
+from quantkit.run import budget
+from quantkit.run.block import BlockQuantizer
+from quantkit.run.budget import Candidate
+from quantkit.run.layers import runner_for
+
+SENSITIVITIES = ("block", "layer")
+
+
+@dataclass
+class LayerSensitivity:
+    """One Linear's measurements: per candidate (same order as the run's candidates) its stored bytes (with
+    what its algorithm adds, `extra_bytes`) and its layer output error (None where the candidate's grid does not fit the Linear), and its block gain."""
+
+    weights: int                      # out * in
+    bytes: list[int | None]           # data bytes of the stored grid tensors
+    file_bytes: list[int | None]      # and with their safetensors header entries (a bound): --target-size's cost
+    error: list[float | None]
+    gain: float = 1.0
+
+    def loss(self, kind: str) -> list[float | None]:
+        return self.error if kind == "layer" else [None if e is None else e * self.gain for e in self.error]
+
+
+@dataclass
+class Allocation:
+    """The chosen candidate per Linear and what the budget and the choice come to."""
+
+    candidates: list[Candidate]
+    layers: dict[str, LayerSensitivity]
+    chosen: dict[str, int]
+    sensitivity: str
+    target: dict                      # {"bits": 4.25} or {"size_bytes": N, "fixed_bytes": F}
+    budget_bytes: int                 # what the quantized Linears' stored tensors may take
+    seconds: float = 0.0
+
+    def layer_bytes(self, name: str) -> int:
+        layer = self.layers[name]
+        return (layer.bytes if "bits" in self.target else layer.file_bytes)[self.chosen[name]]
+
+    @property
+    def planned_bytes(self) -> int:
+        return sum(self.layer_bytes(name) for name in self.chosen)
+
+    @property
+    def planned_bits(self) -> float:
+        data = sum(self.layers[name].bytes[index] for name, index in self.chosen.items())
+        return 8 * data / sum(self.layers[name].weights for name in self.chosen)
+
+    def counts(self) -> dict[str, int]:
+        """Candidate label -> how many Linears got it."""
+        labels = [self.candidates[i].label for i in self.chosen.values()]
+        return {c.label: labels.count(c.label) for c in self.candidates if c.label in labels}
+
+    def recipe(self, algorithm: str, options: dict) -> dict:
+        """The recipe that reproduces this allocation: one rule per chosen candidate, naming its Linears."""
+        rules = []
+        for index, candidate in enumerate(self.candidates):
+            names = [name for name, chosen in self.chosen.items() if chosen == index]
+            if names:
+                rule = {"match": names, **candidate.rule(), "algorithm": algorithm}
+                if options:
+                    rule["options"] = dict(options)
+                rules.append(rule)
+        return {"rules": rules, "smooth": False}
+
+    def to_dict(self) -> dict:
+        """The manifest's record (the recipe itself is stored beside it)."""
+        return {"target": self.target, "sensitivity": self.sensitivity, "budget_bytes": self.budget_bytes,
+                "planned_bytes": self.planned_bytes, "planned_bits": round(self.planned_bits, 6),
+                "candidates": [c.label for c in self.candidates], "chosen": self.counts(),
+                "seconds": round(self.seconds, 3), "recipe_file": RECIPE_FILE}
+
+
+RECIPE_FILE = "recipe.yaml"
+OFFSET_DIGITS = 15     # safetensors data offsets of up to a petabyte
+
+
+def extra_bytes(algorithm: str, options: dict, in_features: int, candidate: Candidate) -> int:
+    """Bytes an algorithm stores beyond the grid's own tensors: GPTQ's act-order group indices (int32 per
+    input column) when its groups follow the permuted order (act_order without static_groups)."""
+    name, base_options = base_algorithm(algorithm, options)
+    if name != "gptq":
+        return 0
+    parsed = parse_options(name, base_options)
+    spec = candidate.scheme().weight
+    grouped = spec.granularity == "group" and spec.super_group is None
+    return 4 * in_features if parsed.act_order and not parsed.static_groups and grouped else 0
+
+
+def _fits(candidate: Candidate, in_features: int) -> bool:
+    """K-quant candidates need rows that are a multiple of 256 (llama.cpp would fall back otherwise)."""
+    k_format = candidate.scheme().weight.k_format
+    return k_format is None or not ggml_mixes.fit(k_format.name, in_features)[1]
+
+
+def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candidates: list[Candidate],
+                 extras: list[int]) -> tuple[LayerSensitivity, dict[int, torch.Tensor]]:
+    """Linear ``name``'s weight [out, in] fp32 and hessian [in, in] fp32 (E[x x^T]) -> its sensitivity record
+    (per candidate: stored bytes + ``extras``, with header entries, and tr(D H D^T)), and the dequantized
+    weights by candidate index (None and absent where the grid does not fit)."""
+    record = LayerSensitivity(weight.numel(), [], [], [])
+    dequantized = {}
+    for index, candidate in enumerate(candidates):
+        if not _fits(candidate, weight.shape[1]):
+            for values in (record.bytes, record.file_bytes, record.error):
+                values.append(None)
+            continue
+        quant = quantize_rtn(weight, candidate.scheme().weight)
+        approx = quant.dequantize().float()
+        delta = weight.float() - approx
+        tensors = budget.stored_tensors(name, quant)
+        index_entry = budget.header_entry_bound(f"{name}.weight_g_idx", (weight.shape[1],), OFFSET_DIGITS)
+        record.bytes.append(budget.stored_bytes(quant) + extras[index])
+        record.file_bytes.append(budget.file_bytes_bound(tensors, OFFSET_DIGITS) + extras[index]
+                                 + (index_entry if extras[index] else 0))
+        record.error.append(max(float(((delta @ hessian) * delta).sum()), 0.0))
+        dequantized[index] = approx
+    return record, dequantized
+
+
+def reference_candidate(sizes: list[int | None]) -> int:
+    """The candidate of median size among those that fit."""
+    fitting = sorted((size, index) for index, size in enumerate(sizes) if size is not None)
+    return fitting[len(fitting) // 2][1]
+
+
+@torch.no_grad()
+def block_gains(runner: torch.nn.Module, samples: list[BlockInput], references: dict[str, tuple[torch.Tensor, float]]
+                ) -> dict[str, float]:
+    """Per Linear: the block output error per token with only that Linear on its reference grid, divided by
+    its layer error there. ``runner``: the float block in the compute dtype (its weights are swapped and put
+    back); ``references``: name -> (dequantized weight [out, in], layer error per token)."""
+    targets = [run_block(runner, call).float() for call in samples]
+    tokens = sum(t.numel() // t.shape[-1] for t in targets)
+    gains = {}
+    for name, (approx, error) in references.items():
+        linear = runner.get_submodule(name)
+        original = linear.weight.data
+        linear.weight.data = approx.to(original.dtype)
+        try:
+            total = sum(float((run_block(runner, call).float() - target).pow(2).sum())
+                        for call, target in zip(samples, targets))
+        finally:
+            linear.weight.data = original
+        gains[name] = (total / max(tokens, 1)) / error if error > 0 else 1.0
+    return gains
+
+
+def choose(layers: dict[str, LayerSensitivity], candidates: list[Candidate], sensitivity: str, target: dict,
+           budget_bytes: int) -> Allocation:
+    """Solve the budgeted choice: ``target`` {"bits": b} counts the grids' data bytes, {"size_bytes": n} their
+    bytes in the files (header entries included); the budget is met exactly (costs rounded up to units of
+    at most 1/65536 of the budget)."""
+    names = sorted(layers)
+    unit = max(1, budget_bytes // 65536)
+    losses, costs, options = [], [], []
+    for name in names:
+        loss = layers[name].loss(sensitivity)
+        fitting = [i for i, size in enumerate(layers[name].bytes) if size is not None]
+        if not fitting:
+            raise QuantkitError(f"no candidate grid fits {name} (rows of {layers[name].weights} weights)")
+        options.append(fitting)
+        losses.append([loss[i] for i in fitting])
+        sizes = layers[name].bytes if "bits" in target else layers[name].file_bytes
+        costs.append([sizes[i] for i in fitting])
+    picks = budget.solve(losses, costs, budget_bytes, unit)
+    chosen = {name: options[k][pick] for k, (name, pick) in enumerate(zip(names, picks))}
+    return Allocation(candidates, layers, chosen, sensitivity, target, budget_bytes)
+
+
+def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algorithm: str, options: dict,
+                  sensitivity: str) -> tuple[dict[str, LayerSensitivity], list[BlockInput]]:
+    """One float block: every assigned Linear's errors on every candidate (its Hessian from the block's
+    inputs, Linears observed in the quantizer's batches), the block gains (``sensitivity`` "block"), and the
+    block's float outputs on every call (the next block's inputs)."""
+    job = quantizer.job
+    runner = runner_for(job.block, job.compute_dtype)
+    samples = quantizer.first_samples(job.metric_samples)
+    layers: dict[str, LayerSensitivity] = {}
+    for batch in quantizer.batches(list(job.assigned)):
+        stats = quantizer.observe(batch)
+        references = {}
+        for name in batch:
+            weight = job.block.get_submodule(name).weight.detach().float()
+            hessian = stats[name].items["hessian"].matrix / 2      # the statistic is 2 E[x x^T] (GPTQ's H)
+            stats[name].release("hessian")
+            extras = [extra_bytes(algorithm, options, weight.shape[1], c) for c in candidates]
+            record, approx = layer_errors(quantizer.full_name(name), weight, hessian, candidates, extras)
+            if not approx:
+                raise QuantkitError(f"no candidate grid fits {quantizer.full_name(name)} "
+                                    f"({weight.shape[1]} input columns)")
+            reference = reference_candidate(record.bytes)
+            references[name] = (approx[reference], record.error[reference])
+            layers[quantizer.full_name(name)] = record
+        if sensitivity == "block":
+            for name, gain in block_gains(runner, samples, references).items():
+                layers[quantizer.full_name(name)].gain = gain
+    with torch.no_grad():
+        outputs = [BlockInput(run_block(runner, call), call.kwargs, call.first_sample) for call in job.inputs]
+    return layers, outputs

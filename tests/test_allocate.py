@@ -1,0 +1,199 @@
+"""Automatic mixed precision (--target-bits / --target-size): the budgeted solver against brute force, the
+size accounting against the written files, the written recipe rerunning to the same model, and bad input."""
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from safetensors.torch import load_file
+
+from quantkit.errors import QuantkitError
+from quantkit.files import tensor_bytes
+from quantkit.formats.schemes import get_scheme
+from quantkit.native.manifest import Manifest
+from quantkit.run import allocate, budget
+from quantkit.run.pipeline import CalibrateConfig, calibrate
+
+
+def _brute_force(losses, costs, budget_bytes):
+    best = None
+    for choice in itertools.product(*[range(len(c)) for c in costs]):
+        cost = sum(c[i] for c, i in zip(costs, choice))
+        loss = sum(item[i] for item, i in zip(losses, choice))
+        if cost <= budget_bytes and (best is None or loss < best):
+            best = loss
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_solver_matches_brute_force(seed):
+    rng = random.Random(seed)
+    items, options = rng.randint(1, 5), rng.randint(1, 4)
+    costs = [[rng.randint(1, 30) for _ in range(options)] for _ in range(items)]
+    losses = [[rng.random() for _ in range(options)] for _ in range(items)]
+    smallest, largest = sum(min(c) for c in costs), sum(max(c) for c in costs)
+    budget_bytes = rng.randint(smallest, largest + 5)
+    chosen = budget.solve(losses, costs, budget_bytes)
+    assert sum(c[i] for c, i in zip(costs, chosen)) <= budget_bytes
+    assert math.isclose(sum(item[i] for item, i in zip(losses, chosen)), _brute_force(losses, costs, budget_bytes))
+    # coarser units: never over the budget, never better than the optimum
+    coarse = budget.solve(losses, costs, budget_bytes, unit=3) if sum(-(-min(c) // 3) for c in costs) <= budget_bytes // 3 else None
+    if coarse is not None:
+        assert sum(c[i] for c, i in zip(costs, coarse)) <= budget_bytes
+        assert sum(item[i] for item, i in zip(losses, coarse)) >= _brute_force(losses, costs, budget_bytes) - 1e-12
+
+
+def test_solver_refuses_an_impossible_budget():
+    with pytest.raises(QuantkitError, match="below the smallest allocation"):
+        budget.solve([[1.0, 0.5], [1.0, 0.2]], [[4, 8], [4, 8]], 7)
+
+
+@pytest.mark.parametrize("text, expected", [("80MB", 80 * 10**6), ("1.5GB", 1_500_000_000), ("800MiB", 800 * 2**20),
+                                            ("123456", 123456), ("2 GiB", 2 * 2**30), ("64k", 64_000)])
+def test_parse_size(text, expected):
+    assert budget.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["big", "3.2 parsecs", "", "-5MB"])
+def test_parse_size_refuses(text):
+    with pytest.raises(QuantkitError, match="is not a size"):
+        budget.parse_size(text)
+
+
+def test_candidates_parse_and_suggest():
+    labels = [c.label for c in budget.parse_candidates("int4-g64,int3-g128-sym,int8-ch,q4_k", "w4a16", None)]
+    assert labels == ["int4-g64-asym", "int3-g128-sym", "int8-ch-asym", "q4_k"]
+    assert len(budget.parse_candidates(None, "w4a16", True)) == 18
+    with pytest.raises(QuantkitError, match="did you mean"):
+        budget.parse_candidates("int4-g64,int9-g64", "w4a16", None)
+    with pytest.raises(QuantkitError, match="weight-only integer --scheme"):
+        budget.parse_candidates(None, "w8a8_dynamic", None)
+
+
+@pytest.mark.parametrize("scheme, bits, group, sym", [("w4a16", 4, 64, False), ("w4a16", 3, 128, True),
+                                                      ("w4a16", 2, 32, False), ("w8a16", 8, -1, True),
+                                                      ("q4_k", None, None, None), ("nvfp4a16", None, None, None)])
+def test_stored_bytes_count_every_stored_tensor(scheme, bits, group, sym):
+    """bits per weight of the accounting against the grid's definition: codes (int32 words hold whole rows of
+    32 codes), fp16 scales per group, int8 zeros, fp8 scales and one fp32 global scale (NVFP4)."""
+    from quantkit.algorithms.rtn import quantize_rtn
+    from quantkit.run.recipe import make_scheme
+
+    out, columns = 96, 512 if scheme == "q4_k" else 320
+    spec = make_scheme(scheme, bits, group, sym).weight
+    quant = quantize_rtn(torch.randn(out, columns), spec)
+    if scheme == "q4_k":   # natively: 4-bit codes, fp16 sub-block scales and int8 mins per 32, fp16 d and dmin per 256
+        expected = out * columns // 2 + out * columns // 32 * 3 + out * columns // 256 * 4
+    elif scheme == "nvfp4a16":    # 4-bit codes, one fp8 scale per 16, one fp32 global scale
+        expected = out * columns // 2 + out * columns // 16 + 4
+    else:
+        groups = 1 if group == -1 else -(-columns // group)
+        expected = out * (-(-columns // 32) * bits * 4 if bits < 8 else columns) + out * groups * (2 + (0 if sym else 1))
+    assert budget.stored_bytes(quant) == expected
+
+
+@pytest.fixture(scope="module")
+def allocated(llama_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("alloc") / "out"
+    result = calibrate(CalibrateConfig(model=str(llama_dir), scheme="w4a16", algorithm="gptq", dataset=str(text_file),
+                                       num_samples=8, seq_len=64, target_bits=3.6, out=out))
+    return result
+
+
+def test_target_bits_met_exactly_in_the_written_files(allocated):
+    manifest = allocated.manifest
+    out = allocated.out
+    sizes = tensor_bytes([out / f for f in manifest.weight_files])
+    grid_bytes = sum(sizes[name] for entry in manifest.layers.values() for role, name in entry.tensors.items()
+                     if role != "bias")
+    weights = sum(math.prod(entry.shape) for entry in manifest.layers.values())
+    assert 8 * grid_bytes / weights <= 3.6
+    assert manifest.allocation["achieved"]["bits"] == pytest.approx(8 * grid_bytes / weights)
+    assert manifest.allocation["achieved"]["grid_bytes"] == manifest.allocation["planned_bytes"] == grid_bytes
+    # mixed: more than one grid, every layer's rule names the allocated recipe
+    assert len(manifest.allocation["chosen"]) > 1
+    assert all(entry.rule.startswith("recipe rule") for entry in manifest.layers.values())
+    # the per-layer record: each layer's chosen candidate bytes equal its tensors in the file
+    table = json.loads((out / "allocation.json").read_text())["layers"]
+    for name, entry in manifest.layers.items():
+        chosen = table[name]["chosen"]
+        assert table[name]["candidates"][chosen]["bytes"] == sum(
+            sizes[t] for role, t in entry.tensors.items() if role != "bias")
+
+
+def test_written_recipe_reruns_to_the_same_model(allocated, llama_dir, text_file, tmp_path):
+    rerun = calibrate(CalibrateConfig(model=str(llama_dir), recipe=allocated.out / "recipe.yaml",
+                                      dataset=str(text_file), num_samples=8, seq_len=64, out=tmp_path / "rerun"))
+    first = load_file(str(allocated.out / allocated.manifest.weight_files[0]))
+    second = load_file(str(rerun.out / rerun.manifest.weight_files[0]))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_sensitivities_order_the_grids(allocated):
+    """On every layer the measured error falls with bits at a fixed group size, and the block gain is positive."""
+    table = json.loads((allocated.out / "allocation.json").read_text())["layers"]
+    for layer in table.values():
+        errors = [layer["candidates"][f"int{b}-g32-asym"]["error"] for b in (2, 3, 4, 5, 6, 8)]
+        assert errors == sorted(errors, reverse=True)
+        assert layer["gain"] > 0
+
+
+def test_target_size_counts_the_whole_output(llama_dir, text_file, tmp_path):
+    source = sum(p.stat().st_size for p in llama_dir.glob("*.safetensors"))
+    target = int(source * 0.3)
+    result = calibrate(CalibrateConfig(model=str(llama_dir), algorithm="rtn", scheme="w4a16", dataset=str(text_file),
+                                       num_samples=4, seq_len=32, target_size=str(target), out=tmp_path / "o",
+                                       sensitivity="layer"))
+    written = sum((result.out / f).stat().st_size for f in result.manifest.weight_files)
+    assert written <= target
+    assert result.manifest.allocation["achieved"]["weight_file_bytes"] == written
+    assert written > 0.97 * target     # the header bound is tight enough to spend the budget
+
+
+def test_moe_model_allocates(qwen3_moe_dir, text_file, tmp_path):
+    result = calibrate(CalibrateConfig(model=str(qwen3_moe_dir), scheme="w4a16", algorithm="rtn", dataset=str(text_file),
+                                       num_samples=4, seq_len=32, target_bits=4.5, candidates="int3-g32,int4-g32,int8-g32",
+                                       out=tmp_path / "moe"))
+    assert result.manifest.allocation["achieved"]["bits"] <= 4.5
+    assert any(".experts." in name for name in result.manifest.layers)
+
+
+def test_cli_target_bits_json_and_table(llama_dir, text_file, tmp_path):
+    common = ["calibrate", str(llama_dir), "--dataset", str(text_file), "--num-samples", "4", "--seq-len", "32",
+              "--target-bits", "4.25", "--candidates", "int3-g64,int4-g64,int5-g64,int8-g64"]
+    done = run_cli(*common, "--out", tmp_path / "a", "--json")
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    assert summary["allocation"]["achieved"]["bits"] <= 4.25
+    assert Manifest.load(tmp_path / "a").allocation == summary["allocation"]
+    assert get_scheme("w4a16").name in summary["schemes"]
+    done = run_cli(*common, "--out", tmp_path / "b")
+    assert done.exit_code == 0, done.output
+    assert "allocation" in done.output and "bits per weight" in done.output
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--target-bits", "4", "--target-size", "1MB"], "not both"),
+    (["--target-bits", "0"], "must be in (0, 32]"),
+    (["--target-bits", "1.5"], "below the smallest the candidates allow"),
+    (["--target-size", "lots"], "is not a size"),
+    (["--target-bits", "4", "--candidates", "int4-g64,in5-g64"], "unknown candidate 'in5-g64'"),
+    (["--target-bits", "4", "--candidates", "w8a8_dynamic"], "quantizes activations"),
+    (["--target-bits", "4", "--bits", "3"], "--bits/--group-size fix one grid"),
+    (["--candidates", "int4-g64"], "give a target"),
+    (["--target-bits", "4", "--scheme", "w8a8_dynamic"], "weight-only integer --scheme"),
+    (["--target-bits", "4", "--algo", "hqq", "--candidates", "int4-g64-sym"], "candidate int4-g64-sym"),
+])
+def test_cli_bad_targets_one_line(llama_dir, text_file, tmp_path, flags, fragment):
+    done = run_cli("calibrate", llama_dir, "--dataset", text_file, "--num-samples", "4", "--seq-len", "32",
+                   "--out", tmp_path / "x", "--quiet", *flags)
+    assert_one_line_error(done, fragment)
+    assert not (tmp_path / "x").exists()
+
+
+def test_reference_candidate_is_the_median_size():
+    assert allocate.reference_candidate([30, None, 10, 20]) == 3
