@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from quantkit.errors import QuantkitError
 from quantkit.files import tensor_bytes
+from quantkit.formats import knapsack
 from quantkit.formats.schemes import get_scheme
 from quantkit.native.manifest import Manifest
 from quantkit.run import allocate, budget
@@ -36,11 +37,11 @@ def test_solver_matches_brute_force(seed):
     losses = [[rng.random() for _ in range(options)] for _ in range(items)]
     smallest, largest = sum(min(c) for c in costs), sum(max(c) for c in costs)
     budget_bytes = rng.randint(smallest, largest + 5)
-    chosen = budget.solve(losses, costs, budget_bytes)
+    chosen = knapsack.solve(losses, costs, budget_bytes)
     assert sum(c[i] for c, i in zip(costs, chosen)) <= budget_bytes
     assert math.isclose(sum(item[i] for item, i in zip(losses, chosen)), _brute_force(losses, costs, budget_bytes))
     # coarser units: never over the budget, never better than the optimum
-    coarse = budget.solve(losses, costs, budget_bytes, unit=3) if sum(-(-min(c) // 3) for c in costs) <= budget_bytes // 3 else None
+    coarse = knapsack.solve(losses, costs, budget_bytes, unit=3) if sum(-(-min(c) // 3) for c in costs) <= budget_bytes // 3 else None
     if coarse is not None:
         assert sum(c[i] for c, i in zip(costs, coarse)) <= budget_bytes
         assert sum(item[i] for item, i in zip(losses, coarse)) >= _brute_force(losses, costs, budget_bytes) - 1e-12
@@ -48,7 +49,7 @@ def test_solver_matches_brute_force(seed):
 
 def test_solver_refuses_an_impossible_budget():
     with pytest.raises(QuantkitError, match="below the smallest allocation"):
-        budget.solve([[1.0, 0.5], [1.0, 0.2]], [[4, 8], [4, 8]], 7)
+        knapsack.solve([[1.0, 0.5], [1.0, 0.2]], [[4, 8], [4, 8]], 7)
 
 
 @pytest.mark.parametrize("text, expected", [("80MB", 80 * 10**6), ("1.5GB", 1_500_000_000), ("800MiB", 800 * 2**20),

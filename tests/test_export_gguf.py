@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 import quantkit.exporters.gguf as gguf_export
 from quantkit.check.evaluate import compare, eval_windows
+from quantkit.errors import QuantkitError
 from quantkit.exporters import gguf_blocks
 from quantkit.exporters.gguf import export_gguf, rotary_row_permutation
 from quantkit.formats import ggml_blocks
@@ -466,3 +467,38 @@ def test_cli_corrupt_weights_are_one_line(llama_bpe, tmp_path):
     (corrupt / "quant_manifest.json").write_text("{not json")
     assert_one_line_error(run("export", corrupt, "--format", "gguf", "--out", out), "manifest")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ --target-size (issue 15)
+
+
+def test_target_size_chooses_types_under_the_file_size(llama_bpe, tmp_path):
+    """A float checkpoint under a file size: the file is within it, gguf-py reads every block Linear back as
+    llama.cpp's quantization of the float weight in its chosen type, and the choice mixes types."""
+    from quantkit.exporters import gguf_budget
+
+    smallest = export_gguf(llama_bpe, tmp_path / "q4.gguf", ggml_type="Q4_0").size_bytes
+    largest = export_gguf(llama_bpe, tmp_path / "q8.gguf", ggml_type="Q8_0").size_bytes
+    target = (smallest + largest) // 2
+    result = export_gguf(llama_bpe, tmp_path / "t.gguf", ggml_type="Q8_0", target_size=target)
+    assert result.size_bytes == (tmp_path / "t.gguf").stat().st_size <= target
+    chosen = [t for t in result.linears if t.reason.startswith("--target-size")]
+    assert len(chosen) == 14 and len({t.ggml_type for t in chosen}) > 1
+    source = Checkpoint(llama_bpe)
+    for record in chosen[:4]:
+        weight = source.tensors([record.source + ".weight"])[record.source + ".weight"].float()
+        if record.name.endswith(("attn_q.weight", "attn_k.weight")):
+            continue                       # rows permuted for llama.cpp's rotary layout
+        ours = gguf_budget.requantize(weight, record.ggml_type, None).dequantize().float()
+        assert torch.equal(gguf_weight(result.out, record.name, *ours.shape), ours)
+
+
+def test_target_size_bad_inputs(llama_bpe, tmp_path):
+    with pytest.raises(QuantkitError, match="below the smallest file these candidates allow"):
+        export_gguf(llama_bpe, tmp_path / "t.gguf", ggml_type="Q8_0", target_size=1000)
+    out = quantize(llama_bpe, tmp_path / "q", scheme="w4a16", algorithm="rtn")
+    with pytest.raises(QuantkitError, match="already chosen"):
+        export_gguf(out, tmp_path / "c.gguf", target_size=10**6)
+    result = run_cli("export", llama_bpe, "--format", "gguf", "--out", tmp_path / "x.gguf", "--target-size", "1MB",
+                     "--candidates", "Q4_0,Q9_K")
+    assert result.exit_code == 1 and "unknown GGUF candidate type 'Q9_K'" in result.output

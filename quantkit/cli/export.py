@@ -1,6 +1,7 @@
 """``quantkit export``: a quantkit output directory as GGUF (llama.cpp) or compressed-tensors (vLLM)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -24,18 +25,26 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "
 @click.option("--imatrix", type=click.Path(path_type=Path),
               help="GGUF only: a llama.cpp importance matrix (llama-imatrix's .gguf); K-quant tensors are searched "
                    "under it as llama-quantize --imatrix does.")
+@click.option("--target-size", help="GGUF of a float checkpoint: choose each block Linear's type so that the file "
+              "is at most this size (80MB, 1.2GB, 800MiB or bytes); other tensors get --type's choice (F16 without).")
+@click.option("--candidates", help="With --target-size: the GGUF types allowed, comma-separated (default Q2_K..Q6_K, "
+              "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file or directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
-def export(directory, export_format, ggml_type, imatrix, out, overwrite, as_json, quiet):
+def export(directory, export_format, ggml_type, imatrix, target_size, candidates, out, overwrite, as_json, quiet):
     """Export DIRECTORY (a quantkit output directory; for GGUF also a float HF checkpoint)."""
     from quantkit.cli import render
     from quantkit.errors import QuantkitError
 
-    if (ggml_type is not None or imatrix is not None) and export_format != "gguf":
-        raise QuantkitError("--type and --imatrix apply to --format gguf only")
+    if (ggml_type is not None or imatrix is not None or target_size is not None) and export_format != "gguf":
+        raise QuantkitError("--type, --imatrix and --target-size apply to --format gguf only")
+    if candidates is not None and target_size is None:
+        raise QuantkitError("--candidates lists the types --target-size chooses from; give --target-size")
     run = {"gguf": _gguf, "compressed-tensors": _compressed_tensors, "imatrix": _imatrix}[export_format]
+    if export_format == "gguf":
+        run = functools.partial(_gguf, target_size=target_size, candidates=candidates)
     if quiet or as_json:
         result = run(directory, out, ggml_type, overwrite, imatrix)
     else:
@@ -54,11 +63,14 @@ def export(directory, export_format, ggml_type, imatrix, out, overwrite, as_json
         render.stderr.print(f"wrote {result.out} ({result.size_bytes / 2**20:.1f} MiB)")
 
 
-def _gguf(directory, out, ggml_type, overwrite, imatrix):
+def _gguf(directory, out, ggml_type, overwrite, imatrix, target_size=None, candidates=None):
+    from quantkit.exporters import gguf_budget
     from quantkit.exporters.gguf import export_gguf
+    from quantkit.run.budget import parse_size
 
     return export_gguf(directory, out, ggml_type=ggml_type.upper() if ggml_type else None, overwrite=overwrite,
-                       imatrix=imatrix)
+                       imatrix=imatrix, target_size=None if target_size is None else parse_size(target_size),
+                       candidates=gguf_budget.parse_candidates(candidates))
 
 
 def _compressed_tensors(directory, out, ggml_type, overwrite, imatrix):

@@ -44,11 +44,11 @@ import torch
 
 import quantkit
 from quantkit.errors import QuantkitError
-from quantkit.exporters import gguf_blocks, gguf_imatrix, gguf_kquants
+from quantkit.exporters import gguf_blocks, gguf_budget, gguf_imatrix, gguf_kquants
 from quantkit.exporters.gguf_vocab import GGUFVocab, read_vocab
 from quantkit.exporters.source import ExportSource
 from quantkit.files import check_output_path, staged_file
-from quantkit.formats import ggml_blocks, ggml_mixes, kquants, primitives
+from quantkit.formats import ggml_blocks, ggml_mixes, knapsack, kquants, primitives
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.model.gguf_names import GGUFNames, model_shape
 
@@ -159,12 +159,14 @@ class _Plan:
 
 
 def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: bool = False,
-                imatrix=None) -> GGUFExportResult:
+                imatrix=None, target_size: int | None = None, candidates: tuple[str, ...] | None = None
+                ) -> GGUFExportResult:
     """Write ``source_dir`` (a quantkit output directory or a float HF checkpoint) as one GGUF file.
     ``ggml_type``: one type for whatever is requantized (F16, Q8_0, Q4_0, ...), or a K-quant file type
     (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) choosing each tensor's type as llama-quantize does.
     ``imatrix``: a llama.cpp importance-matrix file; K-quant tensors are then searched as llama-quantize
-    --imatrix does."""
+    --imatrix does. ``target_size`` (bytes, float checkpoints): the block Linears' types are chosen among
+    ``candidates`` (`gguf_budget.CANDIDATES`) so that the file is at most that size (`gguf_budget`)."""
     if ggml_type is not None and ggml_type not in REQUANT_TYPES + FILE_TYPES:
         close = difflib.get_close_matches(ggml_type, REQUANT_TYPES + FILE_TYPES, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(REQUANT_TYPES + FILE_TYPES)}"
@@ -176,14 +178,23 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
     if out.is_dir():
         raise QuantkitError(f"output {out} is a directory; give the path of the .gguf file to write")
     check_output_path(out, overwrite, [source.path])
+    if target_size is not None and source.manifest is not None:
+        raise QuantkitError("--target-size chooses the GGUF types of a float checkpoint's tensors; a calibrated "
+                            "directory's grids are already chosen (calibrate it with --target-bits/--target-size)")
     plan = _plan(source, ggml_type)
     if imatrix is not None:
         plan.importance = gguf_imatrix.read_imatrix(imatrix)
         plan.notes += _importance_notes(plan)
+    target_note = None
+    if target_size is not None:
+        target_note = _fit_target(plan, target_size, candidates or gguf_budget.CANDIDATES)
     with staged_file(out, overwrite) as staging:
         _write(plan, staging)
+        if target_size is not None and staging.stat().st_size > target_size:
+            raise QuantkitError(f"the file came to {staging.stat().st_size} bytes, over --target-size {target_size}: "
+                                "a quantkit bug, nothing was written; please report it")
     return GGUFExportResult(out.resolve(), plan.gguf_arch, _file_type(plan.records, plan.requested.mix).name, plan.records,
-                            plan.vocab.model, plan.notes, out.stat().st_size)
+                            plan.vocab.model, plan.notes + ([target_note] if target_note else []), out.stat().st_size)
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -577,20 +588,82 @@ def _block_misalignment(spec, in_features: int, params: dict[str, torch.Tensor])
 # --------------------------------------------------------------------------------------------- write
 
 
+def _fit_target(plan: _Plan, target_size: int, candidates: tuple[str, ...]) -> str:
+    """Choose each block Linear's type under ``target_size`` bytes (`gguf_budget`): measure every candidate,
+    size the header (the same whatever the choice), solve, and assign; returns a note saying what was chosen."""
+    source = plan.source
+    block_prefix = source.arch.blocks + "."
+    chosen = [r for r in plan.records if r.is_linear and not r.experts and r.source.startswith(block_prefix)]
+    choices = [gguf_budget.measure(r.name, _permute(plan, r.source, source.tensor(r.source + ".weight").float()),
+                                   candidates, _importance(plan, r)) for r in chosen]
+    for record, choice in zip(chosen, choices):          # any choice: the header's size does not depend on it
+        _assign(record, next(iter(choice.costs)))
+    chosen_ids = {id(r) for r in chosen}
+    fixed = gguf_budget.aligned(_header_bytes(plan)) + sum(gguf_budget.aligned(r.nbytes()) for r in plan.records
+                                                           if id(r) not in chosen_ids)
+    if not chosen:
+        raise QuantkitError("--target-size found no block Linear to choose a type for")
+    smallest = fixed + sum(min(choice.costs.values()) for choice in choices)
+    if smallest > target_size:
+        raise QuantkitError(f"--target-size {target_size} bytes is below the smallest file these candidates allow "
+                            f"({smallest} bytes, of which {fixed} the header and the tensors --type sets)")
+    types = [list(choice.costs) for choice in choices]
+    picks = knapsack.solve([[c.errors[t] for t in ts] for c, ts in zip(choices, types)],
+                           [[c.costs[t] for t in ts] for c, ts in zip(choices, types)],
+                           target_size - fixed, max(1, (target_size - fixed) // 65536))
+    for record, names, pick in zip(chosen, types, picks):
+        _assign(record, names[pick])
+    counts = Counter(record.ggml_type for record in chosen)
+    # said after writing: the file's metadata holds the notes, and the header was sized without this one
+    return (f"--target-size {target_size}: {len(chosen)} block Linears' types chosen under {target_size - fixed} "
+            f"bytes ({', '.join(f'{t} x{n}' for t, n in sorted(counts.items()))}); "
+            f"{'importance-weighted' if plan.importance is not None else 'unweighted'} weight error")
+
+
+def _assign(record: TensorRecord, ggml_type: str) -> None:
+    record.ggml_type, record.status, record.reason = ggml_type, "requantized", f"--target-size: {ggml_type}"
+
+
+def _add_tensor_infos(writer, plan: _Plan) -> None:
+    import gguf
+
+    for record in plan.records:
+        if record.ggml_type in ("F32", "F16"):
+            dtype = np.float32 if record.ggml_type == "F32" else np.float16
+            writer.add_tensor_info(record.name, record.shape, np.dtype(dtype), record.nbytes())
+        else:
+            byte_shape = (*record.shape[:-1], record.nbytes() // math.prod(record.shape[:-1]))
+            writer.add_tensor_info(record.name, byte_shape, np.dtype(np.uint8), record.nbytes(),
+                                   raw_dtype=gguf.GGMLQuantizationType[record.ggml_type])
+
+
+def _header_bytes(plan: _Plan) -> int:
+    """The bytes of the file before its tensor data (header, metadata, tensor infos), written to a scratch file."""
+    import tempfile
+
+    import gguf
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "header.gguf"
+        writer = gguf.GGUFWriter(path, plan.gguf_arch)
+        try:
+            _add_metadata(writer, plan)
+            _add_tensor_infos(writer, plan)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.close()
+        return path.stat().st_size
+
+
 def _write(plan: _Plan, path: Path) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(path, plan.gguf_arch)
     try:
         _add_metadata(writer, plan)
-        for record in plan.records:
-            if record.ggml_type in ("F32", "F16"):
-                dtype = np.float32 if record.ggml_type == "F32" else np.float16
-                writer.add_tensor_info(record.name, record.shape, np.dtype(dtype), record.nbytes())
-            else:
-                byte_shape = (*record.shape[:-1], record.nbytes() // math.prod(record.shape[:-1]))
-                writer.add_tensor_info(record.name, byte_shape, np.dtype(np.uint8), record.nbytes(),
-                                       raw_dtype=gguf.GGMLQuantizationType[record.ggml_type])
+        _add_tensor_infos(writer, plan)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

@@ -1,5 +1,5 @@
 """Automatic mixed precision: measure each Linear's sensitivity to each candidate grid, then choose one grid
-per Linear under a size budget (`budget.solve`) and write the choice as an ordinary recipe.
+per Linear under a size budget (`formats.knapsack.solve`) and write the choice as an ordinary recipe.
 
 Sensitivity of Linear l to candidate c, measured block by block on the float model's own activations (one
 streaming pass before the quantizing one; one block in memory):
@@ -23,7 +23,7 @@ from quantkit.algorithms.registry import base_algorithm, parse_options
 from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.calibrate.hooks import BlockInput, run_block
 from quantkit.errors import QuantkitError
-from quantkit.formats import ggml_mixes
+from quantkit.formats import ggml_mixes, knapsack
 from quantkit.run import budget
 from quantkit.run.block import BlockQuantizer
 from quantkit.run.budget import Candidate
@@ -189,7 +189,7 @@ def choose(layers: dict[str, LayerSensitivity], candidates: list[Candidate], sen
         losses.append([loss[i] for i in fitting])
         sizes = layers[name].bytes if "bits" in target else layers[name].file_bytes
         costs.append([sizes[i] for i in fitting])
-    picks = budget.solve(losses, costs, budget_bytes, unit)
+    picks = knapsack.solve(losses, costs, budget_bytes, unit)
     chosen = {name: options[k][pick] for k, (name, pick) in enumerate(zip(names, picks))}
     return Allocation(candidates, layers, chosen, sensitivity, target, budget_bytes)
 

@@ -3,10 +3,7 @@
 A target is either bits per weight over the quantized Linears (``--target-bits``: every stored bit of their
 codes, scales, zeros, global and super-block scales and act-order indices, divided by their weight count) or
 the bytes of the whole output's weight files (``--target-size``: embeddings, norms and the safetensors headers
-included). `solve` picks one candidate per layer minimising the summed sensitivity under the budget: a
-multiple-choice knapsack, solved exactly by dynamic programming over the budget in units of ``unit`` bytes,
-each cost rounded up to whole units (so a solution within the units is within the true budget; with unit 1 it
-is the exact optimum).
+included). `formats.knapsack.solve` then picks one candidate per layer under the budget.
 """
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ import json
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
@@ -139,38 +135,3 @@ def file_bytes_bound(tensors: dict[str, torch.Tensor], offset_digits: int) -> in
     """What ``tensors`` add to a safetensors file at most: their data and their header entries."""
     return sum(t.numel() * t.element_size() + header_entry_bound(name, tuple(t.shape), offset_digits)
                for name, t in tensors.items())
-
-
-def solve(losses: list[list[float]], costs: list[list[int]], budget: int, unit: int = 1) -> list[int]:
-    """The multiple-choice knapsack: one option per item minimising sum(losses[i][choice_i]) with
-    sum(costs[i][choice_i]) <= budget. Costs and budget in bytes; dynamic programming over budget // unit
-    cells, each cost rounded up to whole units (exact for unit 1). Ties prefer the cheaper option.
-    Infeasible: `QuantkitError` naming the smallest size the options allow."""
-    if not losses or len(losses) != len(costs):
-        raise ValueError("one loss and cost list per item")
-    smallest = sum(min(c) for c in costs)
-    cells = budget // unit
-    if smallest > budget or sum(-(-min(c) // unit) for c in costs) > cells:
-        raise QuantkitError(f"the target is below the smallest allocation the candidates allow "
-                            f"({smallest} bytes against a budget of {budget}); lower-bit candidates or a larger target")
-    best = np.zeros(cells + 1)                # best[b]: the least loss of the items so far within b units
-    choices = []
-    for item_losses, item_costs in zip(losses, costs):
-        units = [-(-c // unit) for c in item_costs]
-        new = np.full(cells + 1, np.inf)
-        pick = np.full(cells + 1, -1, dtype=np.int16)
-        for option in sorted(range(len(units)), key=lambda o: (item_costs[o], o)):
-            if units[option] > cells:
-                continue
-            shifted = np.full(cells + 1, np.inf)
-            shifted[units[option]:] = best[:cells + 1 - units[option]] + item_losses[option]
-            better = shifted < new
-            new[better], pick[better] = shifted[better], option
-        best = new
-        choices.append(pick)
-    chosen, cell = [], int(np.argmin(best))
-    for pick, item_costs in zip(reversed(choices), reversed(costs)):
-        option = int(pick[cell])
-        chosen.append(option)
-        cell -= -(-item_costs[option] // unit)
-    return chosen[::-1]
