@@ -624,6 +624,15 @@ def _assign(record: TensorRecord, ggml_type: str) -> None:
     record.ggml_type, record.status, record.reason = ggml_type, "requantized", f"--target-size: {ggml_type}"
 
 
+def _write_header(writer, plan: _Plan) -> None:
+    """Header, metadata and tensor infos: everything before the tensor data."""
+    _add_metadata(writer, plan)
+    _add_tensor_infos(writer, plan)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+
 def _add_tensor_infos(writer, plan: _Plan) -> None:
     import gguf
 
@@ -647,11 +656,7 @@ def _header_bytes(plan: _Plan) -> int:
         path = Path(scratch) / "header.gguf"
         writer = gguf.GGUFWriter(path, plan.gguf_arch)
         try:
-            _add_metadata(writer, plan)
-            _add_tensor_infos(writer, plan)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
+            _write_header(writer, plan)
         finally:
             writer.close()
         return path.stat().st_size
@@ -662,11 +667,7 @@ def _write(plan: _Plan, path: Path) -> None:
 
     writer = gguf.GGUFWriter(path, plan.gguf_arch)
     try:
-        _add_metadata(writer, plan)
-        _add_tensor_infos(writer, plan)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        _write_header(writer, plan)
         for record in plan.records:
             data = _tensor_bytes(plan, record)
             assert data.nbytes == record.nbytes(), (record.name, data.nbytes, record.nbytes())
