@@ -156,11 +156,36 @@ def test_target_size_counts_the_whole_output(llama_dir, text_file, tmp_path):
 
 
 def test_moe_model_allocates(qwen3_moe_dir, text_file, tmp_path):
+    """Experts get grids like any Linear; the prediction equals what the files hold, under a size target too."""
     result = calibrate(CalibrateConfig(model=str(qwen3_moe_dir), scheme="w4a16", algorithm="rtn", dataset=str(text_file),
                                        num_samples=4, seq_len=32, target_bits=4.5, candidates="int3-g32,int4-g32,int8-g32",
                                        out=tmp_path / "moe"))
-    assert result.manifest.allocation["achieved"]["bits"] <= 4.5
-    assert any(".experts." in name for name in result.manifest.layers)
+    allocation = result.manifest.allocation
+    assert allocation["achieved"]["grid_bytes"] == allocation["planned_bytes"]
+    experts = {e.scheme.weight.bits for n, e in result.manifest.layers.items() if ".experts." in n}
+    assert len(allocation["chosen"]) > 1 and experts
+    source = sum(p.stat().st_size for p in qwen3_moe_dir.glob("*.safetensors"))
+    sized = calibrate(CalibrateConfig(model=str(qwen3_moe_dir), scheme="w4a16", algorithm="rtn", dataset=str(text_file),
+                                      num_samples=4, seq_len=32, target_size=str(int(source * 0.3)),
+                                      candidates="int3-g32,int4-g32,int8-g32", out=tmp_path / "moe-size"))
+    written = sized.manifest.allocation["achieved"]["weight_file_bytes"]
+    assert 0.93 * source * 0.3 < written <= source * 0.3   # a tiny model: the header bounds weigh most
+
+
+def test_hqq_zero_points_are_counted(llama_dir, text_file, tmp_path):
+    """HQQ stores fractional zero points as float32: the accounting knows, so the run meets its target exactly."""
+    result = calibrate(CalibrateConfig(model=str(llama_dir), scheme="w4a16", algorithm="hqq", dataset=str(text_file),
+                                       num_samples=4, seq_len=32, target_bits=5.0,
+                                       candidates="int3-g32,int4-g32,int4-g64,int8-g64", out=tmp_path / "hqq"))
+    allocation = result.manifest.allocation      # int3-g32 alone: 3 + (16 + 32) / 32 = 4.5 bits with fp32 zeros
+    assert allocation["achieved"]["grid_bytes"] == allocation["planned_bytes"]
+    assert allocation["achieved"]["bits"] <= 5.0
+
+
+def test_solver_ties_prefer_the_cheaper_option_and_refuse_non_finite_losses():
+    assert knapsack.solve([[1.0, 1.0, 1.0]], [[30, 10, 20]], 100) == [1]
+    with pytest.raises(ValueError):
+        knapsack.solve([[float("nan"), 1.0]], [[1, 2]], 10)
 
 
 def test_cli_target_bits_json_and_table(llama_dir, text_file, tmp_path):

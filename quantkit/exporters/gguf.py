@@ -610,7 +610,7 @@ def _fit_target(plan: _Plan, target_size: int, candidates: tuple[str, ...]) -> s
     types = [list(choice.costs) for choice in choices]
     picks = knapsack.solve([[c.errors[t] for t in ts] for c, ts in zip(choices, types)],
                            [[c.costs[t] for t in ts] for c, ts in zip(choices, types)],
-                           target_size - fixed, max(1, (target_size - fixed) // 65536))
+                           target_size - fixed, knapsack.unit_for(target_size - fixed, len(chosen)))
     for record, names, pick in zip(chosen, types, picks):
         _assign(record, names[pick])
     counts = Counter(record.ggml_type for record in chosen)

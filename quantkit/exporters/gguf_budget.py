@@ -14,6 +14,7 @@ Linears is exact: target - header - the other tensors.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import ggml_blocks, kquants
 
 CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# The header's size must not depend on the choice: the file's metadata names each tensor's type
+assert len({len(name) for name in CANDIDATES}) == 1, CANDIDATES
 ALIGNMENT = 32      # GGUF's default general.alignment: every tensor's data starts on it
 
 
@@ -85,6 +88,8 @@ def measure(name: str, weight: torch.Tensor, candidates: tuple[str, ...], import
         approx = requantize(weight, ggml_type, importance).dequantize().float()
         costs[ggml_type] = aligned(type_bytes(ggml_type, tuple(weight.shape)))
         errors[ggml_type] = float((((weight - approx) ** 2) * scale[None, :]).sum())
+        if not math.isfinite(errors[ggml_type]):
+            raise QuantkitError(f"{name} has NaN/Inf weights (or importance values): no type can be chosen for it")
     if not costs:
         raise QuantkitError(f"no candidate GGUF type fits {name} (rows of {weight.shape[1]} values)")
     return TypeChoice(name, costs, errors)

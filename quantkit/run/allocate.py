@@ -15,6 +15,8 @@ additive across Linears (the knapsack's assumption); the reference candidate is 
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,7 @@ from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.calibrate.hooks import BlockInput, run_block
 from quantkit.errors import QuantkitError
 from quantkit.formats import ggml_mixes, knapsack
+from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.run import budget
 from quantkit.run.block import BlockQuantizer
 from quantkit.run.budget import Candidate
@@ -55,7 +58,7 @@ class Allocation:
     layers: dict[str, LayerSensitivity]
     chosen: dict[str, int]
     sensitivity: str
-    target: dict                      # {"bits": 4.25} or {"size_bytes": N, "fixed_bytes": F}
+    target: dict                      # {"bits": 4.25} or {"size_bytes": N, "fixed_bytes_bound": F}
     budget_bytes: int                 # what the quantized Linears' stored tensors may take
     seconds: float = 0.0
 
@@ -98,19 +101,22 @@ class Allocation:
 
 
 RECIPE_FILE = "recipe.yaml"
-OFFSET_DIGITS = 15     # safetensors data offsets of up to a petabyte
+OFFSET_DIGITS = 15     # safetensors data offsets of up to a petabyte (a size target bounds them by its own digits)
 
 
-def extra_bytes(algorithm: str, options: dict, in_features: int, candidate: Candidate) -> int:
-    """Bytes an algorithm stores beyond the grid's own tensors: GPTQ's act-order group indices (int32 per
-    input column) when its groups follow the permuted order (act_order without static_groups)."""
+def extra_bytes(algorithm: str, options: dict, quant: QuantTensor) -> int:
+    """Bytes an algorithm's output stores beyond the round-to-nearest QuantTensor ``quant`` of the same grid:
+    GPTQ's act-order group indices (int32 per input column) when its groups follow the permuted order
+    (act_order without static_groups); HQQ's fractional zero points, stored as float32 instead of int8."""
     name, base_options = base_algorithm(algorithm, options)
+    spec = quant.spec
+    if name == "hqq" and quant.zero is not None:
+        return 3 * quant.zero.numel()
     if name != "gptq":
         return 0
     parsed = parse_options(name, base_options)
-    spec = candidate.scheme().weight
     grouped = spec.granularity == "group" and spec.super_group is None
-    return 4 * in_features if parsed.act_order and not parsed.static_groups and grouped else 0
+    return 4 * quant.shape[1] if parsed.act_order and not parsed.static_groups and grouped else 0
 
 
 def _fits(candidate: Candidate, in_features: int) -> bool:
@@ -120,10 +126,11 @@ def _fits(candidate: Candidate, in_features: int) -> bool:
 
 
 def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candidates: list[Candidate],
-                 extras: list[int]) -> tuple[LayerSensitivity, dict[int, torch.Tensor]]:
+                 extra: Callable[[QuantTensor], int], offset_digits: int = OFFSET_DIGITS
+                 ) -> tuple[LayerSensitivity, dict[int, torch.Tensor]]:
     """Linear ``name``'s weight [out, in] fp32 and hessian [in, in] fp32 (E[x x^T]) -> its sensitivity record
-    (per candidate: stored bytes + ``extras``, with header entries, and tr(D H D^T)), and the dequantized
-    weights by candidate index (None and absent where the grid does not fit)."""
+    (per candidate: stored bytes + ``extra`` (what the algorithm adds), with header entries, and tr(D H D^T)),
+    and the dequantized weights by candidate index (None and absent where the grid does not fit)."""
     record = LayerSensitivity(weight.numel(), [], [], [])
     dequantized = {}
     for index, candidate in enumerate(candidates):
@@ -134,12 +141,16 @@ def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candida
         quant = quantize_rtn(weight, candidate.scheme().weight)
         approx = quant.dequantize().float()
         delta = weight.float() - approx
-        tensors = budget.stored_tensors(name, quant)
-        index_entry = budget.header_entry_bound(f"{name}.weight_g_idx", (weight.shape[1],), OFFSET_DIGITS)
-        record.bytes.append(budget.stored_bytes(quant) + extras[index])
-        record.file_bytes.append(budget.file_bytes_bound(tensors, OFFSET_DIGITS) + extras[index]
-                                 + (index_entry if extras[index] else 0))
-        record.error.append(max(float(((delta @ hessian) * delta).sum()), 0.0))
+        error = float(((delta @ hessian) * delta).sum())
+        if not math.isfinite(error):
+            raise QuantkitError(f"the quantization error of {name} on {candidate.label} is not finite "
+                                "(its calibration inputs overflow)")
+        added = extra(quant)
+        index_entry = budget.header_entry_bound(f"{name}.weight_g_idx", (weight.shape[1],), offset_digits)
+        record.bytes.append(budget.stored_bytes(quant) + added)
+        record.file_bytes.append(budget.file_bytes_bound(budget.stored_tensors(name, quant), offset_digits) + added
+                                 + index_entry)
+        record.error.append(max(error, 0.0))
         dequantized[index] = approx
     return record, dequantized
 
@@ -175,10 +186,10 @@ def block_gains(runner: torch.nn.Module, samples: list[BlockInput], references: 
 def choose(layers: dict[str, LayerSensitivity], candidates: list[Candidate], sensitivity: str, target: dict,
            budget_bytes: int) -> Allocation:
     """Solve the budgeted choice: ``target`` {"bits": b} counts the grids' data bytes, {"size_bytes": n} their
-    bytes in the files (header entries included); the budget is met exactly (costs rounded up to units of
-    at most 1/65536 of the budget)."""
+    bytes in the files (header entries included); the budget is met exactly (costs rounded up to the units of
+    `knapsack.unit_for`)."""
     names = sorted(layers)
-    unit = max(1, budget_bytes // 65536)
+    unit = knapsack.unit_for(budget_bytes, len(names))
     losses, costs, options = [], [], []
     for name in names:
         loss = layers[name].loss(sensitivity)
@@ -195,7 +206,8 @@ def choose(layers: dict[str, LayerSensitivity], candidates: list[Candidate], sen
 
 
 def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algorithm: str, options: dict,
-                  sensitivity: str) -> tuple[dict[str, LayerSensitivity], list[BlockInput]]:
+                  sensitivity: str, offset_digits: int = OFFSET_DIGITS
+                  ) -> tuple[dict[str, LayerSensitivity], list[BlockInput]]:
     """One float block: every assigned Linear's errors on every candidate (its Hessian from the block's
     inputs, Linears observed in the quantizer's batches), the block gains (``sensitivity`` "block"), and the
     block's float outputs on every call (the next block's inputs)."""
@@ -210,8 +222,8 @@ def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algori
             weight = job.block.get_submodule(name).weight.detach().float()
             hessian = stats[name].items["hessian"].matrix / 2      # the statistic is 2 E[x x^T] (GPTQ's H)
             stats[name].release("hessian")
-            extras = [extra_bytes(algorithm, options, weight.shape[1], c) for c in candidates]
-            record, approx = layer_errors(quantizer.full_name(name), weight, hessian, candidates, extras)
+            record, approx = layer_errors(quantizer.full_name(name), weight, hessian, candidates,
+                                          lambda quant: extra_bytes(algorithm, options, quant), offset_digits)
             if not approx:
                 raise QuantkitError(f"no candidate grid fits {quantizer.full_name(name)} "
                                     f"({weight.shape[1]} input columns)")

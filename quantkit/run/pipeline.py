@@ -287,18 +287,29 @@ def _target_candidates(config: CalibrateConfig) -> list[Candidate] | None:
     return candidates
 
 
-def _fixed_bytes(checkpoint: Checkpoint, arch: Architecture, expected, plan: dict, storage_dtype: torch.dtype) -> int:
+_INTEGER_BYTES = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _offset_digits(config: CalibrateConfig) -> int:
+    """Digits of a safetensors data offset: an offset is below the file's size, so below a size target."""
+    return len(str(budget.parse_size(config.target_size))) if config.target_size else allocate.OFFSET_DIGITS
+
+
+def _fixed_bytes(config: CalibrateConfig, checkpoint: Checkpoint, arch: Architecture, expected, plan: dict,
+                 storage_dtype: torch.dtype) -> int:
     """--target-size: an upper bound of the output weight files' bytes besides the quantized Linears' grids:
     the tensors kept in the storage dtype (embeddings, norms, lm_head, biases, routers) with their header
     entries, and every file's own overhead (one file per block and one for the rest when sharded)."""
     size = torch.empty((), dtype=storage_dtype).element_size()
     block_prefix = arch.blocks + "."
     quantized = {f"{name}.weight" for name, assignment in plan.items() if assignment is not None}
-    kept = [(n, s) for n, (s, _) in checkpoint.shapes().items() if not n.startswith(block_prefix)]
-    kept += [(n, s) for n, s in expected.shapes.items() if n.startswith(block_prefix) and n not in quantized]
-    headers = sum(budget.header_entry_bound(n, tuple(s), allocate.OFFSET_DIGITS) for n, s in kept)
+    # float tensors are stored in the storage dtype; others (integer buffers) as they are (8 bytes if unknown)
+    kept = [(n, s, size if d.startswith(("F", "BF")) else _INTEGER_BYTES.get(d, 8))
+            for n, (s, d) in checkpoint.shapes().items() if not n.startswith(block_prefix)]
+    kept += [(n, s, size) for n, s in expected.shapes.items() if n.startswith(block_prefix) and n not in quantized]
+    headers = sum(budget.header_entry_bound(n, tuple(s), _offset_digits(config)) for n, s, _ in kept)
     files = checkpoint.text_config.num_hidden_layers + 1
-    return sum(math.prod(s) * size for _, s in kept) + headers + budget.FILE_OVERHEAD * files
+    return sum(math.prod(s) * b for _, s, b in kept) + headers + budget.FILE_OVERHEAD * files
 
 
 def _prepare(config: CalibrateConfig) -> _Run:
@@ -355,7 +366,7 @@ def _prepare(config: CalibrateConfig) -> _Run:
     return _Run(
         config=config, source=source, checkpoint=checkpoint, arch=arch, plan=plan, ignored=ignored,
         recipe=recipe.source if recipe else None, gguf_file_type=file_type, candidates=candidates,
-        fixed_bytes=_fixed_bytes(checkpoint, arch, expected, plan, storage_dtype) if candidates else 0,
+        fixed_bytes=_fixed_bytes(config, checkpoint, arch, expected, plan, storage_dtype) if candidates else 0,
         needs_data=(smooth or any(_needs_calibration(a) for a in assignments) or config.imatrix_from == "float"
                     or candidates is not None),
         smooth=smooth, alpha=alpha, compute_dtype=compute_dtype(config.dtype, checkpoint.source_dtype),
@@ -509,10 +520,12 @@ def _allocate(run: _Run, progress: Progress) -> None:
                            metric_samples=config.metric_samples, processes=run.processes,
                            moe_all_experts=config.moe_all_experts, expert_batch=config.expert_batch)
             measured, inputs = allocate.measure_block(BlockQuantizer(job), run.candidates, config.algorithm,
-                                                      config.options, config.sensitivity)
+                                                      config.options, config.sensitivity, _offset_digits(config))
             layers.update(measured)
             release(block)
             progress.advance("sensitivity", f"block {index}")
+    if not layers:
+        raise QuantkitError("--target-bits/--target-size found no block Linear to choose a grid for")
     weights = sum(layer.weights for layer in layers.values())
     if config.target_bits is not None:
         target, budget_bytes = {"bits": config.target_bits}, int(config.target_bits * weights) // 8
