@@ -140,7 +140,7 @@ def test_sensitivities_order_the_grids(allocated):
     for layer in table.values():
         errors = [layer["candidates"][f"int{b}-g32-asym"]["error"] for b in (2, 3, 4, 5, 6, 8)]
         assert errors == sorted(errors, reverse=True)
-        assert layer["gain"] > 0
+        assert len(layer["gains"]) == 2 and all(gain > 0 for _, gain in layer["gains"])
 
 
 def test_target_size_counts_the_whole_output(llama_dir, text_file, tmp_path):
@@ -221,5 +221,9 @@ def test_cli_bad_targets_one_line(llama_dir, text_file, tmp_path, flags, fragmen
     assert not (tmp_path / "x").exists()
 
 
-def test_reference_candidate_is_the_median_size():
-    assert allocate.reference_candidate([30, None, 10, 20]) == 3
+def test_gains_are_measured_at_the_median_and_smallest_candidates():
+    assert allocate.reference_candidates([30, None, 10, 20, 40]) == [0, 2]   # sizes 30 (median of 4) and 10
+    layer = allocate.LayerSensitivity(10, [1, 2], [1, 2], [1.0, 8.0], gains=[(8.0, 4.0), (1.0, 1.0)])
+    assert layer.gain(0.5) == 1.0 and layer.gain(16.0) == 4.0
+    assert layer.gain(2.0) == pytest.approx(4.0 ** (1 / 3))      # log-linear between the points
+    assert layer.loss("block") == [1.0, 32.0] and layer.loss("layer") == [1.0, 8.0]

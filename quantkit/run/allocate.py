@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,10 +44,25 @@ class LayerSensitivity:
     bytes: list[int | None]           # data bytes of the stored grid tensors
     file_bytes: list[int | None]      # and with their safetensors header entries (a bound): --target-size's cost
     error: list[float | None]
-    gain: float = 1.0
+    gains: list[tuple[float, float]] = field(default_factory=list)   # measured (layer error, block gain) points
+
+    def gain(self, error: float) -> float:
+        """The block gain at a layer error: measured at the median-size and the smallest candidate, log-linear
+        in the error between them (the block's response grows faster than linearly at low bits: attention
+        scores and gates saturate), constant beyond."""
+        points = sorted(self.gains)
+        if not points:
+            return 1.0
+        if error <= points[0][0] or len(points) == 1:
+            return points[0][1]
+        if error >= points[-1][0]:
+            return points[-1][1]
+        (e0, g0), (e1, g1) = points[0], points[-1]
+        t = (math.log(error) - math.log(e0)) / (math.log(e1) - math.log(e0))
+        return math.exp((1 - t) * math.log(g0) + t * math.log(g1))
 
     def loss(self, kind: str) -> list[float | None]:
-        return self.error if kind == "layer" else [None if e is None else e * self.gain for e in self.error]
+        return self.error if kind == "layer" else [None if e is None else e * self.gain(e) for e in self.error]
 
 
 @dataclass
@@ -155,22 +170,23 @@ def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candida
     return record, dequantized
 
 
-def reference_candidate(sizes: list[int | None]) -> int:
-    """The candidate of median size among those that fit."""
+def reference_candidates(sizes: list[int | None]) -> list[int]:
+    """The candidates the block gain is measured at: the median-size and the smallest of those that fit."""
     fitting = sorted((size, index) for index, size in enumerate(sizes) if size is not None)
-    return fitting[len(fitting) // 2][1]
+    return sorted({fitting[len(fitting) // 2][1], fitting[0][1]})
 
 
 @torch.no_grad()
-def block_gains(runner: torch.nn.Module, samples: list[BlockInput], references: dict[str, tuple[torch.Tensor, float]]
-                ) -> dict[str, float]:
-    """Per Linear: the block output error per token with only that Linear on its reference grid, divided by
-    its layer error there. ``runner``: the float block in the compute dtype (its weights are swapped and put
-    back); ``references``: name -> (dequantized weight [out, in], layer error per token)."""
+def block_gains(runner: torch.nn.Module, samples: list[BlockInput], references: dict[tuple[str, int], tuple]
+                ) -> dict[tuple[str, int], tuple[float, float]]:
+    """Per (Linear, candidate): (its layer error, the block output error per token with only that Linear on that
+    grid divided by the layer error). ``runner``: the float block in the compute dtype (its weights are swapped
+    and put back); ``references``: (name, candidate) -> (dequantized weight [out, in], layer error per token)."""
     targets = [run_block(runner, call).float() for call in samples]
     tokens = sum(t.numel() // t.shape[-1] for t in targets)
     gains = {}
-    for name, (approx, error) in references.items():
+    for key, (approx, error) in references.items():
+        name = key[0]
         linear = runner.get_submodule(name)
         original = linear.weight.data
         linear.weight.data = approx.to(original.dtype)
@@ -179,7 +195,8 @@ def block_gains(runner: torch.nn.Module, samples: list[BlockInput], references: 
                         for call, target in zip(samples, targets))
         finally:
             linear.weight.data = original
-        gains[name] = (total / max(tokens, 1)) / error if error > 0 else 1.0
+        if error > 0 and total > 0:
+            gains[key] = (error, (total / max(tokens, 1)) / error)
     return gains
 
 
@@ -227,12 +244,12 @@ def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algori
             if not approx:
                 raise QuantkitError(f"no candidate grid fits {quantizer.full_name(name)} "
                                     f"({weight.shape[1]} input columns)")
-            reference = reference_candidate(record.bytes)
-            references[name] = (approx[reference], record.error[reference])
+            for reference in reference_candidates(record.bytes):
+                references[(name, reference)] = (approx[reference], record.error[reference])
             layers[quantizer.full_name(name)] = record
         if sensitivity == "block":
-            for name, gain in block_gains(runner, samples, references).items():
-                layers[quantizer.full_name(name)].gain = gain
+            for (name, _), point in block_gains(runner, samples, references).items():
+                layers[quantizer.full_name(name)].gains.append(point)
     with torch.no_grad():
         outputs = [BlockInput(run_block(runner, call), call.kwargs, call.first_sample) for call in job.inputs]
     return layers, outputs
