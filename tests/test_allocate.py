@@ -227,3 +227,11 @@ def test_gains_are_measured_at_the_median_and_smallest_candidates():
     assert layer.gain(0.5) == 1.0 and layer.gain(16.0) == 4.0
     assert layer.gain(2.0) == pytest.approx(4.0 ** (1 / 3))      # log-linear between the points
     assert layer.loss("block") == [1.0, 32.0] and layer.loss("layer") == [1.0, 8.0]
+
+
+def test_sensitivity_is_relative_to_the_residual_energy_per_token():
+    """E_t[1/||h_t||^2] by hand; the layer kind scales the error by it, the block kind by its gain."""
+    outputs = [torch.tensor([[[3.0, 4.0], [0.0, 2.0]]]), torch.tensor([[1.0, 0.0]])]
+    assert allocate.inverse_energy(outputs) == pytest.approx((1 / 25 + 1 / 4 + 1) / 3)
+    layer = allocate.LayerSensitivity(10, [1, 2], [1, 2], [1.0, 8.0], gains=[(1.0, 3.0)], inverse_energy=0.5)
+    assert layer.loss("layer") == [0.5, 4.0] and layer.loss("block") == [3.0, 24.0]

@@ -6,12 +6,17 @@ streaming pass before the quantizing one; one block in memory):
 
     layer  e(l, c) = mean over calibration tokens of ||(W - Q_c(W)) x||^2 = tr(D H D^T),  D = W - Q_c(W),
                      H = E[x x^T] of the Linear's input, Q_c the candidate's round-to-nearest grid
-    block  s(l, c) = g_l * e(l, c), g_l = (block output error with only l on its reference candidate)
-                     / e(l, reference): the layer's error carried to the residual stream the block writes,
-                     so the errors of a q_proj and a down_proj are comparable (default)
+           s(l, c) = e(l, c) * E_t[1 / ||h_t||^2], h_t the block's float output at token t
+    block  s(l, c) = g_l(e) * e(l, c), g_l(e) = E_t[||dh_t||^2 / ||h_t||^2] / e(l, r) with only l on a reference
+                     candidate r (dh_t its change of the block output): the layer's error carried to the residual
+                     stream the block writes, so the errors of a q_proj and a down_proj are comparable (default);
+                     measured at the median-size and the smallest candidate, log-linear in e between them
 
-and the allocation minimises sum_l s(l, c_l) (or e) subject to the stored size. A Linear's error is taken as
-additive across Linears (the knapsack's assumption); the reference candidate is the one of median size.
+Both are relative to the residual stream's energy per token: every consumer of the stream reads it through an
+RMSNorm, and the stream's norm grows by orders of magnitude with depth (SmolLM2: a last-block down_proj's
+absolute error is ~200x a middle one's on the same grid), so absolute errors would send the lowest bits to the
+first blocks, where they hurt most. The allocation minimises sum_l s(l, c_l) subject to the stored size; a
+Linear's error is taken as additive across Linears (the knapsack's assumption).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class LayerSensitivity:
     file_bytes: list[int | None]      # and with their safetensors header entries (a bound): --target-size's cost
     error: list[float | None]
     gains: list[tuple[float, float]] = field(default_factory=list)   # measured (layer error, block gain) points
+    inverse_energy: float = 1.0       # E_t[1 / ||h_t||^2] of its block's float output (the layer kind's scale)
 
     def gain(self, error: float) -> float:
         """The block gain at a layer error: measured at the median-size and the smallest candidate, log-linear
@@ -62,7 +68,8 @@ class LayerSensitivity:
         return math.exp((1 - t) * math.log(g0) + t * math.log(g1))
 
     def loss(self, kind: str) -> list[float | None]:
-        return self.error if kind == "layer" else [None if e is None else e * self.gain(e) for e in self.error]
+        scale = (lambda e: self.inverse_energy) if kind == "layer" else self.gain
+        return [None if e is None else e * scale(e) for e in self.error]
 
 
 @dataclass
@@ -176,14 +183,21 @@ def reference_candidates(sizes: list[int | None]) -> list[int]:
     return sorted({fitting[len(fitting) // 2][1], fitting[0][1]})
 
 
+def inverse_energy(outputs: list[torch.Tensor]) -> float:
+    """E_t[1 / ||h_t||^2] over every token of the block outputs [..., hidden] (a zero vector counts as tiny)."""
+    total = sum(float(o.float().pow(2).sum(-1).clamp_min(1e-30).reciprocal().sum()) for o in outputs)
+    return total / max(sum(o.numel() // o.shape[-1] for o in outputs), 1)
+
+
 @torch.no_grad()
 def block_gains(runner: torch.nn.Module, samples: list[BlockInput], references: dict[tuple[str, int], tuple]
                 ) -> dict[tuple[str, int], tuple[float, float]]:
-    """Per (Linear, candidate): (its layer error, the block output error per token with only that Linear on that
-    grid divided by the layer error). ``runner``: the float block in the compute dtype (its weights are swapped
-    and put back); ``references``: (name, candidate) -> (dequantized weight [out, in], layer error per token)."""
+    """Per (Linear, candidate): (its layer error, E_t[||dh_t||^2 / ||h_t||^2] with only that Linear on that grid,
+    divided by the layer error). ``runner``: the float block in the compute dtype (its weights are swapped and
+    put back); ``references``: (name, candidate) -> (dequantized weight [out, in], layer error per token)."""
     targets = [run_block(runner, call).float() for call in samples]
-    tokens = sum(t.numel() // t.shape[-1] for t in targets)
+    energies = [t.pow(2).sum(-1).clamp_min(1e-30) for t in targets]
+    tokens = sum(e.numel() for e in energies)
     gains = {}
     for key, (approx, error) in references.items():
         name = key[0]
@@ -191,8 +205,8 @@ def block_gains(runner: torch.nn.Module, samples: list[BlockInput], references: 
         original = linear.weight.data
         linear.weight.data = approx.to(original.dtype)
         try:
-            total = sum(float((run_block(runner, call).float() - target).pow(2).sum())
-                        for call, target in zip(samples, targets))
+            total = sum(float(((run_block(runner, call).float() - target).pow(2).sum(-1) / energy).sum())
+                        for call, target, energy in zip(samples, targets, energies))
         finally:
             linear.weight.data = original
         if error > 0 and total > 0:
@@ -252,4 +266,7 @@ def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algori
                 layers[quantizer.full_name(name)].gains.append(point)
     with torch.no_grad():
         outputs = [BlockInput(run_block(runner, call), call.kwargs, call.first_sample) for call in job.inputs]
+    scale = inverse_energy([o.hidden for o in outputs])
+    for name in job.assigned:
+        layers[quantizer.full_name(name)].inverse_energy = scale
     return layers, outputs

@@ -716,7 +716,8 @@ def _record_allocation(run: _Run, directory: Path, files: list[str], layers: dic
     (directory / allocate.RECIPE_FILE).write_text(
         f"# quantkit calibrate {asked}: {achieved['bits']:.4f} bits per weight; rerun with --recipe {allocate.RECIPE_FILE}\n"
         + yaml.safe_dump(run.recipe, sort_keys=False, width=120))
-    table = {name: {"weights": layer.weights, "gains": layer.gains, "chosen": allocation.candidates[allocation.chosen[name]].label,
+    table = {name: {"weights": layer.weights, "gains": layer.gains, "inverse_energy": layer.inverse_energy,
+                    "chosen": allocation.candidates[allocation.chosen[name]].label,
                     "candidates": {c.label: {"bytes": layer.bytes[i], "error": layer.error[i]}
                                    for i, c in enumerate(allocation.candidates)}}
              for name, layer in allocation.layers.items()}
