@@ -134,6 +134,26 @@ def test_written_recipe_reruns_to_the_same_model(allocated, llama_dir, text_file
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_resume_reuses_the_measured_sensitivities(allocated, llama_dir, text_file, tmp_path):
+    """A run killed after block 0 resumes without a second sensitivity pass, to the very same files."""
+    from test_pipeline import _files, _KillAfter
+
+    from quantkit.errors import RunInterrupted
+
+    options = dict(model=str(llama_dir), scheme="w4a16", algorithm="gptq", dataset=str(text_file), num_samples=8,
+                   seq_len=64, target_bits=3.6, out=tmp_path / "resumed")
+    with pytest.raises(RunInterrupted):
+        calibrate(CalibrateConfig(**options), progress=_KillAfter(0))
+    assert (tmp_path / ".resumed.partial" / "sensitivity.json").is_file()
+    resumed = calibrate(CalibrateConfig(resume=True, **options))
+    assert "sensitivity" not in resumed.timings
+    straight, again = _files(allocated.out), _files(tmp_path / "resumed")
+    records = [json.loads(files.pop("allocation.json")) for files in (straight, again)]
+    for record in records:
+        del record["seconds"]     # a timing, like the manifest's
+    assert straight == again and records[0] == records[1]
+
+
 def test_sensitivities_order_the_grids(allocated):
     """On every layer the measured error falls with bits at a fixed group size, and the block gain is positive."""
     table = json.loads((allocated.out / "allocation.json").read_text())["layers"]

@@ -67,6 +67,15 @@ class LayerSensitivity:
         t = (math.log(error) - math.log(e0)) / (math.log(e1) - math.log(e0))
         return math.exp((1 - t) * math.log(g0) + t * math.log(g1))
 
+    def to_dict(self) -> dict:
+        return {"weights": self.weights, "bytes": self.bytes, "file_bytes": self.file_bytes, "error": self.error,
+                "gains": [list(point) for point in self.gains], "inverse_energy": self.inverse_energy}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerSensitivity:
+        return cls(data["weights"], data["bytes"], data["file_bytes"], data["error"],
+                   [tuple(point) for point in data["gains"]], data["inverse_energy"])
+
     def loss(self, kind: str) -> list[float | None]:
         scale = (lambda e: self.inverse_energy) if kind == "layer" else self.gain
         return [None if e is None else e * scale(e) for e in self.error]

@@ -45,7 +45,7 @@ from quantkit.calibrate.hooks import (
     capture_block_inputs,
 )
 from quantkit.errors import QuantkitError, RunInterrupted
-from quantkit.files import check_output_path, tensor_bytes, writing
+from quantkit.files import atomic_json, check_output_path, tensor_bytes, writing
 from quantkit.formats import ggml_mixes
 from quantkit.formats.schemes import get_scheme, scheme_to_dict
 from quantkit.model.architectures import Architecture, architecture_for
@@ -80,9 +80,10 @@ from quantkit.run.layers import cast_parameters
 from quantkit.run.mixes import resolve_ggml_types
 from quantkit.run.recipe import LayerAssignment, Recipe, make_scheme, uniform_plan
 from quantkit.run.smoothing import ALPHA_GRID
-from quantkit.run.workdir import WorkDir, check_committed_work
+from quantkit.run.workdir import WorkDir, check_committed_work, work_path
 
 _SOURCE_FILE_PATTERNS = ("*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken")
+_SENSITIVITY_FILE = "sensitivity.json"   # in the work directory: the measured sensitivities, for --resume
 _SKIPPED_SOURCE_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
@@ -212,6 +213,7 @@ class _Run:
     candidates: list[Candidate] | None = None   # --target-bits/--target-size: the grids the allocation chooses from
     allocation: Allocation | None = None
     allocation_record: dict | None = None   # the manifest's: the allocation with the achieved size from the files
+    measurements: dict | None = None    # sensitivities measured by this run (kept in the work dir for --resume)
     fixed_bytes: int = 0                # --target-size: the weight files' bytes no allocation changes (bound)
 
     def full_name(self, block_index: int, name: str) -> str:
@@ -435,6 +437,8 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
         _allocate(run, progress)
     work = WorkDir(run.out, _fingerprint(run), rank=processes.rank, writer=processes.writer)
     first = work.start(config.resume, config.overwrite)
+    if run.measurements is not None and processes.writer:
+        atomic_json(work.path / _SENSITIVITY_FILE, run.measurements)
     processes.barrier()  # the work directory exists before any rank writes into it
     if first and config.keep_model:
         raise QuantkitError("keep_model needs every block in memory: it cannot resume a run")
@@ -502,6 +506,49 @@ def _allocate(run: _Run, progress: Progress) -> None:
     becomes the recipe that choice writes (recorded in the manifest and saved as recipe.yaml)."""
     config = run.config
     start = time.perf_counter()
+    key = json.loads(json.dumps({**_fingerprint(run), "candidates": [c.label for c in run.candidates],
+                                 "sensitivity": config.sensitivity, "algorithm": [config.algorithm, config.options],
+                                 "offset_digits": _offset_digits(config)}))      # as it reads back
+    layers = _saved_measurements(run, key) if config.resume else None
+    if layers is None:
+        layers = _measure_sensitivities(run, progress)
+        run.measurements = {"key": key, "layers": {name: layer.to_dict() for name, layer in layers.items()}}
+    weights = sum(layer.weights for layer in layers.values())
+    if config.target_bits is not None:
+        target, budget_bytes = {"bits": config.target_bits}, int(config.target_bits * weights) // 8
+    else:
+        size = budget.parse_size(config.target_size)
+        target, budget_bytes = {"size_bytes": size, "fixed_bytes_bound": run.fixed_bytes}, size - run.fixed_bytes
+    smallest = sum(min(b for b in (layer.bytes if config.target_bits is not None else layer.file_bytes)
+                       if b is not None) for layer in layers.values())
+    if smallest > budget_bytes:
+        least = (f"{8 * smallest / weights:.3f} bits per weight" if config.target_bits is not None
+                 else f"{(smallest + run.fixed_bytes) / 1e6:.1f} MB")
+        raise QuantkitError(f"the target is below the smallest the candidates allow ({least}); "
+                            "add lower-bit candidates or raise the target")
+    run.allocation = allocate.choose(layers, run.candidates, config.sensitivity, target, budget_bytes)
+    run.allocation.seconds = time.perf_counter() - start
+    run.recipe = run.allocation.recipe(config.algorithm, config.options)
+    plan, _ = Recipe.from_dict(run.recipe, "the allocated recipe").plan(list(run.plan))
+    run.plan = {name: plan[name] if run.plan[name] is not None else None for name in run.plan}
+
+
+def _saved_measurements(run: _Run, key: dict) -> dict[str, allocate.LayerSensitivity] | None:
+    """The sensitivities an interrupted run of the same settings measured (kept in its work directory), so
+    that --resume does not repeat the sensitivity pass; None when there are none."""
+    path = work_path(run.out) / _SENSITIVITY_FILE
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is None or saved.get("key") != key:
+            return None
+        return {name: allocate.LayerSensitivity.from_dict(layer) for name, layer in saved["layers"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None      # unreadable: measured again
+
+
+def _measure_sensitivities(run: _Run, progress: Progress) -> dict[str, allocate.LayerSensitivity]:
+    """The streaming float pass of `run.allocate`: every assigned Linear's sensitivity to every candidate."""
+    config = run.config
     model, inputs, block_kwargs = _capture(run, progress)
     with _timed(run, "sensitivity"):
         num_blocks = run.checkpoint.text_config.num_hidden_layers
@@ -526,24 +573,7 @@ def _allocate(run: _Run, progress: Progress) -> None:
             progress.advance("sensitivity", f"block {index}")
     if not layers:
         raise QuantkitError("--target-bits/--target-size found no block Linear to choose a grid for")
-    weights = sum(layer.weights for layer in layers.values())
-    if config.target_bits is not None:
-        target, budget_bytes = {"bits": config.target_bits}, int(config.target_bits * weights) // 8
-    else:
-        size = budget.parse_size(config.target_size)
-        target, budget_bytes = {"size_bytes": size, "fixed_bytes_bound": run.fixed_bytes}, size - run.fixed_bytes
-    smallest = sum(min(b for b in (layer.bytes if config.target_bits is not None else layer.file_bytes)
-                       if b is not None) for layer in layers.values())
-    if smallest > budget_bytes:
-        least = (f"{8 * smallest / weights:.3f} bits per weight" if config.target_bits is not None
-                 else f"{(smallest + run.fixed_bytes) / 1e6:.1f} MB")
-        raise QuantkitError(f"the target is below the smallest the candidates allow ({least}); "
-                            "add lower-bit candidates or raise the target")
-    run.allocation = allocate.choose(layers, run.candidates, config.sensitivity, target, budget_bytes)
-    run.allocation.seconds = time.perf_counter() - start
-    run.recipe = run.allocation.recipe(config.algorithm, config.options)
-    plan, _ = Recipe.from_dict(run.recipe, "the allocated recipe").plan(list(run.plan))
-    run.plan = {name: plan[name] if run.plan[name] is not None else None for name in run.plan}
+    return layers
 
 
 def _block_calls(calls: list[BlockInput] | None, block_kwargs, index: int) -> list[BlockInput] | None:
