@@ -1,0 +1,111 @@
+"""Issue 15 benchmark, GGUF side: `quantkit export --format gguf --target-size` against llama.cpp's own mixes at
+their file sizes, every file measured by llama.cpp itself (llama-perplexity) on SmolLM2-135M.
+
+    python benchmarks/bench_gguf_allocation.py --llama-cpp-bin DIR [--types Q3_K_M,Q4_K_M,Q5_K_M] [--chunks 16]
+
+DIR holds llama.cpp's ``llama-imatrix``, ``llama-quantize`` and ``llama-perplexity`` (the cmake build of the
+llama.cpp source llama-cpp-python vendors). Protocol: the bundled Alice text split at the paragraph break nearest
+its middle; llama-imatrix reads the first half (32 chunks of 512 tokens); llama-perplexity scores --chunks
+512-token chunks of the second half (its own protocol: the second half of each chunk is scored), with the KL
+divergence and top-1 agreement against the F16 file's logits (--kl-divergence-base). Rows per mix T:
+
+  llama.cpp T + imatrix        llama-quantize --imatrix F16 -> T: the hand-written mix, size S
+  quantkit --target-size S     quantkit export FLOAT --format gguf --type T --target-size S --imatrix (the same
+                               importance matrix): the block Linears' types chosen by quantkit under S bytes, the
+                               other tensors (embeddings, norms) typed as T types them
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--llama-cpp-bin", type=Path, required=True)
+    parser.add_argument("--types", default="Q3_K_M,Q4_K_M,Q5_K_M")
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args()
+    common.in_workdir(args.workdir, "bench-gguf-alloc-", lambda d: run(d, args))
+
+
+def _run(command: list[str]) -> tuple[str, float]:
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr[-1500:]}")
+    return done.stdout + done.stderr, time.perf_counter() - start
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    if match is None:
+        raise SystemExit(f"llama-perplexity printed no '{pattern}'")
+    return float(match.group(1))
+
+
+def run(workdir: Path, args) -> None:
+    from quantkit.exporters.gguf import export_gguf
+
+    binaries = args.llama_cpp_bin
+    source = common.demo_model()
+    halves, _, _ = common.alice_split(workdir, source, 1, 32, 512)
+    text = halves.read_text()
+    calibration = workdir / "calibration.txt"          # one document: llama-imatrix's chunks run across lines
+    calibration.write_text("\n".join(line for line in text.splitlines() if line.strip()) + "\n")
+    from quantkit.check.evaluate import default_text
+
+    full = default_text()[1]
+    held_out = workdir / "held_out.txt"
+    held_out.write_text(full[full.index("\n\n", len(full) // 2):])
+    f16 = workdir / "f16.gguf"
+    export_gguf(source, f16, ggml_type="F16", overwrite=True)
+    base = workdir / "f16.kld"
+    perplexity = [str(binaries / "llama-perplexity"), "-f", str(held_out), "-c", "512", "--chunks", str(args.chunks),
+                  "-t", "2"]
+    output, _ = _run([*perplexity, "-m", str(f16), "--kl-divergence-base", str(base)])
+    rows = [("F16", _number(r"Final estimate: PPL = ([0-9.]+)", output), None, None, f16.stat().st_size, None, "")]
+    imatrix = workdir / "imatrix.gguf"
+    _, imatrix_s = _run([str(binaries / "llama-imatrix"), "-m", str(f16), "-f", str(calibration), "-o", str(imatrix),
+                         "-c", "512", "--chunks", "32", "-t", "2", "--no-ppl"])
+
+    def measure(label: str, path: Path, seconds: float, note: str) -> None:
+        output, _ = _run([*perplexity, "-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence"])
+        rows.append((label, _number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", output),
+                     _number(r"Mean\s+KLD:\s*([0-9.]+)", output), _number(r"Same top p:\s*([0-9.]+)", output) / 100,
+                     path.stat().st_size, seconds, note))
+        print(rows[-1], flush=True)
+
+    for file_type in args.types.split(","):
+        theirs = workdir / f"llama-{file_type}.gguf"
+        _, seconds = _run([str(binaries / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(theirs),
+                           file_type, "2"])
+        measure(f"llama.cpp {file_type} + imatrix", theirs, imatrix_s + seconds,
+                f"llama-imatrix {imatrix_s:.0f} s + llama-quantize {seconds:.0f} s")
+        size = theirs.stat().st_size
+        ours = workdir / f"quantkit-{file_type}-size.gguf"
+        output, seconds = _run([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf",
+                                "--type", file_type, "--target-size", str(size), "--imatrix", str(imatrix),
+                                "--out", str(ours), "--overwrite"])
+        chosen = re.search(r"types chosen under \d+ bytes \(([^)]*)\)", output)
+        measure(f"quantkit --target-size {size} (--type {file_type})", ours, imatrix_s + seconds,
+                chosen.group(1) if chosen else "")
+    print(f"SmolLM2-135M; llama-perplexity -c 512 --chunks {args.chunks} on the held-out second half of "
+          "alice_in_wonderland.txt; llama-imatrix 32 x 512 tokens of the first half")
+    print("| file | llama.cpp ppl | KL vs F16 | top-1 vs F16 | bytes | wall s | note |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for label, ppl, kl, top1, size, seconds, note in rows:
+        print(f"| {label} | {ppl:.3f} | {'' if kl is None else f'{kl:.4f}'} | "
+              f"{'' if top1 is None else f'{top1:.2%}'} | {size} | {'' if seconds is None else f'{seconds:.0f}'} "
+              f"| {note} |")
+
+
+if __name__ == "__main__":
+    main()
