@@ -161,7 +161,6 @@ def test_sensitivities_order_the_grids(allocated):
         errors = [layer["candidates"][f"int{b}-g32-asym"]["error"] for b in (2, 3, 4, 5, 6, 8)]
         assert errors == sorted(errors, reverse=True)
         assert len(layer["gains"]) == 2 and all(gain > 0 for _, gain in layer["gains"])
-        assert layer["downstream"] > 0 and layer["inverse_energy"] > 0
 
 
 def test_target_size_counts_the_whole_output(llama_dir, text_file, tmp_path):
@@ -256,38 +255,3 @@ def test_sensitivity_is_relative_to_the_residual_energy_per_token():
     assert allocate.inverse_energy(outputs) == pytest.approx((1 / 25 + 1 / 4 + 1) / 3)
     layer = allocate.LayerSensitivity(10, [1, 2], [1, 2], [1.0, 8.0], gains=[(1.0, 3.0)], inverse_energy=0.5)
     assert layer.loss("layer") == [0.5, 4.0] and layer.loss("block") == [3.0, 24.0]
-
-
-def test_downstream_factors_multiply_the_later_growths():
-    assert allocate.downstream_factors([None, 2.0, 0.5, 3.0]) == [3.0, 1.5, 3.0, 1.0]
-    h = [torch.tensor([[3.0, 4.0], [1.0, 0.0]])]
-    assert allocate.relative_error([h[0] + torch.tensor([[0.0, 5.0], [0.0, 0.0]])], h) == pytest.approx(0.5)
-
-
-def test_perturbed_step_on_a_real_block():
-    """The float weights as the 'reference grid' leave the stream on the float outputs; a perturbed input's
-    growth is the relative error out over the relative error in, computed here by hand."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from quantkit.calibrate.hooks import BlockInput, run_block
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config).eval()
-    block = model.model.layers[0]
-    hidden = torch.randn(2, 8, 32)
-    position = torch.arange(8)[None].expand(2, -1)
-    kwargs = {"position_embeddings": model.model.rotary_emb(hidden, position), "attention_mask": None}
-    call = BlockInput(hidden, kwargs)
-    same = {name: m.weight.data.clone() for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    growth, stream = allocate.perturbed_step(block, [call], None, same)
-    with torch.no_grad():
-        clean = run_block(block, call)
-        out = run_block(block, BlockInput(noisy := hidden + 0.01 * torch.randn_like(hidden), kwargs))
-    assert growth is None and torch.equal(stream[0], clean)
-    growth, _ = allocate.perturbed_step(block, [call], [noisy], same)
-    expected = (((out - clean).pow(2).sum(-1) / clean.pow(2).sum(-1)).mean()
-                / ((noisy - hidden).pow(2).sum(-1) / hidden.pow(2).sum(-1)).mean())
-    assert growth == pytest.approx(float(expected), rel=1e-5)
-    assert all(torch.equal(block.get_submodule(n).weight.data, w) for n, w in same.items())   # put back

@@ -7,24 +7,19 @@ streaming pass before the quantizing one; one block in memory):
     layer  e(l, c) = mean over calibration tokens of ||(W - Q_c(W)) x||^2 = tr(D H D^T),  D = W - Q_c(W),
                      H = E[x x^T] of the Linear's input, Q_c the candidate's round-to-nearest grid
            s(l, c) = e(l, c) * E_t[1 / ||h_t||^2], h_t the block's float output at token t
-    block  s(l, c) = g_l(e) * e(l, c) * D_b, g_l(e) = E_t[||dh_t||^2 / ||h_t||^2] / e(l, r) with only l on a
-                     reference candidate r (dh_t its change of the block output): the layer's error carried to the
-                     residual stream the block writes, so the errors of a q_proj and a down_proj are comparable
-                     (default); measured at the median-size and the smallest candidate, log-linear in e between
-                     them. D_b = prod_{k > b} A_k carries it on to the last block's output: A_k = how much the
-                     float block k multiplies the relative error of a perturbed stream (the float stream with
-                     every earlier block on its median-size candidates) on the metric samples
+    block  s(l, c) = g_l(e) * e(l, c), g_l(e) = E_t[||dh_t||^2 / ||h_t||^2] / e(l, r) with only l on a reference
+                     candidate r (dh_t its change of the block output): the layer's error carried to the residual
+                     stream the block writes, so the errors of a q_proj and a down_proj are comparable (default);
+                     measured at the median-size and the smallest candidate, log-linear in e between them
 
 Both are relative to the residual stream's energy per token: every consumer of the stream reads it through an
 RMSNorm, and the stream's norm grows by orders of magnitude with depth (SmolLM2: a last-block down_proj's
 absolute error is ~200x a middle one's on the same grid), so absolute errors would send the lowest bits to the
-first blocks. How much a block's relative error grows downstream differs by block too, which D_b measures (two
-extra block forwards on the metric samples per block). The allocation minimises sum_l s(l, c_l) subject to the
-stored size; a Linear's error is taken as additive across Linears (the knapsack's assumption).
+first blocks, where they hurt most. The allocation minimises sum_l s(l, c_l) subject to the stored size; a
+Linear's error is taken as additive across Linears (the knapsack's assumption).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +51,6 @@ class LayerSensitivity:
     error: list[float | None]
     gains: list[tuple[float, float]] = field(default_factory=list)   # measured (layer error, block gain) points
     inverse_energy: float = 1.0       # E_t[1 / ||h_t||^2] of its block's float output (the layer kind's scale)
-    downstream: float = 1.0           # D_b: the growth of its block's relative output error to the last block's
 
     def gain(self, error: float) -> float:
         """The block gain at a layer error: measured at the median-size and the smallest candidate, log-linear
@@ -75,16 +69,15 @@ class LayerSensitivity:
 
     def to_dict(self) -> dict:
         return {"weights": self.weights, "bytes": self.bytes, "file_bytes": self.file_bytes, "error": self.error,
-                "gains": [list(point) for point in self.gains], "inverse_energy": self.inverse_energy,
-                "downstream": self.downstream}
+                "gains": [list(point) for point in self.gains], "inverse_energy": self.inverse_energy}
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerSensitivity:
         return cls(data["weights"], data["bytes"], data["file_bytes"], data["error"],
-                   [tuple(point) for point in data["gains"]], data["inverse_energy"], data["downstream"])
+                   [tuple(point) for point in data["gains"]], data["inverse_energy"])
 
     def loss(self, kind: str) -> list[float | None]:
-        scale = (lambda e: self.inverse_energy) if kind == "layer" else (lambda e: self.gain(e) * self.downstream)
+        scale = (lambda e: self.inverse_energy) if kind == "layer" else self.gain
         return [None if e is None else e * scale(e) for e in self.error]
 
 
@@ -196,64 +189,13 @@ def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candida
 def reference_candidates(sizes: list[int | None]) -> list[int]:
     """The candidates the block gain is measured at: the median-size and the smallest of those that fit."""
     fitting = sorted((size, index) for index, size in enumerate(sizes) if size is not None)
-    return sorted({median_candidate(sizes), fitting[0][1]})
-
-
-def median_candidate(sizes: list[int | None]) -> int:
-    """The index of the median-size candidate among those that fit."""
-    fitting = sorted((size, index) for index, size in enumerate(sizes) if size is not None)
-    return fitting[len(fitting) // 2][1]
+    return sorted({fitting[len(fitting) // 2][1], fitting[0][1]})
 
 
 def inverse_energy(outputs: list[torch.Tensor]) -> float:
     """E_t[1 / ||h_t||^2] over every token of the block outputs [..., hidden] (a zero vector counts as tiny)."""
     total = sum(float(o.float().pow(2).sum(-1).clamp_min(1e-30).reciprocal().sum()) for o in outputs)
     return total / max(sum(o.numel() // o.shape[-1] for o in outputs), 1)
-
-
-def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """E_t[||o_t - h_t||^2 / ||h_t||^2] over every token of outputs and targets [..., hidden]."""
-    total = sum(float(((o.float() - h.float()).pow(2).sum(-1) / h.float().pow(2).sum(-1).clamp_min(1e-30)).sum())
-                for o, h in zip(outputs, targets))
-    return total / max(sum(h.numel() // h.shape[-1] for h in targets), 1)
-
-
-@torch.no_grad()
-def perturbed_step(runner: torch.nn.Module, samples: list[BlockInput], perturbed: list[torch.Tensor] | None,
-                   references: dict[str, torch.Tensor]) -> tuple[float | None, list[torch.Tensor]]:
-    """One block of the perturbed stream: (A, its next input). ``samples``: the float stream's calls on the
-    metric samples; ``perturbed``: the perturbed stream's hidden states for them (None at the first block:
-    the float ones); ``references``: Linear name -> its median-size candidate's dequantized weight [out, in].
-    A = (relative error of the float block's outputs on the perturbed stream) / (relative error of its
-    inputs), None where the inputs carry no error; the next input is the block's output on the perturbed
-    stream with every Linear on its reference grid."""
-    inputs = [call.tensor() for call in samples]
-    perturbed = inputs if perturbed is None else perturbed
-    calls = [dataclasses.replace(call, hidden=hidden) for call, hidden in zip(samples, perturbed)]
-    growth = None
-    before = relative_error(perturbed, inputs)
-    if before > 0:
-        targets = [run_block(runner, call) for call in samples]
-        growth = relative_error([run_block(runner, call) for call in calls], targets) / before
-    originals = {}
-    try:
-        for name, approx in references.items():
-            linear = runner.get_submodule(name)
-            originals[name] = linear.weight.data
-            linear.weight.data = approx.to(linear.weight.dtype)
-        return growth, [run_block(runner, call) for call in calls]
-    finally:
-        for name, weight in originals.items():
-            runner.get_submodule(name).weight.data = weight
-
-
-def downstream_factors(growth: list[float | None]) -> list[float]:
-    """Per block b: D_b = prod_{k > b} A_k (A_k = ``growth[k]``; a block whose growth was not measured counts 1)."""
-    factors, product = [], 1.0
-    for value in reversed(growth):
-        factors.append(product)
-        product *= 1.0 if value is None else value
-    return factors[::-1]
 
 
 @torch.no_grad()
@@ -304,17 +246,15 @@ def choose(layers: dict[str, LayerSensitivity], candidates: list[Candidate], sen
 
 
 def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algorithm: str, options: dict,
-                  sensitivity: str, offset_digits: int = OFFSET_DIGITS, perturbed: list[torch.Tensor] | None = None
-                  ) -> BlockMeasurement:
+                  sensitivity: str, offset_digits: int = OFFSET_DIGITS
+                  ) -> tuple[dict[str, LayerSensitivity], list[BlockInput]]:
     """One float block: every assigned Linear's errors on every candidate (its Hessian from the block's
-    inputs, Linears observed in the quantizer's batches), the block gains and the perturbed stream's step
-    (``sensitivity`` "block"; ``perturbed``: that stream's hidden states on the metric samples, None at the
-    first block), and the block's float outputs on every call (the next block's inputs)."""
+    inputs, Linears observed in the quantizer's batches), the block gains (``sensitivity`` "block"), and the
+    block's float outputs on every call (the next block's inputs)."""
     job = quantizer.job
     runner = runner_for(job.block, job.compute_dtype)
     samples = quantizer.first_samples(job.metric_samples)
     layers: dict[str, LayerSensitivity] = {}
-    medians: dict[str, torch.Tensor] = {}
     for batch in quantizer.batches(list(job.assigned)):
         stats = quantizer.observe(batch)
         references = {}
@@ -329,27 +269,13 @@ def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algori
                                     f"({weight.shape[1]} input columns)")
             for reference in reference_candidates(record.bytes):
                 references[(name, reference)] = (approx[reference], record.error[reference])
-            medians[name] = approx[median_candidate(record.bytes)].to(job.compute_dtype)
             layers[quantizer.full_name(name)] = record
         if sensitivity == "block":
             for (name, _), point in block_gains(runner, samples, references).items():
                 layers[quantizer.full_name(name)].gains.append(point)
-    growth, perturbed_next = (perturbed_step(runner, samples, perturbed, medians) if sensitivity == "block"
-                              else (None, None))
     with torch.no_grad():
         outputs = [BlockInput(run_block(runner, call), call.kwargs, call.first_sample) for call in job.inputs]
     scale = inverse_energy([o.hidden for o in outputs])
     for name in job.assigned:
         layers[quantizer.full_name(name)].inverse_energy = scale
-    return BlockMeasurement(layers, outputs, growth, perturbed_next)
-
-
-@dataclass
-class BlockMeasurement:
-    """What `measure_block` gives: the Linears' records, the next block's float inputs, and the perturbed
-    stream's growth through this block (A_b, None where not measured) and its next hidden states."""
-
-    layers: dict[str, LayerSensitivity]
-    outputs: list[BlockInput]
-    growth: float | None
-    perturbed: list[torch.Tensor] | None
+    return layers, outputs

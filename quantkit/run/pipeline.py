@@ -555,7 +555,6 @@ def _measure_sensitivities(run: _Run, progress: Progress) -> dict[str, allocate.
         progress.stage("sensitivity", num_blocks)
         probe = LayerAssignment(run.candidates[0].scheme(), "gptq", "sensitivity")   # GPTQ's Hessian statistics
         layers: dict[str, allocate.LayerSensitivity] = {}
-        perturbed, growth, blocks = None, [], []       # the perturbed stream (block sensitivity's D_b)
         for index in range(num_blocks):
             prefix = f"{run.arch.blocks}.{index}"
             block = model.get_submodule(prefix)
@@ -567,19 +566,13 @@ def _measure_sensitivities(run: _Run, progress: Progress) -> dict[str, allocate.
                            storage_dtype=run.storage_dtype, smooth=False, alpha=None,
                            metric_samples=config.metric_samples, processes=run.processes,
                            moe_all_experts=config.moe_all_experts, expert_batch=config.expert_batch)
-            measured = allocate.measure_block(BlockQuantizer(job), run.candidates, config.algorithm, config.options,
-                                              config.sensitivity, _offset_digits(config), perturbed)
-            inputs, perturbed = measured.outputs, measured.perturbed
-            growth.append(measured.growth)
-            blocks.append(list(measured.layers))
-            layers.update(measured.layers)
+            measured, inputs = allocate.measure_block(BlockQuantizer(job), run.candidates, config.algorithm,
+                                                      config.options, config.sensitivity, _offset_digits(config))
+            layers.update(measured)
             release(block)
             progress.advance("sensitivity", f"block {index}")
     if not layers:
         raise QuantkitError("--target-bits/--target-size found no block Linear to choose a grid for")
-    for names, factor in zip(blocks, allocate.downstream_factors(growth)):
-        for name in names:
-            layers[name].downstream = factor
     return layers
 
 
@@ -754,7 +747,6 @@ def _record_allocation(run: _Run, directory: Path, files: list[str], layers: dic
         f"# quantkit calibrate {asked}: {achieved['bits']:.4f} bits per weight; rerun with --recipe {allocate.RECIPE_FILE}\n"
         + yaml.safe_dump(run.recipe, sort_keys=False, width=120))
     table = {name: {"weights": layer.weights, "gains": layer.gains, "inverse_energy": layer.inverse_energy,
-                    "downstream": layer.downstream,
                     "chosen": allocation.candidates[allocation.chosen[name]].label,
                     "candidates": {c.label: {"bytes": layer.bytes[i], "error": layer.error[i]}
                                    for i, c in enumerate(allocation.candidates)}}
