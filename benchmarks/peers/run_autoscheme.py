@@ -4,8 +4,8 @@ that has auto-round).
 usage: run_autoscheme.py AVG_BITS [ITERS]
 AutoScheme(avg_bits, options W2A16, W3A16, W4A16, W8A16: symmetric int, groups of 128) chooses each Linear's
 scheme from its gradient-based delta loss, then AutoRound quantizes with ITERS steps (0: its RTN). Both get the
-protocol's calibration: AutoRound the very ids; AutoScheme, which reads only a dataset name or a json file of
-texts, the same 64 windows decoded to text (re-tokenized by it). The model is scored as quantize() leaves it
+protocol's calibration as the same 64 windows decoded to text, in a json file (re-tokenized by it): with an
+AutoScheme, AutoRound passes its own dataset to the scheme search, which reads only a dataset name or a file. The model is scored as quantize() leaves it
 (fake-quantized in place). Prints one JSON line with the achieved bits per weight of the quantized Linears
 (codes, one fp16 scale per group of 128; symmetric: no zero point) and the schemes chosen.
 """
@@ -16,8 +16,6 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from benchmarks import common  # noqa: E402
@@ -35,10 +33,8 @@ def main(avg_bits: str, iters: str = "0") -> None:
         scheme = AutoScheme(avg_bits=float(avg_bits), options=("W2A16", "W3A16", "W4A16", "W8A16"),
                             nsamples=ids.shape[0], seqlen=ids.shape[1], dataset=str(texts), device_map="cpu",
                             batch_size=8)
-        batches = [{"input_ids": ids[i:i + 1], "attention_mask": torch.ones_like(ids[i:i + 1])}
-                   for i in range(ids.shape[0])]
         start = time.perf_counter()
-        rounder = AutoRound(model, tokenizer=tokenizer, scheme=scheme, dataset=batches, iters=int(iters),
+        rounder = AutoRound(model, tokenizer=tokenizer, scheme=scheme, dataset=str(texts), iters=int(iters),
                             nsamples=ids.shape[0], seqlen=ids.shape[1], device_map="cpu")
         model, layer_config = rounder.quantize()
         seconds = time.perf_counter() - start
