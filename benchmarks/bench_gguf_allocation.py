@@ -2,6 +2,11 @@
 their file sizes, every file measured by llama.cpp itself (llama-perplexity) on SmolLM2-135M.
 
     python benchmarks/bench_gguf_allocation.py --llama-cpp-bin DIR [--types Q3_K_M,Q4_K_M,Q5_K_M] [--chunks 16]
+        [--candidates Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q4_0,Q5_0,Q8_0]
+
+The demo model's float weights are SmolLM2's Q4_1 GGUF dequantized: Q4_1 (and Q5_1, whose grid holds Q4_1's)
+give them back almost exactly, so quantkit's default candidates pick Q4_1 nearly everywhere at near-zero error;
+--candidates without Q4_1/Q5_1 measures the allocation itself.
 
 DIR holds llama.cpp's ``llama-imatrix``, ``llama-quantize`` and ``llama-perplexity`` (the cmake build of the
 llama.cpp source llama-cpp-python vendors). Protocol: the bundled Alice text split at the paragraph break nearest
@@ -32,6 +37,7 @@ def main() -> None:
     parser.add_argument("--types", default="Q3_K_M,Q4_K_M,Q5_K_M")
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--candidates", help="quantkit export --candidates (default: its own)")
     args = parser.parse_args()
     common.in_workdir(args.workdir, "bench-gguf-alloc-", lambda d: run(d, args))
 
@@ -93,10 +99,11 @@ def run(workdir: Path, args) -> None:
         ours = workdir / f"quantkit-{file_type}-size.gguf"
         output, seconds = _run([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf",
                                 "--type", file_type, "--target-size", str(size), "--imatrix", str(imatrix),
+                                *(["--candidates", args.candidates] if args.candidates else []),
                                 "--out", str(ours), "--overwrite"])
         chosen = re.search(r"types chosen under \d+ bytes \(([^)]*)\)", output)
         measure(f"quantkit --target-size {size} (--type {file_type})", ours, imatrix_s + seconds,
-                chosen.group(1) if chosen else "")
+                chosen.group(1) if chosen else _types(ours))
     print(f"SmolLM2-135M; llama-perplexity -c 512 --chunks {args.chunks} on the held-out second half of "
           "alice_in_wonderland.txt; llama-imatrix 32 x 512 tokens of the first half")
     print("| file | llama.cpp ppl | KL vs F16 | top-1 vs F16 | bytes | wall s | note |")
@@ -105,6 +112,17 @@ def run(workdir: Path, args) -> None:
         print(f"| {label} | {ppl:.3f} | {'' if kl is None else f'{kl:.4f}'} | "
               f"{'' if top1 is None else f'{top1:.2%}'} | {size} | {'' if seconds is None else f'{seconds:.0f}'} "
               f"| {note} |")
+
+
+def _types(path: Path) -> str:
+    """The block weight types of a GGUF file, counted (gguf-py)."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    counts = Counter(t.tensor_type.name for t in GGUFReader(path).tensors
+                     if t.name.startswith("blk.") and "norm" not in t.name)
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 
 if __name__ == "__main__":
