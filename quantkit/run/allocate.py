@@ -192,9 +192,14 @@ def reference_candidates(sizes: list[int | None]) -> list[int]:
     return sorted({fitting[len(fitting) // 2][1], fitting[0][1]})
 
 
+def token_energy(hidden: torch.Tensor) -> torch.Tensor:
+    """||h_t||^2 per token of hidden [..., hidden_size] -> [...] float32 (a zero vector counts as tiny)."""
+    return hidden.float().pow(2).sum(-1).clamp_min(1e-30)
+
+
 def inverse_energy(outputs: list[torch.Tensor]) -> float:
-    """E_t[1 / ||h_t||^2] over every token of the block outputs [..., hidden] (a zero vector counts as tiny)."""
-    total = sum(float(o.float().pow(2).sum(-1).clamp_min(1e-30).reciprocal().sum()) for o in outputs)
+    """E_t[1 / ||h_t||^2] over every token of the block outputs [..., hidden]."""
+    total = sum(float(token_energy(o).reciprocal().sum()) for o in outputs)
     return total / max(sum(o.numel() // o.shape[-1] for o in outputs), 1)
 
 
@@ -205,7 +210,7 @@ def block_gains(runner: torch.nn.Module, samples: list[BlockInput], references: 
     divided by the layer error). ``runner``: the float block in the compute dtype (its weights are swapped and
     put back); ``references``: (name, candidate) -> (dequantized weight [out, in], layer error per token)."""
     targets = [run_block(runner, call).float() for call in samples]
-    energies = [t.pow(2).sum(-1).clamp_min(1e-30) for t in targets]
+    energies = [token_energy(t) for t in targets]
     tokens = sum(e.numel() for e in energies)
     gains = {}
     for key, (approx, error) in references.items():
