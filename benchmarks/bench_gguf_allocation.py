@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import common
@@ -42,14 +40,6 @@ def main() -> None:
     common.in_workdir(args.workdir, "bench-gguf-alloc-", lambda d: run(d, args))
 
 
-def _run(command: list[str]) -> tuple[str, float]:
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {done.stderr[-1500:]}")
-    return done.stdout + done.stderr, time.perf_counter() - start
-
-
 def _number(pattern: str, text: str) -> float:
     match = re.search(pattern, text)
     if match is None:
@@ -62,28 +52,25 @@ def run(workdir: Path, args) -> None:
 
     binaries = args.llama_cpp_bin
     source = common.demo_model()
-    halves, _, _ = common.alice_split(workdir, source, 1, 32, 512)
-    text = halves.read_text()
-    calibration = workdir / "calibration.txt"          # one document: llama-imatrix's chunks run across lines
-    calibration.write_text("\n".join(line for line in text.splitlines() if line.strip()) + "\n")
-    from quantkit.check.evaluate import default_text
-
-    full = default_text()[1]
+    first, second = common.alice_halves()
+    calibration = workdir / "calibration.txt"
+    calibration.write_text(common.one_document(first))
     held_out = workdir / "held_out.txt"
-    held_out.write_text(full[full.index("\n\n", len(full) // 2):])
+    held_out.write_text(second)
     f16 = workdir / "f16.gguf"
     export_gguf(source, f16, ggml_type="F16", overwrite=True)
     base = workdir / "f16.kld"
     perplexity = [str(binaries / "llama-perplexity"), "-f", str(held_out), "-c", "512", "--chunks", str(args.chunks),
                   "-t", "2"]
-    output, _ = _run([*perplexity, "-m", str(f16), "--kl-divergence-base", str(base)])
+    output, _ = common.run_tool([*perplexity, "-m", str(f16), "--kl-divergence-base", str(base)])
     rows = [("F16", _number(r"Final estimate: PPL = ([0-9.]+)", output), None, None, f16.stat().st_size, None, "")]
     imatrix = workdir / "imatrix.gguf"
-    _, imatrix_s = _run([str(binaries / "llama-imatrix"), "-m", str(f16), "-f", str(calibration), "-o", str(imatrix),
-                         "-c", "512", "--chunks", "32", "-t", "2", "--no-ppl"])
+    _, imatrix_s = common.run_tool([str(binaries / "llama-imatrix"), "-m", str(f16), "-f", str(calibration),
+                                    "-o", str(imatrix), "-c", "512", "--chunks", "32", "-t", "2", "--no-ppl"])
 
     def measure(label: str, path: Path, seconds: float, note: str) -> None:
-        output, _ = _run([*perplexity, "-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence"])
+        output, _ = common.run_tool([*perplexity, "-m", str(path), "--kl-divergence-base", str(base),
+                                     "--kl-divergence"])
         rows.append((label, _number(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", output),
                      _number(r"Mean\s+KLD:\s*([0-9.]+)", output), _number(r"Same top p:\s*([0-9.]+)", output) / 100,
                      path.stat().st_size, seconds, note))
@@ -91,19 +78,17 @@ def run(workdir: Path, args) -> None:
 
     for file_type in args.types.split(","):
         theirs = workdir / f"llama-{file_type}.gguf"
-        _, seconds = _run([str(binaries / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(theirs),
-                           file_type, "2"])
+        _, seconds = common.run_tool([str(binaries / "llama-quantize"), "--imatrix", str(imatrix), str(f16),
+                                      str(theirs), file_type, "2"])
         measure(f"llama.cpp {file_type} + imatrix", theirs, imatrix_s + seconds,
                 f"llama-imatrix {imatrix_s:.0f} s + llama-quantize {seconds:.0f} s")
         size = theirs.stat().st_size
         ours = workdir / f"quantkit-{file_type}-size.gguf"
-        output, seconds = _run([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf",
-                                "--type", file_type, "--target-size", str(size), "--imatrix", str(imatrix),
-                                *(["--candidates", args.candidates] if args.candidates else []),
-                                "--out", str(ours), "--overwrite"])
-        chosen = re.search(r"types chosen under \d+ bytes \(([^)]*)\)", output)
-        measure(f"quantkit --target-size {size} (--type {file_type})", ours, imatrix_s + seconds,
-                chosen.group(1) if chosen else _types(ours))
+        _, seconds = common.run_tool([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf",
+                                      "--type", file_type, "--target-size", str(size), "--imatrix", str(imatrix),
+                                      *(["--candidates", args.candidates] if args.candidates else []),
+                                      "--out", str(ours), "--overwrite"])
+        measure(f"quantkit --target-size {size} (--type {file_type})", ours, imatrix_s + seconds, _types(ours))
     print(f"SmolLM2-135M; llama-perplexity -c 512 --chunks {args.chunks} on the held-out second half of "
           "alice_in_wonderland.txt; llama-imatrix 32 x 512 tokens of the first half")
     print("| file | llama.cpp ppl | KL vs F16 | top-1 vs F16 | bytes | wall s | note |")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import common
@@ -55,11 +54,7 @@ def main() -> None:
 
 
 def _timed(command: list[str]) -> float:
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {done.stderr[-1500:]}")
-    return time.perf_counter() - start
+    return common.run_tool(command)[1]
 
 
 def _quantkit_export(directory: Path, out: Path, *flags: str) -> float:
@@ -74,7 +69,7 @@ def run(workdir: Path, args) -> None:
     source = common.demo_model()
     halves, windows, protocol = common.alice_split(workdir, source, args.windows, 32, 512)
     calibration = workdir / "alice_first_half_one_document.txt"      # no blank line: one document
-    calibration.write_text("\n".join(line for line in halves.read_text().splitlines() if line.strip()) + "\n")
+    calibration.write_text(common.one_document(halves.read_text()))
     float_logits = torch_logits(common.float_model(), windows)
     f16 = workdir / "f16.gguf"
     export_gguf(source, f16, ggml_type="F16", overwrite=True)

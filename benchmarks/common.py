@@ -41,7 +41,8 @@ def tokenizer():
 
 
 def eval_windows(windows: int = EVAL_WINDOWS) -> torch.Tensor:
-    from quantkit.check.evaluate import default_text, eval_windows as make_windows
+    from quantkit.check.evaluate import default_text
+    from quantkit.check.evaluate import eval_windows as make_windows
 
     return make_windows(tokenizer(), default_text()[1], SEQ_LEN, windows)
 
@@ -166,20 +167,43 @@ def in_workdir(workdir: Path | None, prefix: str, run):
         return run(Path(tmp))
 
 
+def alice_halves() -> tuple[str, str]:
+    """The bundled Alice text split at the paragraph break nearest its middle: (first half, second half)."""
+    from quantkit.check.evaluate import default_text
+
+    text = default_text()[1]
+    split = text.index("\n\n", len(text) // 2)
+    return text[:split], text[split:]
+
+
+def one_document(text: str) -> str:
+    """``text`` without blank lines: llama-imatrix reads a file with no blank line as one document, so its
+    512-token chunks are the same token windows as quantkit's samples of the same text."""
+    return "\n".join(line for line in text.splitlines() if line.strip()) + "\n"
+
+
+def run_tool(command: list[str]) -> tuple[str, float]:
+    """Run an external tool: (its stdout and stderr, wall seconds); a failure stops the benchmark, quoting it."""
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr[-1500:]}")
+    return done.stdout + done.stderr, time.perf_counter() - start
+
+
 def alice_split(workdir: Path, source: Path, windows: int, num_samples: int, seq_len: int):
     """The export benchmarks' protocol (as tests/test_smollm2.py): the bundled Alice text split at the
     paragraph break nearest its middle; the first half is written to `workdir` as the calibration file,
     the second half gives `windows` 512-token evaluation windows.
 
     Returns (calibration file, windows [n, 512] int64, protocol sentence)."""
+    from quantkit.check.evaluate import eval_windows as make_windows
     from quantkit.model.checkpoint import Checkpoint
-    from quantkit.check.evaluate import default_text, eval_windows as make_windows
 
-    text = default_text()[1]
-    split = text.index("\n\n", len(text) // 2)
+    first, second = alice_halves()
     calibration_file = workdir / "alice_first_half.txt"
-    calibration_file.write_text(text[:split])
-    ids = make_windows(Checkpoint(source).tokenizer(), text[split:], 512, windows)
+    calibration_file.write_text(first)
+    ids = make_windows(Checkpoint(source).tokenizer(), second, 512, windows)
     protocol = (f"{ids.shape[0]} x 512-token windows of the held-out second half of alice_in_wonderland.txt, "
                 f"calibration {num_samples} x {seq_len} tokens of the first half, float32, CPU")
     return calibration_file, ids, protocol
