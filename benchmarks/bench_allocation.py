@@ -4,12 +4,15 @@ float32 on 16 held-out Alice windows).
 
     python benchmarks/bench_allocation.py [--budgets 3.0 3.5 4.25 5.0] [--algo gptq]
         [--uniform int3-g128 int3-g64 ...] [--layer-budgets 3.5] [--peer-python PY --peer-budgets 3.5 4.25]
+        [--matched-algo imatrix] [--matched-only]
 
 Rows: for each budget B, `quantkit calibrate --target-bits B --algo ALGO` (default candidates: asymmetric int2..int8
 at groups 32/64/128) with the block sensitivity (and the layer sensitivity at --layer-budgets), and each --uniform grid with the same algorithm. With
 --peer-python (a Python with auto-round), per --peer-budgets budget a matched pair on AutoRound's candidates (symmetric int 2/3/4/8
-at groups of 128) and its RTN: quantkit `--target-bits B --candidates MATCHED --algo rtn` against AutoScheme(avg_bits
-B) with iters 0 (benchmarks/peers/run_autoscheme.py). Every row's bits per weight are read from its written files (codes, scales, zeros
+at groups of 128) and the same quantizer: AutoRound's iters 0 is its "optimized RTN" (an importance-weighted
+scale search per group, on by default), which is quantkit's imatrix search on integer grids, so quantkit
+`--target-bits B --candidates MATCHED --algo imatrix` (--matched-algo) against AutoScheme(avg_bits B) with iters 0
+(benchmarks/peers/run_autoscheme.py). Every row's bits per weight are read from its written files (codes, scales, zeros
 of the quantized Linears over their weight count); the sensitivity pass's seconds are reported apart.
 """
 import argparse
@@ -48,6 +51,9 @@ def main() -> None:
     parser.add_argument("--layer-budgets", nargs="*", type=float, default=[])
     parser.add_argument("--peer-python", default="")
     parser.add_argument("--peer-budgets", nargs="*", type=float, default=[3.5, 4.25])
+    parser.add_argument("--matched-algo", default="imatrix", help="quantkit's side of the AutoScheme pair")
+    parser.add_argument("--matched-only", action="store_true",
+                        help="run quantkit's side of the pair at --peer-budgets without a peer Python")
     args = parser.parse_args()
     windows = common.eval_windows()
     reference = common.float_model()
@@ -69,16 +75,19 @@ def main() -> None:
                 rows[-1]["sensitivity_s"] = manifest["summary"]["timings_s"].get("sensitivity")
                 rows[-1]["grids"] = ", ".join(f"{k} x{v}" for k, v in manifest["allocation"]["chosen"].items())
                 print(json.dumps(rows[-1]), flush=True)
-            if args.peer_python and target in args.peer_budgets:
+            if target in args.peer_budgets and (args.peer_python or args.matched_only):
                 out = Path(tmp) / f"matched-{target}"
-                common.add_quantkit_row(rows, out, f"auto --target-bits {target} on AutoScheme's grids, rtn",
-                                        ["--target-bits", str(target), "--candidates", MATCHED, "--algo", "rtn"],
+                common.add_quantkit_row(rows, out, f"auto --target-bits {target} on AutoScheme's grids, "
+                                        f"{args.matched_algo}", ["--target-bits", str(target), "--candidates",
+                                                                 MATCHED, "--algo", args.matched_algo],
                                         reference, windows)
                 rows[-1]["bits"] = f"{stored_bits(out):.3f}"
                 manifest = json.loads((out / "quant_manifest.json").read_text())
+                rows[-1]["sensitivity_s"] = manifest["summary"]["timings_s"].get("sensitivity")
                 rows[-1]["grids"] = ", ".join(f"{k} x{v}" for k, v in manifest["allocation"]["chosen"].items())
-                common.add_peer_row(rows, args.peer_python, "run_autoscheme.py", str(target), "AutoRound",
-                                    f"AutoScheme avg_bits {target}, iters 0")
+                if args.peer_python:
+                    common.add_peer_row(rows, args.peer_python, "run_autoscheme.py", str(target), "AutoRound",
+                                        f"AutoScheme avg_bits {target}, iters 0")
     columns = [("tool", "tool"), ("config", "config"), ("bits", "bits/weight"), ("ppl", "perplexity"), ("kl", "KL"),
                ("top1", "top-1"), ("quantize_s", "calibrate+quantize s"), ("sensitivity_s", "of which sensitivity s"),
                ("grids", "grids chosen")]

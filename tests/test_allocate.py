@@ -67,7 +67,8 @@ def test_parse_size_refuses(text):
 def test_candidates_parse_and_suggest():
     labels = [c.label for c in budget.parse_candidates("int4-g64,int3-g128-sym,int8-ch,q4_k", "w4a16", None)]
     assert labels == ["int4-g64-asym", "int3-g128-sym", "int8-ch-asym", "q4_k"]
-    assert len(budget.parse_candidates(None, "w4a16", True)) == 18
+    defaults = [c.label for c in budget.parse_candidates(None, "w4a16", True)]
+    assert len(defaults) == 30 and {"int2-g32-sym", "int3-g256-sym", "int3-ch-sym", "int8-ch-sym"} <= set(defaults)
     with pytest.raises(QuantkitError, match="did you mean"):
         budget.parse_candidates("int4-g64,int9-g64", "w4a16", None)
     with pytest.raises(QuantkitError, match="weight-only integer --scheme"):
@@ -255,3 +256,12 @@ def test_sensitivity_is_relative_to_the_residual_energy_per_token():
     assert allocate.inverse_energy(outputs) == pytest.approx((1 / 25 + 1 / 4 + 1) / 3)
     layer = allocate.LayerSensitivity(10, [1, 2], [1, 2], [1.0, 8.0], gains=[(1.0, 3.0)], inverse_energy=0.5)
     assert layer.loss("layer") == [0.5, 4.0] and layer.loss("block") == [3.0, 24.0]
+
+
+def test_imatrix_allocates_on_symmetric_candidates_without_sym(llama_dir, text_file, tmp_path):
+    """The base scheme (asymmetric w4a16) only names the candidates' family: imatrix is checked on each candidate."""
+    result = calibrate(CalibrateConfig(model=str(llama_dir), scheme="w4a16", algorithm="imatrix",
+                                       dataset=str(text_file), num_samples=4, seq_len=32, target_bits=4.0,
+                                       candidates="int3-g64-sym,int4-g64-sym,int8-g64-sym", out=tmp_path / "imatrix"))
+    assert result.manifest.allocation["achieved"]["bits"] <= 4.0
+    assert {entry.algorithm for entry in result.manifest.layers.values()} == {"imatrix"}

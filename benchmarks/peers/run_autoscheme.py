@@ -3,7 +3,8 @@ that has auto-round).
 
 usage: run_autoscheme.py AVG_BITS [ITERS]
 AutoScheme(avg_bits, options W2A16, W3A16, W4A16, W8A16: symmetric int, groups of 128) chooses each Linear's
-scheme from its gradient-based delta loss, then AutoRound quantizes with ITERS steps (0: its RTN). Both get the
+scheme from its gradient-based delta loss, then AutoRound quantizes with ITERS steps (0: its "optimized RTN",
+an importance-weighted scale search per group, on unless disable_opt_rtn: quantkit's --algo imatrix is the match). Both get the
 protocol's calibration as the same 64 windows decoded to text, in a json file (re-tokenized by it): with an
 AutoScheme, AutoRound passes its own dataset to the scheme search, which reads only a dataset name or a file. The model is scored as quantize() leaves it
 (fake-quantized in place). Prints one JSON line with the achieved bits per weight of the quantized Linears

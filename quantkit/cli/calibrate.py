@@ -49,7 +49,7 @@ import click
 @click.option("--target-size", help="Automatic mixed precision under a size for the output's weight files, "
               "embeddings included, e.g. 80MB, 3.2GB, 800MiB.")
 @click.option("--candidates", help="Grids the allocation chooses from, comma-separated: intB[-gG|-ch][-sym|-asym] "
-              "or weight-only scheme names (default int2..int8 at groups 32/64/128).")
+              "or weight-only scheme names (default int2..int8 at groups 32/64/128/256 and per channel).")
 @click.option("--sensitivity", type=click.Choice(["block", "layer"]), default="block", show_default=True,
               help="How a grid's harm is measured: the block output error it causes, or the Linear's own output error.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (off by default).")

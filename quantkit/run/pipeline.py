@@ -235,15 +235,20 @@ def _timed(run: _Run, stage: str) -> Iterator[None]:
         run.timings[stage] = run.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-def _plan(config: CalibrateConfig, layer_names: list[str]) -> tuple[dict, dict, Recipe | None]:
+def _plan(config: CalibrateConfig, layer_names: list[str], candidates: list[Candidate] | None
+          ) -> tuple[dict, dict, Recipe | None]:
     """(layer -> assignment, ignored layers, recipe) from --recipe or from --scheme/--algo and overrides
-    (llama.cpp file types and K grids are resolved per tensor afterwards: `mixes.resolve_ggml_types`)."""
+    (llama.cpp file types and K grids are resolved per tensor afterwards: `mixes.resolve_ggml_types`). With a
+    target the base scheme only names the candidates' family until the allocation replaces the plan: the
+    algorithm is validated on each candidate (`_target_candidates`), so `imatrix` on symmetric candidates
+    needs no --sym."""
     if config.recipe is not None:
         recipe = Recipe.load(config.recipe)
         plan, ignored = recipe.plan(layer_names)
         return plan, ignored, recipe
     scheme = make_scheme(config.scheme, config.bits, config.group_size, config.symmetric)
-    validate_grid(config.algorithm, config.options, scheme.weight)
+    if not candidates:
+        validate_grid(config.algorithm, config.options, scheme.weight)
     file_type = ggml_mixes.scheme_file_type(config.scheme)
     overridden = " with weight overrides" if file_type is None and scheme != get_scheme(config.scheme) else ""
     rule = f"--scheme {config.scheme}{overridden} --algo {config.algorithm}"
@@ -341,7 +346,7 @@ def _prepare(config: CalibrateConfig) -> _Run:
     check_weights(source.path, checkpoint.shapes(), expected)
     names = [f"{arch.blocks}.{i}.{linear}" for i in range(checkpoint.text_config.num_hidden_layers) for linear in arch.linears]
     candidates = _target_candidates(config)
-    plan, ignored, recipe = _plan(config, names)
+    plan, ignored, recipe = _plan(config, names, candidates)
     file_type = _file_type(plan)
     plan, left_float = resolve_ggml_types(plan, {n: tuple(expected.shapes[n + ".weight"]) for n in names}, arch,
                                           checkpoint.text_config)
