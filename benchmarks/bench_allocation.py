@@ -7,7 +7,7 @@ float32 on 16 held-out Alice windows).
         [--matched-algo imatrix] [--matched-only]
 
 Rows: for each budget B, `quantkit calibrate --target-bits B --algo ALGO` (default candidates: asymmetric int2..int8
-at groups 32/64/128) with the block sensitivity (and the layer sensitivity at --layer-budgets), and each --uniform grid with the same algorithm. With
+at groups 32/64/128/256 and per channel) with the block sensitivity (and the layer sensitivity at --layer-budgets), and each --uniform grid with the same algorithm. With
 --peer-python (a Python with auto-round), per --peer-budgets budget a matched pair on AutoRound's candidates (symmetric int 2/3/4/8
 at groups of 128) and the same quantizer: AutoRound's iters 0 is its "optimized RTN" (an importance-weighted
 scale search per group, on by default), which is quantkit's imatrix search on integer grids, so quantkit
@@ -43,6 +43,15 @@ def stored_bits(out: Path) -> float:
     return 8 * stored / sum(math.prod(e.shape) for e in manifest.layers.values())
 
 
+def add_allocation_columns(row: dict, out: Path) -> None:
+    """An allocated run's bits per weight (from its files), sensitivity seconds and grids chosen; echoed."""
+    manifest = json.loads((out / "quant_manifest.json").read_text())
+    row["bits"] = f"{stored_bits(out):.3f}"
+    row["sensitivity_s"] = manifest["summary"]["timings_s"].get("sensitivity")
+    row["grids"] = ", ".join(f"{k} x{v}" for k, v in manifest["allocation"]["chosen"].items())
+    print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budgets", nargs="*", type=float, default=[3.0, 3.5, 4.25, 5.0])
@@ -70,21 +79,14 @@ def main() -> None:
                 common.add_quantkit_row(rows, out, f"auto --target-bits {target} ({kind}) {args.algo}",
                                         ["--target-bits", str(target), "--sensitivity", kind, "--algo", args.algo],
                                         reference, windows)
-                manifest = json.loads((out / "quant_manifest.json").read_text())
-                rows[-1]["bits"] = f"{stored_bits(out):.3f}"
-                rows[-1]["sensitivity_s"] = manifest["summary"]["timings_s"].get("sensitivity")
-                rows[-1]["grids"] = ", ".join(f"{k} x{v}" for k, v in manifest["allocation"]["chosen"].items())
-                print(json.dumps(rows[-1]), flush=True)
+                add_allocation_columns(rows[-1], out)
             if target in args.peer_budgets and (args.peer_python or args.matched_only):
                 out = Path(tmp) / f"matched-{target}"
                 common.add_quantkit_row(rows, out, f"auto --target-bits {target} on AutoScheme's grids, "
                                         f"{args.matched_algo}", ["--target-bits", str(target), "--candidates",
                                                                  MATCHED, "--algo", args.matched_algo],
                                         reference, windows)
-                rows[-1]["bits"] = f"{stored_bits(out):.3f}"
-                manifest = json.loads((out / "quant_manifest.json").read_text())
-                rows[-1]["sensitivity_s"] = manifest["summary"]["timings_s"].get("sensitivity")
-                rows[-1]["grids"] = ", ".join(f"{k} x{v}" for k, v in manifest["allocation"]["chosen"].items())
+                add_allocation_columns(rows[-1], out)
                 if args.peer_python:
                     common.add_peer_row(rows, args.peer_python, "run_autoscheme.py", str(target), "AutoRound",
                                         f"AutoScheme avg_bits {target}, iters 0")

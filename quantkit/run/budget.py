@@ -21,7 +21,7 @@ from quantkit.formats.schemes import SCHEMES, Scheme
 from quantkit.native.writer import LinearRecord, record_tensors
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
-DEFAULT_GROUPS = (32, 64, 128, 256, -1)   # -1: per channel (the coarse grids fill the gaps between bit widths)
+DEFAULT_GRAINS = ("g32", "g64", "g128", "g256", "ch")   # the coarse grids fill the gaps between bit widths
 _INT = re.compile(r"int(?P<bits>[2-8])(?:-g(?P<group>\d+)|-(?P<channel>ch))?(?:-(?P<sym>sym|asym))?")
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?i?B?)", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -62,7 +62,7 @@ def parse_candidates(text: str | None, base: str, symmetric: bool | None) -> lis
         raise QuantkitError(f"--target-bits/--target-size need a weight-only integer --scheme for the integer "
                             f"candidates (w4a16, w8a16), not {base}")
     if text is None:
-        tokens = [f"int{b}-{'ch' if g == -1 else f'g{g}'}" for b in DEFAULT_BITS for g in DEFAULT_GROUPS]
+        tokens = [f"int{b}-{grain}" for b in DEFAULT_BITS for grain in DEFAULT_GRAINS]
     else:
         tokens = [t.strip() for t in text.split(",") if t.strip()]
         if not tokens:
