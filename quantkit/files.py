@@ -91,7 +91,8 @@ def describe_existing(path: Path) -> str | None:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
         return f"a directory quantkit did not write (it holds {shown})"
     if path.is_file():
-        return None if _is_quantkit_gguf(path) else "a file quantkit did not write"
+        ours = _is_quantkit_gguf(path) or _is_quantkit_llama2c(path) or _is_quantkit_report(path)
+        return None if ours else "a file quantkit did not write"
     return "something that is neither a file nor a directory"
 
 
@@ -105,6 +106,33 @@ def _is_quantkit_gguf(path: Path) -> bool:
         field = GGUFReader(path).get_field("general.quantized_by")
         return field is not None and str(field.contents()).startswith("quantkit")
     except Exception:  # unreadable or not a GGUF file: not ours
+        return False
+
+
+def _is_quantkit_llama2c(path: Path) -> bool:
+    """llama2.c files quantkit wrote: the model's header padding, or the tokenizer's last bytes, carry the
+    marker (`quantkit.exporters.llama2c`)."""
+    marker = b"written by quantkit"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(256)
+            if head[:4] == (0x616B3432).to_bytes(4, "little") and head[64:64 + len(marker)] == marker:
+                return True
+            handle.seek(max(0, path.stat().st_size - len(marker)))
+            return handle.read() == marker
+    except OSError:
+        return False
+
+
+REPORT_MARKER = b'<meta name="generator" content="quantkit inspect">'
+
+
+def _is_quantkit_report(path: Path) -> bool:
+    """An HTML report `quantkit inspect` wrote: its head carries `REPORT_MARKER`."""
+    try:
+        with open(path, "rb") as handle:
+            return REPORT_MARKER in handle.read(512)
+    except OSError:
         return False
 
 

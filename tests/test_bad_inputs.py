@@ -401,7 +401,7 @@ def test_pickle_checkpoints_are_read_safely(llama_dir, tmp_path):
 def test_gsm8k_offline_fails_at_once_with_the_right_hint(llama_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    import quantkit.calibrate.datasets as datasets
+    from quantkit.calibrate import datasets
 
     monkeypatch.setattr(datasets, "_hub_reachable", lambda timeout=3.0: False)  # as on a machine without network
     started = time.perf_counter()

@@ -268,16 +268,6 @@ def _source_checkpoint(manifest):
     return checkpoint, None
 
 
-def _search_results(path: Path, manifest) -> dict[str, torch.Tensor]:
-    if not manifest.search_results:
-        return {}
-    from safetensors.torch import load_file
-
-    file = path / manifest.search_results
-    if not file.is_file():
-        raise QuantkitError(f"{file} named by the manifest is missing")
-    return load_file(str(file))
-
 
 class FloatWeights:
     """The float weight each QuantLinear was quantized from: the source block in fp32 with the recorded
@@ -428,7 +418,7 @@ def validate(config: ValidateConfig, on_stage: Callable[[str], None] | None = No
         resolve_backend,
     )
     from quantkit.model.checkpoint import Checkpoint
-    from quantkit.native.loader import load_quantized, open_native
+    from quantkit.native.loader import load_quantized, load_search_results, open_native
 
     stage = on_stage or (lambda name: None)
     start = time.perf_counter()
@@ -447,7 +437,7 @@ def validate(config: ValidateConfig, on_stage: Callable[[str], None] | None = No
     tokens, activations = activation_tokens(manifest, files.tokenizer(), files.text_config.vocab_size, num_samples, seq_len)
     tokens = tokens.to(device)
     source, source_problem = _source_checkpoint(manifest)
-    float_weights = FloatWeights(source, manifest, _search_results(path, manifest)) if source else None
+    float_weights = FloatWeights(source, manifest, load_search_results(path, manifest)) if source else None
     if source_problem:
         log.warning("no float reference: %s", source_problem)
 

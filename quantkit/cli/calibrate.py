@@ -61,35 +61,27 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
               candidates, sensitivity, trust_remote_code, as_json, quiet):
     """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
     quantized model: packed safetensors plus quant_manifest.json."""
+    from quantkit import api
     from quantkit.cli import render
-    from quantkit.errors import QuantkitError
-    from quantkit.run.pipeline import CalibrateConfig, Progress
-    from quantkit.run.pipeline import calibrate as run_calibration
 
-    if alpha is not None and smooth is False:
-        raise QuantkitError("--alpha and --no-smooth contradict each other; give one")
-    per_layer = {"--scheme": scheme, "--algo": algorithm, "--bits": bits, "--group-size": group_size,
-                 "--sym/--asym": symmetric, "--algo-option": algo_options or None}
-    given = [flag for flag, value in per_layer.items() if value is not None]
-    if recipe is not None and given:
-        raise QuantkitError(f"--recipe sets every layer's scheme and algorithm; drop {given[0]} (put it in the recipe)")
-    config = CalibrateConfig(
-        model=model, scheme=scheme or ("w4a16" if target_bits is not None or target_size else "w8a8_dynamic"), algorithm=algorithm or "rtn", recipe=recipe,
-        options=_parse_options(algo_options), bits=bits, group_size=group_size, symmetric=symmetric,
-        dataset=dataset, data_files=tuple(data_files), text_column=text_column, num_samples=num_samples,
-        seq_len=seq_len, batch_size=batch_size, alpha=alpha, smooth=smooth, seed=seed, out=out,
-        overwrite=overwrite, dry_run=dry_run, resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
-        moe_all_experts=moe_all_experts, expert_batch=expert_batch, imatrix_from=imatrix_from,
-        target_bits=target_bits, target_size=target_size, candidates=candidates, sensitivity=sensitivity,
-    )
+    def run(progress=None):
+        return api.calibrate(
+            model, scheme=scheme, algo=algorithm, algo_options=_parse_options(algo_options) or None, recipe=recipe,
+            bits=bits, group_size=group_size, sym=symmetric, dataset=dataset, data_files=tuple(data_files),
+            text_column=text_column, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, alpha=alpha,
+            smooth=smooth, seed=seed, out=out, overwrite=overwrite, dry_run=dry_run, resume=resume,
+            offload_activations=offload_activations, dtype=dtype, moe_all_experts=moe_all_experts,
+            expert_batch=expert_batch, imatrix_from=imatrix_from, target_bits=target_bits, target_size=target_size,
+            candidates=candidates, sensitivity=sensitivity, trust_remote_code=trust_remote_code, progress=progress)
+
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports
-        run_calibration(config, Progress())
+        run()
         return
     if quiet or as_json or dry_run:
-        result = run_calibration(config, Progress())
+        result = run()
     else:
         with render.RichProgress() as progress:
-            result = run_calibration(config, progress)
+            result = run(progress)
             progress.finish()
     if dry_run:
         summary = {"out": str(result.out), "estimate": result.estimate.to_dict()}

@@ -21,18 +21,17 @@ import click
 def evaluate(target, reference, no_reference, text, dataset, data_files, text_column, seq_len, max_windows,
              batch_size, as_json):
     """Perplexity over non-overlapping windows; with a reference also KL and top-1 agreement."""
-    from quantkit.check.evaluate import EvalConfig, run_eval
+    from quantkit import api
     from quantkit.cli import render
-    from quantkit.errors import QuantkitError
 
-    if text is not None and dataset is not None:
-        raise QuantkitError("give --text or --dataset, not both")
-    config = EvalConfig(target=target, reference=reference, compare_reference=not no_reference, text=text,
-                        dataset=dataset, data_files=tuple(data_files), text_column=text_column, seq_len=seq_len,
-                        max_windows=max_windows, batch_size=batch_size)
+    def run():
+        return api.evaluate(target, reference=reference, compare_reference=not no_reference, text=text,
+                            dataset=dataset, data_files=tuple(data_files), text_column=text_column, seq_len=seq_len,
+                            max_windows=max_windows, batch_size=batch_size)
+
     if as_json:
-        render.emit_json(run_eval(config).to_dict())
+        render.emit_json(run().to_dict())
         return
     with render.stderr.status("evaluating..."):
-        report = run_eval(config)
+        report = run()
     render.stdout.print(render.eval_table(report))

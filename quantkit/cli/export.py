@@ -1,12 +1,13 @@
-"""``quantkit export``: a quantkit output directory as GGUF (llama.cpp) or compressed-tensors (vLLM)."""
+"""``quantkit export``: a quantkit output directory as GGUF (llama.cpp), compressed-tensors (vLLM), an
+importance matrix (llama-imatrix's .gguf) or llama2.c's int8 model file (`quantkit.api.export`)."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
-FORMATS = ("gguf", "compressed-tensors", "imatrix")
+from quantkit.api import EXPORT_FORMATS as FORMATS
+
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S",
               "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q3_K", "Q4_K", "Q5_K")
 
@@ -16,7 +17,8 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "
 @click.option("--format", "export_format", required=True, type=click.Choice(FORMATS),
               help="gguf: one .gguf file for llama.cpp/ollama/LM Studio; compressed-tensors: a directory for "
                    "vLLM/transformers; imatrix: the calibration's importance statistics as llama-imatrix's .gguf "
-                   "(for llama-quantize --imatrix).")
+                   "(for llama-quantize --imatrix); llama2c: llama2.c's int8 model file (version 2, for runq.c) "
+                   "plus its tokenizer.bin.")
 @click.option("--type", "ggml_type", metavar="TYPE",
               help="GGUF only: type for layers whose codes no GGUF block holds exactly (and for every linear of "
                    "a float checkpoint), or a llama.cpp K-quant file type (Q4_K_M, ...) choosing each tensor's "
@@ -35,54 +37,30 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def export(directory, export_format, ggml_type, imatrix, target_size, candidates, out, overwrite, as_json, quiet):
     """Export DIRECTORY (a quantkit output directory; for GGUF also a float HF checkpoint)."""
+    from quantkit import api
     from quantkit.cli import render
-    from quantkit.errors import QuantkitError
 
-    if (ggml_type is not None or imatrix is not None or target_size is not None) and export_format != "gguf":
-        raise QuantkitError("--type, --imatrix and --target-size apply to --format gguf only")
-    if candidates is not None and target_size is None:
-        raise QuantkitError("--candidates lists the types --target-size chooses from; give --target-size")
-    run = {"gguf": _gguf, "compressed-tensors": _compressed_tensors, "imatrix": _imatrix}[export_format]
-    if export_format == "gguf":
-        run = functools.partial(_gguf, target_size=target_size, candidates=candidates)
+    def run():
+        return api.export(directory, format=export_format, out=out, type=ggml_type, imatrix=imatrix,
+                          target_size=target_size, candidates=candidates, overwrite=overwrite)
+
     if quiet or as_json:
-        result = run(directory, out, ggml_type, overwrite, imatrix)
+        result = run()
     else:
         with render.stderr.status(f"exporting {directory} as {export_format}..."):
-            result = run(directory, out, ggml_type, overwrite, imatrix)
+            result = run()
     if as_json:
         render.emit_json(result.to_dict())
     elif not quiet:
-        if export_format != "imatrix":
-            render.stderr.print(_gguf_table(result) if export_format == "gguf" else _ct_table(result))
-        else:
+        if export_format == "imatrix":
             render.stderr.print(f"{result.tensors} weight tensors' importance statistics "
                                 f"({result.chunk_count} chunks of {result.chunk_size} tokens)")
+        else:
+            tables = {"gguf": _gguf_table, "compressed-tensors": _ct_table, "llama2c": _llama2c_table}
+            render.stderr.print(tables[export_format](result))
         for note in result.notes:
             render.stderr.print(f"note: {note}")
         render.stderr.print(f"wrote {result.out} ({result.size_bytes / 2**20:.1f} MiB)")
-
-
-def _gguf(directory, out, ggml_type, overwrite, imatrix, target_size=None, candidates=None):
-    from quantkit.exporters import gguf_budget
-    from quantkit.exporters.gguf import export_gguf
-    from quantkit.run.budget import parse_size
-
-    return export_gguf(directory, out, ggml_type=ggml_type.upper() if ggml_type else None, overwrite=overwrite,
-                       imatrix=imatrix, target_size=None if target_size is None else parse_size(target_size),
-                       candidates=gguf_budget.parse_candidates(candidates))
-
-
-def _compressed_tensors(directory, out, ggml_type, overwrite, imatrix):
-    from quantkit.exporters.compressed_tensors import export_compressed_tensors
-
-    return export_compressed_tensors(directory, out, overwrite=overwrite)
-
-
-def _imatrix(directory, out, ggml_type, overwrite, imatrix):
-    from quantkit.exporters.gguf_imatrix import export_imatrix
-
-    return export_imatrix(directory, out, overwrite=overwrite)
 
 
 def _gguf_table(result):
@@ -108,4 +86,16 @@ def _ct_table(result):
     for name, group in result.groups.items():
         table.add_row(name, group["format"], group["scheme"], str(group["layers"]))
     table.add_row("ignore", "", "float", str(len(result.ignore)))
+    return table
+
+
+def _llama2c_table(result):
+    from rich.table import Table
+
+    table = Table(title=f"quantkit export -> {result.out.name} (llama2.c version 2, int8 groups of {result.group_size}, "
+                        f"tokenizer {result.tokenizer.name})")
+    for column in ("tensors", "status", "why", "min weight SQNR dB"):
+        table.add_column(column, justify="right" if column in ("tensors", "min weight SQNR dB") else "left")
+    for status, count, reason, sqnr in result.describe():
+        table.add_row(str(count), status, reason, "" if sqnr is None else f"{sqnr:.1f}")
     return table

@@ -1,4 +1,4 @@
-"""Entry point: ``quantkit calibrate | eval | schemes | export | validate``.
+"""Entry point: ``quantkit calibrate | eval | schemes | export | validate | inspect``.
 
 Every user-facing failure is one line on stderr and a non-zero exit: 1 for bad input
 (`QuantkitError`), 130 for an interrupt, 3 for an internal error (QUANTKIT_DEBUG=1 shows its traceback).
@@ -73,11 +73,13 @@ def _register_commands() -> None:
     from quantkit.cli import calibrate as calibrate_command
     from quantkit.cli import evaluate as evaluate_command
     from quantkit.cli import export as export_command
+    from quantkit.cli import inspect as inspect_command
     from quantkit.cli import validate as validate_command
 
     cli.add_command(calibrate_command.calibrate)
     cli.add_command(evaluate_command.evaluate)
     cli.add_command(export_command.export)
+    cli.add_command(inspect_command.inspect)
     cli.add_command(validate_command.validate)
 
 

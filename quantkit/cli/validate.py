@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import click
@@ -29,30 +28,25 @@ def validate(directory, backend, device, dtype, num_samples, seq_len, sqnr_margi
     """Run the quantized model in DIRECTORY through the kernels on regenerated calibration activations;
     compare every layer with the pure-torch reference and the float source; write validation.json and a
     summary into the manifest. Exits non-zero naming the layer when a check fails."""
-    if backend == "interpreter":
-        # Triton builds its interpreter helpers at import: the switch must precede the first import.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from quantkit.check.validate import REPORT_NAME, ValidateConfig
-    from quantkit.check.validate import validate as run_validation
+    from quantkit import api
     from quantkit.cli import render
-    from quantkit.errors import QuantkitError
 
-    config = ValidateConfig(path=directory, backend=backend, device=device, dtype=dtype, num_samples=num_samples,
-                            seq_len=seq_len, sqnr_margin_db=sqnr_margin)
+    def run(on_stage=None):
+        return api.validate(directory, backend=backend, device=device, dtype=dtype, num_samples=num_samples,
+                            seq_len=seq_len, sqnr_margin=sqnr_margin, raise_on_failure=False, on_stage=on_stage)
+
     if quiet or as_json:
-        report = run_validation(config)
+        report = run()
     else:
         with render.stderr.status("validating...") as status:
-            report = run_validation(config, on_stage=lambda name: status.update(f"validating: {name}"))
+            report = run(lambda name: status.update(f"validating: {name}"))
     if as_json:
         render.emit_json(report.to_dict())
     elif not quiet:
         render.stdout.print(_layer_table(report))
         render.stdout.print(_summary_lines(report))
     if not report.passed:
-        failures = report.failures
-        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise QuantkitError(f"validation failed: {failures[0]}{more}; report in {Path(directory) / REPORT_NAME}")
+        raise api.validation_error(report, directory)
 
 
 def _db(value) -> str:

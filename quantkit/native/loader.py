@@ -132,3 +132,16 @@ def _tie_if_needed(model: nn.Module, config) -> None:
     output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
     if getattr(config, "tie_word_embeddings", False) and output is not None and output.weight.is_meta:
         output.weight = inputs.weight
+
+
+def load_search_results(path: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """The output's search results (smoothing factors, algorithm results, input statistics), by name;
+    empty when the manifest names none, an error when the file it names is missing."""
+    if not manifest.search_results:
+        return {}
+    from safetensors.torch import load_file
+
+    file = Path(path) / manifest.search_results
+    if not file.is_file():
+        raise QuantkitError(f"{file} named by the manifest is missing")
+    return load_file(str(file))

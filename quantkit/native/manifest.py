@@ -28,6 +28,8 @@ _REQUIRED_FIELDS = {"tool": dict, "source": dict, "calibration": dict, "storage_
 # The names calibrate saves each quantized Linear's input statistics under in the search results file:
 # <linear>.in_sum2 [in] float32 sum of x_j^2, <linear>.in_count [1] float32 tokens (llama.cpp's imatrix).
 IN_SUM2, IN_COUNT = "in_sum2", "in_count"
+# and <linear>.in_absmax [in] float32 max |x_j| of the input it was quantized on (`quantkit inspect`).
+IN_ABSMAX = "in_absmax"
 _OPTIONAL_FIELDS = {"smoothing": dict, "ignored": dict, "recipe": dict, "weight_files": list,
                     "search_results": str, "summary": dict, "gguf_file_type": str, "allocation": dict}
 _KIND_NAMES = {dict: "an object", str: "a string", list: "an array"}

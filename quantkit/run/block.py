@@ -42,7 +42,7 @@ from quantkit.formats import primitives
 from quantkit.model.architectures import Architecture
 from quantkit.model.moe import expert_calibration, expert_index, expert_modules
 from quantkit.model.qlinear import set_submodule
-from quantkit.native.manifest import IN_COUNT, IN_SUM2, LayerEntry
+from quantkit.native.manifest import IN_ABSMAX, IN_COUNT, IN_SUM2, LayerEntry
 from quantkit.native.writer import LinearRecord, codes_layout, tensor_names
 from quantkit.run.distributed import Processes
 from quantkit.run.layers import (
@@ -380,6 +380,7 @@ class BlockQuantizer:
         )
         if stats is not None:
             result.entries[full_name].metrics["input_absmax"] = float(stats.range.absmax.max())
+            result.search_results[f"{full_name}.{IN_ABSMAX}"] = stats.range.absmax.float().clone()
         # llama.cpp's importance matrix (export --format imatrix): of the input this Linear was quantized on, or
         # with --imatrix-from float of the float model's
         importance = self.float_importance.get(name, stats) if job.imatrix_from_float else stats
