@@ -9,8 +9,10 @@ model's, as the export's note says), then generate greedily (-t 0) from BOS (id 
 tokenizer (piece of id i = " i", so runq.c prints the ids) and with the exported tokenizer.bin (its text must
 be the Hugging Face tokenizer's decoding of those ids). The reference is quantkit's own model
 (`load_quantized`, fp32) generating greedily from the same BOS without stopping at EOS, as runq.c does.
-runq.c also quantizes every matmul's input to int8 (groups of the file's group size): where the two greedy
-paths part, that is the cause; the first divergence and the agreement are printed, with the float model's.
+runq.c also quantizes every matmul's input to int8 (groups of the file's group size) and takes the classifier
+from the Q8 embedding table: a third run, quantkit's model with that arithmetic emulated (`runq_arithmetic`),
+shows whether that explains where the first two part. First divergences and agreements are printed, with
+the float model's.
 """
 from __future__ import annotations
 
@@ -68,6 +70,30 @@ def greedy(model, bos: int, new_tokens: int) -> list[int]:
     return ids[0, 1:].tolist()
 
 
+def runq_arithmetic(model, group_size: int):
+    """``model`` computing as runq.c does: every Linear's input (the classifier's too) quantized per group of
+    ``group_size`` (s = max|x| / 127, q = round half away from zero, as C's round()), and the token embedding
+    (the classifier when tied) replaced by its Q8 requantization, the only tensor the export requantizes."""
+    from quantkit.exporters.llama2c import dequantize_q80, quantize_q80
+
+    def fake_quantize(module, args):
+        x = args[0]
+        groups = x.reshape(-1, group_size)
+        scale = groups.abs().amax(dim=1, keepdim=True) / 127.0
+        scaled = groups / torch.where(scale > 0, scale, torch.ones_like(scale))
+        rounded = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)
+        return (rounded * scale).reshape(x.shape)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "QuantLinear":
+            module.register_forward_pre_hook(fake_quantize)
+    embedding = model.get_input_embeddings().weight
+    codes, scales = quantize_q80(embedding, group_size)
+    with torch.no_grad():
+        embedding.copy_(dequantize_q80(codes, scales, group_size).reshape(embedding.shape))
+    return model
+
+
 def agreement(a: list[int], b: list[int]) -> tuple[int, float]:
     """(first index where they differ (len if never), share of equal positions)."""
     first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -104,18 +130,23 @@ def run(args, source: Path, work: Path) -> None:
     text, _ = run_runq(binary, work / "model.bin", result.tokenizer, args.steps)
     tokenizer = common.tokenizer()
     ours = greedy(load_quantized(work / "out", dtype=torch.float32).eval(), 1, args.steps - 1)
+    emulated = greedy(runq_arithmetic(load_quantized(work / "out", dtype=torch.float32).eval(), result.group_size),
+                      1, args.steps - 1)
     reference = greedy(common.float_model(), 1, args.steps - 1)
     first, share = agreement(runq_ids, ours)
+    emulated_first, emulated_share = agreement(runq_ids, emulated)
     float_first, float_share = agreement(ours, reference)
     row = {"scheme": args.scheme, "group_size": result.group_size, "file_mb": result.size_bytes / 1e6,
            "carried": sum(t.status == "carried" for t in result.tensors), "tensors": len(result.tensors),
            "export_s": export_s, "calibrate_s": summary["wall_s"], "runq_tok_s": rate, "generated": len(runq_ids),
            "runq_vs_load_quantized_first_diff": first, "runq_vs_load_quantized_agreement": share,
+           "runq_vs_emulated_first_diff": emulated_first, "runq_vs_emulated_agreement": emulated_share,
            "load_quantized_vs_float_first_diff": float_first, "load_quantized_vs_float_agreement": float_share,
            "tokenizer_text_matches": text == tokenizer.decode(runq_ids)}
     print(json.dumps(row, indent=1))
     print("runq.c ids:        ", runq_ids)
     print("load_quantized ids:", ours)
+    print("emulated ids:      ", emulated)
     print("runq.c text with the exported tokenizer.bin:", repr(text[:200]))
 
 
