@@ -90,7 +90,8 @@ def calibrate(model: Any, tokenizer: Any = None, *, scheme: str | None = None, a
     or to a temporary directory beside ``out`` that is deleted afterwards (then `evaluate`/`validate` need an
     explicit reference), and streamed from there; the model object is left unchanged. ``out`` is required then.
     keep_model: also return the quantized model in memory (``result.model``); else reload it with
-    `quantkit.load_quantized(result.out)`.
+    `quantkit.load_quantized(result.out)`. A loaded model runs in one process (not under torchrun) and resumes
+    only from a kept ``save_source``.
     Returns `quantkit.run.pipeline.CalibrationResult` (out, manifest, model, timings, peak_rss_bytes, estimate).
     """
     from quantkit.run.pipeline import CalibrateConfig
@@ -98,6 +99,8 @@ def calibrate(model: Any, tokenizer: Any = None, *, scheme: str | None = None, a
 
     if alpha is not None and smooth is False:
         raise QuantkitError("--alpha and --no-smooth contradict each other; give one")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise QuantkitError(f"--alpha is a migration strength in [0, 1], got {alpha}")
     per_layer = {"--scheme": scheme, "--algo": algo, "--bits": bits, "--group-size": group_size,
                  "--sym/--asym": sym, "--algo-option": algo_options or None}
     given = [flag for flag, value in per_layer.items() if value is not None]
@@ -118,14 +121,34 @@ def calibrate(model: Any, tokenizer: Any = None, *, scheme: str | None = None, a
     progress = _progress_adapter(progress)
     if isinstance(model, (str, os.PathLike)):
         return run_calibration(dataclasses.replace(config, model=str(model)), progress)
-    _check_loaded_model(model, tokenizer, dataset, out)
+    return _calibrate_loaded(model, tokenizer, config, None if save_source is None else Path(save_source), progress)
+
+
+def _calibrate_loaded(model, tokenizer, config, save_source: Path | None, progress):
+    """A loaded model: saved (to ``save_source`` or a temporary directory beside ``config.out``), then
+    streamed from there as a checkpoint path is; every check on the output runs before the save."""
+    from quantkit.files import check_output_path, writing
+    from quantkit.run.distributed import from_environment
+    from quantkit.run.pipeline import calibrate as run_calibration
+
+    _check_loaded_model(model, tokenizer, config.dataset, config.out)
+    if from_environment().world_size > 1:
+        raise QuantkitError("a loaded model is calibrated in one process; under torchrun give its checkpoint path")
+    if config.resume and save_source is None:
+        raise QuantkitError("resume needs the same source checkpoint as the interrupted run: give save_source=DIR "
+                            "(kept), or calibrate the checkpoint path")
+    check_output_path(config.out, config.overwrite, [] if save_source is None else [save_source])
     if save_source is not None:
-        _save_loaded(model, tokenizer, Path(save_source))
+        if not (config.resume and (save_source / "config.json").is_file()):
+            _save_loaded(model, tokenizer, save_source)
         return run_calibration(dataclasses.replace(config, model=str(save_source)), progress)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".quantkit-source-", dir=Path(out).parent) as source:
-        _save_loaded(model, tokenizer, Path(source))
-        return run_calibration(dataclasses.replace(config, model=source), progress)
+    parent = config.out.absolute().parent
+    with writing(parent):
+        parent.mkdir(parents=True, exist_ok=True)
+        source = tempfile.TemporaryDirectory(prefix=".quantkit-source-", dir=parent)
+    with source as directory:
+        _save_loaded(model, tokenizer, Path(directory))
+        return run_calibration(dataclasses.replace(config, model=directory), progress)
 
 
 def _check_loaded_model(model, tokenizer, dataset: str, out) -> None:
@@ -141,13 +164,17 @@ def _check_loaded_model(model, tokenizer, dataset: str, out) -> None:
 
 
 def _save_loaded(model, tokenizer, directory: Path) -> None:
-    """The loaded model's float weights and config (and tokenizer) as a safetensors checkpoint."""
+    """The loaded model's float weights and config (and tokenizer) as a safetensors checkpoint; a full or
+    read-only disk is one line naming the directory."""
+    from quantkit.files import writing
+
     if directory.exists() and any(directory.iterdir()):
         raise QuantkitError(f"save_source {directory} is not empty; the loaded model's checkpoint goes into a new "
                             "or empty directory")
-    model.save_pretrained(directory, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    with writing(directory):
+        model.save_pretrained(directory, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
 
 
 def export(directory: str | Path, *, format: str, out: str | Path, type: str | None = None,
@@ -214,9 +241,10 @@ def validate(directory: str | Path, *, backend: str = "auto", device: str = "aut
     against the pure-torch reference and the float source; writes validation.json and the manifest summary.
     Returns `quantkit.check.validate.ValidationReport`; a failed check raises `QuantkitError` (the CLI's line)
     unless ``raise_on_failure`` is False."""
-    if backend == "interpreter":
-        # Triton builds its interpreter helpers at import: the switch must precede the first import.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if backend == "interpreter" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads the switch once, when first imported: it cannot be set from here
+        raise QuantkitError("backend 'interpreter' needs TRITON_INTERPRET=1 in the environment before Triton is "
+                            "imported (the CLI sets it for you)")
     from quantkit.check.validate import ValidateConfig
     from quantkit.check.validate import validate as run_validation
 
@@ -240,8 +268,10 @@ def validation_error(report, directory: str | Path) -> QuantkitError:
 def inspect(path: str | Path, *, out: str | Path | None = None, overwrite: bool = False):
     """`quantkit inspect`: per-layer weight, activation and error statistics of a checkpoint or a quantkit
     output, as an `InspectReport` and, with ``out``, a self-contained HTML report (figures as embedded PNG)."""
-    from quantkit.check.inspect import inspect_model, write_html
+    from quantkit.check.inspect import check_report_output, inspect_model, write_html
 
+    if out is not None:
+        check_report_output(Path(out), overwrite, Path(path))
     report = inspect_model(Path(path))
     if out is not None:
         write_html(report, Path(out), overwrite=overwrite)

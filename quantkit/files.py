@@ -109,17 +109,22 @@ def _is_quantkit_gguf(path: Path) -> bool:
         return False
 
 
+# llama2.c files quantkit writes (`quantkit.exporters.llama2c`): the model file carries the marker in its
+# header's zero padding, the tokenizer.bin ends with the trailer (runq.c reads neither).
+LLAMA2C_MARKER, LLAMA2C_MARKER_OFFSET = b"written by quantkit", 64
+LLAMA2C_TOKENIZER_TRAILER = b"\0quantkit llama2c tokenizer"
+
+
 def _is_quantkit_llama2c(path: Path) -> bool:
-    """llama2.c files quantkit wrote: the model's header padding, or the tokenizer's last bytes, carry the
-    marker (`quantkit.exporters.llama2c`)."""
-    marker = b"written by quantkit"
+    marker, trailer = LLAMA2C_MARKER, LLAMA2C_TOKENIZER_TRAILER
     try:
         with open(path, "rb") as handle:
             head = handle.read(256)
-            if head[:4] == (0x616B3432).to_bytes(4, "little") and head[64:64 + len(marker)] == marker:
+            if head[:4] == (0x616B3432).to_bytes(4, "little") and \
+                    head[LLAMA2C_MARKER_OFFSET:LLAMA2C_MARKER_OFFSET + len(marker)] == marker:
                 return True
-            handle.seek(max(0, path.stat().st_size - len(marker)))
-            return handle.read() == marker
+            handle.seek(max(0, path.stat().st_size - len(trailer)))
+            return handle.read() == trailer
     except OSError:
         return False
 

@@ -97,3 +97,33 @@ def test_export_and_evaluate(llama_dir, text_file, tmp_path):
     import json
 
     assert json.loads(cli.output)["rows"][-1]["perplexity"] == pytest.approx(quantized.perplexity, rel=1e-6)
+
+
+def test_loaded_model_checks_come_before_any_save(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(QuantkitError, match="already exists"):
+        quantkit.calibrate(model, scheme="w8a16", out=tmp_path / "taken")
+    with pytest.raises(QuantkitError, match="resume needs the same source"):
+        quantkit.calibrate(model, scheme="w8a16", out=tmp_path / "r", resume=True)
+    with pytest.raises(QuantkitError, match="in \\[0, 1\\]"):
+        quantkit.calibrate(llama_dir, scheme="smq_q8i8f16_2", alpha=1.5, out=tmp_path / "a")
+    with pytest.raises(QuantkitError, match="--recipe sets every layer"):
+        quantkit.calibrate(llama_dir, recipe=tmp_path / "r.yaml", algo="gptq", out=tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_the_function_survives_importing_the_calibration_stage():
+    """quantkit/calibrate/ (the stage's package) and quantkit.calibrate (the API function) share a name: importing
+    the package's modules in any order must leave the function in place."""
+    import subprocess
+    import sys
+
+    code = ("import quantkit.calibrate.datasets, quantkit.calibrate.hooks; import quantkit; "
+            "from quantkit.calibrate import stats; assert callable(quantkit.calibrate), quantkit.calibrate; "
+            "assert quantkit.calibrate.__module__ == 'quantkit.api'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -150,6 +150,31 @@ def test_rotary_rows_are_permuted(q8_out, tmp_path):
     assert not torch.equal(tensors["layers.0.wq"], weights["layers.0.wq"])
 
 
+def test_per_channel_int8_is_carried_with_repeated_scales(llama_bpe, tmp_path):
+    """w8a16 (int8 symmetric per channel): the file's group size divides every row (gcd of 64 and 160 = 32),
+    each row's one scale is repeated per group, and the weights are load_quantized's exactly."""
+    out = tmp_path / "w8"
+    calibrate(CalibrateConfig(model=str(llama_bpe), out=out, scheme="w8a16", **FAST))
+    result = quantkit.export(out, format="llama2c", out=tmp_path / "w8.bin")
+    assert result.group_size == 32
+    assert [t.name for t in result.tensors if t.status == "requantized"] == ["tok_embeddings", "output"]
+    header, tensors = read_llama2c(tmp_path / "w8.bin")
+    config, weights = quantkit_weights(out)
+    assert torch.equal(tensors["layers.1.w2"], weights["layers.1.w2"])
+    assert torch.equal(unpermute(tensors["layers.0.wk"], config.num_key_value_heads), weights["layers.0.wk"])
+
+
+def test_tied_classifier_is_shared(tmp_path):
+    from conftest import make_checkpoint
+    from test_export_gguf import save_byte_level_bpe
+
+    source = make_checkpoint(tmp_path / "tied", "llama", vocab_size=320, outlier_channels=0, tie_word_embeddings=True)
+    save_byte_level_bpe(source)
+    result = quantkit.export(source, format="llama2c", out=tmp_path / "tied.bin")
+    header, tensors = read_llama2c(tmp_path / "tied.bin")      # the reader checks every byte is accounted for
+    assert result.shared_classifier and header["shared"] == 1 and "output" not in tensors
+
+
 def test_other_grids_are_requantized_from_quantkit_weights(llama_bpe, tmp_path):
     """int4 groups of 64: each Linear is requantized from the weights the directory holds, exactly as
     llama2.c's quantize_q80 (s = max|w| / 127, q = round(w / s)) computed here would."""
@@ -185,7 +210,12 @@ def test_tokenizer_pieces_decode_every_token(q8_out, llama_bpe, tmp_path):
 def test_overwrite_replaces_only_quantkit_files(q8_out, tmp_path):
     out = tmp_path / "model.bin"
     quantkit.export(q8_out, format="llama2c", out=out)
+    assert_one_line_error(run_cli("export", q8_out, "--format", "llama2c", "--out", out), "already exists")
     assert run_cli("export", q8_out, "--format", "llama2c", "--out", out, "--overwrite").exit_code == 0
+    (tmp_path / "mine.tokenizer.bin").write_bytes(b"their tokenizer")
+    assert_one_line_error(run_cli("export", q8_out, "--format", "llama2c", "--out", tmp_path / "mine.bin",
+                                  "--overwrite"), "quantkit did not write")
+    assert not (tmp_path / "mine.bin").exists()
     foreign = tmp_path / "theirs.bin"
     foreign.write_bytes(b"not ours")
     assert_one_line_error(run_cli("export", q8_out, "--format", "llama2c", "--out", foreign, "--overwrite"),
@@ -193,9 +223,13 @@ def test_overwrite_replaces_only_quantkit_files(q8_out, tmp_path):
     assert foreign.read_bytes() == b"not ours"
 
 
-def test_unsupported_family_is_one_line(qwen2_dir):
-    assert_one_line_error(run_cli("export", qwen2_dir, "--format", "llama2c", "--out", "/tmp/x.bin"),
+def test_unsupported_inputs_are_one_line(qwen2_dir, llama_dir, tmp_path):
+    assert_one_line_error(run_cli("export", qwen2_dir, "--format", "llama2c", "--out", tmp_path / "x.bin"),
                           "llama2.c runs Llama-family models")
+    # conftest's word-level tokenizer: neither byte-level BPE nor SentencePiece; nothing is written
+    assert_one_line_error(run_cli("export", llama_dir, "--format", "llama2c", "--out", tmp_path / "y.bin"),
+                          "cannot be written to llama2.c's tokenizer.bin")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rope_theta_mismatch_is_reported(tmp_path):
@@ -233,15 +267,18 @@ def test_runq_generates_what_load_quantized_generates(tmp_path):
     source = _runq_source()
     binary = tmp_path / "runq"
     subprocess.run(["gcc", "-O2", "-o", str(binary), str(source), "-lm"], check=True)
-    model_dir = make_checkpoint(tmp_path / "tiny", "llama", vocab_size=VOCAB, outlier_channels=0, rms_norm_eps=1e-5)
-    train(model_dir, save_byte_level_bpe(model_dir), steps=120)
+    # 16 ids beyond the tokenizer's: the exported tokenizer.bin pads them (runq.c refuses empty pieces)
+    model_dir = make_checkpoint(tmp_path / "tiny", "llama", vocab_size=VOCAB + 16, outlier_channels=0,
+                                rms_norm_eps=1e-5)
+    tokenizer = save_byte_level_bpe(model_dir)
+    train(model_dir, tokenizer, steps=120)
     out = tmp_path / "q8"
     calibrate(CalibrateConfig(model=str(model_dir), out=out, scheme="q8_0", **FAST))
     quantkit.export(out, format="llama2c", out=tmp_path / "model.bin")
     ids_tokenizer = tmp_path / "ids.bin"
     with open(ids_tokenizer, "wb") as handle:          # piece of id i = " i": runq.c prints the ids
         handle.write(struct.pack("<I", 4))
-        for i in range(VOCAB):
+        for i in range(VOCAB + 16):
             handle.write(struct.pack("<fi", 0.0, len(f" {i}")) + f" {i}".encode())
     steps = 24
     printed = subprocess.run([str(binary), str(tmp_path / "model.bin"), "-z", str(ids_tokenizer), "-t", "0",
@@ -253,3 +290,7 @@ def test_runq_generates_what_load_quantized_generates(tmp_path):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     assert len(runq_ids) >= steps - 1
     assert runq_ids == ids[0, 1:].tolist()
+    text = subprocess.run([str(binary), str(tmp_path / "model.bin"), "-z", str(tmp_path / "model.tokenizer.bin"),
+                           "-t", "0", "-n", str(steps)], capture_output=True, text=True, check=True).stdout
+    decoded = tokenizer.decode(runq_ids)
+    assert text.rstrip("\n") == (decoded[1:] if decoded.startswith(" ") else decoded)   # runq.c: no space after BOS

@@ -66,29 +66,40 @@ def test_weight_statistics_are_those_of_the_stored_weights(smoothed):
         assert stats.outlier_count == len(expected) and set(stats.outlier_channels) <= set(expected)
 
 
-def test_activation_absmax_is_the_float_models_on_the_calibration_tokens(smoothed, llama_dir, text_file):
-    """Block 0's q_proj reads input_layernorm(embeddings) (nothing quantized before it): the report's per-channel
-    max |x| (before smoothing) equals the float model's on the regenerated calibration tokens."""
+@pytest.mark.parametrize("scheme, algo", [("smq_q8i8f16_2", "rtn"), ("w4a16", "awq")])
+def test_activation_absmax_is_the_float_models_on_the_calibration_tokens(llama_dir, text_file, tmp_path, scheme, algo):
+    """Block 0 reads the embeddings (nothing quantized before it) and RTN/AWQ observe the float block once: the
+    report's per-channel max |x| of q_proj's input (after input_layernorm) and of o_proj's (the attention
+    output, reached through GQA's shared channels) equal the float model's on the regenerated calibration
+    tokens, SmoothQuant's or AWQ's division undone."""
     from transformers import AutoModelForCausalLM
 
     from quantkit.calibrate.datasets import DatasetSpec, calibration_tokens
     from quantkit.model.checkpoint import Checkpoint
 
+    out = quantkit.calibrate(llama_dir, scheme=scheme, algo=algo, group_size=32 if algo == "awq" else None,
+                             dataset=str(text_file), out=tmp_path / "q", **FAST).out
     checkpoint = Checkpoint(llama_dir)
     tokens = calibration_tokens(DatasetSpec(str(text_file)), checkpoint.tokenizer(), checkpoint.text_config.vocab_size,
                                 FAST["num_samples"], FAST["seq_len"], 0)
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
-    seen = []
-    layer = model.model.layers[0].self_attn.q_proj
-    handle = layer.register_forward_hook(lambda module, args, output: seen.append(args[0].abs().amax(dim=(0, 1))))
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = args[0].abs().amax(dim=(0, 1))
+        return hook
+
+    for name in ("q_proj", "o_proj"):
+        model.model.layers[0].self_attn.get_submodule(name).register_forward_hook(record(name))
     with torch.no_grad():
         model(tokens)
-    handle.remove()
-    report = {a.name: a for a in quantkit.inspect(smoothed).activations}
-    q_proj = report["model.layers.0.self_attn.q_proj"]
-    assert q_proj.smoothed
-    assert torch.allclose(torch.tensor(q_proj.channel_absmax), seen[0], rtol=1e-4, atol=1e-6)
-    assert {0, 1} <= set(q_proj.outlier_channels)     # make_checkpoint's layernorm outliers (weight 20)
+    report = {a.name: a for a in quantkit.inspect(out).activations}
+    for name in ("q_proj", "o_proj"):
+        stats = report[f"model.layers.0.self_attn.{name}"]
+        assert stats.before_scaling, name
+        assert torch.allclose(torch.tensor(stats.channel_absmax), seen[name], rtol=1e-4, atol=1e-6), name
+    assert {0, 1} <= set(report["model.layers.0.self_attn.q_proj"].outlier_channels)  # make_checkpoint's outliers
 
 
 def test_float_checkpoint_report(llama_dir, tmp_path):
@@ -104,9 +115,14 @@ def test_float_checkpoint_report(llama_dir, tmp_path):
 
 def test_bad_inputs_are_one_line(tmp_path, smoothed):
     assert_one_line_error(run_cli("inspect", tmp_path / "missing"), "not found")
+    (tmp_path / "file.txt").write_text("x")
+    assert_one_line_error(run_cli("inspect", tmp_path / "file.txt"), "is a file")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("inspect", tmp_path / "empty"), "neither a quantkit output")
     foreign = tmp_path / "notes.html"
     foreign.write_text("<html>mine</html>")
     assert_one_line_error(run_cli("inspect", smoothed, "--out", foreign, "--overwrite"), "quantkit did not write")
     assert foreign.read_text() == "<html>mine</html>"
-    run_cli("inspect", smoothed, "--out", tmp_path / "ours.html")
+    assert run_cli("inspect", smoothed, "--out", tmp_path / "ours.html").exit_code == 0
+    assert_one_line_error(run_cli("inspect", smoothed, "--out", tmp_path / "ours.html"), "already exists")
     assert run_cli("inspect", smoothed, "--out", tmp_path / "ours.html", "--overwrite").exit_code == 0

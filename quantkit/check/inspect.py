@@ -6,9 +6,9 @@ Sections (each one figure and one table in the HTML):
                channels: columns whose absmax exceeds `OUTLIER_RATIO` x the median column absmax. A quantkit
                output's weights are its stored (dequantized) ones.
   activations  (quantkit outputs calibrated on data) per Linear: the absmax of each input channel as the
-               calibration saw it (search results ``<linear>.in_absmax``, saved after smoothing; times the
-               smoothing factor, i.e. before smoothing, where the factors map to its channels one to one)
-               and the channels above `OUTLIER_RATIO` x their median.
+               calibration saw it (search results ``<linear>.in_absmax``, saved after SmoothQuant and AWQ divided
+               the input; multiplied back by their saved factors, through the GQA channel map where shared, so
+               the block's own input) and the channels above `OUTLIER_RATIO` x their median.
   smoothing    (SmoothQuant outputs) the alpha each block kept (manifest ``smoothing.block_alpha``) and, per
                smoothed group, the channels it divided most: s_j = max|X_j|^a / max|W_j|^(1-a) from the
                saved factors ``<block>.<prev>.smooth_factors``, with the activation absmax before (x s_j)
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.files import json_safe
 
 OUTLIER_RATIO = 8.0          # a channel is an outlier above this multiple of the median channel absmax
 MAX_LISTED = 8               # outlier channels listed per layer (largest first)
@@ -58,7 +59,7 @@ class ActivationStats:
     median: float
     outlier_channels: list[int]
     outlier_count: int
-    smoothed: bool = False               # the statistics are of the input before SmoothQuant divided it
+    before_scaling: bool = False         # times the SmoothQuant/AWQ factors: the block's own input
     channel_absmax: list[float] = field(repr=False, default_factory=list)
 
 
@@ -111,8 +112,9 @@ class InspectReport:
 
 
 def _json_safe(value):
+    """`files.json_safe` through dicts and lists (inf and NaN as null)."""
     if isinstance(value, float):
-        return None if math.isnan(value) else ("inf" if value == math.inf else value)
+        return json_safe(value)
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -124,7 +126,7 @@ def weight_stats(name: str, weight: torch.Tensor) -> WeightStats:
     """weight [out, in] any float dtype -> its |w| statistics and outlier input channels."""
     magnitude = weight.detach().float().abs()
     flat = magnitude.reshape(-1)
-    sample = flat[:: max(1, flat.numel() // _SAMPLE)]
+    sample = flat[:: -(-flat.numel() // _SAMPLE)]       # at most _SAMPLE values (torch.quantile's limit)
     p50, p99, p999 = torch.quantile(sample, torch.tensor([0.5, 0.99, 0.999])).tolist()
     columns = magnitude.amax(dim=0)
     outliers = _outliers(columns)
@@ -139,34 +141,18 @@ def _outliers(channel_absmax: torch.Tensor) -> list[int]:
     return above[channel_absmax[above].argsort(descending=True)].tolist()
 
 
-def activation_stats(name: str, channel_absmax: torch.Tensor, smoothed: bool = False) -> ActivationStats:
+def activation_stats(name: str, channel_absmax: torch.Tensor, before_scaling: bool = False) -> ActivationStats:
     """channel_absmax [in] float32: max |x_j| of a Linear's input per channel -> its outlier channels."""
     outliers = _outliers(channel_absmax.float())
     return ActivationStats(name, float(channel_absmax.max()), float(channel_absmax.median()), outliers[:MAX_LISTED],
-                           len(outliers), smoothed, channel_absmax.float().tolist())
-
-
-def _consumer_factors(manifest, arch, results: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Smoothed Linears whose input channels are the factors' channels one to one -> s (their saved absmax
-    is of x / s: times s it is the input before smoothing)."""
-    from quantkit.algorithms.smoothquant import result_name
-
-    factors = {}
-    for block in manifest.smoothing.block_alpha:
-        prefix = f"{arch.blocks}.{block}"
-        for group in arch.smooth:
-            s = results.get(result_name(prefix, group.prev))
-            for consumer in group.consumers:
-                shape = manifest.layers.get(f"{prefix}.{consumer}")
-                if s is not None and shape is not None and shape.shape[1] == s.numel():
-                    factors[f"{prefix}.{consumer}"] = s.float()
-    return factors
+                           len(outliers), before_scaling, channel_absmax.float().tolist())
 
 
 def inspect_model(path: Path) -> InspectReport:
     """Statistics of a quantkit output directory (manifest present) or a float HF checkpoint."""
     from quantkit.model.architectures import architecture_for
     from quantkit.model.checkpoint import Checkpoint
+    from quantkit.native.loader import check_manifest_present
     from quantkit.native.manifest import MANIFEST_NAME
 
     path = Path(path)
@@ -175,11 +161,18 @@ def inspect_model(path: Path) -> InspectReport:
                             if not path.exists() else f"{path} is a file; give a checkpoint directory")
     if (path / MANIFEST_NAME).is_file():
         return _inspect_output(path)
+    if not (path / "config.json").is_file():
+        raise QuantkitError(f"{path} is neither a quantkit output ({MANIFEST_NAME}) nor a checkpoint (config.json)")
     checkpoint = Checkpoint(path)
+    check_manifest_present(checkpoint)
+    if getattr(checkpoint.config, "quantization_config", None):
+        raise QuantkitError(f"{path} is quantized by another tool (config.json has quantization_config); inspect "
+                            "reads float checkpoints and quantkit outputs")
     arch = architecture_for(checkpoint.config)
-    names = _linear_names(arch, checkpoint.text_config.num_hidden_layers)
-    weights = [weight_stats(n, checkpoint.tensors([n + ".weight"])[n + ".weight"]) for n in names
-               if checkpoint.has(n + ".weight")]
+    names = [n for n in _linear_names(arch, checkpoint.text_config.num_hidden_layers) if checkpoint.has(n + ".weight")]
+    if not names:
+        raise QuantkitError(f"{path} holds none of the {arch.name} block Linears' weights")
+    weights = [weight_stats(n, checkpoint.tensors([n + ".weight"])[n + ".weight"]) for n in names]
     return InspectReport(path, "float checkpoint", arch.name, weights,
                          notes=["a float checkpoint: activations, smoothing and errors come from a quantkit output"])
 
@@ -191,6 +184,7 @@ def _linear_names(arch, blocks: int) -> list[str]:
 def _inspect_output(path: Path) -> InspectReport:
     from quantkit.model.architectures import architecture_for
     from quantkit.native.loader import load_search_results, open_native, read_record
+    from quantkit.native.manifest import IN_ABSMAX
 
     checkpoint, manifest = open_native(path)
     arch = architecture_for(checkpoint.config)
@@ -201,11 +195,9 @@ def _inspect_output(path: Path) -> InspectReport:
         weights.append(weight_stats(name, record.quant.dequantize()))
         quality.append(LayerQuality(name, entry.scheme.weight.describe(), entry.algorithm, entry.rule,
                                     entry.metrics.get("weight_sqnr_db"), entry.metrics.get("output_sqnr_db")))
-    from quantkit.native.manifest import IN_ABSMAX
-
-    unsmooth = _consumer_factors(manifest, arch, results)
-    activations = [activation_stats(name, results[f"{name}.{IN_ABSMAX}"] * unsmooth.get(name, 1.0),
-                                    smoothed=name in unsmooth)
+    unscale = _input_scaling(manifest, arch, checkpoint.text_config, results)
+    activations = [activation_stats(name, results[f"{name}.{IN_ABSMAX}"] * unscale.get(name, 1.0),
+                                    before_scaling=name in unscale)
                    for name in manifest.layers if f"{name}.{IN_ABSMAX}" in results]
     notes = [] if activations or manifest.calibration.skipped else \
         ["no per-channel activation statistics saved (an output of an older quantkit)"]
@@ -214,6 +206,31 @@ def _inspect_output(path: Path) -> InspectReport:
     report.smoothed = _smoothed_groups(manifest, arch, results)
     return report
 
+
+def _input_scaling(manifest, arch, config, results: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Linear -> [in] the factor its input was divided by before quantization: SmoothQuant's s and AWQ's
+    scales of the group feeding it (through the GQA channel map where shared), multiplied. The saved
+    ``in_absmax`` is of x / factor: times the factor it is the block's own input."""
+    from quantkit.algorithms.awq import SCALES
+    from quantkit.algorithms.smoothquant import FACTORS
+    from quantkit.model.architectures import channel_map
+
+    factors: dict[str, torch.Tensor] = {}
+    blocks = {name.split(".")[len(arch.blocks.split("."))] for name in manifest.layers}
+    for block in blocks:
+        prefix = f"{arch.blocks}.{block}"
+        for groups, kind in ((arch.smooth, FACTORS), (arch.awq, SCALES)):
+            for group in groups:
+                scales = results.get(f"{prefix}.{group.prev}.{kind}")
+                for consumer in group.consumers if scales is not None else ():
+                    entry = manifest.layers.get(f"{prefix}.{consumer}")
+                    if entry is None:
+                        continue
+                    column_map = channel_map(group, config, entry.shape[1])
+                    factor = (scales if column_map is None else scales[column_map]).float()
+                    name = f"{prefix}.{consumer}"
+                    factors[name] = factors[name] * factor if name in factors else factor
+    return factors
 
 
 def _smoothed_groups(manifest, arch, results: dict[str, torch.Tensor]) -> list[SmoothedGroup]:
@@ -241,11 +258,9 @@ def _smoothed_groups(manifest, arch, results: dict[str, torch.Tensor]) -> list[S
 def write_html(report: InspectReport, out: Path, overwrite: bool = False) -> Path:
     """A self-contained HTML file: one figure (PNG, base64) and one table per section, plus the numbers as
     JSON (``<script id="quantkit-report" type="application/json">``)."""
-    from quantkit.files import REPORT_MARKER, check_output_path, staged_file
+    from quantkit.files import REPORT_MARKER, staged_file
 
-    if out.is_dir():
-        raise QuantkitError(f"output {out} is a directory; give the path of the .html file to write")
-    check_output_path(out, overwrite, [report.path])
+    check_report_output(out, overwrite, report.path)
     sections = [_weights_section(report)]
     if report.activations:
         sections.append(_activations_section(report))
@@ -270,15 +285,23 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-co
         ".note{color:#a60}img{max-width:100%}")
 
 
-def _figure(draw) -> str:
-    """draw(figure) on a new matplotlib figure -> an <img> with the PNG inline."""
+def check_report_output(out: Path, overwrite: bool, source: Path) -> None:
+    """Before any statistics: the report's path may be written and matplotlib is there."""
+    from quantkit.files import check_output_path
+
+    if out.is_dir():
+        raise QuantkitError(f"output {out} is a directory; give the path of the .html file to write")
+    check_output_path(out, overwrite, [source])
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise QuantkitError("the HTML report needs matplotlib: pip install 'quantkit[report]' "
                             "(or inspect without --out)") from None
-    matplotlib.use("Agg", force=True)
-    from matplotlib.figure import Figure
+
+
+def _figure(draw) -> str:
+    """draw(figure) on a new matplotlib figure -> an <img> with the PNG inline."""
+    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     figure = Figure(figsize=(11, 4), dpi=90, layout="constrained")
     draw(figure)
@@ -350,10 +373,10 @@ def _activations_section(report: InspectReport) -> str:
         axes.set_ylabel(f"Linear ({len(shown)} reading width {width}, in order)")
         figure.colorbar(mesh, ax=axes, label="log10 max |x|")
 
-    table = _table(["layer", "input absmax", "median channel", "outlier channels", "largest", "before smoothing"],
+    table = _table(["layer", "input absmax", "median channel", "outlier channels", "largest", "before scaling"],
                    [[r.name, r.absmax, r.median, r.outlier_count, ", ".join(map(str, r.outlier_channels)),
-                     "yes" if r.smoothed else "-"] for r in rows])
-    return _section("activations", "Activations: max |x| per input channel (calibration)", _figure(draw), table)
+                     "yes" if r.before_scaling else "-"] for r in rows])
+    return _section("activations", "Activations: max |x| per input channel (calibration; before SmoothQuant/AWQ scaling where marked)", _figure(draw), table)
 
 
 def _smoothing_section(report: InspectReport) -> str:
@@ -384,7 +407,7 @@ def _errors_section(report: InspectReport) -> str:
             values = [rows[i].output_sqnr_db if rows[i].output_sqnr_db is not None else rows[i].weight_sqnr_db
                       for i in indices]
             axes.plot(range(len(indices)), [math.nan if v is None else v for v in values], "o-", ms=3, label=kind)
-        axes.set_xlabel("block")
+        axes.set_xlabel("Linear of that kind, in block order")
         axes.set_ylabel("output SQNR dB (weight SQNR where none)")
         axes.legend(fontsize=7, ncol=4)
 

@@ -75,7 +75,7 @@ def _summary(report) -> list[str]:
         lines.append(f"activations: {sum(a.outlier_count > 0 for a in report.activations)} of "
                      f"{len(report.activations)} Linears' inputs have outlier channels; largest max |x| "
                      f"{worst.absmax:.4g} ({worst.name}, channel {worst.outlier_channels[0] if worst.outlier_channels else '-'}"
-                     f"{', before smoothing' if worst.smoothed else ''})")
+                     f"{', before SmoothQuant/AWQ scaling' if worst.before_scaling else ''})")
     if report.block_alpha:
         applied = [a for a in report.block_alpha.values() if a is not None]
         lines.append(f"smoothing: {len(applied)} of {len(report.block_alpha)} blocks smoothed"

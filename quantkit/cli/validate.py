@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import click
@@ -28,6 +29,9 @@ def validate(directory, backend, device, dtype, num_samples, seq_len, sqnr_margi
     """Run the quantized model in DIRECTORY through the kernels on regenerated calibration activations;
     compare every layer with the pure-torch reference and the float source; write validation.json and a
     summary into the manifest. Exits non-zero naming the layer when a check fails."""
+    if backend == "interpreter":
+        # Triton builds its interpreter helpers at import: the switch must precede the first import.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from quantkit import api
     from quantkit.cli import render
 

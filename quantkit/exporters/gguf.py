@@ -247,7 +247,7 @@ def _plan(source: ExportSource, ggml_type: str | None) -> _Plan:
         else:
             records += _float_record(source, source.arch.lm_head + ".weight", "output.weight", is_linear=True)
     computed = {}
-    if _rope_type(source.config) == "llama3":
+    if rope_type(source.config) == "llama3":
         computed["rope_freqs.weight"] = llama3_rope_factors(source.config)
         records.append(TensorRecord("rope_freqs.weight", "rope_parameters", tuple(computed["rope_freqs.weight"].shape),
                                     "F32", "float", "Llama 3 rope scaling factors, from the config"))
@@ -284,18 +284,18 @@ def _check_config(config, gguf_arch: str, tied: bool) -> list[str]:
     wanted = "gelu_pytorch_tanh" if gemma else "silu"
     if act != wanted:
         raise QuantkitError(f"hidden activation '{act}' is not expressible in GGUF's {gguf_arch} architecture ({wanted})")
-    rope = _rope_parameters(config)
-    rope_type = _rope_type(config)
-    if rope_type == "llama3" and gguf_arch != "llama":
+    rope = rope_parameters(config)
+    scaling = rope_type(config)
+    if scaling == "llama3" and gguf_arch != "llama":
         raise QuantkitError(f"rope scaling 'llama3' has no place in GGUF's {gguf_arch} architecture")
-    if rope_type == "linear" and gguf_arch != "gemma3":
+    if scaling == "linear" and gguf_arch != "gemma3":
         raise QuantkitError(f"linear rope scaling is written for gemma3 only, not {gguf_arch}")
-    if rope_type not in ("default", "llama3", "linear"):
-        raise QuantkitError(f"rope scaling '{rope_type}' is not supported by the GGUF exporter "
+    if scaling not in ("default", "llama3", "linear"):
+        raise QuantkitError(f"rope scaling '{scaling}' is not supported by the GGUF exporter "
                             "(unscaled rope, Llama 3's 'llama3' and Gemma 3's 'linear' are)")
     if gemma:
         _check_gemma(config, gguf_arch, tied)
-    if _rope_theta(config) is None:
+    if rope_theta(config) is None:
         raise QuantkitError("config has no rope_theta (rope_parameters)")
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
@@ -390,15 +390,15 @@ def _stacked_record(source: ExportSource, gguf_name: str, experts: list[str], re
                         activation_dropped=first.activation_dropped, experts=singles)
 
 
-def _rope_parameters(config) -> dict:
+def rope_parameters(config) -> dict:
     """The config's rope settings: transformers 5's ``rope_parameters`` merged over the older
     ``rope_scaling``; per layer type (Gemma 3), those of the full-attention layers (GGUF's rope.* keys)."""
     rope = {**(getattr(config, "rope_scaling", None) or {}), **(getattr(config, "rope_parameters", None) or {})}
     return dict(rope["full_attention"]) if isinstance(rope.get("full_attention"), dict) else rope
 
 
-def _rope_type(config) -> str:
-    rope = _rope_parameters(config)
+def rope_type(config) -> str:
+    rope = rope_parameters(config)
     return rope.get("rope_type") or rope.get("type") or "default"
 
 
@@ -410,11 +410,11 @@ def llama3_rope_factors(config) -> torch.Tensor:
     low_freq_factor, high_freq_factor: factor_i = 1 where w_i < L / high_freq_factor (kept), ``factor``
     where w_i > L / low_freq_factor (fully scaled), and in between 1 / ((1 - s) / factor + s) with
     s = (L / w_i - low_freq_factor) / (high_freq_factor - low_freq_factor) (Meta's interpolation)."""
-    rope = _rope_parameters(config)
+    rope = rope_parameters(config)
     factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
     original = float(rope["original_max_position_embeddings"])
     dim = _head_dim(config)
-    freqs = 1.0 / float(_rope_theta(config)) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    freqs = 1.0 / float(rope_theta(config)) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     wavelength = 2 * math.pi / freqs
     smooth = (original / wavelength - low) / (high - low)
     factors = 1.0 / ((1 - smooth) / factor + smooth)
@@ -423,8 +423,8 @@ def llama3_rope_factors(config) -> torch.Tensor:
     return factors.float()
 
 
-def _rope_theta(config) -> float | None:
-    rope = _rope_parameters(config)
+def rope_theta(config) -> float | None:
+    rope = rope_parameters(config)
     return rope.get("rope_theta", getattr(config, "rope_theta", None))
 
 
@@ -686,7 +686,7 @@ def _add_metadata(writer, plan: _Plan) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", config.num_attention_heads))
-    writer.add_rope_freq_base(float(_rope_theta(config)))
+    writer.add_rope_freq_base(float(rope_theta(config)))
     writer.add_rope_dimension_count(_head_dim(config))
     if _head_dim(config) != config.hidden_size // config.num_attention_heads and plan.gguf_arch not in _GEMMA_ARCHS:
         writer.add_key_length(_head_dim(config))
@@ -706,9 +706,9 @@ def _add_metadata(writer, plan: _Plan) -> None:
         if plan.gguf_arch == "gemma2":
             writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
             writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
-    if _rope_type(config) == "linear":
+    if rope_type(config) == "linear":
         writer.add_rope_scaling_type(gguf_rope_scaling_linear())
-        writer.add_rope_scaling_factor(float(_rope_parameters(config)["factor"]))
+        writer.add_rope_scaling_factor(float(rope_parameters(config)["factor"]))
     if source.arch.experts is not None:
         writer.add_expert_count(source.arch.experts.num_experts(config))
         writer.add_expert_used_count(config.num_experts_per_tok)

@@ -53,16 +53,18 @@ class GGUFVocab:
         self.special.add_to_gguf(writer, quiet=True)
 
 
-def read_vocab(directory: Path, vocab_size: int) -> GGUFVocab:
-    """The GGUF vocabulary of the tokenizer files in ``directory``, padded to ``vocab_size`` tokens."""
+def read_vocab(directory: Path, vocab_size: int, for_gguf: bool = True) -> GGUFVocab:
+    """The GGUF vocabulary of the tokenizer files in ``directory``, padded to ``vocab_size`` tokens.
+    ``for_gguf`` False (llama2.c's tokenizer.bin): no llama.cpp pre-tokenizer name is needed or checked."""
     directory = Path(directory)
+    target = "GGUF" if for_gguf else "llama2.c's tokenizer.bin"
     tokenizer_json = _load_json(directory / "tokenizer.json")
     if tokenizer_json is not None and _is_byte_level_bpe(tokenizer_json):
-        return _byte_level_vocab(directory, tokenizer_json, vocab_size)
+        return _byte_level_vocab(directory, tokenizer_json, vocab_size, for_gguf)
     if (directory / "tokenizer.model").is_file():
         return _sentencepiece_vocab(directory, tokenizer_json, vocab_size)
     kind = (tokenizer_json or {}).get("model", {}).get("type") if tokenizer_json else "missing"
-    raise QuantkitError(f"the tokenizer in {directory} ({kind}) cannot be written to GGUF; supported: byte-level "
+    raise QuantkitError(f"the tokenizer in {directory} ({kind}) cannot be written to {target}; supported: byte-level "
                         "BPE (tokenizer.json) and SentencePiece (tokenizer.model)")
 
 
@@ -134,10 +136,10 @@ def _pad(tokens: list[str | None], types: list[int], vocab_size: int, directory:
             types[index] = TokenType.UNUSED
 
 
-def _byte_level_vocab(directory: Path, tokenizer_json: dict, vocab_size: int) -> GGUFVocab:
+def _byte_level_vocab(directory: Path, tokenizer_json: dict, vocab_size: int, for_gguf: bool = True) -> GGUFVocab:
     from gguf import TokenType
 
-    pre = pre_tokenizer_name(tokenizer_json.get("pre_tokenizer"))
+    pre = pre_tokenizer_name(tokenizer_json.get("pre_tokenizer")) if for_gguf else None
     by_id: dict[int, tuple[str, int]] = {index: (token, TokenType.NORMAL)
                                          for token, index in tokenizer_json["model"]["vocab"].items()}
     for added in tokenizer_json.get("added_tokens", []):

@@ -20,7 +20,9 @@ its rows; everything else is requantized as llama2.c does, and the result says w
 tokenizer.bin (runq.c ``build_tokenizer``): uint32 max_token_length, then per token id: float32 score,
 int32 byte length, the bytes (no terminator); quantkit appends `TOKENIZER_TRAILER`, which runq.c never
 reads. The pieces are the token's bytes (byte-level BPE tokens decoded to raw bytes, SentencePiece's U+2581
-as a space, byte tokens kept as <0xNN> as runq.c expects), so runq.c's decoding of generated ids is exact.
+as a space, byte tokens kept as <0xNN> as runq.c expects, ids the tokenizer does not use as their [PAD<id>]
+filler), so runq.c prints generated ids as the tokenizer decodes them, but for its own printing rules (no
+space after BOS, a lone non-printable byte skipped).
 runq.c's prompt encoder is SentencePiece-style (dummy space prefix, merges by score, byte fallback at id
 byte + 3): SentencePiece scores are written as they are and prompts encode as llama2.c's own export does;
 for byte-level BPE the score of a merged token is minus its merge rank, and prompts encode only
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import math
 import struct
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,15 +40,15 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.exporters.gguf import rotary_row_permutation
 from quantkit.exporters.source import ExportSource
-from quantkit.files import check_output_path, staged_file
+from quantkit.files import LLAMA2C_MARKER as MARKER
+from quantkit.files import LLAMA2C_MARKER_OFFSET as MARKER_OFFSET
+from quantkit.files import LLAMA2C_TOKENIZER_TRAILER as TOKENIZER_TRAILER
+from quantkit.files import check_output_path, json_safe, staged_file
 from quantkit.formats import primitives
 
 MAGIC = 0x616B3432
 VERSION = 2
 HEADER_BYTES = 256
-MARKER = b"written by quantkit"          # in the header's zero padding
-MARKER_OFFSET = 64
-TOKENIZER_TRAILER = b"\0written by quantkit"
 DEFAULT_GROUP_SIZE = 64                  # llama2.c export.py's default
 RUNQ_ROPE_THETA = 10000.0
 RUNQ_NORM_EPS = 1e-5
@@ -85,12 +86,11 @@ class Llama2cExportResult:
         return [(status, len(values), reason, min(values)) for (status, reason), values in groups.items()]
 
     def to_dict(self) -> dict:
-        finite = lambda v: None if v is None or math.isinf(v) else v   # noqa: E731 - JSON has no inf
         return {"out": str(self.out), "tokenizer": str(self.tokenizer), "format": "llama2c", "version": VERSION,
                 "group_size": self.group_size, "shared_classifier": self.shared_classifier,
                 "size_bytes": self.size_bytes, "notes": self.notes,
                 "tensors": [{"name": t.name, "status": t.status, "reason": t.reason,
-                             "weight_sqnr_db": finite(t.weight_sqnr_db)} for t in self.tensors]}
+                             "weight_sqnr_db": json_safe(t.weight_sqnr_db)} for t in self.tensors]}
 
 
 def quantize_q80(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,32 +112,36 @@ def dequantize_q80(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -
 
 
 def carried_q80(quant, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | str:
-    """A quantkit `QuantTensor` as llama2.c's (codes, scales) when its grid is exactly Q8 in groups of
-    ``group_size`` along the rows; else the reason it is not."""
+    """A quantkit `QuantTensor` as llama2.c's (codes [out, in] int8, scales [out, in / group_size] float32)
+    when it is int8 symmetric with one scale over every ``group_size`` consecutive values of a row (its own
+    groups, rows or tensor a multiple of that: each scale is repeated); else the reason it is not."""
     spec = quant.spec
     if spec.format != "int" or spec.bits != 8 or not spec.symmetric:
         return f"{spec.format}{spec.bits if spec.format == 'int' else ''} {'sym' if spec.symmetric else 'asym'} " \
                "grid: llama2.c holds int8 symmetric"
     if quant.g_idx is not None:
         return "act-order groups (g_idx): llama2.c's groups are consecutive"
-    if quant.global_scale is not None or quant.super_scale is not None or quant.row_block != 1:
-        return "two-level or 2-D scales: llama2.c has one scale per group"
-    if quant.group_size != group_size or quant.ragged:
-        what = "per channel" if quant.group_size == quant.shape[1] else f"groups of {quant.group_size}"
-        return f"{what}: the file's groups are {group_size}"
-    return quant.codes.reshape(-1), quant.scale.float().reshape(-1)
+    if quant.global_scale is not None or quant.super_scale is not None:
+        return "two-level scales: llama2.c has one scale per group"
+    if quant.group_size % group_size:
+        return f"groups of {quant.group_size}: not a multiple of the file's {group_size}"
+    scales = primitives.expand_params(quant.scale.float(), quant.shape, quant.group_size, None, quant.row_block)
+    return quant.codes, scales[:, ::group_size].expand(quant.shape[0], -1).contiguous()   # per-tensor: one row
 
 
 def choose_group_size(source: ExportSource, dim: int, hidden_dim: int) -> int:
-    """The group size that carries the most Linears exactly (int8 symmetric groups dividing dim and hidden_dim);
-    without one, llama2.c's 64 halved until it divides both (its export backs off the same way on dim)."""
+    """The group size that carries every int8 symmetric Linear exactly: the greatest common divisor of dim,
+    hidden_dim and their group sizes (a per-channel grid's is its row length), at least 8; without such a
+    Linear, llama2.c's 64 halved until it divides dim and hidden_dim (its export backs off the same way)."""
+    size = math.gcd(dim, hidden_dim)
+    carried = False
     if source.manifest is not None:
-        sizes = Counter(entry.scheme.weight.group_size for entry in source.manifest.layers.values()
-                        if entry.scheme.weight.format == "int" and entry.scheme.weight.bits == 8
-                        and entry.scheme.weight.symmetric and (entry.scheme.weight.group_size or 0) > 0)
-        for size, _ in sizes.most_common():
-            if dim % size == 0 and hidden_dim % size == 0:
-                return size
+        for entry in source.manifest.layers.values():
+            spec = entry.scheme.weight
+            if spec.format == "int" and spec.bits == 8 and spec.symmetric and spec.super_group is None:
+                size, carried = math.gcd(size, primitives.group_size_for(spec, entry.shape[1])), True
+    if carried and size >= 8:
+        return size
     size = DEFAULT_GROUP_SIZE
     while dim % size or hidden_dim % size:
         size //= 2
@@ -156,7 +160,7 @@ def export_llama2c(source_dir, out, *, overwrite: bool = False) -> Llama2cExport
     config, notes = source.config, _check_model(source)
     dim, hidden_dim = config.hidden_size, config.intermediate_size
     group_size = choose_group_size(source, dim, hidden_dim)
-    shared = source.tied_embeddings and source.arch.lm_head not in source.linear_names()
+    shared = _shared_classifier(source)
     pieces, scores, vocab_notes = tokenizer_pieces(source)
     tensors: list[Llama2cTensor] = []
     # both files staged beside their outputs; the tokenizer is renamed into place just before the model
@@ -175,6 +179,16 @@ def export_llama2c(source_dir, out, *, overwrite: bool = False) -> Llama2cExport
                                notes + vocab_notes, out.stat().st_size)
 
 
+def _shared_classifier(source: ExportSource) -> bool:
+    """Tied and not stored, or stored (float) equal to the embeddings, as llama2.c's export decides."""
+    lm_head = source.arch.lm_head
+    if lm_head not in source.linear_names():
+        return True
+    if source.is_quantized(lm_head):
+        return False
+    return torch.equal(source.tensor(lm_head + ".weight"), source.tensor(source.arch.embeddings + ".weight"))
+
+
 def _check_model(source: ExportSource) -> list[str]:
     """Refuse what runq.c cannot run; notes for what it runs with its own constants."""
     config, arch = source.config, source.arch
@@ -191,18 +205,20 @@ def _check_model(source: ExportSource) -> list[str]:
     if getattr(config, "sliding_window", None):
         raise QuantkitError(f"the model attends in a sliding window of {config.sliding_window}; runq.c attends to "
                             "every position")
-    from quantkit.exporters.gguf import _rope_theta, _rope_type
+    from quantkit.exporters.gguf import rope_theta, rope_type
 
-    if _rope_type(config) != "default":
-        raise QuantkitError(f"the model uses {_rope_type(config)} rope scaling; runq.c has plain RoPE only")
+    if rope_type(config) != "default":
+        raise QuantkitError(f"the model uses {rope_type(config)} rope scaling; runq.c has plain RoPE only")
     notes = []
-    theta = _rope_theta(config)
+    theta = rope_theta(config)
     if theta is not None and float(theta) != RUNQ_ROPE_THETA:
         notes.append(f"the model's RoPE theta is {theta:g} but runq.c hard-codes {RUNQ_ROPE_THETA:g} (the format "
                      f"has no field for it): change 10000.0f in runq.c's RoPE loop to {theta:g} before running")
     eps = getattr(config, "rms_norm_eps", RUNQ_NORM_EPS)
     if float(eps) != RUNQ_NORM_EPS:
         notes.append(f"the model's RMSNorm epsilon is {eps:g}; runq.c uses 1e-5 (outputs differ slightly)")
+    if getattr(config, "bos_token_id", 1) not in (1, None):
+        notes.append(f"the model's BOS id is {config.bos_token_id}; runq.c starts every sequence with id 1")
     if source.manifest is not None and any(e.scheme.activation is not None for e in source.manifest.layers.values()):
         notes.append("activation grids are dropped: runq.c quantizes every matmul's input to int8 in groups of "
                      "the file's group size at run time")
@@ -244,7 +260,6 @@ def _q8_tensor(source: ExportSource, name: str, weight: str, group_size: int
         carried = carried_q80(quant, group_size)
         if not isinstance(carried, str):
             codes, scales = carried
-            codes, scales = codes.reshape(quant.shape), scales.reshape(quant.shape[0], -1)
             if permutation is not None:
                 codes, scales = codes[permutation], scales[permutation]
             return codes.reshape(-1), scales.reshape(-1), Llama2cTensor(name, "carried", "int8 sym codes", math.inf)
@@ -278,7 +293,7 @@ def tokenizer_pieces(source: ExportSource) -> tuple[list[bytes], list[float], li
 
     from quantkit.exporters.gguf_vocab import read_vocab
 
-    vocab = read_vocab(source.path, source.config.vocab_size)
+    vocab = read_vocab(source.path, source.config.vocab_size, for_gguf=False)
     pieces: list[bytes] = []
     if vocab.model == "gpt2":
         from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -289,19 +304,23 @@ def tokenizer_pieces(source: ExportSource) -> tuple[list[bytes], list[float], li
             {"".join(merge): rank for rank, merge in enumerate(vocab.special.merges)}
         scores = []
         for token, kind in zip(vocab.tokens, vocab.token_types):
-            if kind == TokenType.UNUSED:
-                pieces.append(b"")
-            elif kind == TokenType.NORMAL and all(char in to_byte for char in token):
+            if kind == TokenType.NORMAL and all(char in to_byte for char in token):
                 pieces.append(bytes(to_byte[char] for char in token))
             else:
                 pieces.append(token.encode("utf-8"))
             scores.append(-float(ranks.get(token, len(ranks))))
-        notes = ["byte-level BPE vocabulary: runq.c decodes generated ids exactly but encodes prompts only "
-                 "approximately (it has no pre-tokenizer and falls back to id byte + 3)"]
-        return pieces, scores, notes
-    for token, kind in zip(vocab.tokens, vocab.token_types):
-        pieces.append(b"" if kind == TokenType.UNUSED else token.replace("\u2581", " ").encode("utf-8"))
-    return pieces, [float(s) for s in vocab.scores], []
+        notes = ["byte-level BPE vocabulary: runq.c prints generated ids as the tokenizer decodes them but encodes "
+                 "prompts only approximately (it has no pre-tokenizer and falls back to id byte + 3)"]
+        return _non_empty(pieces), scores, notes
+    for token in vocab.tokens:
+        pieces.append(token.replace("\u2581", " ").encode("utf-8"))
+    return _non_empty(pieces), [float(s) for s in vocab.scores], []
+
+
+def _non_empty(pieces: list[bytes]) -> list[bytes]:
+    """runq.c cannot read a zero-length piece (its fread of 0 bytes reports a failed read): such an id
+    (none in practice) gets its number as text."""
+    return [piece or f"[{index}]".encode() for index, piece in enumerate(pieces)]
 
 
 def write_tokenizer(pieces: list[bytes], scores: list[float], out: Path, overwrite: bool) -> None:
