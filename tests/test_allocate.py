@@ -113,10 +113,10 @@ def test_target_bits_met_exactly_in_the_written_files(allocated):
                      if role != "bias")
     weights = sum(math.prod(entry.shape) for entry in manifest.layers.values())
     assert 8 * grid_bytes / weights <= 3.6
-    assert manifest.allocation["achieved"]["bits"] == pytest.approx(8 * grid_bytes / weights)
-    assert manifest.allocation["achieved"]["grid_bytes"] == manifest.allocation["planned_bytes"] == grid_bytes
+    assert manifest.allocation.achieved.bits == pytest.approx(8 * grid_bytes / weights)
+    assert manifest.allocation.achieved.grid_bytes == manifest.allocation.planned_bytes == grid_bytes
     # mixed: more than one grid, every layer's rule names the allocated recipe
-    assert len(manifest.allocation["chosen"]) > 1
+    assert len(manifest.allocation.chosen) > 1
     assert all(entry.rule.startswith("recipe rule") for entry in manifest.layers.values())
     # the per-layer record: each layer's chosen candidate bytes equal its tensors in the file
     table = json.loads((out / "allocation.json").read_text())["layers"]
@@ -172,7 +172,7 @@ def test_target_size_counts_the_whole_output(llama_dir, text_file, tmp_path):
                                        sensitivity="layer"))
     written = sum((result.out / f).stat().st_size for f in result.manifest.weight_files)
     assert written <= target
-    assert result.manifest.allocation["achieved"]["weight_file_bytes"] == written
+    assert result.manifest.allocation.achieved.weight_file_bytes == written
     assert written > 0.97 * target     # the header bound is tight enough to spend the budget
 
 
@@ -182,14 +182,14 @@ def test_moe_model_allocates(qwen3_moe_dir, text_file, tmp_path):
                                        num_samples=4, seq_len=32, target_bits=4.5, candidates="int3-g32,int4-g32,int8-g32",
                                        out=tmp_path / "moe"))
     allocation = result.manifest.allocation
-    assert allocation["achieved"]["grid_bytes"] == allocation["planned_bytes"]
+    assert allocation.achieved.grid_bytes == allocation.planned_bytes
     experts = {e.scheme.weight.bits for n, e in result.manifest.layers.items() if ".experts." in n}
-    assert len(allocation["chosen"]) > 1 and experts
+    assert len(allocation.chosen) > 1 and experts
     source = sum(p.stat().st_size for p in qwen3_moe_dir.glob("*.safetensors"))
     sized = calibrate(CalibrateConfig(model=str(qwen3_moe_dir), scheme="w4a16", algorithm="rtn", dataset=str(text_file),
                                       num_samples=4, seq_len=32, target_size=str(int(source * 0.3)),
                                       candidates="int3-g32,int4-g32,int8-g32", out=tmp_path / "moe-size"))
-    written = sized.manifest.allocation["achieved"]["weight_file_bytes"]
+    written = sized.manifest.allocation.achieved.weight_file_bytes
     assert 0.93 * source * 0.3 < written <= source * 0.3   # a tiny model: the header bounds weigh most
 
 
@@ -199,8 +199,8 @@ def test_hqq_zero_points_are_counted(llama_dir, text_file, tmp_path):
                                        num_samples=4, seq_len=32, target_bits=5.0,
                                        candidates="int3-g32,int4-g32,int4-g64,int8-g64", out=tmp_path / "hqq"))
     allocation = result.manifest.allocation      # int3-g32 alone: 3 + (16 + 32) / 32 = 4.5 bits with fp32 zeros
-    assert allocation["achieved"]["grid_bytes"] == allocation["planned_bytes"]
-    assert allocation["achieved"]["bits"] <= 5.0
+    assert allocation.achieved.grid_bytes == allocation.planned_bytes
+    assert allocation.achieved.bits <= 5.0
 
 
 def test_solver_ties_prefer_the_cheaper_option_and_refuse_non_finite_losses():
@@ -216,7 +216,13 @@ def test_cli_target_bits_json_and_table(llama_dir, text_file, tmp_path):
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout)
     assert summary["allocation"]["achieved"]["bits"] <= 4.25
-    assert Manifest.load(tmp_path / "a").allocation == summary["allocation"]
+    manifest = Manifest.load(tmp_path / "a")
+    assert manifest.allocation.to_dict() == summary["allocation"]
+    assert manifest.allocation.achieved.bits == summary["allocation"]["achieved"]["bits"]   # typed on reading
+    document = json.loads((tmp_path / "a" / "quant_manifest.json").read_text())
+    del document["allocation"]["achieved"]
+    with pytest.raises(QuantkitError, match="'allocation' has a missing or malformed field"):
+        Manifest.from_dict(document)
     assert get_scheme("w4a16").name in summary["schemes"]
     done = run_cli(*common, "--out", tmp_path / "b")
     assert done.exit_code == 0, done.output
@@ -263,5 +269,5 @@ def test_imatrix_allocates_on_symmetric_candidates_without_sym(llama_dir, text_f
     result = calibrate(CalibrateConfig(model=str(llama_dir), scheme="w4a16", algorithm="imatrix",
                                        dataset=str(text_file), num_samples=4, seq_len=32, target_bits=4.0,
                                        candidates="int3-g64-sym,int4-g64-sym,int8-g64-sym", out=tmp_path / "imatrix"))
-    assert result.manifest.allocation["achieved"]["bits"] <= 4.0
+    assert result.manifest.allocation.achieved.bits <= 4.0
     assert {entry.algorithm for entry in result.manifest.layers.values()} == {"imatrix"}

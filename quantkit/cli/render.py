@@ -108,13 +108,13 @@ def calibration_table(result) -> Table:
                                                              f"range {ratios[0]:.3f}-{ratios[-1]:.3f}")
     allocation = manifest.allocation
     if allocation:
-        achieved, target = allocation["achieved"], allocation["target"]
+        achieved, target = allocation.achieved, allocation.target
         asked = f"{target['bits']} bits" if "bits" in target else f"{target['size_bytes'] / 1e6:.1f} MB"
-        table.add_row("allocation target", f"{asked} ({allocation['sensitivity']} sensitivity)")
-        table.add_row("allocation achieved", f"{achieved['bits']:.4f} bits per weight, "
-                                             f"weight files {achieved['weight_file_bytes'] / 1e6:.2f} MB")
-        table.add_row("allocation grids", ", ".join(f"{label} x{n}" for label, n in allocation["chosen"].items()))
-        table.add_row("allocation recipe", str(result.out / allocation["recipe_file"]))
+        table.add_row("allocation target", f"{asked} ({allocation.sensitivity} sensitivity)")
+        table.add_row("allocation achieved", f"{achieved.bits:.4f} bits per weight, "
+                                             f"weight files {achieved.weight_file_bytes / 1e6:.2f} MB")
+        table.add_row("allocation grids", ", ".join(f"{label} x{n}" for label, n in allocation.chosen.items()))
+        table.add_row("allocation recipe", str(result.out / allocation.recipe_file))
     return table
 
 
@@ -147,7 +147,7 @@ def calibration_json(result) -> dict:
         "estimate": manifest.summary.estimate,
         "notes": layer_notes(manifest),
         **({"block_loss": {block: {"before": b, "after": a} for block, (b, a) in refined.items()}} if refined else {}),
-        **({"allocation": manifest.allocation} if manifest.allocation else {}),
+        **({"allocation": manifest.allocation.to_dict()} if manifest.allocation else {}),
     }
 
 

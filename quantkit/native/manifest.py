@@ -169,6 +169,43 @@ class Summary:
 
 
 @dataclass
+class AchievedSize:
+    """What the written files hold: stored bits per weight of the quantized Linears (codes, scales, zeros,
+    second-level scales), those tensors' bytes, and the weight files' bytes."""
+
+    bits: float
+    grid_bytes: int
+    weight_file_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AllocationInfo:
+    """--target-bits/--target-size (`quantkit.run.allocate`): the target, the budget the solver met, the grids
+    it chose (label -> Linears), the size the files achieved, and the recipe file it wrote."""
+
+    target: dict[str, float]               # {"bits": B} or {"size_bytes": N, "fixed_bytes_bound": F}
+    sensitivity: str                       # "block" | "layer"
+    budget_bytes: int
+    planned_bytes: int
+    planned_bits: float
+    candidates: list[str]
+    chosen: dict[str, int]
+    seconds: float
+    recipe_file: str
+    achieved: AchievedSize
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "achieved": self.achieved.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AllocationInfo":
+        return cls(**{**data, "achieved": AchievedSize(**data["achieved"])})
+
+
+@dataclass
 class Manifest:
     tool: ToolInfo
     source: SourceInfo
@@ -183,7 +220,7 @@ class Manifest:
     summary: Summary = field(default_factory=Summary)
     format_version: int = FORMAT_VERSION
     gguf_file_type: str | None = None                  # the llama.cpp file type the plan follows (Q4_K_M, ...)
-    allocation: dict | None = None                     # --target-bits/--target-size: the budget and the choice
+    allocation: AllocationInfo | None = None           # --target-bits/--target-size: the budget and the choice
 
     def to_dict(self) -> dict:
         return {
@@ -200,7 +237,7 @@ class Manifest:
             "summary": self.summary.to_dict(),
             "layers": {name: entry.to_dict() for name, entry in self.layers.items()},
             **({"gguf_file_type": self.gguf_file_type} if self.gguf_file_type else {}),
-            **({"allocation": self.allocation} if self.allocation else {}),
+            **({"allocation": self.allocation.to_dict()} if self.allocation else {}),
         }
 
     @classmethod
@@ -228,6 +265,10 @@ class Manifest:
                 raise QuantkitError(f"{where}: layer {name} has a missing or malformed field "
                                     f"({type(error).__name__}: {error})") from None
         try:
+            allocation = AllocationInfo.from_dict(data["allocation"]) if data.get("allocation") else None
+        except (KeyError, TypeError) as error:
+            raise QuantkitError(f"{where}: 'allocation' has a missing or malformed field ({error})") from None
+        try:
             sections = dict(
                 tool=_section(ToolInfo, data["tool"], where, "tool"),
                 source=_section(SourceInfo, data["source"], where, "source"),
@@ -241,7 +282,7 @@ class Manifest:
             storage_dtype=data["storage_dtype"], ignored=dict(data.get("ignored") or {}), recipe=data.get("recipe"),
             weight_files=list(data.get("weight_files") or []), search_results=data.get("search_results"),
             format_version=version, layers=layers, gguf_file_type=data.get("gguf_file_type"),
-            allocation=data.get("allocation"), **sections,
+            allocation=allocation, **sections,
         )
 
     def save(self, directory: Path) -> Path:

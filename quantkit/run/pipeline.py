@@ -61,6 +61,8 @@ from quantkit.model.checkpoint import (
 )
 from quantkit.model.qlinear import QuantLinear
 from quantkit.native.manifest import (
+    AchievedSize,
+    AllocationInfo,
     CalibrationInfo,
     LayerEntry,
     Manifest,
@@ -212,7 +214,7 @@ class _Run:
     gguf_file_type: str | None = None   # the llama.cpp file type the plan follows (--scheme q4_k_m)
     candidates: list[Candidate] | None = None   # --target-bits/--target-size: the grids the allocation chooses from
     allocation: Allocation | None = None
-    allocation_record: dict | None = None   # the manifest's: the allocation with the achieved size from the files
+    allocation_record: AllocationInfo | None = None   # the manifest's: the allocation, the achieved size from the files
     measurements: dict | None = None    # sensitivities measured by this run (kept in the work dir for --resume)
     fixed_bytes: int = 0                # --target-size: the weight files' bytes no allocation changes (bound)
 
@@ -740,23 +742,24 @@ def _record_allocation(run: _Run, directory: Path, files: list[str], layers: dic
                      if role not in ("bias", "input_scale", "input_zero", "input_global_scale"))
     weights = sum(math.prod(entry.shape) for entry in layers.values())
     file_bytes = sum((directory / f).stat().st_size for f in files)
-    achieved = {"bits": 8 * grid_bytes / weights, "grid_bytes": grid_bytes, "weight_file_bytes": file_bytes}
+    achieved = AchievedSize(bits=8 * grid_bytes / weights, grid_bytes=grid_bytes, weight_file_bytes=file_bytes)
     target = allocation.target
-    over = (achieved["bits"] > target["bits"] if "bits" in target else file_bytes > target["size_bytes"])
+    over = (achieved.bits > target["bits"] if "bits" in target else file_bytes > target["size_bytes"])
     if over:
         raise QuantkitError(f"the written weights ({achieved}) exceed the target {target}: this is a quantkit bug, "
                             "nothing was published; please report it")
-    run.allocation_record = {**allocation.to_dict(), "achieved": achieved}
+    run.allocation_record = AllocationInfo.from_dict({**allocation.to_dict(), "achieved": achieved.to_dict()})
     asked = (f"--target-bits {target['bits']}" if "bits" in target else f"--target-size {run.config.target_size}")
     (directory / allocate.RECIPE_FILE).write_text(
-        f"# quantkit calibrate {asked}: {achieved['bits']:.4f} bits per weight; rerun with --recipe {allocate.RECIPE_FILE}\n"
+        f"# quantkit calibrate {asked}: {achieved.bits:.4f} bits per weight; rerun with --recipe {allocate.RECIPE_FILE}\n"
         + yaml.safe_dump(run.recipe, sort_keys=False, width=120))
     table = {name: {"weights": layer.weights, "gains": layer.gains, "inverse_energy": layer.inverse_energy,
                     "chosen": allocation.candidates[allocation.chosen[name]].label,
                     "candidates": {c.label: {"bytes": layer.bytes[i], "error": layer.error[i]}
                                    for i, c in enumerate(allocation.candidates)}}
              for name, layer in allocation.layers.items()}
-    (directory / "allocation.json").write_text(json.dumps({**run.allocation_record, "layers": table}, indent=1) + "\n")
+    (directory / "allocation.json").write_text(json.dumps({**run.allocation_record.to_dict(), "layers": table},
+                                                          indent=1) + "\n")
 
 
 def _save_search_results(directory: Path, results: dict[str, torch.Tensor]) -> str | None:
