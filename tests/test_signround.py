@@ -90,6 +90,23 @@ def test_the_rounded_weight_is_kept_where_nearest_rounding_gives_the_initial_cod
     assert ((grid.rounded_from / step - searched.codes.float()).abs()[moved] <= 0.45 + 1e-5).all()
 
 
+def test_default_init_is_imatrix_where_it_searches_the_grid_else_rtn():
+    from quantkit.algorithms.signround import default_init
+
+    assert default_init(WeightSpec(4, "group", True, 64)) == "imatrix"
+    assert default_init(WeightSpec(4, "group", False, 64)) == "rtn"                  # asymmetric: no imatrix search
+    assert default_init(get_scheme("q4_k").weight) == "imatrix"
+    assert default_init(get_scheme("q8_0").weight) == "rtn"
+
+
+@pytest.mark.parametrize("auto_is,options", [("imatrix", dict(symmetric=True)), ("rtn", dict(symmetric=False, bits=3))])
+def test_zero_iterations_of_the_default_init_equal_what_it_resolves_to(llama_dir, tmp_path, auto_is, options):
+    _run(llama_dir, tmp_path / "init", scheme="w4a16", group_size=32, algorithm=auto_is, **options)
+    _run(llama_dir, tmp_path / "sr", scheme="w4a16", group_size=32, algorithm="signround", options=dict(iters=0),
+         **options)
+    _assert_same_codes(tmp_path / "init", tmp_path / "sr")
+
+
 @pytest.mark.parametrize("init,options", [
     ("gptq", dict(scheme="w4a16", group_size=32)),
     ("rtn", dict(scheme="w4a16", group_size=32, symmetric=False, bits=3)),

@@ -116,8 +116,8 @@ class BlockRefinement(Protocol):
     """An algorithm that quantizes its Linears with an initial algorithm (its ``init``), then improves the
     whole block's codes together against the block's float outputs (SignRound)."""
 
-    def initial(self, options: dict) -> tuple[str, dict]:
-        """The initial algorithm and its options, from this algorithm's options."""
+    def initial(self, options: dict, spec: WeightSpec) -> tuple[str, dict]:
+        """The initial algorithm and its options on grid ``spec``, from this algorithm's options."""
 
     def initialize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext
                    ) -> tuple[QuantTensor, dict, torch.Tensor]:
@@ -159,12 +159,12 @@ def get_algorithm(name: str) -> WeightAlgorithm:
     return _REGISTRY[name]()
 
 
-def base_algorithm(name: str, options: dict) -> tuple[str, dict]:
-    """The algorithm whose statistics, block transform and quantizer a Linear's assignment runs first:
-    the algorithm itself, or a refinement's initial algorithm with its options."""
+def base_algorithm(name: str, options: dict, spec: WeightSpec) -> tuple[str, dict]:
+    """The algorithm whose statistics, block transform and quantizer a Linear's assignment runs first on grid
+    ``spec``: the algorithm itself, or a refinement's initial algorithm with its options."""
     algorithm = get_algorithm(name)
     if isinstance(algorithm, BlockRefinement):
-        return algorithm.initial(options)
+        return algorithm.initial(options, spec)
     return name, options
 
 
@@ -172,7 +172,7 @@ def validate_grid(name: str, options: dict, spec: WeightSpec) -> None:
     """Raise QuantkitError, before any work, when the algorithm, or a refinement's initial algorithm, cannot
     produce ``spec``."""
     get_algorithm(name).validate(spec)
-    base, _ = base_algorithm(name, options)
+    base, _ = base_algorithm(name, options, spec)
     if base != name:
         get_algorithm(base).validate(spec)
 

@@ -1,6 +1,6 @@
 """SignRound (Cheng et al. 2023, arXiv 2309.05516; intel/auto-round): block-wise learned rounding.
 
-Every Linear of the block is first quantized by an initial algorithm (``init``: rtn, gptq, awq or imatrix);
+Every Linear of the block is first quantized by an initial algorithm (``init``: auto, rtn, gptq, awq or imatrix);
 then the block's rounding is learned against its float outputs, all its SignRound Linears together:
 
     code  = clamp(round((w0 + off) / s + V) + z, qmin, qmax),     w_hat = (code - z) * s - off
@@ -49,9 +49,21 @@ from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.formats.schemes import WeightSpec
 from quantkit.model.qlinear import QuantLinear, set_submodule
 
-INITS = ("rtn", "gptq", "awq", "imatrix")
+INITS = ("auto", "rtn", "gptq", "awq", "imatrix")
 OFFSET_BOUND = 0.5           # |V| <= 0.5: a code moves at most one step from nearest rounding
 FACTOR_RANGE = (0.5, 1.0)    # the learned range shrinks a group's range at most to half
+
+
+def default_init(spec: WeightSpec) -> str:
+    """init=auto: imatrix (llama.cpp's importance-weighted scale search) on the grids it searches (symmetric
+    integer groups, K-quants, Q4_0/Q5_0), rtn elsewhere. Measured on SmolLM2 with 50 steps (docs/benchmarks.md,
+    issue 16): int4 g64 sym 25.24 from imatrix against 25.95 from rtn and 27.48 from gptq; on Q4_K_M's grids
+    imatrix and gptq tie (18.84) in llama.cpp."""
+    try:
+        get_algorithm("imatrix").validate(spec)
+    except QuantkitError:
+        return "rtn"
+    return "imatrix"
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -229,8 +241,8 @@ def _trainable(value):
 
 @register("signround")
 class SignRound:
-    """Options: init (rtn: where the codes start; gptq, awq, imatrix; rtn measured best on SmolLM2, see
-    docs/benchmarks.md "Issue 16"), iters (200 steps per block; 0 keeps the
+    """Options: init (auto: where the codes start, `default_init`: imatrix where it searches the grid, else
+    rtn; or rtn, gptq, awq, imatrix), iters (200 steps per block; 0 keeps the
     initial codes), lr (0: 1 / iters, AutoRound's default), range_lr (0: lr; of the range factors),
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
     best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
@@ -240,7 +252,7 @@ class SignRound:
 
     @dataclass(frozen=True)
     class Options(GPTQ.Options, AWQ.Options):   # the initial algorithms' options (rtn's llama_cpp is GPTQ's too)
-        init: str = option("rtn", choices=INITS)
+        init: str = option("auto", choices=INITS)
         iters: int = option(200, minimum=0)
         lr: float = option(0.0, minimum=0.0)
         range_lr: float = option(0.0, minimum=0.0)
@@ -257,14 +269,16 @@ class SignRound:
             raise QuantkitError(f"signround learns offsets on integer grids (int, K-quants); {spec.describe()} "
                                 "has a float element grid: use gptq")
 
-    def initial(self, options: dict) -> tuple[str, dict]:
+    def initial(self, options: dict, spec: WeightSpec) -> tuple[str, dict]:
         init = parse_options(self.name, options).init
+        if init == "auto":
+            init = default_init(spec)
         known = {f.name for f in fields(get_algorithm(init).Options)}
         return init, {key: value for key, value in options.items() if key in known}
 
     def initialize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext
                    ) -> tuple[QuantTensor, dict, torch.Tensor]:
-        name, options = self.initial(context.options)
+        name, options = self.initial(context.options, spec)
         algorithm = get_algorithm(name)
         init_context = dataclasses.replace(context, options=options)
         rounding = getattr(algorithm, "rounding", None)

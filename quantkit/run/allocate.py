@@ -139,8 +139,8 @@ def extra_bytes(algorithm: str, options: dict, quant: QuantTensor) -> int:
     """Bytes an algorithm's output stores beyond the round-to-nearest QuantTensor ``quant`` of the same grid:
     GPTQ's act-order group indices (int32 per input column) when its groups follow the permuted order
     (act_order without static_groups); HQQ's fractional zero points, stored as float32 instead of int8."""
-    name, base_options = base_algorithm(algorithm, options)
     spec = quant.spec
+    name, base_options = base_algorithm(algorithm, options, spec)
     if name == "hqq" and quant.zero is not None:
         return 3 * quant.zero.numel()
     if name != "gptq":

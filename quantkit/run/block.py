@@ -106,7 +106,8 @@ class BlockQuantizer:
         self.float_importance: dict[str, LayerStats] = {}  # --imatrix-from float: Σx² on the float model
         # what each Linear runs first: its algorithm, or a refinement's initial one (SignRound's init)
         self.base = {name: dataclasses.replace(a, algorithm=base[0], options=base[1])
-                     for name, a in job.assigned.items() for base in [base_algorithm(a.algorithm, a.options)]}
+                     for name, a in job.assigned.items()
+                     for base in [base_algorithm(a.algorithm, a.options, a.scheme.weight)]}
         self.rounded_from: dict[str, torch.Tensor] = {}   # refinement's Linears: the weight their codes came from
         self.source_weights: dict[str, torch.Tensor] = {}  # and their weights before quantization (metrics)
 

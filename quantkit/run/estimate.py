@@ -134,7 +134,8 @@ def _statistics_bytes(run, shapes) -> int:
         if assignment is None or weight is None:
             continue
         out_features, in_features = weight[0]
-        algorithm, options = base_algorithm(assignment.algorithm, assignment.options)  # a refinement's init
+        algorithm, options = base_algorithm(assignment.algorithm, assignment.options,
+                                             assignment.scheme.weight)  # a refinement's init
         kinds = get_algorithm(algorithm).statistics
         # MoE experts: Hessians of at most --expert-batch experts are alive at once; AWQ captures the
         # routed tokens, top_k of every E experts' worth in all

@@ -54,7 +54,7 @@ def _with_type(assignment: LayerAssignment, ggml_type: str, why: str) -> LayerAs
     except QuantkitError:     # imatrix: Q4_1/Q5_1's float16 minimum is no integer zero point, Q8_0 has no search
         algorithm, options = "rtn", {}
         why = f"{why}; {assignment.algorithm} does not search {ggml_type}: rtn"
-    if base_algorithm(algorithm, options)[0] in ("rtn", "gptq") and ggml_symmetric_type(scheme.weight) is not None:
+    if base_algorithm(algorithm, options, scheme.weight)[0] in ("rtn", "gptq") and ggml_symmetric_type(scheme.weight) is not None:
         options = {**options, "llama_cpp": True}   # llama.cpp's rounding (rtn) or weighted grid (gptq) of Q4_0/Q5_0
     rule = f"{assignment.rule} -> {ggml_type}" + (f" ({why})" if why else "")
     return dataclasses.replace(assignment, scheme=scheme, algorithm=algorithm, options=options, rule=rule)

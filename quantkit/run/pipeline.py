@@ -405,7 +405,7 @@ def _preflight(run: _Run, progress: Progress) -> None:
 
 def _base(assignment: LayerAssignment) -> str:
     """The algorithm a layer runs first (a refinement's initial one)."""
-    return base_algorithm(assignment.algorithm, assignment.options)[0]
+    return base_algorithm(assignment.algorithm, assignment.options, assignment.scheme.weight)[0]
 
 
 def _needs_calibration(assignment: LayerAssignment) -> bool:
