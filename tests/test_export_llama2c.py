@@ -236,10 +236,12 @@ def test_rope_theta_mismatch_is_reported(tmp_path):
     from conftest import make_checkpoint, save_tokenizer  # noqa: F401 - the fixture helpers
     from test_export_gguf import save_byte_level_bpe
 
-    source = make_checkpoint(tmp_path / "theta", "llama", vocab_size=320, rope_theta=100000.0, outlier_channels=0)
+    source = make_checkpoint(tmp_path / "theta", "llama", vocab_size=320, rope_theta=100000.0, outlier_channels=0,
+                             rms_norm_eps=float(torch.tensor(1e-5, dtype=torch.float32)))
     save_byte_level_bpe(source)
     result = quantkit.export(source, format="llama2c", out=tmp_path / "t.bin")
     assert any("RoPE theta is 100000" in note for note in result.notes), result.notes
+    assert not any("epsilon" in note for note in result.notes), result.notes      # 1e-5 as float32 is runq.c's
     assert all(t.status == "requantized" for t in result.tensors)
 
 

@@ -97,5 +97,5 @@ def _llama2c_table(result):
     for column in ("tensors", "status", "why", "min weight SQNR dB"):
         table.add_column(column, justify="right" if column in ("tensors", "min weight SQNR dB") else "left")
     for status, count, reason, sqnr in result.describe():
-        table.add_row(str(count), status, reason, "" if sqnr is None else f"{sqnr:.1f}")
+        table.add_row(str(count), status, reason, "" if sqnr is None else "exact" if sqnr == float("inf") else f"{sqnr:.1f}")
     return table

@@ -211,11 +211,11 @@ def _check_model(source: ExportSource) -> list[str]:
         raise QuantkitError(f"the model uses {rope_type(config)} rope scaling; runq.c has plain RoPE only")
     notes = []
     theta = rope_theta(config)
-    if theta is not None and float(theta) != RUNQ_ROPE_THETA:
+    if theta is not None and not math.isclose(float(theta), RUNQ_ROPE_THETA, rel_tol=1e-6):
         notes.append(f"the model's RoPE theta is {theta:g} but runq.c hard-codes {RUNQ_ROPE_THETA:g} (the format "
                      f"has no field for it): change 10000.0f in runq.c's RoPE loop to {theta:g} before running")
     eps = getattr(config, "rms_norm_eps", RUNQ_NORM_EPS)
-    if float(eps) != RUNQ_NORM_EPS:
+    if not math.isclose(float(eps), RUNQ_NORM_EPS, rel_tol=1e-6):     # configs may hold float32's 1e-5
         notes.append(f"the model's RMSNorm epsilon is {eps:g}; runq.c uses 1e-5 (outputs differ slightly)")
     if getattr(config, "bos_token_id", 1) not in (1, None):
         notes.append(f"the model's BOS id is {config.bos_token_id}; runq.c starts every sequence with id 1")
