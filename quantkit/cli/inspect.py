@@ -49,8 +49,9 @@ def _table(report, count: int):
 
     weights = {w.name: w for w in report.weights}
     if report.quality:
+        measured = "output" if any(row.output_sqnr_db is not None for row in report.quality) else "weight"
         table = Table(title=f"{report.path.name}: the {min(count, len(report.quality))} Linears with the lowest "
-                            "output SQNR")
+                            f"{measured} SQNR")
         for column in ("layer", "grid", "algo", "weight SQNR dB", "output SQNR dB", "|w| max", "outlier cols"):
             table.add_column(column, justify="left" if column in ("layer", "grid", "algo") else "right")
         for row in report.worst(count):
