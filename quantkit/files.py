@@ -111,6 +111,7 @@ def _is_quantkit_gguf(path: Path) -> bool:
 
 # llama2.c files quantkit writes (`quantkit.exporters.llama2c`): the model file carries the marker in its
 # header's zero padding, the tokenizer.bin ends with the trailer (runq.c reads neither).
+LLAMA2C_MAGIC = 0x616B3432                  # "ak42", llama2.c's version-2 header
 LLAMA2C_MARKER, LLAMA2C_MARKER_OFFSET = b"written by quantkit", 64
 LLAMA2C_TOKENIZER_TRAILER = b"\0quantkit llama2c tokenizer"
 
@@ -120,7 +121,7 @@ def _is_quantkit_llama2c(path: Path) -> bool:
     try:
         with open(path, "rb") as handle:
             head = handle.read(256)
-            if head[:4] == (0x616B3432).to_bytes(4, "little") and \
+            if head[:4] == LLAMA2C_MAGIC.to_bytes(4, "little") and \
                     head[LLAMA2C_MARKER_OFFSET:LLAMA2C_MARKER_OFFSET + len(marker)] == marker:
                 return True
             handle.seek(max(0, path.stat().st_size - len(trailer)))

@@ -215,7 +215,7 @@ def _plan(source: ExportSource, ggml_type: str | None) -> _Plan:
         raise QuantkitError(f"architecture {source.arch.name} has no GGUF mapping")
     notes = _check_config(source.config, gguf_arch, source.tied_embeddings)
     vocab = read_vocab(source.path, source.config.vocab_size)
-    permutations = _permutations(source, gguf_arch)
+    permutations = rotary_permutations(source) if gguf_arch == "llama" else {}   # qwen2 & co: NEOX rope, none
     requested = _requested(source, ggml_type)
     records = _embedding_record(source, requested)
     name_map = GGUFNames.of(source.arch, source.num_blocks)
@@ -432,10 +432,9 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _permutations(source: ExportSource, gguf_arch: str) -> dict[str, torch.Tensor]:
-    """q/k row permutations for llama.cpp's llama architecture (qwen2 uses NEOX rope: none)."""
-    if gguf_arch != "llama":
-        return {}
+def rotary_permutations(source: ExportSource) -> dict[str, torch.Tensor]:
+    """Every block's q/k row permutation to the adjacent-pair rotary layout (`rotary_row_permutation`) that
+    llama.cpp's llama architecture and llama2.c's runq.c rotate: {Linear name: perm}."""
     config = source.config
     head_dim = _head_dim(config)
     result = {}

@@ -38,15 +38,15 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.exporters.gguf import rotary_row_permutation
+from quantkit.exporters.gguf import rotary_permutations
 from quantkit.exporters.source import ExportSource
+from quantkit.files import LLAMA2C_MAGIC as MAGIC
 from quantkit.files import LLAMA2C_MARKER as MARKER
 from quantkit.files import LLAMA2C_MARKER_OFFSET as MARKER_OFFSET
 from quantkit.files import LLAMA2C_TOKENIZER_TRAILER as TOKENIZER_TRAILER
 from quantkit.files import check_output_path, json_safe, staged_file
 from quantkit.formats import primitives
 
-MAGIC = 0x616B3432
 VERSION = 2
 HEADER_BYTES = 256
 DEFAULT_GROUP_SIZE = 64                  # llama2.c export.py's default
@@ -168,8 +168,9 @@ def export_llama2c(source_dir, out, *, overwrite: bool = False) -> Llama2cExport
         handle.write(_header(config, shared, group_size))
         for norm in _norm_names(source):
             handle.write(source.tensor(norm).float().contiguous().numpy().tobytes())
+        permutations = rotary_permutations(source)
         for name, weight in _q8_sources(source, shared):
-            codes, scales, record = _q8_tensor(source, name, weight, group_size)
+            codes, scales, record = _q8_tensor(source, name, weight, group_size, permutations.get(weight))
             handle.write(codes.numpy().tobytes())
             handle.write(scales.contiguous().numpy().tobytes())
             tensors.append(record)
@@ -251,10 +252,10 @@ def _q8_sources(source: ExportSource, shared: bool):
         yield "output", source.arch.lm_head
 
 
-def _q8_tensor(source: ExportSource, name: str, weight: str, group_size: int
+def _q8_tensor(source: ExportSource, name: str, weight: str, group_size: int, permutation: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor, Llama2cTensor]:
-    """One tensor's int8 codes and float32 scales, q/k rows permuted to runq.c's interleaved RoPE pairs."""
-    permutation = _rotary_permutation(source, weight)
+    """One tensor's int8 codes and float32 scales, rows in ``permutation``'s order (q/k: runq.c's interleaved
+    RoPE pairs)."""
     if source.is_quantized(weight):
         quant = source.record(weight).quant
         carried = carried_q80(quant, group_size)
@@ -263,28 +264,18 @@ def _q8_tensor(source: ExportSource, name: str, weight: str, group_size: int
             if permutation is not None:
                 codes, scales = codes[permutation], scales[permutation]
             return codes.reshape(-1), scales.reshape(-1), Llama2cTensor(name, "carried", "int8 sym codes", math.inf)
-        values, reason = quant.dequantize().float(), f"requantized: {carried}"
+        values, reason = quant.dequantize().float(), carried
     else:
         tensor_name = weight if weight.endswith(".weight") else weight + ".weight"
         values = source.tensor(tensor_name).float()
-        reason = "requantized: float in the input"
+        reason = "float in the input"
     if values.shape[-1] % group_size:
         raise QuantkitError(f"{weight} has rows of {values.shape[-1]}, not a multiple of the group size {group_size}")
     if permutation is not None:
         values = values[permutation]
     codes, scales = quantize_q80(values, group_size)
     sqnr = primitives.sqnr_db(values, dequantize_q80(codes, scales, group_size).reshape(values.shape))
-    return codes, scales, Llama2cTensor(name, "requantized", reason.removeprefix("requantized: "), sqnr)
-
-
-def _rotary_permutation(source: ExportSource, linear: str) -> torch.Tensor | None:
-    config = source.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    for projection, heads_field in source.arch.rotary_projections:
-        if linear.endswith("." + projection):
-            heads = getattr(config, heads_field, None) or config.num_attention_heads
-            return rotary_row_permutation(heads * head_dim, heads)
-    return None
+    return codes, scales, Llama2cTensor(name, "requantized", reason, sqnr)
 
 
 def tokenizer_pieces(source: ExportSource) -> tuple[list[bytes], list[float], list[str]]:

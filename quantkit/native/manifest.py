@@ -198,7 +198,7 @@ class AllocationInfo:
     achieved: AchievedSize
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "achieved": self.achieved.to_dict()}
+        return asdict(self)          # achieved included (asdict recurses)
 
     @classmethod
     def from_dict(cls, data: dict) -> "AllocationInfo":

@@ -748,7 +748,7 @@ def _record_allocation(run: _Run, directory: Path, files: list[str], layers: dic
     if over:
         raise QuantkitError(f"the written weights ({achieved}) exceed the target {target}: this is a quantkit bug, "
                             "nothing was published; please report it")
-    run.allocation_record = AllocationInfo.from_dict({**allocation.to_dict(), "achieved": achieved.to_dict()})
+    run.allocation_record = AllocationInfo(**allocation.to_dict(), achieved=achieved)
     asked = (f"--target-bits {target['bits']}" if "bits" in target else f"--target-size {run.config.target_size}")
     (directory / allocate.RECIPE_FILE).write_text(
         f"# quantkit calibrate {asked}: {achieved.bits:.4f} bits per weight; rerun with --recipe {allocate.RECIPE_FILE}\n"
