@@ -169,16 +169,12 @@ def inspect_model(path: Path) -> InspectReport:
         raise QuantkitError(f"{path} is quantized by another tool (config.json has quantization_config); inspect "
                             "reads float checkpoints and quantkit outputs")
     arch = architecture_for(checkpoint.config)
-    names = [n for n in _linear_names(arch, checkpoint.text_config.num_hidden_layers) if checkpoint.has(n + ".weight")]
+    names = [n for n in arch.block_linears(checkpoint.text_config.num_hidden_layers) if checkpoint.has(n + ".weight")]
     if not names:
         raise QuantkitError(f"{path} holds none of the {arch.name} block Linears' weights")
     weights = [weight_stats(n, checkpoint.tensors([n + ".weight"])[n + ".weight"]) for n in names]
     return InspectReport(path, "float checkpoint", arch.name, weights,
                          notes=["a float checkpoint: activations, smoothing and errors come from a quantkit output"])
-
-
-def _linear_names(arch, blocks: int) -> list[str]:
-    return [f"{arch.blocks}.{i}.{linear}" for i in range(blocks) for linear in arch.linears]
 
 
 def _inspect_output(path: Path) -> InspectReport:
@@ -212,7 +208,7 @@ def _input_scaling(manifest, arch, config, results: dict[str, torch.Tensor]) -> 
     scales of the group feeding it (through the GQA channel map where shared), multiplied. The saved
     ``in_absmax`` is of x / factor: times the factor it is the block's own input."""
     from quantkit.algorithms.awq import SCALES
-    from quantkit.algorithms.smoothquant import FACTORS
+    from quantkit.algorithms.smoothquant import FACTORS, result_name
     from quantkit.model.architectures import channel_map
 
     factors: dict[str, torch.Tensor] = {}
@@ -221,7 +217,7 @@ def _input_scaling(manifest, arch, config, results: dict[str, torch.Tensor]) -> 
         prefix = f"{arch.blocks}.{block}"
         for groups, kind in ((arch.smooth, FACTORS), (arch.awq, SCALES)):
             for group in groups:
-                scales = results.get(f"{prefix}.{group.prev}.{kind}")
+                scales = results.get(result_name(prefix, group.prev, kind))
                 for consumer in group.consumers if scales is not None else ():
                     entry = manifest.layers.get(f"{prefix}.{consumer}")
                     if entry is None:

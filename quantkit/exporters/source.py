@@ -77,7 +77,7 @@ class ExportSource:
     def linear_names(self) -> list[str]:
         """Every Linear the exporters handle: the blocks' linears in table order, then the lm_head
         (absent when tied to the embeddings and not stored)."""
-        names = [f"{self.arch.blocks}.{i}.{linear}" for i in range(self.num_blocks) for linear in self.arch.linears]
+        names = self.arch.block_linears(self.num_blocks)
         lm_head = self.arch.lm_head
         if not self.tied_embeddings or self.is_quantized(lm_head) or self.checkpoint.has(f"{lm_head}.weight"):
             names.append(lm_head)

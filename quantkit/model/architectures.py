@@ -88,6 +88,10 @@ class Architecture:
     def linears(self) -> tuple[str, ...]:
         return tuple(name for stage in self.sequential for name in stage)
 
+    def block_linears(self, num_blocks: int) -> list[str]:
+        """Every block Linear's full name, block by block, each block's in table order."""
+        return [f"{self.blocks}.{i}.{linear}" for i in range(num_blocks) for linear in self.linears]
+
 
 # Where transformers' decoder-only models keep their parts.
 _HF_DECODER = dict(blocks="model.layers", embeddings="model.embed_tokens", final_norm="model.norm",

@@ -346,7 +346,7 @@ def _prepare(config: CalibrateConfig) -> _Run:
         raise QuantkitError(f"--seq-len {config.seq_len} is over the model's maximum of {max_len} tokens")
     expected = expected_tensors(checkpoint.config, trust_remote_code=config.trust_remote_code)
     check_weights(source.path, checkpoint.shapes(), expected)
-    names = [f"{arch.blocks}.{i}.{linear}" for i in range(checkpoint.text_config.num_hidden_layers) for linear in arch.linears]
+    names = arch.block_linears(checkpoint.text_config.num_hidden_layers)
     candidates = _target_candidates(config)
     plan, ignored, recipe = _plan(config, names, candidates)
     file_type = _file_type(plan)
