@@ -50,6 +50,56 @@ def test_offsets_and_factors_stay_in_bounds():
     assert quant.codes.dtype == torch.int8 and quant.integer_zero
 
 
+def _reference_weight(grid, weight, spec):
+    """The learned weight written out op by op under autograd (the module docstring's formula): the
+    straight-through rounding, the range factors, the clamp to the element range and the zero point."""
+    element, group = spec.element, spec.group_size
+    expand = lambda p: p.repeat_interleave(group, dim=1)[:, : weight.shape[1]]   # noqa: E731
+    qmin, qmax = float(element.min), float(element.max)
+    step0 = grid.init.scale.float()
+    ste = lambda x: x + (torch.round(x) - x).detach()                             # noqa: E731
+    fp16 = lambda s: s + (s.detach().half().float() - s).detach()                  # noqa: E731
+    if spec.symmetric:
+        scale, zero = fp16(step0 * grid.factor_hi), None
+    else:
+        zero0 = grid.init.zero.float()
+        lo, hi = (qmin - zero0) * step0 * grid.factor_lo, (qmax - zero0) * step0 * grid.factor_hi
+        scale = fp16((hi - lo) / (qmax - qmin))
+        zero = (qmin - ste(lo / scale)).clamp(qmin, qmax)
+    code = ste(grid.rounded_from / expand(scale) + grid.offsets)
+    if zero is None:
+        return code.clamp(qmin, qmax) * expand(scale)
+    return ((code + expand(zero)).clamp(qmin, qmax) - expand(zero)) * expand(scale)
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(4, True, 64), (3, False, 64), (4, True, 128), (2, False, 32)])
+def test_the_fused_rounding_equals_autograd_on_the_written_out_formula(bits, symmetric, group):
+    """`LearnedGrid.weight` computes the rounding and its straight-through gradients in one function: its values
+    equal the formula's under autograd exactly, its gradients to float rounding (the group sums add in another
+    order), on whole and ragged (576 = 4.5 x 128) groups, with offsets and range factors away from their start."""
+    generator = torch.Generator().manual_seed(bits * group)
+    weight = torch.randn(24, 576, generator=generator) * 0.05
+    spec = WeightSpec(bits, "group", symmetric, group)
+    grids = [LearnedGrid(quantize_rtn(weight, spec), weight, learn_range=True) for _ in range(2)]
+    offsets = torch.rand(weight.shape, generator=generator) - 0.5
+    factors = [0.5 + 0.5 * torch.rand(p.shape, generator=generator) for p in grids[0].factors()]
+    upstream = torch.randn(weight.shape, generator=generator)
+    values, grads = [], []
+    for grid, compute in zip(grids, (lambda g: g.weight(), lambda g: _reference_weight(g, weight, spec))):
+        with torch.no_grad():
+            grid.offsets.copy_(offsets)
+            for param, value in zip(grid.factors(), factors):
+                param.copy_(value)
+        value = compute(grid)
+        (value * upstream).sum().backward()
+        values.append(value.detach())
+        grads.append([param.grad for param in grid.parameters()])
+    assert torch.equal(values[0], values[1])
+    assert all(g.abs().sum() > 0 for g in grads[1])
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (3, False)])
 def test_a_code_moves_at_most_one_step_from_nearest(bits, symmetric):
     """With the grid fixed, offsets in [-0.5, 0.5] reach only the two grid points around w / s."""

@@ -72,8 +72,52 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def _expand(param: torch.Tensor, quant: QuantTensor) -> torch.Tensor:
-    """[R, G] group parameters -> [out, in]."""
-    return primitives.expand_params(param, quant.shape, quant.group_size, quant.g_idx, quant.row_block)
+    """[R, G] group parameters -> [out, in]. Whole groups in column order (no act-order, no ragged last
+    group, one row of parameters per output row) broadcast, so the backward pass sums each group's
+    gradient instead of scattering it by index."""
+    out_features, in_features = quant.shape
+    group = quant.group_size
+    if quant.g_idx is None and param.shape[0] == out_features and param.shape[1] * group == in_features:
+        return param[:, :, None].expand(-1, -1, group).reshape(out_features, in_features)
+    return primitives.expand_params(param, quant.shape, group, quant.g_idx, quant.row_block)
+
+
+class _Rounding(torch.autograd.Function):
+    """w_hat = clamp(round(n / s + V), low, high) * s - off in one pass, with the straight-through gradients
+    autograd would give the same expression (round's derivative taken as 1, clamp's as 1 inside its bounds):
+
+        dV = g s [inside],  ds = g (c - [inside] n / s),  dlow = g s [r < low],  dhigh = g s [r > high]
+
+    n [out, in] fp32: the weight the codes were rounded from (plus the K-quant offset); V [out, in] fp32;
+    s [out, in] fp32 (no zeros); low, high: [out, in] fp32 code bounds (qmin - z, qmax - z) or floats;
+    off: [out, in] fp32 or None. Returns w_hat in ``dtype``. Elementwise work dominates a CPU step on
+    small blocks (about a quarter of it under autograd's op-by-op graph); this does it in fewer passes."""
+
+    @staticmethod
+    def forward(ctx, numerator, offsets, step, low, high, offset, dtype):
+        ratio = numerator / step
+        rounded = torch.round(ratio + offsets)
+        code = torch.clamp(rounded, low, high)
+        below, above = rounded < low, rounded > high
+        ctx.save_for_backward(ratio, code, step, below, above)
+        value = code * step
+        if offset is not None:
+            value = value - offset
+        return value.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ratio, code, step, below, above = ctx.saved_tensors
+        grad = grad.float()
+        outside = below | above
+        scaled = grad * step
+        grad_offsets = scaled.masked_fill(outside, 0) if ctx.needs_input_grad[1] else None
+        grad_step = None
+        if ctx.needs_input_grad[2]:
+            grad_step = grad * (code - ratio.masked_fill(outside, 0))
+        grad_low = scaled.masked_fill(~below, 0) if ctx.needs_input_grad[3] else None
+        grad_high = scaled.masked_fill(~above, 0) if ctx.needs_input_grad[4] else None
+        return None, grad_offsets, grad_step, grad_low, grad_high, None, None
 
 
 class LearnedGrid(nn.Module):
@@ -118,6 +162,17 @@ class LearnedGrid(nn.Module):
             rounded_from = torch.where(nearest == self.init_codes, rounded_from, moved)
             again = self.codes(rounded_from, step, zero, torch.zeros_like(rounded_from))
         self.register_buffer("rounded_from", torch.where(again == self.init_codes, rounded_from, self.init_weight))
+        # what `weight` reuses every step: the rounded weight with the K offset, and a fixed grid's step (no
+        # zeros: a dead (sub-)block takes its initial weight) and zero point, expanded once
+        self.register_buffer("numerator", self.rounded_from if self.offset is None else self.rounded_from + self.offset)
+        self.has_dead = bool(self.dead.any())
+        self.fixed = self.k_grid or not self.learn_range
+        self.fixed_step = self.fixed_low = self.fixed_high = None
+        if self.fixed:
+            with torch.no_grad():
+                step, zero = self.grid(exact=True)
+            self.fixed_step = torch.where(step == 0, torch.ones_like(step), step)
+            self.fixed_low, self.fixed_high = self.code_bounds(zero)
 
     def position(self, w0: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """((w0 + off) / s, s) with a zero step read as 1 (its codes are the initial ones anyway)."""
@@ -183,15 +238,27 @@ class LearnedGrid(nn.Module):
             code = code + zero
         return code.clamp(self.element.min, self.element.max)
 
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight [out, in] fp32 of the current parameters (differentiable)."""
-        step, zero = self.grid()
-        code = self.codes(self.rounded_from, step, zero, self.offsets, ste=True)
-        value = code if zero is None else code - zero
-        value = value * step
-        if self.offset is not None:
-            value = value - self.offset
-        return torch.where(self.dead, self.init_weight, value)
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight [out, in] of the current parameters in ``dtype`` (differentiable)."""
+        flat = None
+        if self.fixed:
+            step, low, high = self.fixed_step, self.fixed_low, self.fixed_high
+        else:
+            step_g, zero_g = self.group_grid(exact=False)
+            flat = step_g == 0       # a learned scale that rounds to 0 stores 0: its weights are 0
+            step = _expand(torch.where(flat, torch.ones_like(step_g), step_g), self.init)
+            low, high = self.code_bounds(None if zero_g is None else _expand(zero_g, self.init))
+        value = _Rounding.apply(self.numerator, self.offsets, step, low, high, self.offset, dtype)
+        if flat is not None and bool(flat.any()):
+            value = value.masked_fill(_expand(flat, self.init), 0)
+        if self.has_dead:
+            value = torch.where(self.dead, self.init_weight.to(dtype), value)
+        return value
+
+    def code_bounds(self, zero: torch.Tensor | None) -> tuple:
+        """(qmin - z, qmax - z): the range of code - z, floats without a zero point."""
+        low, high = float(self.element.min), float(self.element.max)
+        return (low, high) if zero is None else (low - zero, high - zero)
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -225,7 +292,7 @@ class LearnedLinear(nn.Module):
         if self.quantized.activation_spec is not None:
             x = x + (self.quantized.quantize_input(x) - x).detach()
         bias = None if self.quantized.bias is None else self.quantized.bias.to(x.dtype)
-        return F.linear(x, self.grid.weight().to(x.dtype), bias)
+        return F.linear(x, self.grid.weight(x.dtype), bias)
 
 
 def _trainable(value):

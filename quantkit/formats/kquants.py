@@ -110,6 +110,16 @@ def weighted_sum(terms) -> torch.Tensor:
     return total
 
 
+def sum_columns(terms: torch.Tensor) -> torch.Tensor:
+    """terms [..., n] float32 -> [...]: the sum over the last dim left to right (the C loop's order, one
+    float32 add per element; torch's own reductions add in another order)."""
+    columns = terms.movedim(-1, 0).contiguous()
+    total = columns[0].clone()
+    for column in columns[1:]:
+        total += column
+    return total
+
+
 def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                      use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric sub-block search: x, weights [S, n] float32 -> (scale [S], the_min [S] (>= 0), L [S, n]
@@ -131,8 +141,8 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     L = _nearest(iscale[:, None] * (x - lo[:, None])).clamp_(0, nmax)
 
     def error(s, m, levels):
-        diffs = [s * levels[:, i].float() + m - columns[i] for i in range(n)]
-        return weighted_sum(w[i] * (diffs[i].abs() if use_mad else diffs[i] * diffs[i]) for i in range(n))
+        diff = s[:, None] * levels.float() + m[:, None] - x
+        return sum_columns(weights * (diff.abs() if use_mad else diff * diff))
 
     best = error(scale, lo, L)
     minimum = lo
@@ -141,10 +151,9 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
         span = torch.where(flat, torch.ones_like(hi), hi - minimum)
         trial_iscale = (_f32(rmin) + _f32(rdelta) * step + nmax) / span
         levels = _nearest(trial_iscale[:, None] * (x - minimum[:, None])).clamp_(0, nmax)
-        lf = [levels[:, i].float() for i in range(n)]
-        sum_l = weighted_sum(w[i] * lf[i] for i in range(n))
-        sum_l2 = weighted_sum(w[i] * lf[i] * lf[i] for i in range(n))
-        sum_xl = weighted_sum(w[i] * lf[i] * columns[i] for i in range(n))
+        lf = levels.float()
+        weighted_level = weights * lf
+        sum_l, sum_l2, sum_xl = sum_columns(torch.stack([weighted_level, weighted_level * lf, weighted_level * x]))
         D = sum_w * sum_l2 - sum_l * sum_l
         valid = D > 0
         safe_d = torch.where(valid, D, torch.ones_like(D))
@@ -172,32 +181,32 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int, weights: torch.Tensor | Non
     levels [S, n] stored as l + nmax, 0 for an all-zero sub-block). Try iscale = -(nmax + 0.1 is) / max for
     is = -9..9 and keep the least-squares scale of the rounding with the largest sumlx^2 / suml2."""
     n = x.shape[1]
-    columns = [x[:, i] for i in range(n)]
     signed_max = _signed_max(x)
     zero = signed_max.abs() < GROUP_MAX_EPS
     safe_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
-    w = [c * c for c in columns] if weights is None else [weights[:, i] for i in range(n)]
-
-    def fit(iscale):
-        levels = torch.stack([_nearest(iscale * c).clamp(-nmax, nmax - 1) for c in columns], dim=1)
-        lf = [levels[:, i].float() for i in range(n)]
-        sumlx = weighted_sum(w[i] * columns[i] * lf[i] for i in range(n))
-        suml2 = weighted_sum(w[i] * lf[i] * lf[i] for i in range(n))
-        return levels, sumlx, suml2
-
-    L, sumlx, suml2 = fit(-_f32(nmax) / safe_max)
-    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 == 0, torch.ones_like(suml2), suml2),
-                        torch.zeros_like(sumlx))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        levels, sumlx, suml2 = fit(-(_f32(nmax) + _f32(0.1) * step) / safe_max)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        new_scale = sumlx / torch.where(suml2 == 0, torch.ones_like(suml2), suml2)
-        L = torch.where(better[:, None], levels, L)
-        scale = torch.where(better, new_scale, scale)
-        best = torch.where(better, new_scale * sumlx, best)
+    w = x * x if weights is None else weights
+    # The 19 trials side by side: iscale [T, S] in ggml's order (is = 0, then -9..9 without 0); the sums run
+    # over the columns left to right with the C loop's float32 products, so every trial's sums are ggml's.
+    numerators = [-_f32(nmax)] + [-(_f32(nmax) + _f32(0.1) * step) for step in range(-9, 10) if step != 0]
+    iscales = torch.stack([numerator / safe_max for numerator in numerators])
+    sumlx = suml2 = None
+    for i in range(n):
+        levels = torch.round(iscales * x[:, i]).clamp_(-nmax, nmax - 1)
+        weighted_level = w[:, i] * levels
+        term_lx, term_l2 = (w[:, i] * x[:, i]) * levels, weighted_level * levels
+        sumlx = term_lx if sumlx is None else sumlx.add_(term_lx)
+        suml2 = term_l2 if suml2 is None else suml2.add_(term_l2)
+    safe_l2 = torch.where(suml2 == 0, torch.ones_like(suml2), suml2)
+    trial_scales = sumlx / safe_l2
+    scale = torch.where(suml2[0] != 0, trial_scales[0], torch.zeros_like(sumlx[0]))
+    best, chosen = scale * sumlx[0], torch.zeros_like(scale, dtype=torch.long)
+    for t in range(1, len(numerators)):     # a later trial must beat the best so far strictly, as in ggml
+        better = (suml2[t] > 0) & (sumlx[t] * sumlx[t] > best * suml2[t])
+        scale = torch.where(better, trial_scales[t], scale)
+        best = torch.where(better, trial_scales[t] * sumlx[t], best)
+        chosen = torch.where(better, t, chosen)
+    iscale = iscales.gather(0, chosen[None])[0]
+    L = _nearest(iscale[:, None] * x).clamp(-nmax, nmax - 1)
     return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero[:, None], 0, L + nmax)
 
 
