@@ -99,6 +99,28 @@ def test_weighted_search_of_the_32_value_types_is_llama_cpps(name):
     assert torch.equal(ours, recorded[f"{name}.imatrix"])
 
 
+def test_searches_in_row_chunks_equal_one_pass(monkeypatch):
+    """The sub-block searches run over at most SEARCH_ROWS sub-blocks at a time (their temporaries bounded on
+    large tensors): with chunks of 7 sub-blocks every K type and the weighted 32-value types give the same
+    bytes as in one pass, on the recorded input (zero blocks, importance 0 in some columns included)."""
+    from quantkit.exporters import gguf_blocks
+    from quantkit.formats.ggml_blocks import quantize_weighted_blocks
+
+    recorded = load_file(DATA)
+    x, importance = recorded["input"], recorded["importance"]
+
+    def files():
+        return ([KP.pack(K.quantize_weighted(x, name, importance)) for name in K.K_FORMATS]
+                + [KP.pack(K.quantize_reference(x, name)) for name in K.K_FORMATS]
+                + [gguf_blocks.pack(quantize_weighted_blocks(x, name, importance)) for name in ("Q4_0", "Q5_0", "Q4_1")])
+
+    one_pass = files()
+    assert x.shape[0] * x.shape[1] // 16 > 7 * 4          # several chunks for every type
+    monkeypatch.setattr(K, "SEARCH_ROWS", 7)
+    for expected, chunked in zip(one_pass, files(), strict=True):
+        assert np.array_equal(expected, chunked)
+
+
 def test_importance_lowers_the_weighted_error():
     """What the importance is for: on columns it marks as important the error falls, against the plain
     search on the same weights."""

@@ -120,6 +120,17 @@ def sum_columns(terms: torch.Tensor) -> torch.Tensor:
     return total
 
 
+SEARCH_ROWS = 32768   # sub-blocks a search takes at once: its temporaries stay near 50 MB on any tensor
+
+
+def _row_chunks(x: torch.Tensor, weights: torch.Tensor | None, search) -> tuple[torch.Tensor, ...]:
+    """``search(x_rows, weights_rows)`` over at most SEARCH_ROWS rows at a time, the results concatenated: every
+    row (sub-block) is searched on its own, so the result is the same as in one pass."""
+    parts = [search(x[i:i + SEARCH_ROWS], None if weights is None else weights[i:i + SEARCH_ROWS])
+             for i in range(0, max(x.shape[0], 1), SEARCH_ROWS)]
+    return tuple(torch.cat(values) for values in zip(*parts))
+
+
 def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                      use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric sub-block search: x, weights [S, n] float32 -> (scale [S], the_min [S] (>= 0), L [S, n]
@@ -127,6 +138,11 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
     iscale = (rmin + rdelta * is + nmax) / (max - min), fit scale and min by weighted least squares on
     each rounding and keep the lowest weighted error (|diff| for use_mad, else diff^2). As in ggml, a
     better fit's min (<= 0) moves the origin of the later trials' grids."""
+    return _row_chunks(x, weights, lambda rows, row_weights: _qkx2_rows(rows, row_weights, nmax, rmin, rdelta, nstep,
+                                                                          use_mad))
+
+
+def _qkx2_rows(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     n = x.shape[1]
     columns = [x[:, i] for i in range(n)]
     w = [weights[:, i] for i in range(n)]
@@ -180,6 +196,10 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int, weights: torch.Tensor | Non
     """Symmetric sub-block scale (make_qx_quants, rmse_type 1, weights x^2 or the given ones): x [S, n] -> (scale [S],
     levels [S, n] stored as l + nmax, 0 for an all-zero sub-block). Try iscale = -(nmax + 0.1 is) / max for
     is = -9..9 and keep the least-squares scale of the rounding with the largest sumlx^2 / suml2."""
+    return _row_chunks(x, weights, lambda rows, row_weights: _qx_rmse1_rows(rows, nmax, row_weights))
+
+
+def _qx_rmse1_rows(x, nmax, weights):
     n = x.shape[1]
     signed_max = _signed_max(x)
     zero = signed_max.abs() < GROUP_MAX_EPS
