@@ -149,7 +149,7 @@ class LearnedGrid(nn.Module):
         self.factor_hi = nn.Parameter(torch.ones(shape)) if self.learn_range else None
         rounded_from = rounded_from.detach().float().clone()     # an inference tensor cannot join autograd
         with torch.no_grad():
-            step, zero = self.grid(exact=True)
+            step, zero = self.grid()
             nearest = self.codes(rounded_from, step, zero, torch.zeros_like(rounded_from))
         self.register_buffer("dead", step == 0)   # a (sub-)block whose step is 0 keeps its initial codes
         self.register_buffer("init_codes", init.codes.float())
@@ -171,7 +171,7 @@ class LearnedGrid(nn.Module):
         self.fixed_step = self.fixed_low = self.fixed_high = None
         if self.fixed:
             with torch.no_grad():
-                step, zero = self.grid(exact=True)
+                step, zero = self.grid()
             self.fixed_step = torch.where(step == 0, torch.ones_like(step), step)
             self.fixed_low, self.fixed_high = self.code_bounds(zero)
 
@@ -198,15 +198,15 @@ class LearnedGrid(nn.Module):
     def factors(self) -> list[nn.Parameter]:
         return [p for p in (self.factor_lo, self.factor_hi) if p is not None]
 
-    def grid(self, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(step [out, in], zero [out, in] or None) of the current factors; ``exact``: the stored values
-        without gradients (the final QuantTensor's), else straight-through rounded ones."""
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(step [out, in], zero [out, in] or None) of the current factors as stored (the final QuantTensor's;
+        `weight` differentiates through `group_grid` itself)."""
         init = self.init
         if self.k_grid:    # K grids with mins: code = unsigned level - 2^(b-1), so z = -2^(b-1)
             return self.step0, None if self.shift is None else torch.full_like(self.step0, self.shift)
         if not self.learn_range:
             return _expand(self.step0, init), None if self.zero0 is None else _expand(self.zero0, init)
-        scale, zero = self.group_grid(exact)
+        scale, zero = self.group_grid(exact=True)
         return _expand(scale, init), None if zero is None else _expand(zero, init)
 
     def group_grid(self, exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -230,11 +230,10 @@ class LearnedGrid(nn.Module):
             zero = torch.where(unchanged, self.zero0, zero)
         return scale, zero
 
-    def codes(self, w0: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | None, offsets: torch.Tensor,
-              ste: bool = False) -> torch.Tensor:
+    def codes(self, w0: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | None, offsets: torch.Tensor
+              ) -> torch.Tensor:
         """[out, in] float codes: clamp(round((w0 + off) / step + V) + z)."""
-        position = self.position(w0, step)[0] + offsets
-        code = round_ste(position) if ste else torch.round(position)
+        code = torch.round(self.position(w0, step)[0] + offsets)
         if zero is not None:
             code = code + zero
         return code.clamp(self.element.min, self.element.max)
@@ -271,7 +270,7 @@ class LearnedGrid(nn.Module):
     def quant_tensor(self) -> QuantTensor:
         """The exact QuantTensor of the current parameters (the initial one's fields, new codes and scales)."""
         init = self.init
-        step, zero = self.grid(exact=True)
+        step, zero = self.grid()
         codes = self.codes(self.rounded_from, step, zero, self.offsets)
         codes = torch.where(self.dead | (step == 0), self.init_codes, codes).to(init.codes.dtype)
         if not self.learn_range:

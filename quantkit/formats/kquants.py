@@ -113,11 +113,7 @@ def weighted_sum(terms) -> torch.Tensor:
 def sum_columns(terms: torch.Tensor) -> torch.Tensor:
     """terms [..., n] float32 -> [...]: the sum over the last dim left to right (the C loop's order, one
     float32 add per element; torch's own reductions add in another order)."""
-    columns = terms.movedim(-1, 0).contiguous()
-    total = columns[0].clone()
-    for column in columns[1:]:
-        total += column
-    return total
+    return weighted_sum(terms.movedim(-1, 0).contiguous())
 
 
 SEARCH_ROWS = 32768   # sub-blocks a search takes at once: its temporaries stay near 50 MB on any tensor
@@ -143,12 +139,8 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
 
 
 def _qkx2_rows(x, weights, nmax, rmin, rdelta, nstep, use_mad):
-    n = x.shape[1]
-    columns = [x[:, i] for i in range(n)]
-    w = [weights[:, i] for i in range(n)]
     lo, hi = x.amin(dim=1), x.amax(dim=1)
-    sum_w = weighted_sum(w)
-    sum_x = weighted_sum(w[i] * columns[i] for i in range(n))
+    sum_w, sum_x = sum_columns(torch.stack([weights, weights * x]))
     lo = torch.minimum(lo, torch.zeros_like(lo))
     flat = hi == lo
     span = torch.where(flat, torch.ones_like(hi), hi - lo)
