@@ -17,7 +17,10 @@ divergence and top-1 agreement against the F16 file's logits (--kl-divergence-ba
   llama.cpp T + imatrix        llama-quantize --imatrix F16 -> T: the hand-written mix, size S
   quantkit --target-size S     quantkit export FLOAT --format gguf --type T --target-size S --imatrix (the same
                                importance matrix): the block Linears' types chosen by quantkit under S bytes, the
-                               other tensors (embeddings, norms) typed as T types them
+                               other tensors (embeddings, norms) typed as T types them (--routes weight: by the
+                               importance-weighted weight error)
+  ... --dataset                the same with --dataset on the calibration text (32 x 512 tokens, the windows
+                               llama-imatrix reads): by block sensitivities measured on it (--routes measured)
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--candidates", help="quantkit export --candidates (default: its own)")
+    parser.add_argument("--routes", default="weight,measured",
+                        help="quantkit rows: weight (weight error), measured (--dataset sensitivities)")
     args = parser.parse_args()
     common.in_workdir(args.workdir, "bench-gguf-alloc-", lambda d: run(d, args))
 
@@ -83,12 +88,16 @@ def run(workdir: Path, args) -> None:
         measure(f"llama.cpp {file_type} + imatrix", theirs, imatrix_s + seconds,
                 f"llama-imatrix {imatrix_s:.0f} s + llama-quantize {seconds:.0f} s")
         size = theirs.stat().st_size
-        ours = workdir / f"quantkit-{file_type}-size.gguf"
-        _, seconds = common.run_tool([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf",
-                                      "--type", file_type, "--target-size", str(size), "--imatrix", str(imatrix),
-                                      *(["--candidates", args.candidates] if args.candidates else []),
-                                      "--out", str(ours), "--overwrite"])
-        measure(f"quantkit --target-size {size} (--type {file_type})", ours, imatrix_s + seconds, _types(ours))
+        for route in args.routes.split(","):
+            ours = workdir / f"quantkit-{file_type}-{route}.gguf"
+            data = ["--dataset", str(calibration), "--num-samples", "32", "--seq-len", "512"] if route == "measured" \
+                else []
+            _, seconds = common.run_tool([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf",
+                                          "--type", file_type, "--target-size", str(size), "--imatrix", str(imatrix),
+                                          *(["--candidates", args.candidates] if args.candidates else []), *data,
+                                          "--out", str(ours), "--overwrite", "--quiet"])
+            label = f"quantkit --target-size {size} (--type {file_type}{', --dataset' if data else ''})"
+            measure(label, ours, imatrix_s + seconds, _types(ours))
     print(f"SmolLM2-135M; llama-perplexity -c 512 --chunks {args.chunks} on the held-out second half of "
           "alice_in_wonderland.txt; llama-imatrix 32 x 512 tokens of the first half")
     print("| file | llama.cpp ppl | KL vs F16 | top-1 vs F16 | bytes | wall s | note |")

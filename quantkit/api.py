@@ -179,11 +179,16 @@ def _save_loaded(model, tokenizer, directory: Path) -> None:
 
 def export(directory: str | Path, *, format: str, out: str | Path, type: str | None = None,
            imatrix: str | Path | None = None, target_size: str | None = None, candidates: str | None = None,
-           overwrite: bool = False):
+           dataset: str | None = None, data_files: tuple[str, ...] = (), text_column: str = "text",
+           num_samples: int = 64, seq_len: int = 512, overwrite: bool = False,
+           progress: Callable[[ProgressEvent], None] | None = None):
     """`quantkit export`: a quantkit output directory (for GGUF also a float checkpoint) as ``format``:
     "gguf" (llama.cpp), "compressed-tensors" (vLLM), "imatrix" (llama-imatrix's .gguf) or "llama2c"
     (llama2.c's int8 ``runq`` file). ``type``, ``imatrix``, ``target_size`` and ``candidates`` are GGUF's
-    options (`quantkit export --help`). Returns the exporter's result (its ``to_dict()`` is the CLI's --json)."""
+    options (`quantkit export --help`); with ``target_size``, ``dataset`` (and ``data_files``, ``text_column``,
+    ``num_samples``, ``seq_len``, as `calibrate` takes them) measures each block Linear's sensitivity to each
+    candidate type on that calibration data (`calibrate --target-bits`'s measure) instead of its weight error,
+    reporting the pass to ``progress``. Returns the exporter's result (its ``to_dict()`` is the CLI's --json)."""
     directory, out = Path(directory), Path(out)
     if format not in EXPORT_FORMATS:
         import difflib
@@ -195,15 +200,23 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
         raise QuantkitError("--type, --imatrix and --target-size apply to --format gguf only")
     if candidates is not None and target_size is None:
         raise QuantkitError("--candidates lists the types --target-size chooses from; give --target-size")
+    if (dataset is not None or data_files) and target_size is None:
+        raise QuantkitError("--dataset measures the sensitivities --target-size chooses GGUF types by; give "
+                            "--target-size (and --format gguf)")
     if format == "gguf":
         from quantkit.exporters import gguf_budget
         from quantkit.exporters.gguf import export_gguf
         from quantkit.run.budget import parse_size
 
+        types = gguf_budget.parse_candidates(candidates)
+        size = None if target_size is None else parse_size(target_size)
+        sensitivities = None
+        if dataset is not None:
+            sensitivities = _gguf_sensitivities(directory, types, dataset, tuple(data_files), text_column,
+                                                num_samples, seq_len, progress)
         return export_gguf(directory, out, ggml_type=type.upper() if type else None, overwrite=overwrite,
-                           imatrix=None if imatrix is None else Path(imatrix),
-                           target_size=None if target_size is None else parse_size(target_size),
-                           candidates=gguf_budget.parse_candidates(candidates))
+                           imatrix=None if imatrix is None else Path(imatrix), target_size=size, candidates=types,
+                           sensitivities=sensitivities)
     if format == "compressed-tensors":
         from quantkit.exporters.compressed_tensors import export_compressed_tensors
 
@@ -215,6 +228,23 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
     from quantkit.exporters.llama2c import export_llama2c
 
     return export_llama2c(directory, out, overwrite=overwrite)
+
+
+def _gguf_sensitivities(directory: Path, types: tuple[str, ...], dataset: str, data_files: tuple[str, ...],
+                        text_column: str, num_samples: int, seq_len: int, progress) -> dict[str, dict[str, float]]:
+    """Block Linear -> GGUF type -> its block sensitivity (`run.allocate`), the types as quantkit's grids of the
+    same blocks (Q4_K -> q4_k, ...) quantized to nearest by llama.cpp's reference search."""
+    from quantkit.native.manifest import MANIFEST_NAME
+    from quantkit.run.pipeline import CalibrateConfig, measure_sensitivities
+
+    if (directory / MANIFEST_NAME).is_file():
+        raise QuantkitError("--target-size chooses the GGUF types of a float checkpoint's tensors; a calibrated "
+                            "directory's grids are already chosen (calibrate it with --target-bits/--target-size)")
+    config = CalibrateConfig(model=str(directory), scheme="w4a16", algorithm="rtn", dataset=dataset,
+                             data_files=data_files, text_column=text_column, num_samples=num_samples,
+                             seq_len=seq_len, target_bits=32.0, candidates=",".join(t.lower() for t in types))
+    layers = measure_sensitivities(config, _progress_adapter(progress))
+    return {name: dict(zip(types, layer.loss(config.sensitivity))) for name, layer in layers.items()}
 
 
 def evaluate(target: str | Path, *, reference: str | Path | None = None, compare_reference: bool = True,

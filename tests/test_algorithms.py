@@ -189,6 +189,102 @@ def test_gptq_one_pass_takes_later_hessians_from_the_float_block(llama_dir, tmp_
     assert not torch.equal(sequential("self_attn.o_proj"), one_pass("self_attn.o_proj"))
 
 
+def _quant_fields(quant):
+    return [quant.codes.float(), quant.scale, quant.zero, quant.g_idx, quant.super_scale, quant.super_min]
+
+
+def _assert_same_quant(a, b):
+    for x, y in zip(_quant_fields(a), _quant_fields(b)):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+SHARED_GROUPS = {   # Linears reading one input, on grids fixed before the sweep (searched, static groups, rows)
+    "K types with and without mins": (["q4_k", "q6_k", "q2_k"], {}),
+    "K type beside llama.cpp's 32-value blocks": (["q4_k", "q5_0", "q3_k"], {"llama_cpp": True}),
+    "Q4_K_M's attention: Q4_K's levels 0..15 beside Q5_0's -16..15": (["q4_k", "q5_0"], {"llama_cpp": True}),
+    "static groups, symmetric and asymmetric, per channel": (
+        [WeightSpec(4, "group", True, 64), WeightSpec(3, "group", False, 32), WeightSpec(8, "channel", True)], {}),
+    "weighted symmetric groups": ([WeightSpec(4, "group", True, 64), WeightSpec(5, "group", True, 32)],
+                                  {"weighted_grid": True}),
+}
+
+
+@pytest.mark.parametrize("grids,options", SHARED_GROUPS.values(), ids=SHARED_GROUPS.keys())
+def test_linears_sharing_an_input_get_the_codes_of_separate_sweeps(grids, options):
+    """One sweep over the stacked rows of q/k/v-like Linears gives each the codes, grids and rounded weights of its
+    own sweep, bit for bit (rows are independent in GPTQ: H, damping, act order and U belong to the input)."""
+    from quantkit.algorithms.gptq import _SETTINGS, can_share, gptq_quantize_shared, gptq_rounding
+    from quantkit.formats.schemes import get_scheme
+
+    specs = [get_scheme(g).weight if isinstance(g, str) else g for g in grids]
+    x = _correlated_inputs(8, features=512)
+    x[:, 7] = 0.0                                   # a dead input channel
+    hessian = 2.0 / x.shape[0] * x.t() @ x
+    generator = torch.Generator().manual_seed(9)
+    weights = [torch.randn(rows, 512, generator=generator) * 0.05 for rows in (64, 32, 48)[:len(specs)]]
+    assert can_share(specs, 512, dict(_SETTINGS, **options))
+    shared = gptq_quantize_shared(weights, hessian, specs, keep_rounded=True, **options)
+    for weight, spec, (quant, results, rounded) in zip(weights, specs, shared):
+        alone, alone_results, alone_rounded = gptq_rounding(weight, hessian, spec, **options)
+        _assert_same_quant(quant, alone)
+        assert torch.equal(rounded, alone_rounded)
+        assert results.keys() == alone_results.keys()
+        assert all(torch.equal(results[k], alone_results[k]) for k in results)
+
+
+def test_grids_chosen_during_the_sweep_get_a_sweep_each():
+    """GPTQ's own min/max groups follow the sweep (static_groups=false, or no act order), float grids round to
+    their own values, and different lazy-update blocks would change the float operations: none is stacked,
+    and each still gets its own sweep's codes."""
+    from quantkit.algorithms.gptq import _SETTINGS, can_share, gptq_quantize, gptq_quantize_shared
+    from quantkit.formats.schemes import get_scheme
+
+    int4 = WeightSpec(4, "group", True, 32)
+    assert not can_share([int4, int4], 512, dict(_SETTINGS, static_groups=False))
+    assert not can_share([int4, int4], 512, dict(_SETTINGS, act_order=False))
+    assert not can_share([int4, WeightSpec(4, "group", True, 256)], 512, _SETTINGS)
+    assert not can_share([int4, get_scheme("w8a16_fp8").weight], 512, _SETTINGS)
+    x = _correlated_inputs(10, features=512)
+    hessian = 2.0 / x.shape[0] * x.t() @ x
+    weights = [torch.randn(16, 512, generator=torch.Generator().manual_seed(s)) for s in (11, 12)]
+    for (quant, _, rounded), weight in zip(gptq_quantize_shared(weights, hessian, [int4, int4], static_groups=False),
+                                           weights):
+        _assert_same_quant(quant, gptq_quantize(weight, hessian, int4, static_groups=False)[0])
+        assert rounded is None
+
+
+def test_the_pipeline_sweeps_q_k_v_together_with_the_codes_of_separate_sweeps(tmp_path, monkeypatch):
+    """In a block, q/k/v (and gate/up) go through one GPTQ sweep each group (mixed K grids of a Q4_K_M plan
+    here: attn_v on Q6_K beside q/k on Q4_K); the file equals the one written with every Linear swept alone."""
+    from safetensors.torch import load_file
+
+    from quantkit.algorithms import gptq
+    from conftest import make_checkpoint
+
+    source = make_checkpoint(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2, num_hidden_layers=2)
+    calls = []
+    original = gptq.gptq_quantize_shared
+
+    def counted(weights, *args, **kwargs):
+        calls.append(len(weights))
+        return original(weights, *args, **kwargs)
+
+    monkeypatch.setattr(gptq, "gptq_quantize_shared", counted)
+
+    def run(out):
+        calibrate(CalibrateConfig(model=str(source), scheme="q4_k_m", algorithm="gptq", num_samples=8, seq_len=32,
+                                  out=tmp_path / out))
+        return load_file(tmp_path / out / "model.safetensors")
+
+    together = run("together")
+    assert sorted(calls) == [2, 2, 3, 3]                 # per block: q/k/v and gate/up
+    monkeypatch.setattr(BlockQuantizer, "shared_sweeps", lambda self, names, stats: {})
+    alone = run("alone")
+    assert together.keys() == alone.keys()
+    assert all(torch.equal(together[name], alone[name]) for name in together)
+
+
 def test_damped_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
     from quantkit.algorithms.gptq import damped_inverse_cholesky
 

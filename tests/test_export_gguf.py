@@ -502,3 +502,53 @@ def test_target_size_bad_inputs(llama_bpe, tmp_path):
     result = run_cli("export", llama_bpe, "--format", "gguf", "--out", tmp_path / "x.gguf", "--target-size", "1MB",
                      "--candidates", "Q4_0,Q9_K")
     assert result.exit_code == 1 and "unknown GGUF candidate type 'Q9_K'" in result.output
+
+
+def test_target_size_with_a_dataset_chooses_by_measured_sensitivities(llama_bpe, tmp_path):
+    """--dataset: each block Linear's type is chosen by its block sensitivity measured on calibration data (the
+    measure of calibrate --target-bits). The choice is, within the solver's size units, the brute-force optimum of
+    the summed sensitivities under the bytes the file leaves the Linears, and the file stays within the target."""
+    import itertools
+    import re
+
+    from quantkit import api
+    from quantkit.exporters import gguf_budget
+    from quantkit.formats import knapsack
+    from quantkit.run.pipeline import measure_sensitivities
+
+    types = ("Q4_0", "Q8_0")
+    smallest = export_gguf(llama_bpe, tmp_path / "q4.gguf", ggml_type="Q4_0").size_bytes
+    largest = export_gguf(llama_bpe, tmp_path / "q8.gguf", ggml_type="Q4_0", target_size=10**9,
+                          candidates=("Q8_0",)).size_bytes
+    target = (smallest + largest) // 2
+    data = dict(dataset="dummy", num_samples=4, seq_len=16)
+    result = api.export(llama_bpe, format="gguf", out=tmp_path / "t.gguf", type="Q4_0", target_size=str(target),
+                        candidates=",".join(types), **data)
+    assert result.size_bytes == (tmp_path / "t.gguf").stat().st_size <= target
+    assert any("block sensitivities measured on calibration data" in note for note in result.notes)
+    chosen = {t.source: t for t in result.linears if t.reason.startswith("--target-size")}
+    assert len(chosen) == 14 and {t.ggml_type for t in chosen.values()} == set(types)
+
+    layers = measure_sensitivities(CalibrateConfig(model=str(llama_bpe), scheme="w4a16", target_bits=32.0,
+                                                   candidates="q4_0,q8_0", **data))
+    names = sorted(chosen)
+    costs = {n: [gguf_budget.aligned(gguf_budget.type_bytes(t, chosen[n].shape)) for t in types] for n in names}
+    losses = {n: layers[n].loss("block") for n in names}
+    note = next(note for note in result.notes if note.startswith("--target-size"))
+    budget = int(re.search(r"chosen under (\d+) bytes", note).group(1))   # target - header - the other tensors
+    assert budget <= target - (smallest - sum(costs[n][0] for n in names))
+    picked = [types.index(chosen[n].ggml_type) for n in names]
+    assert sum(costs[n][k] for n, k in zip(names, picked)) <= budget
+    strict = budget - len(names) * knapsack.unit_for(budget, len(names))
+    best = min(sum(losses[n][k] for n, k in zip(names, combo))
+               for combo in itertools.product(range(2), repeat=len(names))
+               if sum(costs[n][k] for n, k in zip(names, combo)) <= strict)
+    assert sum(losses[n][k] for n, k in zip(names, picked)) <= best
+
+    cli = run_cli("export", llama_bpe, "--format", "gguf", "--out", tmp_path / "c.gguf", "--target-size", str(target),
+                  "--type", "Q4_0", "--candidates", "Q4_0,Q8_0", "--dataset", "dummy", "--num-samples", "4",
+                  "--seq-len", "16", "--json")
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.output)["size_bytes"] <= target
+    assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", tmp_path / "d.gguf", "--dataset",
+                                  "dummy"), "give --target-size")

@@ -13,7 +13,7 @@ g_idx), or, with static_groups, are fixed up front on the original column order 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -92,90 +92,237 @@ def gptq_rounding(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
                  keep_rounded=True, weighted_grid=weighted_grid)
 
 
+def gptq_quantize_shared(weights: list[torch.Tensor], hessian: torch.Tensor, specs: list[WeightSpec], *,
+                         keep_rounded: bool = False, **settings) -> list[tuple[QuantTensor, dict, torch.Tensor | None]]:
+    """Linears that read the same input (q/k/v, gate/up: one Hessian [in, in]) quantized in one column sweep
+    over their stacked rows, where every grid is fixed before the sweep (`can_share`); otherwise one sweep each.
+    GPTQ treats rows independently (the error feedback runs along a row; H, its damping, the act-order
+    permutation and U are the input's), so each Linear gets the codes its own sweep gives, in a third of the
+    sweeps' Python steps for q/k/v. ``settings``: `gptq_quantize`'s keywords. -> per Linear (QuantTensor, search
+    results, the weight its codes were rounded from or None)."""
+    options = dict(_SETTINGS, **settings)
+    if len(weights) > 1 and can_share(specs, weights[0].shape[1], options):
+        return _gptq_many(weights, hessian, specs, options, keep_rounded)
+    return [_gptq_many([w], hessian, [s], options, keep_rounded)[0] for w, s in zip(weights, specs)]
+
+
+_SETTINGS = dict(block_size=128, damp=0.01, act_order=True, static_groups=True, global_scale=None, llama_cpp=False,
+                 weighted_grid=False)
+
+
+def can_share(specs: list[WeightSpec], in_features: int, options: dict) -> bool:
+    """Whether one sweep can quantize these grids together: each one's parameters are fixed before the sweep
+    (whole rows, static groups, llama.cpp's searched grids), none is a float element grid or a two-level one,
+    and their lazy-update blocks coincide (so the float operations are those of separate sweeps)."""
+    steps = set()
+    for spec in specs:
+        if spec.element.kind != "int" or spec.second_scale is not None:
+            return False
+        searched = spec.k_format is not None or (options["llama_cpp"] and ggml_blocks.symmetric_type(spec) is not None) \
+            or (options["weighted_grid"] and weighted_search.supports(spec))
+        if not (spec.granularity != "group" or (options["act_order"] and options["static_groups"]) or searched):
+            return False
+        steps.add(_sweep_step(spec, in_features, options["block_size"]))
+    return len(steps) == 1
+
+
+def _sweep_step(spec: WeightSpec, in_features: int, block_size: int) -> int:
+    if spec.granularity != "group":
+        return block_size
+    return _aligned_block_size(block_size, primitives.group_size_for(spec, in_features))
+
+
 def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale=None, llama_cpp=False,
           keep_rounded=False, weighted_grid=False):
-    out_features, in_features = weight.shape
-    W = weight.float().clone()
+    options = dict(block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups,
+                   global_scale=global_scale, llama_cpp=llama_cpp, weighted_grid=weighted_grid)
+    return _gptq_many([weight], hessian, [spec], options, keep_rounded)[0]
+
+
+@dataclass
+class _Grid:
+    """One Linear's grid for the sweep, per input column in sweep order ([in, out] each): a column's codes are
+        q = clamp(round((w + offset) / step) + zero, low, high),  w_hat = (q - zero) * step - offset,
+        code = q - shift
+    (K types with mins: offset dmin*m, zero 0, levels 0..2^b-1, shift 2^(b-1); symmetric grids: offset and
+    zero 0; static asymmetric groups: their zero point). ``searched`` [in, out]: llama.cpp's own levels (code +
+    shift), kept where a searched (sub-)block's step is 0. None where the parameters follow the sweep."""
+
+    step: torch.Tensor
+    offset: torch.Tensor | None
+    zero: torch.Tensor | None
+    low: float
+    high: float
+    shift: float
+    searched: torch.Tensor | None
+    finish: Callable[[torch.Tensor], QuantTensor]     # codes [out, in] in the original column order -> result
+    float_element: object = None     # a float element grid (FP8, FP4): its nearest value instead (one Linear)
+
+
+def _fixed_grid(W: torch.Tensor, H: torch.Tensor, spec: WeightSpec, perm: torch.Tensor, options: dict
+                ) -> _Grid | None:
+    """The grid of weight W [out, in] fp32 when its parameters are fixed before the sweep, else None."""
+    out_features, in_features = W.shape
+    group_size = primitives.group_size_for(spec, in_features)
+    searched = llama_cpp_grid(W, H, spec, options["llama_cpp"], options["weighted_grid"])
+    whole_row = spec.granularity != "group"
+    if not (whole_row or (options["act_order"] and options["static_groups"]) or searched is not None):
+        return None
+    element = spec.element
+    glob = primitives.global_scale(W, spec) if options["global_scale"] is None else options["global_scale"]
+    group_of = (torch.arange(in_features) // group_size)[perm]         # each swept column's (original) group
+    if spec.k_format is not None:
+        step, offset = k_step(searched)
+        shift = float(-element.min) if offset is not None else 0.0
+        low, high = (0.0, float(element.max - element.min)) if offset is not None else \
+            (float(element.min), float(element.max))
+
+        def finish(codes):
+            return QuantTensor(codes, searched.scale, searched.zero, spec, super_scale=searched.super_scale,
+                               super_min=searched.super_min)
+        return _Grid(_columns(step, group_of), None if offset is None else _columns(offset, group_of), None,
+                     low, high, shift, _levels(searched, perm, shift), finish)
+    stored, stored_zero = (searched.scale, None) if searched is not None else primitives.weight_qparams(W, spec, glob)
+    row_block = primitives.rows_per_scale(spec, out_features)   # blocks repeat their parameters over their rows
+    scale = stored if row_block == 1 else stored.repeat_interleave(row_block, dim=0)[:out_features]
+    zero = stored_zero
+    if zero is not None and row_block > 1:
+        zero = zero.repeat_interleave(row_block, dim=0)[:out_features]
+    step = primitives.effective_scale(scale.expand(out_features, -1), glob)
+
+    def finish(codes):
+        return QuantTensor(codes, stored, stored_zero, spec, None, global_scale=glob)
+    zero_columns = None if zero is None else _columns(zero.expand(out_features, -1), group_of)
+    return _Grid(_columns(step, group_of), None, zero_columns, float(element.min), float(element.max), 0.0,
+                 None if searched is None else _levels(searched, perm, 0.0), finish,
+                 element if element.kind == "float" else None)
+
+
+def _columns(param: torch.Tensor, group_of: torch.Tensor) -> torch.Tensor:
+    """[out, G] group parameters -> [in, out]: the row of each swept column's group."""
+    return param.t()[group_of].contiguous()
+
+
+def _levels(searched: QuantTensor, perm: torch.Tensor, shift: float) -> torch.Tensor:
+    """The search's own codes plus ``shift`` [in, out] in sweep order (float32)."""
+    return searched.codes[:, perm].t().float() + shift
+
+
+def _gptq_many(weights, hessian, specs, options, keep_rounded):
+    in_features = weights[0].shape[1]
     H = hessian.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0          # a column no token ever activated: any value is exact
-    W[:, dead] = 0.0
-
-    group_size = primitives.group_size_for(spec, in_features)
-    whole_row = spec.granularity != "group"          # per tensor, channel or 2-D block: fixed parameters
-    searched = llama_cpp_grid(W, H, spec, llama_cpp, weighted_grid)  # K-quants (Q4_0/Q5_0, ...): llama.cpp's search's
-    k_grid = searched if spec.k_format is not None else None
-    fixed_params = whole_row or (act_order and static_groups) or searched is not None
-    # two-level grids (NVFP4): fixed by the whole tensor, or shared with the layers fused with it
-    glob = primitives.global_scale(W, spec) if global_scale is None else global_scale
-    if k_grid is not None:
-        stored, stored_zero = k_grid.scale, k_grid.zero
-        scale, zero = k_step(k_grid)
-    elif fixed_params:  # per-tensor/channel/block, or static groups: parameters from the original weights
-        stored, stored_zero = (searched.scale, None) if searched is not None else primitives.weight_qparams(W, spec, glob)
-        zero = stored_zero
-        # one row of parameters per output row (blocks repeat theirs over the block's rows)
-        row_block = primitives.rows_per_scale(spec, out_features)
-        scale = stored if row_block == 1 else stored.repeat_interleave(row_block, dim=0)[:out_features]
-        if zero is not None and row_block > 1:
-            zero = zero.repeat_interleave(row_block, dim=0)[:out_features]
-    else:
-        num_groups = primitives.group_count(in_features, group_size)
-        scale = torch.empty(out_features, num_groups)
-        zero = None if spec.symmetric else torch.empty(out_features, num_groups)
-
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
-    searched_t = None if searched is None else searched.codes[:, perm].t().contiguous()  # the search's own codes
-    if act_order:
+    Ws = []
+    for weight in weights:
+        W = weight.float().clone()
+        W[:, dead] = 0.0
+        Ws.append(W)
+    perm = torch.argsort(torch.diag(H), descending=True) if options["act_order"] else torch.arange(in_features)
+    grids = [_fixed_grid(W, H, spec, perm, options) for W, spec in zip(Ws, specs)]
+    if options["act_order"]:
         H = H[perm][:, perm]
-    U, damp_used = damped_inverse_cholesky(H, damp)
+    U, damp_used = damped_inverse_cholesky(H, options["damp"])
     del H
+    results = {"damp": torch.tensor(damp_used)}
+    if options["act_order"]:
+        results["perm"] = perm.to(torch.int32)
+    inverse = torch.argsort(perm)
+    if grids[0] is None:      # one Linear whose group parameters follow the sweep
+        return [_dynamic_sweep(Ws[0], U, specs[0], perm, inverse, options, keep_rounded, results)]
     # Columns as rows ([in, out], contiguous): each step of the sweep touches one contiguous row.
-    Wt = W[:, perm].t().contiguous()
-    scale_t = scale.expand(out_features, -1).t().contiguous()        # [G, out] stored scales
-    step_t = scale_t if k_grid is not None else primitives.effective_scale(scale_t, glob)  # [G, out] a code's worth
-    zero_t = None if zero is None else zero.expand(out_features, -1).t().contiguous()
+    Wt = torch.cat([W[:, perm].t() for W in Ws], dim=1).contiguous()
+    sweep = _StackedGrid(grids)
+    codes_t, rounded_t = _sweep(Wt, U, _sweep_step(specs[0], in_features, options["block_size"]), sweep.round,
+                                primitives.code_dtype(specs[0].element), keep_rounded)
+    out = []
+    for grid, rows in zip(grids, sweep.rows):
+        codes = codes_t[:, rows].t()[:, inverse].contiguous()
+        rounded = None if rounded_t is None else rounded_t[:, rows].t()[:, inverse].contiguous()
+        out.append((grid.finish(codes), {key: value.clone() for key, value in results.items()}, rounded))
+    return out
 
-    # Group of each swept position: static groups follow the original column, dynamic ones the sweep.
-    original_group = torch.arange(in_features) // group_size
-    position_group = (original_group[perm] if fixed_params else torch.arange(in_features) // group_size).tolist()
-    element = spec.element
-    codes_t = torch.empty(in_features, out_features, dtype=primitives.code_dtype(element))
-    rounded_t = torch.empty(in_features, out_features) if keep_rounded else None
-    qmin, qmax = element.min, element.max
-    step = block_size if whole_row else _aligned_block_size(block_size, group_size)
+
+class _StackedGrid:
+    """The grids of stacked Linears side by side ([in, sum of out]) and their rounding of one column."""
+
+    def __init__(self, grids: list[_Grid]):
+        widths = [g.step.shape[1] for g in grids]
+        bounds = torch.tensor([0, *widths]).cumsum(0).tolist()
+        self.rows = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.float_element = grids[0].float_element if len(grids) == 1 else None   # `can_share`: int grids only
+        self.step = torch.cat([g.step for g in grids], dim=1)
+        self.offset = self._stack(grids, "offset")
+        self.zero = self._stack(grids, "zero")
+        self.searched = self._stack(grids, "searched")
+        # rows whose zero steps keep the search's code: None for all rows (or none: no search)
+        mixed = self.searched is not None and any(g.searched is None for g in grids)
+        self.searched_rows = torch.cat([torch.full((w,), g.searched is not None) for g, w in zip(grids, widths)]) \
+            if mixed else None
+        self.low, self.high, self.shift = (self._per_row(grids, widths, key) for key in ("low", "high", "shift"))
+        if isinstance(self.low, torch.Tensor) != isinstance(self.high, torch.Tensor):    # clamp takes both alike
+            self.low, self.high = (torch.as_tensor(v).expand(self.step.shape[1]).float()
+                                   for v in (self.low, self.high))
+
+    @staticmethod
+    def _stack(grids, key):
+        parts = [getattr(g, key) for g in grids]
+        if all(p is None for p in parts):
+            return None
+        return torch.cat([torch.zeros_like(g.step) if p is None else p for g, p in zip(grids, parts)], dim=1)
+
+    @staticmethod
+    def _per_row(grids, widths, key):
+        values = [getattr(g, key) for g in grids]
+        if len(set(values)) == 1:
+            return values[0]
+        return torch.cat([torch.full((w,), float(v)) for v, w in zip(values, widths)])
+
+    def round(self, col: int, W1: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column ``col`` (row i of the sweep block W1) onto the grids -> (codes, dequantized) [out]; as ggml's
+        final rounding on the searched grids, a (sub-)block whose step is 0 keeps the search's code (any code
+        means the same there)."""
+        w, step = W1[i], self.step[col]
+        if self.float_element is not None:
+            return _round_plain(w, step, None, self.float_element)
+        keep, safe = None, step
+        if self.searched is not None:
+            keep = step == 0
+            if self.searched_rows is not None:
+                keep &= self.searched_rows
+            safe = torch.where(keep, torch.ones_like(step), step)
+        q = torch.round((w if self.offset is None else w + self.offset[col]) / safe)
+        if self.zero is not None:
+            q = q + self.zero[col]
+        q = torch.clamp(q, self.low, self.high)
+        if keep is not None:
+            q = torch.where(keep, self.searched[col], q)
+        dequantized = (q if self.zero is None else q - self.zero[col]) * step
+        if self.offset is not None:
+            dequantized = dequantized - self.offset[col]
+        return (q if isinstance(self.shift, float) and self.shift == 0.0 else q - self.shift), dequantized
+
+
+def _sweep(Wt: torch.Tensor, U: torch.Tensor, step: int, round_column, code_dtype: torch.dtype, keep_rounded: bool,
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The column sweep of Wt [in, out] (columns as rows, sweep order) with U [in, in]: round_column(col, W1, i)
+    -> (codes, dequantized) [out] quantizes column ``col``, row i of the current sweep block W1 [B, out], as the
+    earlier columns' error feedback left it (the block's later rows: the rest of its group, up to date).
+    -> (codes [in, out], the weights the codes were rounded from [in, out] or None)."""
+    in_features = Wt.shape[0]
+    codes_t = torch.empty(Wt.shape, dtype=code_dtype)
+    rounded_t = torch.empty(Wt.shape) if keep_rounded else None
 
     def sweep_block(i1: int, W1: torch.Tensor, U1: torch.Tensor) -> torch.Tensor:
         """Quantize the columns i1.. of the block W1 [B, out] in order; returns their scaled errors."""
         Err1 = torch.empty_like(W1)
         for i in range(W1.shape[0]):
             col = i1 + i
-            g = position_group[col]
-            if not fixed_params and col % group_size == 0:
-                end = min(col + group_size, in_features) - i1
-                columns = W1[i:end]                                       # the group's columns [B, out]
-                lo, hi = columns.amin(dim=0).clamp(max=0.0), columns.amax(dim=0).clamp(min=0.0)
-                s, z = primitives.qparams_from_range(lo, hi, spec, glob)  # [out] each
-                scale_t[g], step_t[g] = s, primitives.effective_scale(s, glob)
-                if zero_t is not None:
-                    zero_t[g] = z
-            s = step_t[g]
             w = W1[i]
             if rounded_t is not None:
                 rounded_t[col] = w
-            if searched is not None:   # llama.cpp's grid: a sub-block whose step is 0 keeps the search's code
-                offset = None if zero_t is None else zero_t[g]
-                q, dequantized = _llama_cpp_round(w, s, offset, element, searched_t[col])
-            elif element.kind == "float":      # the nearest grid value (symmetric: no zero point)
-                q = element.round(w / s)
-                dequantized = q * s
-            elif zero_t is not None:
-                q = (torch.round(w / s) + zero_t[g]).clamp_(qmin, qmax)
-                dequantized = (q - zero_t[g]) * s
-            else:
-                q = torch.round(w / s).clamp_(qmin, qmax)
-                dequantized = q * s
-            codes_t[col] = q.to(codes_t.dtype)
+            q, dequantized = round_column(col, W1, i)
+            codes_t[col] = q.to(code_dtype)
             err = (w - dequantized) / U1[i, i]
             W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)   # W[:, i+1:] -= err * U[i, i+1:] (row i is done)
             Err1[i] = err
@@ -186,25 +333,56 @@ def _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, glo
         with _single_thread():
             Err1 = sweep_block(i1, Wt[i1:i2].clone(), U[i1:i2, i1:i2])
         Wt[i2:] -= U[i1:i2, i2:].t() @ Err1              # lazy update of the columns after the block
+    return codes_t, rounded_t
 
-    inverse = torch.argsort(perm)
+
+def _dynamic_sweep(W, U, spec, perm, inverse, options, keep_rounded, results):
+    """GPTQ's own min/max groups, chosen when the sweep reaches a group's first column from the weights as
+    updated so far (the sweep's blocks are aligned to groups, so a group's columns are up to date); with
+    act_order they follow the sweep order (recorded in g_idx). -> (QuantTensor, results, rounded or None)."""
+    out_features, in_features = W.shape
+    group_size = primitives.group_size_for(spec, in_features)
+    glob = primitives.global_scale(W, spec) if options["global_scale"] is None else options["global_scale"]
+    num_groups = primitives.group_count(in_features, group_size)
+    scale_t = torch.empty(num_groups, out_features)
+    step_t = torch.empty(num_groups, out_features)
+    zero_t = None if spec.symmetric else torch.empty(num_groups, out_features)
+    element = spec.element
+
+    def round_column(col: int, W1: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = col // group_size
+        if col % group_size == 0:
+            columns = W1[i:i + min(group_size, in_features - col)]      # the group's columns [B, out]
+            lo, hi = columns.amin(dim=0).clamp(max=0.0), columns.amax(dim=0).clamp(min=0.0)
+            s, z = primitives.qparams_from_range(lo, hi, spec, glob)  # [out] each
+            scale_t[g], step_t[g] = s, primitives.effective_scale(s, glob)
+            if zero_t is not None:
+                zero_t[g] = z
+        return _round_plain(W1[i], step_t[g], None if zero_t is None else zero_t[g], element)
+
+    Wt = W[:, perm].t().contiguous()
+    codes_t, rounded_t = _sweep(Wt, U, _aligned_block_size(options["block_size"], group_size), round_column,
+                                primitives.code_dtype(element), keep_rounded)
     codes = codes_t.t()[:, inverse].contiguous()
-    scale = stored if fixed_params else scale_t.t().contiguous()     # [R, G] as the grid defines them
-    if fixed_params:
-        zero = stored_zero
-    else:
-        zero = None if zero_t is None else zero_t.t().contiguous()
+    zero = None if zero_t is None else zero_t.t().contiguous()
     g_idx = None
-    if act_order and not fixed_params:
-        g_idx = torch.tensor(position_group)[inverse].to(torch.int32)
-    results = {"damp": torch.tensor(damp_used)}
-    if act_order:
-        results["perm"] = perm.to(torch.int32)
+    if options["act_order"]:
+        g_idx = (torch.arange(in_features) // group_size)[inverse].to(torch.int32)
     rounded = None if rounded_t is None else rounded_t.t()[:, inverse].contiguous()
-    if k_grid is not None:
-        return QuantTensor(codes, stored, stored_zero, spec, super_scale=k_grid.super_scale,
-                           super_min=k_grid.super_min), results, rounded
-    return QuantTensor(codes, scale, zero, spec, g_idx, global_scale=glob), results, rounded
+    return QuantTensor(codes, scale_t.t().contiguous(), zero, spec, g_idx, global_scale=glob), results, rounded
+
+
+def _round_plain(w: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | None, element
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column [out] onto a grid of steps [out] (and zero points): (codes, dequantized) [out]."""
+    if element.kind == "float":      # the nearest grid value (symmetric: no zero point)
+        q = element.round(w / step)
+        return q, q * step
+    if zero is not None:
+        q = (torch.round(w / step) + zero).clamp_(element.min, element.max)
+        return q, (q - zero) * step
+    q = torch.round(w / step).clamp_(element.min, element.max)
+    return q, q * step
 
 
 def llama_cpp_grid(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, legacy: bool,
@@ -232,24 +410,6 @@ def k_step(grid: QuantTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     step = grid.super_scale.repeat_interleave(per, dim=1) * grid.scale
     offset = None if grid.zero is None else grid.super_min.repeat_interleave(per, dim=1) * grid.zero
     return step, offset
-
-
-def _llama_cpp_round(w: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, element, searched: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One column [out] onto llama.cpp's grid: q = nearest((w + dmin*m) / (d*sc)) in 0..2^b-1 (K types with
-    mins: w ~ d*sc*q - dmin*m), or nearest(w / step) for the symmetric ones (Q3_K, Q6_K: d*sc; Q4_0, Q5_0: d), as
-    ggml's final rounding; a (sub-)block whose step is 0 keeps the search's code (any code means the same
-    there). -> (signed codes, dequantized) [out]."""
-    half = -element.min
-    zero = step == 0
-    safe = torch.where(zero, torch.ones_like(step), step)
-    if offset is None:
-        q = torch.round(w / safe).clamp_(element.min, element.max)
-        q = torch.where(zero, searched.float(), q)
-        return q, step * q
-    q = torch.round((w + offset) / safe).clamp_(0, 2 * half - 1)
-    q = torch.where(zero, searched.float() + half, q)
-    return q - half, step * q - offset
 
 
 @register("gptq")
@@ -288,6 +448,14 @@ class GPTQ:
         """`quantize`, and the weight its codes were rounded from (`gptq_rounding`)."""
         options = parse_options(self.name, context.options)
         return gptq_rounding(weight, context.stats.hessian.matrix, spec, **self._settings(options, context))
+
+    def quantize_shared(self, weights: list[torch.Tensor], specs: list[WeightSpec], context: LayerContext,
+                        keep_rounded: bool = False) -> list[tuple[QuantTensor, dict, torch.Tensor | None]]:
+        """`quantize` (with ``keep_rounded``: `rounding`) of Linears that read the same input, whose statistics
+        ``context`` holds, in one sweep where their grids allow (`gptq_quantize_shared`)."""
+        options = parse_options(self.name, context.options)
+        return gptq_quantize_shared(weights, context.stats.hessian.matrix, specs, keep_rounded=keep_rounded,
+                                    **self._settings(options, context))
 
     @staticmethod
     def _settings(options, context: LayerContext) -> dict:

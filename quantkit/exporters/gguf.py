@@ -159,14 +159,16 @@ class _Plan:
 
 
 def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: bool = False,
-                imatrix=None, target_size: int | None = None, candidates: tuple[str, ...] | None = None
-                ) -> GGUFExportResult:
+                imatrix=None, target_size: int | None = None, candidates: tuple[str, ...] | None = None,
+                sensitivities: dict[str, dict[str, float | None]] | None = None) -> GGUFExportResult:
     """Write ``source_dir`` (a quantkit output directory or a float HF checkpoint) as one GGUF file.
     ``ggml_type``: one type for whatever is requantized (F16, Q8_0, Q4_0, ...), or a K-quant file type
     (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) choosing each tensor's type as llama-quantize does.
     ``imatrix``: a llama.cpp importance-matrix file; K-quant tensors are then searched as llama-quantize
     --imatrix does. ``target_size`` (bytes, float checkpoints): the block Linears' types are chosen among
-    ``candidates`` (`gguf_budget.CANDIDATES`) so that the file is at most that size (`gguf_budget`)."""
+    ``candidates`` (`gguf_budget.CANDIDATES`) so that the file is at most that size (`gguf_budget`), by the
+    importance-weighted weight error, or by ``sensitivities`` (block Linear's checkpoint name -> GGUF type -> loss,
+    `run.pipeline.measure_sensitivities`) when given."""
     if ggml_type is not None and ggml_type not in REQUANT_TYPES + FILE_TYPES:
         close = difflib.get_close_matches(ggml_type, REQUANT_TYPES + FILE_TYPES, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(REQUANT_TYPES + FILE_TYPES)}"
@@ -187,7 +189,7 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
         plan.notes += _importance_notes(plan)
     target_note = None
     if target_size is not None:
-        target_note = _fit_target(plan, target_size, candidates or gguf_budget.CANDIDATES)
+        target_note = _fit_target(plan, target_size, candidates or gguf_budget.CANDIDATES, sensitivities)
     with staged_file(out, overwrite) as staging:
         _write(plan, staging)
         if target_size is not None and staging.stat().st_size > target_size:
@@ -587,14 +589,22 @@ def _block_misalignment(spec, in_features: int, params: dict[str, torch.Tensor])
 # --------------------------------------------------------------------------------------------- write
 
 
-def _fit_target(plan: _Plan, target_size: int, candidates: tuple[str, ...]) -> str:
-    """Choose each block Linear's type under ``target_size`` bytes (`gguf_budget`): measure every candidate,
-    size the header (the same whatever the choice), solve, and assign; returns a note saying what was chosen."""
+def _fit_target(plan: _Plan, target_size: int, candidates: tuple[str, ...],
+                sensitivities: dict[str, dict[str, float | None]] | None = None) -> str:
+    """Choose each block Linear's type under ``target_size`` bytes (`gguf_budget`): measure every candidate (or
+    take the measured ``sensitivities``), size the header (the same whatever the choice), solve, and assign;
+    returns a note saying what was chosen."""
     source = plan.source
     block_prefix = source.arch.blocks + "."
     chosen = [r for r in plan.records if r.is_linear and not r.experts and r.source.startswith(block_prefix)]
-    choices = [gguf_budget.measure(r.name, _permute(plan, r.source, source.tensor(r.source + ".weight").float()),
-                                   candidates, _importance(plan, r)) for r in chosen]
+    if sensitivities is not None:
+        missing = [r.source for r in chosen if r.source not in sensitivities]
+        if missing:
+            raise QuantkitError(f"no measured sensitivity for {missing[0]}")
+        choices = [gguf_budget.measured(r.name, r.shape, candidates, sensitivities[r.source]) for r in chosen]
+    else:
+        choices = [gguf_budget.measure(r.name, _permute(plan, r.source, source.tensor(r.source + ".weight").float()),
+                                       candidates, _importance(plan, r)) for r in chosen]
     for record, choice in zip(chosen, choices):          # any choice: the header's size does not depend on it
         _assign(record, next(iter(choice.costs)))
     chosen_ids = {id(r) for r in chosen}
@@ -616,7 +626,13 @@ def _fit_target(plan: _Plan, target_size: int, candidates: tuple[str, ...]) -> s
     # said after writing: the file's metadata holds the notes, and the header was sized without this one
     return (f"--target-size {target_size}: {len(chosen)} block Linears' types chosen under {target_size - fixed} "
             f"bytes ({', '.join(f'{t} x{n}' for t, n in sorted(counts.items()))}); "
-            f"{'importance-weighted' if plan.importance is not None else 'unweighted'} weight error")
+            f"{_measure_name(plan, sensitivities)}")
+
+
+def _measure_name(plan: _Plan, sensitivities) -> str:
+    if sensitivities is not None:
+        return "block sensitivities measured on calibration data"
+    return f"{'importance-weighted' if plan.importance is not None else 'unweighted'} weight error"
 
 
 def _assign(record: TensorRecord, ggml_type: str) -> None:

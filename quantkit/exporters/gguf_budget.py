@@ -7,8 +7,9 @@ when an importance matrix is given, as the written file holds them):
 
     error(t, c) = sum_ij imp_j (W - W_c)_ij^2        imp_j = the importance matrix's E[x_j^2], else 1
 
-(the layer output error under a diagonal input covariance), and cost(t, c) = its data bytes padded to the file's
-alignment. The file's other tensors keep the types ``--type`` gives them (F16 without one); the header's size
+(the layer output error under a diagonal input covariance), or, given measured sensitivities (`quantkit export
+--target-size --dataset`: `run.allocate`'s block kind on calibration data, relative to the residual stream, what
+`calibrate --target-bits` chooses with), those; and cost(t, c) = its data bytes padded to the file's alignment. The file's other tensors keep the types ``--type`` gives them (F16 without one); the header's size
 does not depend on the choice (type names of 4 characters, fixed-width tensor infos), so the budget for the
 Linears is exact: target - header - the other tensors.
 """
@@ -92,4 +93,18 @@ def measure(name: str, weight: torch.Tensor, candidates: tuple[str, ...], import
             raise QuantkitError(f"{name} has NaN/Inf weights (or importance values): no type can be chosen for it")
     if not costs:
         raise QuantkitError(f"no candidate GGUF type fits {name} (rows of {weight.shape[1]} values)")
+    return TypeChoice(name, costs, errors)
+
+
+def measured(name: str, shape: tuple[int, ...], candidates: tuple[str, ...], losses: dict[str, float | None]
+             ) -> TypeChoice:
+    """A tensor's costs on every candidate that fits, its errors the measured ``losses`` (GGUF type -> loss, None
+    where the type was not measured)."""
+    costs, errors = {}, {}
+    for ggml_type in candidates:
+        if fits(ggml_type, shape[-1]) and losses.get(ggml_type) is not None:
+            costs[ggml_type] = aligned(type_bytes(ggml_type, shape))
+            errors[ggml_type] = float(losses[ggml_type])
+    if not costs:
+        raise QuantkitError(f"no candidate GGUF type fits {name} (rows of {shape[-1]} values)")
     return TypeChoice(name, costs, errors)

@@ -110,10 +110,13 @@ def weighted_sum(terms) -> torch.Tensor:
     return total
 
 
-def sum_columns(terms: torch.Tensor) -> torch.Tensor:
-    """terms [..., n] float32 -> [...]: the sum over the last dim left to right (the C loop's order, one
-    float32 add per element; torch's own reductions add in another order)."""
-    return weighted_sum(terms.movedim(-1, 0).contiguous())
+def sum_rows(*terms: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """terms [n, S] float32 each -> their sums over the n rows [S], left to right (the C loop's order over a
+    sub-block's columns, one float32 add per element; torch's own reductions add in another order). The
+    searches hold their sub-blocks as columns ([n, S], contiguous rows), so the sums read contiguous rows."""
+    if len(terms) == 1:
+        return (weighted_sum(terms[0]),)
+    return tuple(weighted_sum(torch.stack(terms, dim=1)))
 
 
 SEARCH_ROWS = 32768   # sub-blocks a search takes at once: its temporaries stay near 50 MB on any tensor
@@ -139,18 +142,19 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
 
 
 def _qkx2_rows(x, weights, nmax, rmin, rdelta, nstep, use_mad):
-    lo, hi = x.amin(dim=1), x.amax(dim=1)
-    sum_w, sum_x = sum_columns(torch.stack([weights, weights * x]))
+    xt, wt = x.t().contiguous(), weights.t().contiguous()     # [n, S]: a sub-block per column
+    lo, hi = xt.amin(dim=0), xt.amax(dim=0)
+    sum_w, sum_x = sum_rows(wt, wt * xt)
     lo = torch.minimum(lo, torch.zeros_like(lo))
     flat = hi == lo
     span = torch.where(flat, torch.ones_like(hi), hi - lo)
     iscale = _f32(nmax) / span
     scale = 1 / iscale
-    L = _nearest(iscale[:, None] * (x - lo[:, None])).clamp_(0, nmax)
+    L = _nearest(iscale * (xt - lo)).clamp_(0, nmax)
 
     def error(s, m, levels):
-        diff = s[:, None] * levels.float() + m[:, None] - x
-        return sum_columns(weights * (diff.abs() if use_mad else diff * diff))
+        diff = s * levels.float() + m - xt
+        return sum_rows(wt * (diff.abs() if use_mad else diff * diff))[0]
 
     best = error(scale, lo, L)
     minimum = lo
@@ -158,10 +162,10 @@ def _qkx2_rows(x, weights, nmax, rmin, rdelta, nstep, use_mad):
         # the C loop reads the min as updated by the best fit so far, for the width and the offset alike
         span = torch.where(flat, torch.ones_like(hi), hi - minimum)
         trial_iscale = (_f32(rmin) + _f32(rdelta) * step + nmax) / span
-        levels = _nearest(trial_iscale[:, None] * (x - minimum[:, None])).clamp_(0, nmax)
+        levels = _nearest(trial_iscale * (xt - minimum)).clamp_(0, nmax)
         lf = levels.float()
-        weighted_level = weights * lf
-        sum_l, sum_l2, sum_xl = sum_columns(torch.stack([weighted_level, weighted_level * lf, weighted_level * x]))
+        weighted_level = wt * lf
+        sum_l, sum_l2, sum_xl = sum_rows(weighted_level, weighted_level * lf, weighted_level * xt)
         D = sum_w * sum_l2 - sum_l * sum_l
         valid = D > 0
         safe_d = torch.where(valid, D, torch.ones_like(D))
@@ -173,14 +177,14 @@ def _qkx2_rows(x, weights, nmax, rmin, rdelta, nstep, use_mad):
                                  this_scale)
         current = error(this_scale, this_min, levels)
         better = valid & (current < best)
-        L = torch.where(better[:, None], levels, L)
+        L = torch.where(better, levels, L)
         best = torch.where(better, current, best)
         scale = torch.where(better, this_scale, scale)
         minimum = torch.where(better, this_min, minimum)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     minimum = torch.where(flat, lo, minimum)
-    L = torch.where(flat[:, None], torch.zeros_like(L), L)
-    return scale, -minimum, L
+    L = torch.where(flat, torch.zeros_like(L), L)
+    return scale, -minimum, L.t().contiguous()
 
 
 def make_qx_quants_rmse1(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = None
@@ -202,10 +206,11 @@ def _qx_rmse1_rows(x, nmax, weights):
     numerators = [-_f32(nmax)] + [-(_f32(nmax) + _f32(0.1) * step) for step in range(-9, 10) if step != 0]
     iscales = torch.stack([numerator / safe_max for numerator in numerators])
     sumlx = suml2 = None
+    xt, wt = x.t().contiguous(), w.t().contiguous()      # [n, S]: each column one contiguous row
     for i in range(n):
-        levels = torch.round(iscales * x[:, i]).clamp_(-nmax, nmax - 1)
-        weighted_level = w[:, i] * levels
-        term_lx, term_l2 = (w[:, i] * x[:, i]) * levels, weighted_level * levels
+        levels = torch.round(iscales * xt[i]).clamp_(-nmax, nmax - 1)
+        weighted_level = wt[i] * levels
+        term_lx, term_l2 = (wt[i] * xt[i]) * levels, weighted_level * levels
         sumlx = term_lx if sumlx is None else sumlx.add_(term_lx)
         suml2 = term_l2 if suml2 is None else suml2.add_(term_l2)
     safe_l2 = torch.where(suml2 == 0, torch.ones_like(suml2), suml2)

@@ -154,10 +154,11 @@ class BlockQuantizer:
                     later = [name for name in batch if name in deferred]
                     if calibrated and later:
                         stats.update(self.observe(later, partial=True))
+                    swept = self.shared_sweeps(batch, stats) if calibrated else {}
                     for name in batch:
                         if calibrated:  # the output-SQNR reference of propagate, which runs in the compute dtype
                             float_weights[name] = job.block.get_submodule(name).weight.to(job.compute_dtype, copy=True)
-                        self.quantize_linear(name, stats[name], result)
+                        self.quantize_linear(name, stats[name], result, swept.pop(name, None))
                         if stats[name] is not None:
                             stats[name].release("hessian")  # GPTQ's [C, C] sums: up to 1 GB per Linear
         if calibrated and self.rounded_from:
@@ -344,9 +345,50 @@ class BlockQuantizer:
             self.fused_scales[members] = torch.stack([primitives.global_scale(w, spec) for w in weights]).amin(0)
         return self.fused_scales[members]
 
-    def quantize_linear(self, name: str, stats: LayerStats | None, result: BlockResult) -> None:
+    def shared_sweeps(self, names: list[str], stats: dict[str, LayerStats | None]) -> dict[str, tuple]:
+        """GPTQ's output for the Linears among ``names`` that read the same input (q/k/v, gate/up: equal
+        Hessians) with the same algorithm and options, quantized together in one column sweep where their
+        grids allow (`GPTQ.quantize_shared`: the codes of separate sweeps). -> name -> (QuantTensor, search
+        results, the weight its codes were rounded from); Linears left out are quantized one by one."""
+        groups: list[list[str]] = []
+        for name in names:
+            assignment, stat = self.job.assigned[name], stats[name]
+            if self.base[name].algorithm != "gptq" or stat is None or not stat.tokens or "hessian" not in stat.items \
+                    or self.fused_global_scale(name, assignment.scheme.weight) is not None:
+                continue
+            same = next((g for g in groups if self._same_input(g[0], name, stats)), None)
+            if same is None:
+                groups.append([name])
+            else:
+                same.append(name)
+        swept = {}
+        gptq = get_algorithm("gptq")
+        for group in groups:
+            if len(group) < 2:
+                continue
+            first = group[0]
+            context = LayerContext(self.full_name(first), stats[first], self.base[first].options)
+            refined = isinstance(get_algorithm(self.job.assigned[first].algorithm), BlockRefinement)
+            weights = [self.job.block.get_submodule(n).weight.float() for n in group]
+            specs = [self.job.assigned[n].scheme.weight for n in group]
+            for name, output in zip(group, gptq.quantize_shared(weights, specs, context, keep_rounded=refined)):
+                swept[name] = output
+        return swept
+
+    def _same_input(self, a: str, b: str, stats: dict[str, LayerStats | None]) -> bool:
+        """Whether Linears a and b get one sweep: the same algorithm and options, and equal Hessians."""
+        assigned = self.job.assigned
+        if (assigned[a].algorithm, assigned[a].options, self.base[a].options) != \
+                (assigned[b].algorithm, assigned[b].options, self.base[b].options):
+            return False
+        ha, hb = stats[a].hessian, stats[b].hessian
+        return bool(ha.count == hb.count) and ha.sum.shape == hb.sum.shape and torch.equal(ha.sum, hb.sum)
+
+    def quantize_linear(self, name: str, stats: LayerStats | None, result: BlockResult,
+                        swept: tuple | None = None) -> None:
         """Quantize one Linear with its algorithm and swap in a QuantLinear. A Linear that saw no
-        calibration token (an expert no token was routed to) gets the data-free RTN instead."""
+        calibration token (an expert no token was routed to) gets the data-free RTN instead. ``swept``: its
+        output of a shared GPTQ sweep (`shared_sweeps`), used instead of quantizing it alone."""
         job = self.job
         assignment = job.assigned[name]
         linear = job.block.get_submodule(name)
@@ -365,8 +407,11 @@ class BlockQuantizer:
                                global_scale=self.fused_global_scale(name, assignment.scheme.weight))
         algorithm = get_algorithm(algorithm_name)
         if isinstance(algorithm, BlockRefinement):   # its initial codes now, refined with the whole block later
-            quant, results, self.rounded_from[name] = algorithm.initialize(weight, assignment.scheme.weight, context)
+            quant, results, self.rounded_from[name] = swept or algorithm.initialize(weight, assignment.scheme.weight,
+                                                                                     context)
             self.source_weights[name] = weight
+        elif swept is not None:
+            quant, results, _ = swept
         else:
             quant, results = algorithm.quantize(weight, assignment.scheme.weight, context)
         layer = make_quant_linear(linear, assignment.scheme, quant, input_range(stats) if stats else None,

@@ -321,9 +321,9 @@ def _fixed_bytes(config: CalibrateConfig, checkpoint: Checkpoint, arch: Architec
     return sum(math.prod(s) * b for _, s, b in kept) + headers + budget.FILE_OVERHEAD * files
 
 
-def _prepare(config: CalibrateConfig) -> _Run:
+def _prepare(config: CalibrateConfig, writes: bool = True) -> _Run:
     """Resolve and check every input before any heavy work: names, numbers, the checkpoint's weights
-    against its config, the plan and the output location."""
+    against its config, the plan and (``writes``) the output location."""
     if config.recipe is None:
         make_scheme(config.scheme, config.bits, config.group_size, config.symmetric)  # bad names stop here
         get_algorithm(config.algorithm)
@@ -355,9 +355,10 @@ def _prepare(config: CalibrateConfig) -> _Run:
     ignored = {**ignored, **left_float}
     label = Path(config.recipe).stem if recipe else config.scheme
     out = Path(config.out or Path("out") / f"{Path(config.model).name}-{label}")
-    check_output_path(out, config.overwrite, [source.path])
-    if not config.resume:
-        check_committed_work(out, resume=False, overwrite=config.overwrite)
+    if writes:
+        check_output_path(out, config.overwrite, [source.path])
+        if not config.resume:
+            check_committed_work(out, resume=False, overwrite=config.overwrite)
     assignments = [a for a in plan.values() if a is not None]
     smooth, alpha = config.smooth, config.alpha
     if recipe is not None:
@@ -401,6 +402,22 @@ def _preflight(run: _Run, progress: Progress) -> None:
                                         config.seq_len, config.seed)
         run.calibration_tokens = run.tokens.numel()
         run.dataset = spec
+
+
+def measure_sensitivities(config: CalibrateConfig, progress: Progress | None = None
+                          ) -> dict[str, allocate.LayerSensitivity]:
+    """The sensitivity pass of --target-bits/--target-size on its own, nothing written: each block Linear's
+    sensitivity to each of ``config.candidates`` (`run.allocate`), measured block by block on ``config``'s
+    calibration data (``config.target_bits`` only marks the run as an allocation). `quantkit export --format gguf
+    --target-size --dataset` chooses GGUF types with it."""
+    if from_environment().world_size > 1:
+        raise QuantkitError("the sensitivity pass runs in one process; run without torchrun")
+    progress = progress or Progress()
+    run = _prepare(config, writes=False)
+    if run.candidates is None:
+        raise QuantkitError("measure_sensitivities needs candidates and a target")
+    _preflight(run, progress)
+    return _measure_sensitivities(run, progress)
 
 
 def _base(assignment: LayerAssignment) -> str:
