@@ -244,6 +244,8 @@ def test_grids_chosen_during_the_sweep_get_a_sweep_each():
     assert not can_share([int4, int4], 512, dict(_SETTINGS, act_order=False))
     assert not can_share([int4, WeightSpec(4, "group", True, 256)], 512, _SETTINGS)
     assert not can_share([int4, get_scheme("w8a16_fp8").weight], 512, _SETTINGS)
+    int8 = WeightSpec(8, "group", True, 32)        # llama.cpp's Q8_0: no weighted search, so GPTQ's own groups
+    assert not can_share([get_scheme("q5_0").weight, int8], 512, dict(_SETTINGS, act_order=False, llama_cpp=True))
     x = _correlated_inputs(10, features=512)
     hessian = 2.0 / x.shape[0] * x.t() @ x
     weights = [torch.randn(16, 512, generator=torch.Generator().manual_seed(s)) for s in (11, 12)]

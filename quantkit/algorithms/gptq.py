@@ -118,8 +118,7 @@ def can_share(specs: list[WeightSpec], in_features: int, options: dict) -> bool:
     for spec in specs:
         if spec.element.kind != "int" or spec.second_scale is not None:
             return False
-        searched = spec.k_format is not None or (options["llama_cpp"] and ggml_blocks.symmetric_type(spec) is not None) \
-            or (options["weighted_grid"] and weighted_search.supports(spec))
+        searched = llama_cpp_searches(spec, options["llama_cpp"], options["weighted_grid"])
         if not (spec.granularity != "group" or (options["act_order"] and options["static_groups"]) or searched):
             return False
         steps.add(_sweep_step(spec, in_features, options["block_size"]))
@@ -392,15 +391,24 @@ def llama_cpp_grid(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec
     with ``legacy`` the int4/int5 g32 symmetric grids (llama.cpp's weighted Q4_0/Q5_0 search for each
     block's scale, `ggml_blocks.quantize_weighted_blocks`), and with ``weighted`` every symmetric integer grid
     (the same search per group, `weighted_search`). None otherwise: GPTQ's own min/max grid."""
+    if not llama_cpp_searches(spec, legacy, weighted):
+        return None
     importance = torch.diag(hessian).float() / 2
     if spec.k_format is not None:
         return QuantTensor.from_k_blocks(kquants.quantize_weighted(weight, spec.k_format.name, importance), spec)
     block_type = ggml_blocks.symmetric_type(spec)
-    if legacy and block_type in ("Q4_0", "Q5_0"):
+    if legacy and block_type in _LEGACY_SEARCHED:
         return QuantTensor.from_ggml_blocks(ggml_blocks.quantize_weighted_blocks(weight, block_type, importance), spec)
-    if weighted and weighted_search.supports(spec):
-        return weighted_search.weighted_symmetric(weight, spec, importance)
-    return None
+    return weighted_search.weighted_symmetric(weight, spec, importance)
+
+
+_LEGACY_SEARCHED = ("Q4_0", "Q5_0")
+
+
+def llama_cpp_searches(spec: WeightSpec, legacy: bool, weighted: bool = False) -> bool:
+    """Whether `llama_cpp_grid` gives ``spec`` llama.cpp's searched grid (else GPTQ keeps its own)."""
+    return (spec.k_format is not None or (legacy and ggml_blocks.symmetric_type(spec) in _LEGACY_SEARCHED)
+            or (weighted and weighted_search.supports(spec)))
 
 
 def k_step(grid: QuantTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
