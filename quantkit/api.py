@@ -212,8 +212,9 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
         size = None if target_size is None else parse_size(target_size)
         sensitivities = None
         if dataset is not None:
-            sensitivities = _gguf_sensitivities(directory, types, dataset, tuple(data_files), text_column,
-                                                num_samples, seq_len, progress)
+            def sensitivities():
+                return _gguf_sensitivities(directory, types, dataset, tuple(data_files), text_column, num_samples,
+                                           seq_len, progress)
         return export_gguf(directory, out, ggml_type=type.upper() if type else None, overwrite=overwrite,
                            imatrix=None if imatrix is None else Path(imatrix), target_size=size, candidates=types,
                            sensitivities=sensitivities)
@@ -234,12 +235,8 @@ def _gguf_sensitivities(directory: Path, types: tuple[str, ...], dataset: str, d
                         text_column: str, num_samples: int, seq_len: int, progress) -> dict[str, dict[str, float]]:
     """Block Linear -> GGUF type -> its block sensitivity (`run.allocate`), the types as quantkit's grids of the
     same blocks (Q4_K -> q4_k, ...) quantized to nearest by llama.cpp's reference search."""
-    from quantkit.native.manifest import MANIFEST_NAME
     from quantkit.run.pipeline import CalibrateConfig, measure_sensitivities
 
-    if (directory / MANIFEST_NAME).is_file():
-        raise QuantkitError("--target-size chooses the GGUF types of a float checkpoint's tensors; a calibrated "
-                            "directory's grids are already chosen (calibrate it with --target-bits/--target-size)")
     config = CalibrateConfig(model=str(directory), scheme="w4a16", algorithm="rtn", dataset=dataset,
                              data_files=data_files, text_column=text_column, num_samples=num_samples,
                              seq_len=seq_len, target_bits=32.0, candidates=",".join(t.lower() for t in types))

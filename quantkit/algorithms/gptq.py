@@ -116,13 +116,17 @@ def can_share(specs: list[WeightSpec], in_features: int, options: dict) -> bool:
     and their lazy-update blocks coincide (so the float operations are those of separate sweeps)."""
     steps = set()
     for spec in specs:
-        if spec.element.kind != "int" or spec.second_scale is not None:
-            return False
-        searched = llama_cpp_searches(spec, options["llama_cpp"], options["weighted_grid"])
-        if not (spec.granularity != "group" or (options["act_order"] and options["static_groups"]) or searched):
+        if spec.element.kind != "int" or spec.second_scale is not None or not _fixed_before_sweep(spec, options):
             return False
         steps.add(_sweep_step(spec, in_features, options["block_size"]))
     return len(steps) == 1
+
+
+def _fixed_before_sweep(spec: WeightSpec, options: dict) -> bool:
+    """Whether the grid's parameters are set before the sweep: whole rows (per tensor, channel or 2-D block),
+    static act-order groups, or llama.cpp's searched grids; else GPTQ chooses each group's as it reaches it."""
+    return (spec.granularity != "group" or (options["act_order"] and options["static_groups"])
+            or llama_cpp_searches(spec, options["llama_cpp"], options["weighted_grid"]))
 
 
 def _sweep_step(spec: WeightSpec, in_features: int, block_size: int) -> int:
@@ -161,12 +165,11 @@ class _Grid:
 def _fixed_grid(W: torch.Tensor, H: torch.Tensor, spec: WeightSpec, perm: torch.Tensor, options: dict
                 ) -> _Grid | None:
     """The grid of weight W [out, in] fp32 when its parameters are fixed before the sweep, else None."""
+    if not _fixed_before_sweep(spec, options):
+        return None
     out_features, in_features = W.shape
     group_size = primitives.group_size_for(spec, in_features)
     searched = llama_cpp_grid(W, H, spec, options["llama_cpp"], options["weighted_grid"])
-    whole_row = spec.granularity != "group"
-    if not (whole_row or (options["act_order"] and options["static_groups"]) or searched is not None):
-        return None
     element = spec.element
     glob = primitives.global_scale(W, spec) if options["global_scale"] is None else options["global_scale"]
     group_of = (torch.arange(in_features) // group_size)[perm]         # each swept column's (original) group
@@ -258,10 +261,8 @@ class _StackedGrid:
         mixed = self.searched is not None and any(g.searched is None for g in grids)
         self.searched_rows = torch.cat([torch.full((w,), g.searched is not None) for g, w in zip(grids, widths)]) \
             if mixed else None
-        self.low, self.high, self.shift = (self._per_row(grids, widths, key) for key in ("low", "high", "shift"))
-        if isinstance(self.low, torch.Tensor) != isinstance(self.high, torch.Tensor):    # clamp takes both alike
-            self.low, self.high = (torch.as_tensor(v).expand(self.step.shape[1]).float()
-                                   for v in (self.low, self.high))
+        self.low, self.high = self._per_row(grids, widths, "low", "high")     # clamp takes both alike
+        self.shift = self._per_row(grids, widths, "shift")
 
     @staticmethod
     def _stack(grids, key):
@@ -271,11 +272,15 @@ class _StackedGrid:
         return torch.cat([torch.zeros_like(g.step) if p is None else p for g, p in zip(grids, parts)], dim=1)
 
     @staticmethod
-    def _per_row(grids, widths, key):
-        values = [getattr(g, key) for g in grids]
-        if len(set(values)) == 1:
-            return values[0]
-        return torch.cat([torch.full((w,), float(v)) for v, w in zip(values, widths)])
+    def _per_row(grids, widths, *keys):
+        """The grids' values of ``keys``: floats where every grid has the same ones, else, for all the keys, a
+        [sum of out] tensor each."""
+        columns = [[getattr(g, key) for g in grids] for key in keys]
+        if any(len(set(column)) > 1 for column in columns):
+            columns = [torch.cat([torch.full((w,), float(v)) for v, w in zip(column, widths)]) for column in columns]
+        else:
+            columns = [column[0] for column in columns]
+        return columns[0] if len(keys) == 1 else columns
 
     def round(self, col: int, W1: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Column ``col`` (row i of the sweep block W1) onto the grids -> (codes, dequantized) [out]; as ggml's

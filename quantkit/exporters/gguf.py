@@ -36,6 +36,7 @@ import difflib
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,15 +161,16 @@ class _Plan:
 
 def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: bool = False,
                 imatrix=None, target_size: int | None = None, candidates: tuple[str, ...] | None = None,
-                sensitivities: dict[str, dict[str, float | None]] | None = None) -> GGUFExportResult:
+                sensitivities: Callable[[], dict[str, dict[str, float | None]]] | None = None
+                ) -> GGUFExportResult:
     """Write ``source_dir`` (a quantkit output directory or a float HF checkpoint) as one GGUF file.
     ``ggml_type``: one type for whatever is requantized (F16, Q8_0, Q4_0, ...), or a K-quant file type
     (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) choosing each tensor's type as llama-quantize does.
     ``imatrix``: a llama.cpp importance-matrix file; K-quant tensors are then searched as llama-quantize
     --imatrix does. ``target_size`` (bytes, float checkpoints): the block Linears' types are chosen among
     ``candidates`` (`gguf_budget.CANDIDATES`) so that the file is at most that size (`gguf_budget`), by the
-    importance-weighted weight error, or by ``sensitivities`` (block Linear's checkpoint name -> GGUF type -> loss,
-    `run.pipeline.measure_sensitivities`) when given."""
+    importance-weighted weight error, or by what ``sensitivities`` returns when given (block Linear's checkpoint
+    name -> GGUF type -> loss, `run.pipeline.measure_sensitivities`), called once every input is checked."""
     if ggml_type is not None and ggml_type not in REQUANT_TYPES + FILE_TYPES:
         close = difflib.get_close_matches(ggml_type, REQUANT_TYPES + FILE_TYPES, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(REQUANT_TYPES + FILE_TYPES)}"
@@ -189,7 +191,8 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
         plan.notes += _importance_notes(plan)
     target_note = None
     if target_size is not None:
-        target_note = _fit_target(plan, target_size, candidates or gguf_budget.CANDIDATES, sensitivities)
+        measured = None if sensitivities is None else sensitivities()
+        target_note = _fit_target(plan, target_size, candidates or gguf_budget.CANDIDATES, measured)
     with staged_file(out, overwrite) as staging:
         _write(plan, staging)
         if target_size is not None and staging.stat().st_size > target_size:

@@ -378,11 +378,10 @@ class BlockQuantizer:
     def _same_input(self, a: str, b: str, stats: dict[str, LayerStats | None]) -> bool:
         """Whether Linears a and b get one sweep: the same algorithm and options, and equal Hessians."""
         assigned = self.job.assigned
-        if (assigned[a].algorithm, assigned[a].options, self.base[a].options) != \
-                (assigned[b].algorithm, assigned[b].options, self.base[b].options):
+        if (assigned[a].algorithm, assigned[a].options) != (assigned[b].algorithm, assigned[b].options):
             return False
         ha, hb = stats[a].hessian, stats[b].hessian
-        return bool(ha.count == hb.count) and ha.sum.shape == hb.sum.shape and torch.equal(ha.sum, hb.sum)
+        return bool(ha.count == hb.count) and torch.equal(ha.sum, hb.sum)
 
     def quantize_linear(self, name: str, stats: LayerStats | None, result: BlockResult,
                         swept: tuple | None = None) -> None:
