@@ -3,7 +3,7 @@ importance matrix), every file measured by llama.cpp itself on SmolLM2-135M.
 
     python benchmarks/bench_kquant_calibration.py --llama-cpp-bin DIR [--types Q4_K_M,Q3_K_M,Q2_K] [--windows 8]
         [--autoround-python /work/peers-venv/bin/python --autoround-iters 50]
-        [--algorithms imatrix,gptq,signround:imatrix:50] [--no-round-trip]
+        [--algorithms imatrix,gptq,gptq:true_sequential=false,signround:imatrix:50] [--no-round-trip]
 
 DIR holds llama.cpp's ``llama-imatrix`` and ``llama-quantize`` (the cmake build of the llama.cpp source that
 llama-cpp-python vendors); llama-cpp-python computes the logits. Rows per file type T, all on the same float
@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--autoround-batch", type=int, default=4)
     parser.add_argument("--autoround-types", default="Q4_K_M")
     parser.add_argument("--algorithms", default="imatrix,gptq",
-                        help="quantkit rows: comma-separated ALGO or signround:INIT:ITERS (e.g. signround:imatrix:50)")
+                        help="quantkit rows: comma-separated ALGO, ALGO:KEY=VALUE[:KEY=VALUE] (its --algo-option's) or "
+                             "signround:INIT:ITERS (e.g. signround:imatrix:50)")
     parser.add_argument("--no-round-trip", action="store_true", help="skip the imatrix round trip rows")
     args = parser.parse_args()
     common.in_workdir(args.workdir, "bench-kquant-cal-", lambda d: run(d, args))
@@ -116,13 +117,13 @@ def run(workdir: Path, args) -> None:
 
 
 def _algorithm_flags(algorithm: str) -> tuple[str, list[str]]:
-    """'gptq' -> ('gptq', --algo gptq); 'signround:INIT:ITERS' -> ('signround INIT ITERS', its options)."""
+    """'gptq' -> ('gptq', --algo gptq); 'signround:INIT:ITERS' -> ('signround INIT ITERS', its options);
+    'ALGO:KEY=VALUE[:KEY=VALUE...]' -> ('ALGO KEY=VALUE ...', --algo ALGO and those --algo-option's)."""
     name, *rest = algorithm.split(":")
-    if name != "signround" or not rest:
-        return name, ["--algo", name]
-    init, iters = rest
-    return (f"signround {init} {iters}",
-            ["--algo", "signround", "--algo-option", f"init={init}", "--algo-option", f"iters={iters}"])
+    if name == "signround" and len(rest) == 2 and "=" not in algorithm:
+        rest = [f"init={rest[0]}", f"iters={rest[1]}"]
+    label = " ".join([name, *(part.split("=", 1)[1] if name == "signround" else part for part in rest)])
+    return label, ["--algo", name, *(flag for part in rest for flag in ("--algo-option", part))]
 
 
 def round_trip(workdir, binaries, f16, lc_imatrix, lc_file, file_type, data, measure) -> None:

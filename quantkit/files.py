@@ -36,6 +36,11 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 EXPORT_MARKER = "quantkit_export.json"
 _GGUF_MAGIC = b"GGUF"
+_GGUF_HEAD_BYTES = 1 << 16
+# a little-endian GGUF key-value entry's start: the key's u64 length, the key, the value type u32 8 (string)
+_QUANTIZED_BY_KEY = len(b"general.quantized_by").to_bytes(8, "little") + b"general.quantized_by" + \
+    (8).to_bytes(4, "little")
+_QUANTKIT = b"quantkit"
 
 
 def os_reason(error: BaseException, path: Path | None = None) -> str:
@@ -99,8 +104,15 @@ def describe_existing(path: Path) -> str | None:
 def _is_quantkit_gguf(path: Path) -> bool:
     try:
         with open(path, "rb") as handle:
-            if handle.read(4) != _GGUF_MAGIC:
-                return False
+            head = handle.read(_GGUF_HEAD_BYTES)
+        if head[:4] != _GGUF_MAGIC:
+            return False
+        # The exporter writes general.quantized_by among the first keys: found in the head, its value decides
+        # without parsing the whole file (gguf-py reads every key, the vocabulary's too: seconds on a large one).
+        at = head.find(_QUANTIZED_BY_KEY)
+        if at >= 0 and len(head) >= at + len(_QUANTIZED_BY_KEY) + 8 + len(_QUANTKIT):
+            start = at + len(_QUANTIZED_BY_KEY) + 8       # past the value's u64 length
+            return head[start:start + len(_QUANTKIT)] == _QUANTKIT
         from gguf import GGUFReader
 
         field = GGUFReader(path).get_field("general.quantized_by")

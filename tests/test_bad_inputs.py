@@ -443,3 +443,34 @@ def test_output_taken_by_the_user_while_working_keeps_the_finished_run(llama_dir
                                   batch_size=4))
     assert (out / "notes.txt").read_text() == "mine"
     assert (tmp_path / ".out.partial" / "progress.json").is_file()
+
+
+def test_gguf_ownership_is_read_from_the_file_head(tmp_path, monkeypatch):
+    """Overwriting asks whether quantkit wrote a GGUF: general.quantized_by, read from the head without parsing
+    the whole file; files without the key (llama.cpp's) or naming another tool stay foreign."""
+    import gguf
+
+    from quantkit.files import describe_existing
+
+    def write(path, quantized_by):
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_name("m")
+        if quantized_by is not None:
+            writer.add_quantized_by(quantized_by)
+        writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(5000)])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return path
+
+    ours, other, unnamed = (write(tmp_path / f"{n}.gguf", by) for n, by in
+                            [("ours", "quantkit 0.1"), ("other", "llama.cpp"), ("unnamed", None)])
+    assert describe_existing(ours) is None
+    assert describe_existing(other) == "a file quantkit did not write"
+    assert describe_existing(unnamed) == "a file quantkit did not write"      # gguf-py read it all: no key
+
+    def no_full_parse(*args, **kwargs):
+        raise AssertionError("the head decides")
+    monkeypatch.setattr(gguf, "GGUFReader", no_full_parse)
+    assert describe_existing(ours) is None
+    assert describe_existing(other) == "a file quantkit did not write"

@@ -1,7 +1,7 @@
 """Running statistics equal the statistic over all samples at once."""
 import torch
 
-from quantkit.calibrate.stats import ChannelMeanAbs, ChannelRange, Hessian
+from quantkit.calibrate.stats import ChannelMeanAbs, ChannelRange, Hessian, LayerStats
 
 
 def _batches(seed=0):
@@ -45,3 +45,35 @@ def test_statistics_of_scaled_input_need_no_new_pass():
         stat.scale_channels(factors)
     assert torch.allclose(direct[0].absmax, rescaled[0].absmax)
     assert torch.allclose(direct[1].matrix, rescaled[1].matrix, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_inputs_give_the_fp32_hessian_of_their_values():
+    """A bf16 forward's inputs take oneDNN's bf16 product path where the CPU has one: the sums of exact
+    products must equal fp32 x^T x of the same values (only the summation order may differ)."""
+    batches = [b.bfloat16() for b in _batches(3)]
+    fast, reference = Hessian(), Hessian()
+    for batch in batches:
+        fast.update(batch)
+        reference.add(Hessian.contribution(batch.reshape(-1, 24).float(), bf16_values=False))
+    exact = torch.cat([b.reshape(-1, 24) for b in batches]).double()
+    expected = 2.0 / exact.shape[0] * exact.t() @ exact
+    assert torch.allclose(fast.matrix.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fast.matrix, reference.matrix, rtol=1e-5, atol=1e-5)
+
+
+def test_sum_of_squares_is_read_from_the_hessian_and_outlives_it():
+    batches = _batches(4)
+    both, alone = LayerStats(frozenset({"sum_sq", "hessian", "range"})), LayerStats(frozenset({"sum_sq", "range"}))
+    for batch in batches[:3]:
+        both.update(batch)
+        alone.update(batch)
+    assert "sum_sq" not in both.items            # not summed twice
+    assert torch.allclose(both.sum_sq.total, alone.sum_sq.total, rtol=1e-6)
+    for batch in batches[3:]:                     # once taken, it keeps up with later batches
+        both.update(batch)
+        alone.update(batch)
+    both.release("hessian")
+    assert set(both.items) == {"range", "sum_sq"}
+    everything = torch.cat([b.reshape(-1, 24) for b in batches]).double()
+    assert torch.allclose(both.sum_sq.mean.double(), everything.pow(2).mean(dim=0), rtol=1e-6)
+    assert float(both.sum_sq.count) == everything.shape[0]

@@ -263,6 +263,14 @@ class _StackedGrid:
             if mixed else None
         self.low, self.high = self._per_row(grids, widths, "low", "high")     # clamp takes both alike
         self.shift = self._per_row(grids, widths, "shift")
+        # where a column's code is the search's (step 0), and the steps those places divide by instead
+        self.keep, self.divisor = None, self.step
+        if self.searched is not None:
+            keep = self.step == 0
+            if self.searched_rows is not None:
+                keep &= self.searched_rows
+            if bool(keep.any()):
+                self.keep, self.divisor = keep, torch.where(keep, torch.ones_like(self.step), self.step)
 
     @staticmethod
     def _stack(grids, key):
@@ -289,18 +297,12 @@ class _StackedGrid:
         w, step = W1[i], self.step[col]
         if self.float_element is not None:
             return _round_plain(w, step, None, self.float_element)
-        keep, safe = None, step
-        if self.searched is not None:
-            keep = step == 0
-            if self.searched_rows is not None:
-                keep &= self.searched_rows
-            safe = torch.where(keep, torch.ones_like(step), step)
-        q = torch.round((w if self.offset is None else w + self.offset[col]) / safe)
+        q = torch.round((w if self.offset is None else w + self.offset[col]) / self.divisor[col])
         if self.zero is not None:
-            q = q + self.zero[col]
-        q = torch.clamp(q, self.low, self.high)
-        if keep is not None:
-            q = torch.where(keep, self.searched[col], q)
+            q += self.zero[col]
+        q = q.clamp_(self.low, self.high)
+        if self.keep is not None:
+            q = torch.where(self.keep[col], self.searched[col], q)
         dequantized = (q if self.zero is None else q - self.zero[col]) * step
         if self.offset is not None:
             dequantized = dequantized - self.offset[col]
@@ -322,14 +324,13 @@ def _sweep(Wt: torch.Tensor, U: torch.Tensor, step: int, round_column, code_dtyp
         Err1 = torch.empty_like(W1)
         for i in range(W1.shape[0]):
             col = i1 + i
-            w = W1[i]
+            w, err = W1[i], Err1[i]
             if rounded_t is not None:
                 rounded_t[col] = w
             q, dequantized = round_column(col, W1, i)
-            codes_t[col] = q.to(code_dtype)
-            err = (w - dequantized) / U1[i, i]
+            codes_t[col] = q
+            torch.sub(w, dequantized, out=err).div_(U1[i, i])
             W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1.0)   # W[:, i+1:] -= err * U[i, i+1:] (row i is done)
-            Err1[i] = err
         return Err1
 
     for i1 in range(0, in_features, step):

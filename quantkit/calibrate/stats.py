@@ -1,11 +1,15 @@
 """Running per-input-channel statistics of a Linear's input, updated one batch at a time.
 
-No activation tensor is kept: each statistic folds a batch [..., C] into fixed-size state in fp32
-(fp64 for sums), so memory is O(C) (O(C^2) for the Hessian) whatever the number of tokens.
+No activation tensor is kept: each statistic folds a batch [..., C] into fixed-size state (a batch's
+sums in fp32, accumulated across batches in fp64), so memory is O(C) (O(C^2) for the Hessian) whatever
+the number of tokens.
 Each statistic can be merged across processes (`all_reduce`) with the collective that makes every
 rank hold the statistic one process would have computed over all samples.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -14,6 +18,29 @@ import torch.distributed as dist
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """[..., C] -> [tokens, C] float32."""
     return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+def _gram(x: torch.Tensor, bf16_values: bool = False) -> torch.Tensor:
+    """x^T x: [tokens, C] float32 -> [C, C] float32, fp32 accumulation.
+
+    When every value of x is a bf16 number (the block ran in bf16) and the CPU multiplies bf16 in hardware,
+    oneDNN's bf16 path computes the same sums: a product of two bf16 numbers is exact in fp32 and the
+    accumulation stays fp32 (only the summation order differs), about 2x faster than fp32 inputs."""
+    fast = bf16_values and x.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    with _onednn_bf16_matmuls() if fast else nullcontext():
+        return x.t() @ x
+
+
+@contextmanager
+def _onednn_bf16_matmuls() -> Iterator[None]:
+    """oneDNN multiplies fp32 matrices as bf16 with fp32 accumulation inside the block (restored after)."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 class ChannelRange:
@@ -80,7 +107,7 @@ class ChannelMeanAbs(_ChannelSum):
 
     @staticmethod
     def contribution(x: torch.Tensor) -> tuple:
-        return x.abs().sum(dim=0, dtype=torch.float64), x.shape[0]
+        return x.abs().sum(dim=0).double(), x.shape[0]
 
     @property
     def mean(self) -> torch.Tensor:
@@ -96,8 +123,7 @@ class ChannelSumSquares(_ChannelSum):
 
     @staticmethod
     def contribution(x: torch.Tensor) -> tuple:
-        x = x.float()
-        return (x * x).sum(dim=0, dtype=torch.float64), x.shape[0]
+        return x.square().sum(dim=0).double(), x.shape[0]
 
     @property
     def mean(self) -> torch.Tensor:
@@ -122,8 +148,8 @@ class Hessian:
         self.count = torch.zeros((), dtype=torch.float64)
 
     @staticmethod
-    def contribution(x: torch.Tensor) -> tuple:
-        return x.t() @ x, x.shape[0]
+    def contribution(x: torch.Tensor, bf16_values: bool = False) -> tuple:
+        return _gram(x, bf16_values), x.shape[0]
 
     def add(self, part: tuple) -> None:
         outer, count = part
@@ -131,7 +157,7 @@ class Hessian:
         self.count += count
 
     def update(self, x: torch.Tensor) -> None:
-        self.add(self.contribution(_tokens(x)))
+        self.add(self.contribution(_tokens(x), x.dtype == torch.bfloat16))
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -157,7 +183,10 @@ class LayerStats:
     def __init__(self, kinds: frozenset[str]) -> None:
         unknown = kinds - STATISTICS.keys()
         assert not unknown, unknown
-        self.items = {kind: STATISTICS[kind]() for kind in sorted(kinds)}
+        # Σx_j² is the Hessian's diagonal: with both asked for, it is taken from there (`sum_sq`)
+        self.sum_sq_in_hessian = {"sum_sq", "hessian"} <= kinds
+        self.items = {kind: STATISTICS[kind]() for kind in sorted(kinds - {"sum_sq"} if self.sum_sq_in_hessian
+                                                                   else kinds)}
         self.tokens = torch.zeros((), dtype=torch.float64)   # rows observed (0: the Linear saw no input)
 
     def update(self, x: torch.Tensor, shared: dict | None = None) -> None:
@@ -168,12 +197,17 @@ class LayerStats:
             if kind not in shared:
                 if "tokens" not in shared:
                     shared["tokens"] = _tokens(x)
-                shared[kind] = stat.contribution(shared["tokens"])
+                tokens = shared["tokens"]
+                # the Hessian's x^T x takes the fast exact path when x holds bf16 values
+                shared[kind] = (stat.contribution(tokens, x.dtype == torch.bfloat16) if isinstance(stat, Hessian)
+                                else stat.contribution(tokens))
             stat.add(shared[kind])
         self.tokens += x.numel() // x.shape[-1]
 
     def release(self, kind: str) -> None:
         """Free a statistic once its Linear is quantized (no-op if it was never collected)."""
+        if kind == "hessian" and self.sum_sq_in_hessian and "sum_sq" not in self.items and "hessian" in self.items:
+            self.items["sum_sq"] = self._sum_sq_from_hessian()     # its diagonal outlives it
         self.items.pop(kind, None)
 
     def scale_channels(self, divisor: torch.Tensor) -> None:
@@ -195,7 +229,17 @@ class LayerStats:
 
     @property
     def sum_sq(self) -> ChannelSumSquares:
+        """Collected, or taken from the Hessian's sums: diag(sum_t x_t x_t^T)_j = sum_t x_tj^2, the same
+        tokens and count. Once taken it is a statistic of its own, updated, scaled and reduced with the others."""
+        if "sum_sq" not in self.items and self.sum_sq_in_hessian:
+            self.items["sum_sq"] = self._sum_sq_from_hessian()
         return self.items["sum_sq"]
+
+    def _sum_sq_from_hessian(self) -> ChannelSumSquares:
+        hessian, taken = self.items["hessian"], ChannelSumSquares()
+        taken.total = None if hessian.sum is None else hessian.sum.diagonal().clone()
+        taken.count = hessian.count.clone()
+        return taken
 
     @property
     def hessian(self) -> Hessian:
