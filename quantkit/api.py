@@ -214,7 +214,7 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
         if dataset is not None:
             def sensitivities():
                 return _gguf_sensitivities(directory, types, dataset, tuple(data_files), text_column, num_samples,
-                                           seq_len, progress)
+                                           seq_len, progress, searched=imatrix is not None)
         return export_gguf(directory, out, ggml_type=type.upper() if type else None, overwrite=overwrite,
                            imatrix=None if imatrix is None else Path(imatrix), target_size=size, candidates=types,
                            sensitivities=sensitivities)
@@ -232,14 +232,17 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
 
 
 def _gguf_sensitivities(directory: Path, types: tuple[str, ...], dataset: str, data_files: tuple[str, ...],
-                        text_column: str, num_samples: int, seq_len: int, progress) -> dict[str, dict[str, float]]:
-    """Block Linear -> GGUF type -> its block sensitivity (`run.allocate`), the types as quantkit's grids of the
-    same blocks (Q4_K -> q4_k, ...) quantized to nearest by llama.cpp's reference search."""
+                        text_column: str, num_samples: int, seq_len: int, progress, searched: bool
+                        ) -> dict[str, dict[str, float]]:
+    """Block Linear -> GGUF type -> its block sensitivity (`run.allocate`), each type's weights as the file will
+    hold them: llama.cpp's reference search, or with ``searched`` (the file is written with an importance matrix)
+    its importance-weighted search, the importance measured in the same pass."""
     from quantkit.run.pipeline import CalibrateConfig, measure_sensitivities
 
     config = CalibrateConfig(model=str(directory), scheme="w4a16", algorithm="rtn", dataset=dataset,
                              data_files=data_files, text_column=text_column, num_samples=num_samples,
-                             seq_len=seq_len, target_bits=32.0, candidates=",".join(t.lower() for t in types))
+                             seq_len=seq_len, target_bits=32.0, candidates=",".join(t.lower() for t in types),
+                             searched_sensitivities=searched)
     layers = measure_sensitivities(config, _progress_adapter(progress))
     return {name: dict(zip(types, layer.loss(config.sensitivity))) for name, layer in layers.items()}
 

@@ -552,3 +552,30 @@ def test_target_size_with_a_dataset_chooses_by_measured_sensitivities(llama_bpe,
     assert json.loads(cli.output)["size_bytes"] <= target
     assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", tmp_path / "d.gguf", "--dataset",
                                   "dummy"), "give --target-size")
+
+
+def test_dataset_sensitivities_follow_the_quantizer_the_file_is_written_with(llama_bpe, tmp_path, monkeypatch):
+    """With --imatrix the file's blocks come from llama.cpp's weighted search, so the sensitivities are measured on
+    that search's weights (`searched_sensitivities`); without one, on the reference rounding the file holds."""
+    from quantkit import api
+    from quantkit.exporters.gguf_imatrix import ImportanceMatrix, write_imatrix
+    from quantkit.run import pipeline
+
+    hidden = json.loads((llama_bpe / "config.json").read_text())["hidden_size"]
+    imatrix = tmp_path / "m.imatrix.gguf"
+    write_imatrix(imatrix, ImportanceMatrix({"blk.0.attn_q.weight": torch.rand(1, hidden)},
+                                            {"blk.0.attn_q.weight": torch.tensor([64.0])}))
+    seen = []
+    measure = pipeline.measure_sensitivities
+
+    def recording(config, progress=None):
+        seen.append(config.searched_sensitivities)
+        return measure(config, progress)
+    monkeypatch.setattr(pipeline, "measure_sensitivities", recording)
+    common = dict(format="gguf", type="Q4_0", target_size="1GB", candidates="Q4_0,Q4_1,Q8_0", dataset="dummy",
+                  num_samples=4, seq_len=16)
+    weighted = api.export(llama_bpe, out=tmp_path / "a.gguf", imatrix=imatrix, **common)
+    plain = api.export(llama_bpe, out=tmp_path / "b.gguf", **common)
+    assert seen == [True, False]
+    assert any("calibration data (importance-weighted search)" in note for note in weighted.notes)
+    assert any("calibration data (reference rounding)" in note for note in plain.notes)

@@ -634,7 +634,8 @@ def _fit_target(plan: _Plan, target_size: int, candidates: tuple[str, ...],
 
 def _measure_name(plan: _Plan, sensitivities) -> str:
     if sensitivities is not None:
-        return "block sensitivities measured on calibration data"
+        return (f"block sensitivities measured on calibration data "
+                f"({'importance-weighted search' if plan.importance is not None else 'reference rounding'})")
     return f"{'importance-weighted' if plan.importance is not None else 'unweighted'} weight error"
 
 

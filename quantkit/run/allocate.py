@@ -5,7 +5,9 @@ Sensitivity of Linear l to candidate c, measured block by block on the float mod
 streaming pass before the quantizing one; one block in memory):
 
     layer  e(l, c) = mean over calibration tokens of ||(W - Q_c(W)) x||^2 = tr(D H D^T),  D = W - Q_c(W),
-                     H = E[x x^T] of the Linear's input, Q_c the candidate's round-to-nearest grid
+                     H = E[x x^T] of the Linear's input, Q_c the candidate's round-to-nearest grid (``searched``:
+                     llama.cpp's importance-weighted search of a GGUF block type, importance diag(H), the
+                     weights `export --format gguf --imatrix` writes)
            s(l, c) = e(l, c) * E_t[1 / ||h_t||^2], h_t the block's float output at token t
     block  s(l, c) = g_l(e) * e(l, c), g_l(e) = E_t[||dh_t||^2 / ||h_t||^2] / e(l, r) with only l on a reference
                      candidate r (dh_t its change of the block output): the layer's error carried to the residual
@@ -30,7 +32,7 @@ from quantkit.algorithms.registry import base_algorithm, parse_options
 from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.calibrate.hooks import BlockInput, run_block
 from quantkit.errors import QuantkitError
-from quantkit.formats import ggml_mixes, knapsack
+from quantkit.formats import ggml_blocks, ggml_mixes, knapsack, kquants
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.run import budget
 from quantkit.run.block import BlockQuantizer
@@ -156,12 +158,29 @@ def _fits(candidate: Candidate, in_features: int) -> bool:
     return k_format is None or not ggml_mixes.fit(k_format.name, in_features)[1]
 
 
+def searched_type(candidate: Candidate) -> str | None:
+    """The GGUF block type llama.cpp quantizes with an importance-weighted search (K types, Q4_0/Q5_0, Q4_1/Q5_1)
+    when ``candidate`` is one, else None (Q8_0 ignores the matrix: its reference rounding is what is written)."""
+    name = candidate.scheme_name.upper()
+    return name if candidate.label == candidate.scheme_name and (name in kquants.K_FORMATS or
+                                                                 name in ggml_blocks.WEIGHTED) else None
+
+
+def _searched_weights(weight: torch.Tensor, ggml_type: str, importance: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's importance-weighted search of ``ggml_type`` on weight [out, in] -> its dequantized weights."""
+    if ggml_type in kquants.K_FORMATS:
+        return kquants.quantize_weighted(weight, ggml_type, importance).dequantize().float()
+    return ggml_blocks.quantize_weighted_blocks(weight, ggml_type, importance).dequantize().float()
+
+
 def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candidates: list[Candidate],
-                 extra: Callable[[QuantTensor], int], offset_digits: int = OFFSET_DIGITS
+                 extra: Callable[[QuantTensor], int], offset_digits: int = OFFSET_DIGITS, searched: bool = False
                  ) -> tuple[LayerSensitivity, dict[int, torch.Tensor]]:
     """Linear ``name``'s weight [out, in] fp32 and hessian [in, in] fp32 (E[x x^T]) -> its sensitivity record
     (per candidate: stored bytes + ``extra`` (what the algorithm adds), with header entries, and tr(D H D^T)),
-    and the dequantized weights by candidate index (None and absent where the grid does not fit)."""
+    and the dequantized weights by candidate index (None and absent where the grid does not fit). ``searched``:
+    GGUF block types are measured on llama.cpp's importance-weighted search (importance diag(H) = E[x_j^2])
+    instead of their reference rounding (the bytes are the same)."""
     record = LayerSensitivity(weight.numel(), [], [], [])
     dequantized = {}
     for index, candidate in enumerate(candidates):
@@ -170,7 +189,9 @@ def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candida
                 values.append(None)
             continue
         quant = quantize_rtn(weight, candidate.scheme().weight)
-        approx = quant.dequantize().float()
+        ggml_type = searched_type(candidate) if searched else None
+        approx = quant.dequantize().float() if ggml_type is None else \
+            _searched_weights(weight, ggml_type, hessian.diagonal().float())
         delta = weight.float() - approx
         error = float(((delta @ hessian) * delta).sum())
         if not math.isfinite(error):
@@ -251,11 +272,11 @@ def choose(layers: dict[str, LayerSensitivity], candidates: list[Candidate], sen
 
 
 def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algorithm: str, options: dict,
-                  sensitivity: str, offset_digits: int = OFFSET_DIGITS
+                  sensitivity: str, offset_digits: int = OFFSET_DIGITS, searched: bool = False
                   ) -> tuple[dict[str, LayerSensitivity], list[BlockInput]]:
     """One float block: every assigned Linear's errors on every candidate (its Hessian from the block's
-    inputs, Linears observed in the quantizer's batches), the block gains (``sensitivity`` "block"), and the
-    block's float outputs on every call (the next block's inputs)."""
+    inputs, Linears observed in the quantizer's batches; ``searched``: `layer_errors`'), the block gains
+    (``sensitivity`` "block"), and the block's float outputs on every call (the next block's inputs)."""
     job = quantizer.job
     runner = runner_for(job.block, job.compute_dtype)
     samples = quantizer.first_samples(job.metric_samples)
@@ -268,7 +289,8 @@ def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algori
             hessian = stats[name].items["hessian"].matrix / 2      # the statistic is 2 E[x x^T] (GPTQ's H)
             stats[name].release("hessian")
             record, approx = layer_errors(quantizer.full_name(name), weight, hessian, candidates,
-                                          lambda quant: extra_bytes(algorithm, options, quant), offset_digits)
+                                          lambda quant: extra_bytes(algorithm, options, quant), offset_digits,
+                                          searched)
             if not approx:
                 raise QuantkitError(f"no candidate grid fits {quantizer.full_name(name)} "
                                     f"({weight.shape[1]} input columns)")

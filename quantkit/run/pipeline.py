@@ -127,6 +127,8 @@ class CalibrateConfig:
     target_size: str | None = None      # or bytes of the output's weight files ("3.2GB", "800MiB")
     candidates: str | None = None       # the grids allowed (`run.budget.parse_candidates`); None: int 2-8 x g32-128
     sensitivity: str = "block"          # how a grid's harm is measured (`run.allocate`): block or layer
+    searched_sensitivities: bool = False  # GGUF candidates measured on llama.cpp's importance-weighted search
+                                          # (what `export --imatrix` writes), not their reference rounding
 
 
 @dataclass
@@ -531,7 +533,8 @@ def _allocate(run: _Run, progress: Progress) -> None:
     config = run.config
     start = time.perf_counter()
     key = json.loads(json.dumps({**_fingerprint(run), "candidates": [c.label for c in run.candidates],
-                                 "sensitivity": config.sensitivity, "algorithm": [config.algorithm, config.options],
+                                 "sensitivity": config.sensitivity, "searched": config.searched_sensitivities,
+                                 "algorithm": [config.algorithm, config.options],
                                  "offset_digits": _offset_digits(config)}))      # as it reads back
     layers = _saved_measurements(run, key) if config.resume else None
     if layers is None:
@@ -591,7 +594,8 @@ def _measure_sensitivities(run: _Run, progress: Progress) -> dict[str, allocate.
                            metric_samples=config.metric_samples, processes=run.processes,
                            moe_all_experts=config.moe_all_experts, expert_batch=config.expert_batch)
             measured, inputs = allocate.measure_block(BlockQuantizer(job), run.candidates, config.algorithm,
-                                                      config.options, config.sensitivity, _offset_digits(config))
+                                                      config.options, config.sensitivity, _offset_digits(config),
+                                                      config.searched_sensitivities)
             layers.update(measured)
             release(block)
             progress.advance("sensitivity", f"block {index}")
