@@ -212,9 +212,9 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
         size = None if target_size is None else parse_size(target_size)
         sensitivities = None
         if dataset is not None:
-            def sensitivities():
+            def sensitivities(importance):
                 return _gguf_sensitivities(directory, types, dataset, tuple(data_files), text_column, num_samples,
-                                           seq_len, progress, searched=imatrix is not None)
+                                           seq_len, progress, importance)
         return export_gguf(directory, out, ggml_type=type.upper() if type else None, overwrite=overwrite,
                            imatrix=None if imatrix is None else Path(imatrix), target_size=size, candidates=types,
                            sensitivities=sensitivities)
@@ -232,18 +232,17 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
 
 
 def _gguf_sensitivities(directory: Path, types: tuple[str, ...], dataset: str, data_files: tuple[str, ...],
-                        text_column: str, num_samples: int, seq_len: int, progress, searched: bool
+                        text_column: str, num_samples: int, seq_len: int, progress, importance
                         ) -> dict[str, dict[str, float]]:
     """Block Linear -> GGUF type -> its block sensitivity (`run.allocate`), each type's weights as the file will
-    hold them: llama.cpp's reference search, or with ``searched`` (the file is written with an importance matrix)
-    its importance-weighted search, the importance measured in the same pass."""
+    hold them: llama.cpp's reference search, or, for the Linears ``importance`` names (the --imatrix vectors the
+    exporter searches them with), its importance-weighted search with that vector."""
     from quantkit.run.pipeline import CalibrateConfig, measure_sensitivities
 
     config = CalibrateConfig(model=str(directory), scheme="w4a16", algorithm="rtn", dataset=dataset,
                              data_files=data_files, text_column=text_column, num_samples=num_samples,
-                             seq_len=seq_len, target_bits=32.0, candidates=",".join(t.lower() for t in types),
-                             searched_sensitivities=searched)
-    layers = measure_sensitivities(config, _progress_adapter(progress))
+                             seq_len=seq_len, target_bits=32.0, candidates=",".join(t.lower() for t in types))
+    layers = measure_sensitivities(config, _progress_adapter(progress), importance)
     return {name: dict(zip(types, layer.loss(config.sensitivity))) for name, layer in layers.items()}
 
 

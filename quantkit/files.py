@@ -110,9 +110,10 @@ def _is_quantkit_gguf(path: Path) -> bool:
         # The exporter writes general.quantized_by among the first keys: found in the head, its value decides
         # without parsing the whole file (gguf-py reads every key, the vocabulary's too: seconds on a large one).
         at = head.find(_QUANTIZED_BY_KEY)
-        if at >= 0 and len(head) >= at + len(_QUANTIZED_BY_KEY) + 8 + len(_QUANTKIT):
-            start = at + len(_QUANTIZED_BY_KEY) + 8       # past the value's u64 length
-            return head[start:start + len(_QUANTKIT)] == _QUANTKIT
+        start = at + len(_QUANTIZED_BY_KEY) + 8           # past the value's u64 length
+        if at >= 0 and len(head) >= start + len(_QUANTKIT):
+            length = int.from_bytes(head[start - 8:start], "little")
+            return length >= len(_QUANTKIT) and head[start:start + len(_QUANTKIT)] == _QUANTKIT
         from gguf import GGUFReader
 
         field = GGUFReader(path).get_field("general.quantized_by")

@@ -273,25 +273,25 @@ def test_imatrix_allocates_on_symmetric_candidates_without_sym(llama_dir, text_f
     assert {entry.algorithm for entry in result.manifest.layers.values()} == {"imatrix"}
 
 
-def test_searched_sensitivities_measure_the_weights_the_gguf_file_holds():
-    """With ``searched`` a GGUF block type's error is that of llama.cpp's importance-weighted search (the exporter's
-    own quantizer, `gguf_budget.requantize`, importance E[x_j^2] = diag(H)); other candidates and the bytes do not
-    change."""
+def test_imatrix_sensitivities_measure_the_weights_the_gguf_file_holds():
+    """Given an importance vector, a GGUF block type llama.cpp searches is measured on that search (the exporter's
+    own quantizer, `gguf_budget.requantize`, with the same vector); other candidates and the bytes do not change."""
     from quantkit.exporters.gguf_budget import requantize
 
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(8, 256, generator=generator) * 0.02
     x = torch.randn(512, 256, generator=generator) * torch.linspace(0.1, 4.0, 256)
     hessian = x.t() @ x / x.shape[0]
+    importance = torch.rand(256, generator=generator) * 3 + 0.1      # an imatrix's own, not diag(H)
     candidates = budget.parse_candidates("q4_k,q5_0,q4_1,q8_0,int4-g64", "w4a16", None)
+    assert [allocate.searched_type(c) for c in candidates] == ["Q4_K", "Q5_0", "Q4_1", None, None]
     plain, _ = allocate.layer_errors("l", weight, hessian, candidates, lambda quant: 0)
-    searched, _ = allocate.layer_errors("l", weight, hessian, candidates, lambda quant: 0, searched=True)
+    searched, _ = allocate.layer_errors("l", weight, hessian, candidates, lambda quant: 0, importance=importance)
     assert searched.bytes == plain.bytes and searched.file_bytes == plain.file_bytes
     for candidate, before, after in zip(candidates, plain.error, searched.error):
-        ggml_type = allocate.searched_type(candidate)
-        if ggml_type is None:                       # Q8_0 and the integer grid: as before
+        if candidate.label in ("q8_0", "int4-g64-asym"):          # not searched: as before
             assert after == before, candidate.label
             continue
-        delta = weight - requantize(weight, ggml_type, hessian.diagonal()).dequantize().float()
+        delta = weight - requantize(weight, candidate.label.upper(), importance).dequantize().float()
         assert after == pytest.approx(float(((delta @ hessian) * delta).sum()), rel=1e-5), candidate.label
-        assert after < before, candidate.label      # the weighted search fits the weighted error better
+        assert after != before, candidate.label

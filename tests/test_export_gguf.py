@@ -555,27 +555,32 @@ def test_target_size_with_a_dataset_chooses_by_measured_sensitivities(llama_bpe,
 
 
 def test_dataset_sensitivities_follow_the_quantizer_the_file_is_written_with(llama_bpe, tmp_path, monkeypatch):
-    """With --imatrix the file's blocks come from llama.cpp's weighted search, so the sensitivities are measured on
-    that search's weights (`searched_sensitivities`); without one, on the reference rounding the file holds."""
+    """With --imatrix a tensor the matrix covers is written by llama.cpp's weighted search with its vector, so its
+    sensitivities are measured on that search with that vector; the tensors it does not cover, and every tensor
+    without --imatrix, on the reference rounding the file holds."""
     from quantkit import api
     from quantkit.exporters.gguf_imatrix import ImportanceMatrix, write_imatrix
-    from quantkit.run import pipeline
+    from quantkit.run import allocate
 
     hidden = json.loads((llama_bpe / "config.json").read_text())["hidden_size"]
+    sums = torch.rand(1, hidden) * 64
     imatrix = tmp_path / "m.imatrix.gguf"
-    write_imatrix(imatrix, ImportanceMatrix({"blk.0.attn_q.weight": torch.rand(1, hidden)},
-                                            {"blk.0.attn_q.weight": torch.tensor([64.0])}))
-    seen = []
-    measure = pipeline.measure_sensitivities
+    write_imatrix(imatrix, ImportanceMatrix({"blk.0.attn_q.weight": sums}, {"blk.0.attn_q.weight": torch.tensor([64.0])}))
+    seen = {}
+    layer_errors = allocate.layer_errors
 
-    def recording(config, progress=None):
-        seen.append(config.searched_sensitivities)
-        return measure(config, progress)
-    monkeypatch.setattr(pipeline, "measure_sensitivities", recording)
+    def recording(name, *args, importance=None, **kwargs):
+        seen[name] = importance
+        return layer_errors(name, *args, importance=importance, **kwargs)
+    monkeypatch.setattr(allocate, "layer_errors", recording)
     common = dict(format="gguf", type="Q4_0", target_size="1GB", candidates="Q4_0,Q4_1,Q8_0", dataset="dummy",
                   num_samples=4, seq_len=16)
     weighted = api.export(llama_bpe, out=tmp_path / "a.gguf", imatrix=imatrix, **common)
-    plain = api.export(llama_bpe, out=tmp_path / "b.gguf", **common)
-    assert seen == [True, False]
+    searched = {name: vector for name, vector in seen.items() if vector is not None}
+    assert list(searched) == ["model.layers.0.self_attn.q_proj"] and len(seen) == 14
+    assert torch.allclose(searched["model.layers.0.self_attn.q_proj"], sums[0] / 64)
     assert any("calibration data (importance-weighted search)" in note for note in weighted.notes)
+    seen.clear()
+    plain = api.export(llama_bpe, out=tmp_path / "b.gguf", **common)
+    assert len(seen) == 14 and all(vector is None for vector in seen.values())
     assert any("calibration data (reference rounding)" in note for note in plain.notes)

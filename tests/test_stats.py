@@ -59,6 +59,9 @@ def test_bf16_inputs_give_the_fp32_hessian_of_their_values():
     expected = 2.0 / exact.shape[0] * exact.t() @ exact
     assert torch.allclose(fast.matrix.double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.allclose(fast.matrix, reference.matrix, rtol=1e-5, atol=1e-5)
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if hasattr(matmul, "fp32_precision"):           # the bf16 path is switched on for x^T x only
+        assert matmul.fp32_precision in ("none", "ieee")
 
 
 def test_sum_of_squares_is_read_from_the_hessian_and_outlives_it():
@@ -77,3 +80,14 @@ def test_sum_of_squares_is_read_from_the_hessian_and_outlives_it():
     everything = torch.cat([b.reshape(-1, 24) for b in batches]).double()
     assert torch.allclose(both.sum_sq.mean.double(), everything.pow(2).mean(dim=0), rtol=1e-6)
     assert float(both.sum_sq.count) == everything.shape[0]
+
+
+def test_sum_of_squares_taken_at_release_when_never_read():
+    batches = _batches(6)
+    stats = LayerStats(frozenset({"sum_sq", "hessian"}))
+    for batch in batches:
+        stats.update(batch)
+    stats.release("hessian")
+    assert set(stats.items) == {"sum_sq"}
+    everything = torch.cat([b.reshape(-1, 24) for b in batches]).double()
+    assert torch.allclose(stats.sum_sq.total, everything.pow(2).sum(dim=0), rtol=1e-6)

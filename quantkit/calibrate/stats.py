@@ -23,12 +23,24 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 def _gram(x: torch.Tensor, bf16_values: bool = False) -> torch.Tensor:
     """x^T x: [tokens, C] float32 -> [C, C] float32, fp32 accumulation.
 
-    When every value of x is a bf16 number (the block ran in bf16) and the CPU multiplies bf16 in hardware,
-    oneDNN's bf16 path computes the same sums: a product of two bf16 numbers is exact in fp32 and the
-    accumulation stays fp32 (only the summation order differs), about 2x faster than fp32 inputs."""
-    fast = bf16_values and x.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    When every value of x is a bf16 number (the block ran in bf16) and oneDNN runs bf16 matmuls on this CPU,
+    its bf16 path computes the same sums: a product of two bf16 numbers is exact in fp32 and the accumulation
+    stays fp32 (only the summation order differs, and bf16 subnormals, below 1e-38, count as 0), about 2x
+    faster than fp32 inputs where the CPU has bf16 units (AMX, AVX512-BF16)."""
+    fast = bf16_values and x.device.type == "cpu" and _onednn_bf16()
     with _onednn_bf16_matmuls() if fast else nullcontext():
         return x.t() @ x
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls on this CPU and torch lets fp32 matmuls take that path (torch >= 2.9's
+    ``mkldnn.matmul.fp32_precision``); an older torch: no."""
+    if not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @contextmanager
@@ -208,6 +220,8 @@ class LayerStats:
         """Free a statistic once its Linear is quantized (no-op if it was never collected)."""
         if kind == "hessian" and self.sum_sq_in_hessian and "sum_sq" not in self.items and "hessian" in self.items:
             self.items["sum_sq"] = self._sum_sq_from_hessian()     # its diagonal outlives it
+        if kind == "sum_sq":
+            self.sum_sq_in_hessian = False
         self.items.pop(kind, None)
 
     def scale_channels(self, divisor: torch.Tensor) -> None:
@@ -215,6 +229,8 @@ class LayerStats:
             stat.scale_channels(divisor)
 
     def all_reduce(self) -> None:
+        if self.sum_sq_in_hessian and "hessian" in self.items:
+            self.items.pop("sum_sq", None)   # taken again from the reduced Hessian: every rank reduces the same list
         for stat in self.items.values():
             stat.all_reduce()
         dist.all_reduce(self.tokens)

@@ -56,6 +56,9 @@ from quantkit.model.gguf_names import GGUFNames, model_shape
 REQUANT_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # llama.cpp's K-quant file types (and its aliases Q3_K, Q4_K, Q5_K for the _M mixes)
 FILE_TYPES = (*ggml_mixes.BASE_TYPES, *ggml_mixes.ALIASES)
+# --target-size --dataset's measure: (checkpoint name -> the importance its tensor is searched with, or None)
+# -> block Linear's checkpoint name -> GGUF type -> loss
+Sensitivities = Callable[[dict[str, torch.Tensor] | None], dict[str, dict[str, float | None]]]
 METADATA_KEY = "quantkit.export"
 F16_MAX = 65504.0
 
@@ -161,7 +164,7 @@ class _Plan:
 
 def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: bool = False,
                 imatrix=None, target_size: int | None = None, candidates: tuple[str, ...] | None = None,
-                sensitivities: Callable[[], dict[str, dict[str, float | None]]] | None = None
+                sensitivities: Sensitivities | None = None
                 ) -> GGUFExportResult:
     """Write ``source_dir`` (a quantkit output directory or a float HF checkpoint) as one GGUF file.
     ``ggml_type``: one type for whatever is requantized (F16, Q8_0, Q4_0, ...), or a K-quant file type
@@ -170,7 +173,8 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
     --imatrix does. ``target_size`` (bytes, float checkpoints): the block Linears' types are chosen among
     ``candidates`` (`gguf_budget.CANDIDATES`) so that the file is at most that size (`gguf_budget`), by the
     importance-weighted weight error, or by what ``sensitivities`` returns when given (block Linear's checkpoint
-    name -> GGUF type -> loss, `run.pipeline.measure_sensitivities`), called once every input is checked."""
+    name -> GGUF type -> loss, `run.pipeline.measure_sensitivities`), called once every input is checked with the
+    importance vectors the tensors will be searched with (checkpoint name -> [in], None without ``imatrix``)."""
     if ggml_type is not None and ggml_type not in REQUANT_TYPES + FILE_TYPES:
         close = difflib.get_close_matches(ggml_type, REQUANT_TYPES + FILE_TYPES, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(REQUANT_TYPES + FILE_TYPES)}"
@@ -191,7 +195,7 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
         plan.notes += _importance_notes(plan)
     target_note = None
     if target_size is not None:
-        measured = None if sensitivities is None else sensitivities()
+        measured = None if sensitivities is None else sensitivities(_block_importance(plan))
         target_note = _fit_target(plan, target_size, candidates or gguf_budget.CANDIDATES, measured)
     with staged_file(out, overwrite) as staging:
         _write(plan, staging)
@@ -825,6 +829,15 @@ def _importance(plan: _Plan, record: TensorRecord) -> torch.Tensor | None:
         raise QuantkitError(f"the importance matrix has {vector.shape[0]} values for {record.name}, whose rows hold "
                             f"{record.shape[-1]}: it was computed for another model")
     return vector
+
+
+def _block_importance(plan: _Plan) -> dict[str, torch.Tensor] | None:
+    """Each block Linear's checkpoint name -> the importance vector its tensor is searched with (--imatrix; those
+    it has no entry for are rounded by reference), or None without an importance matrix."""
+    if plan.importance is None:
+        return None
+    vectors = {r.source: _importance(plan, r) for r in plan.records if r.is_linear and not r.experts}
+    return {name: vector for name, vector in vectors.items() if vector is not None}
 
 
 def _importance_notes(plan: _Plan) -> list[str]:

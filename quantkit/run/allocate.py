@@ -5,9 +5,9 @@ Sensitivity of Linear l to candidate c, measured block by block on the float mod
 streaming pass before the quantizing one; one block in memory):
 
     layer  e(l, c) = mean over calibration tokens of ||(W - Q_c(W)) x||^2 = tr(D H D^T),  D = W - Q_c(W),
-                     H = E[x x^T] of the Linear's input, Q_c the candidate's round-to-nearest grid (``searched``:
-                     llama.cpp's importance-weighted search of a GGUF block type, importance diag(H), the
-                     weights `export --format gguf --imatrix` writes)
+                     H = E[x x^T] of the Linear's input, Q_c the candidate's round-to-nearest grid (given an
+                     importance vector: llama.cpp's importance-weighted search of a GGUF block type with it,
+                     the weights `export --format gguf --imatrix` writes)
            s(l, c) = e(l, c) * E_t[1 / ||h_t||^2], h_t the block's float output at token t
     block  s(l, c) = g_l(e) * e(l, c), g_l(e) = E_t[||dh_t||^2 / ||h_t||^2] / e(l, r) with only l on a reference
                      candidate r (dh_t its change of the block output): the layer's error carried to the residual
@@ -23,7 +23,7 @@ Linear's error is taken as additive across Linears (the knapsack's assumption).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -174,13 +174,13 @@ def _searched_weights(weight: torch.Tensor, ggml_type: str, importance: torch.Te
 
 
 def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candidates: list[Candidate],
-                 extra: Callable[[QuantTensor], int], offset_digits: int = OFFSET_DIGITS, searched: bool = False
-                 ) -> tuple[LayerSensitivity, dict[int, torch.Tensor]]:
+                 extra: Callable[[QuantTensor], int], offset_digits: int = OFFSET_DIGITS,
+                 importance: torch.Tensor | None = None) -> tuple[LayerSensitivity, dict[int, torch.Tensor]]:
     """Linear ``name``'s weight [out, in] fp32 and hessian [in, in] fp32 (E[x x^T]) -> its sensitivity record
     (per candidate: stored bytes + ``extra`` (what the algorithm adds), with header entries, and tr(D H D^T)),
-    and the dequantized weights by candidate index (None and absent where the grid does not fit). ``searched``:
-    GGUF block types are measured on llama.cpp's importance-weighted search (importance diag(H) = E[x_j^2])
-    instead of their reference rounding (the bytes are the same)."""
+    and the dequantized weights by candidate index (None and absent where the grid does not fit). With
+    ``importance`` [in] (an imatrix's E[x_j^2]) the GGUF block types llama.cpp searches are measured on that
+    search instead of their reference rounding (the bytes are the same)."""
     record = LayerSensitivity(weight.numel(), [], [], [])
     dequantized = {}
     for index, candidate in enumerate(candidates):
@@ -189,9 +189,9 @@ def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candida
                 values.append(None)
             continue
         quant = quantize_rtn(weight, candidate.scheme().weight)
-        ggml_type = searched_type(candidate) if searched else None
+        ggml_type = None if importance is None else searched_type(candidate)
         approx = quant.dequantize().float() if ggml_type is None else \
-            _searched_weights(weight, ggml_type, hessian.diagonal().float())
+            _searched_weights(weight, ggml_type, importance.float())
         delta = weight.float() - approx
         error = float(((delta @ hessian) * delta).sum())
         if not math.isfinite(error):
@@ -272,11 +272,13 @@ def choose(layers: dict[str, LayerSensitivity], candidates: list[Candidate], sen
 
 
 def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algorithm: str, options: dict,
-                  sensitivity: str, offset_digits: int = OFFSET_DIGITS, searched: bool = False
+                  sensitivity: str, offset_digits: int = OFFSET_DIGITS,
+                  importance: Mapping[str, torch.Tensor] | None = None
                   ) -> tuple[dict[str, LayerSensitivity], list[BlockInput]]:
     """One float block: every assigned Linear's errors on every candidate (its Hessian from the block's
-    inputs, Linears observed in the quantizer's batches; ``searched``: `layer_errors`'), the block gains
-    (``sensitivity`` "block"), and the block's float outputs on every call (the next block's inputs)."""
+    inputs, Linears observed in the quantizer's batches; ``importance``: full Linear name -> the vector its GGUF
+    types are searched with, `layer_errors`), the block gains (``sensitivity`` "block"), and the block's float
+    outputs on every call (the next block's inputs)."""
     job = quantizer.job
     runner = runner_for(job.block, job.compute_dtype)
     samples = quantizer.first_samples(job.metric_samples)
@@ -290,7 +292,8 @@ def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algori
             stats[name].release("hessian")
             record, approx = layer_errors(quantizer.full_name(name), weight, hessian, candidates,
                                           lambda quant: extra_bytes(algorithm, options, quant), offset_digits,
-                                          searched)
+                                          importance=None if importance is None
+                                          else importance.get(quantizer.full_name(name)))
             if not approx:
                 raise QuantkitError(f"no candidate grid fits {quantizer.full_name(name)} "
                                     f"({weight.shape[1]} input columns)")

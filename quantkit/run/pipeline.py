@@ -20,7 +20,7 @@ import math
 import resource
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -127,8 +127,6 @@ class CalibrateConfig:
     target_size: str | None = None      # or bytes of the output's weight files ("3.2GB", "800MiB")
     candidates: str | None = None       # the grids allowed (`run.budget.parse_candidates`); None: int 2-8 x g32-128
     sensitivity: str = "block"          # how a grid's harm is measured (`run.allocate`): block or layer
-    searched_sensitivities: bool = False  # GGUF candidates measured on llama.cpp's importance-weighted search
-                                          # (what `export --imatrix` writes), not their reference rounding
 
 
 @dataclass
@@ -406,12 +404,14 @@ def _preflight(run: _Run, progress: Progress) -> None:
         run.dataset = spec
 
 
-def measure_sensitivities(config: CalibrateConfig, progress: Progress | None = None
-                          ) -> dict[str, allocate.LayerSensitivity]:
+def measure_sensitivities(config: CalibrateConfig, progress: Progress | None = None,
+                          importance: Mapping[str, torch.Tensor] | None = None) -> dict[str, allocate.LayerSensitivity]:
     """The sensitivity pass of --target-bits/--target-size on its own, nothing written: each block Linear's
     sensitivity to each of ``config.candidates`` (`run.allocate`), measured block by block on ``config``'s
     calibration data (``config.target_bits`` only marks the run as an allocation). `quantkit export --format gguf
-    --target-size --dataset` chooses GGUF types with it."""
+    --target-size --dataset` chooses GGUF types with it; ``importance`` (Linear name -> [in] E[x_j^2], its
+    --imatrix): those Linears' GGUF types are measured on llama.cpp's importance-weighted search with it, as the
+    file will hold them."""
     if from_environment().world_size > 1:
         raise QuantkitError("the sensitivity pass runs in one process; run without torchrun")
     progress = progress or Progress()
@@ -419,7 +419,7 @@ def measure_sensitivities(config: CalibrateConfig, progress: Progress | None = N
     if run.candidates is None:
         raise QuantkitError("measure_sensitivities needs candidates and a target")
     _preflight(run, progress)
-    return _measure_sensitivities(run, progress)
+    return _measure_sensitivities(run, progress, importance)
 
 
 def _base(assignment: LayerAssignment) -> str:
@@ -533,8 +533,7 @@ def _allocate(run: _Run, progress: Progress) -> None:
     config = run.config
     start = time.perf_counter()
     key = json.loads(json.dumps({**_fingerprint(run), "candidates": [c.label for c in run.candidates],
-                                 "sensitivity": config.sensitivity, "searched": config.searched_sensitivities,
-                                 "algorithm": [config.algorithm, config.options],
+                                 "sensitivity": config.sensitivity, "algorithm": [config.algorithm, config.options],
                                  "offset_digits": _offset_digits(config)}))      # as it reads back
     layers = _saved_measurements(run, key) if config.resume else None
     if layers is None:
@@ -573,8 +572,10 @@ def _saved_measurements(run: _Run, key: dict) -> dict[str, allocate.LayerSensiti
         return None      # unreadable: measured again
 
 
-def _measure_sensitivities(run: _Run, progress: Progress) -> dict[str, allocate.LayerSensitivity]:
-    """The streaming float pass of `run.allocate`: every assigned Linear's sensitivity to every candidate."""
+def _measure_sensitivities(run: _Run, progress: Progress, importance: Mapping[str, torch.Tensor] | None = None
+                           ) -> dict[str, allocate.LayerSensitivity]:
+    """The streaming float pass of `run.allocate`: every assigned Linear's sensitivity to every candidate
+    (``importance``: `measure_sensitivities`')."""
     config = run.config
     model, inputs, block_kwargs = _capture(run, progress)
     with _timed(run, "sensitivity"):
@@ -595,7 +596,7 @@ def _measure_sensitivities(run: _Run, progress: Progress) -> dict[str, allocate.
                            moe_all_experts=config.moe_all_experts, expert_batch=config.expert_batch)
             measured, inputs = allocate.measure_block(BlockQuantizer(job), run.candidates, config.algorithm,
                                                       config.options, config.sensitivity, _offset_digits(config),
-                                                      config.searched_sensitivities)
+                                                      importance)
             layers.update(measured)
             release(block)
             progress.advance("sensitivity", f"block {index}")
