@@ -263,14 +263,13 @@ class _StackedGrid:
             if mixed else None
         self.low, self.high = self._per_row(grids, widths, "low", "high")     # clamp takes both alike
         self.shift = self._per_row(grids, widths, "shift")
-        # where a column's code is the search's (step 0), and the steps those places divide by instead
-        self.keep, self.divisor = None, self.step
+        # where a column's code is the search's (its step is 0: any code means the same), None where nowhere
+        self.keep = None
         if self.searched is not None:
             keep = self.step == 0
             if self.searched_rows is not None:
                 keep &= self.searched_rows
-            if bool(keep.any()):
-                self.keep, self.divisor = keep, torch.where(keep, torch.ones_like(self.step), self.step)
+            self.keep = keep if bool(keep.any()) else None
 
     @staticmethod
     def _stack(grids, key):
@@ -297,7 +296,8 @@ class _StackedGrid:
         w, step = W1[i], self.step[col]
         if self.float_element is not None:
             return _round_plain(w, step, None, self.float_element)
-        q = torch.round((w if self.offset is None else w + self.offset[col]) / self.divisor[col])
+        divisor = step if self.keep is None else torch.where(self.keep[col], 1.0, step)
+        q = torch.round((w if self.offset is None else w + self.offset[col]) / divisor)
         if self.zero is not None:
             q += self.zero[col]
         q = q.clamp_(self.low, self.high)
