@@ -842,8 +842,7 @@ def _block_importance(plan: _Plan) -> dict[str, torch.Tensor] | None:
 
 def _importance_notes(plan: _Plan) -> list[str]:
     """What the importance matrix does and does not cover, said once."""
-    searched = [r for r in plan.records if r.ggml_type in (*kquants.K_FORMATS, *ggml_blocks.WEIGHTED)
-                and r.status == "requantized"]
+    searched = [r for r in plan.records if ggml_blocks.importance_searched(r.ggml_type) and r.status == "requantized"]
     missing = [r.name for r in searched if plan.importance.importance(r.name, 0) is None]
     notes = []
     if missing:
@@ -857,17 +856,11 @@ def _requantized_bytes(record: TensorRecord, reference: torch.Tensor,
     """Float weights [rows, n] re-rounded to the record's block type by llama.cpp's quantizers (K-quants:
     `kquants`; 32-value types: `ggml_blocks`), with its importance-weighted search when ``importance`` [n] is
     given (what llama-quantize --imatrix runs), measured against ``reference``."""
+    blocks = ggml_blocks.requantize(reference, record.ggml_type, importance)
     if record.ggml_type in kquants.K_FORMATS:
-        if importance is not None:
-            blocks = kquants.quantize_weighted(reference, record.ggml_type, importance.float())
-        else:
-            blocks = kquants.quantize_reference(reference, record.ggml_type)
         _measure(record, reference, blocks.dequantize())
         return gguf_kquants.pack(blocks)
-    if importance is not None:
-        return _blocks_bytes(record, ggml_blocks.quantize_weighted_blocks(reference, record.ggml_type, importance.float()),
-                             reference)
-    return _blocks_bytes(record, ggml_blocks.quantize_blocks(reference, record.ggml_type), reference)
+    return _blocks_bytes(record, blocks, reference)
 
 
 def _stacked_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import ggml_blocks, kquants
+from quantkit.formats.ggml_blocks import requantize
 
 CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 # The header's size must not depend on the choice: the file's metadata names each tensor's type
@@ -55,18 +56,6 @@ def type_bytes(ggml_type: str, shape: tuple[int, ...]) -> int:
     if ggml_type in kquants.K_FORMATS:
         return count // kquants.SUPER * kquants.K_FORMATS[ggml_type].type_size
     return count // ggml_blocks.BLOCK * ggml_blocks.FORMATS[ggml_type].type_size
-
-
-def requantize(weight: torch.Tensor, ggml_type: str, importance: torch.Tensor | None):
-    """llama.cpp's quantization of weight [rows, n] float32 to a block type (K blocks or 32-value blocks), with its
-    importance-weighted search when ``importance`` [n] is given (what llama-quantize --imatrix runs)."""
-    if ggml_type in kquants.K_FORMATS:
-        if importance is not None:
-            return kquants.quantize_weighted(weight, ggml_type, importance.float())
-        return kquants.quantize_reference(weight, ggml_type)
-    if importance is not None:
-        return ggml_blocks.quantize_weighted_blocks(weight, ggml_type, importance.float())
-    return ggml_blocks.quantize_blocks(weight, ggml_type)
 
 
 @dataclass

@@ -140,3 +140,21 @@ def quantize_weighted_blocks(weight: torch.Tensor, fmt_name: str, importance: to
         return Blocks(fmt, levels.reshape(rows, n), scale.reshape(rows, -1).half(), (-the_min).reshape(rows, -1).half())
     scale, levels = kquants.make_qx_quants_rmse1(blocks, nmax, weights)
     return Blocks(fmt, levels.reshape(rows, n), scale.reshape(rows, -1).half())
+
+
+def importance_searched(ggml_type: str) -> bool:
+    """Whether llama.cpp quantizes ``ggml_type`` with an importance-weighted search given an importance matrix
+    (the K types, Q4_0/Q5_0, Q4_1/Q5_1; Q8_0 ignores the matrix)."""
+    return ggml_type in kquants.K_FORMATS or ggml_type in WEIGHTED
+
+
+def requantize(weight: torch.Tensor, ggml_type: str, importance: torch.Tensor | None):
+    """llama.cpp's quantization of weight [rows, n] float32 to a block type (K blocks or 32-value blocks), with its
+    importance-weighted search when ``importance`` [n] is given (what llama-quantize --imatrix runs)."""
+    if ggml_type in kquants.K_FORMATS:
+        if importance is not None:
+            return kquants.quantize_weighted(weight, ggml_type, importance.float())
+        return kquants.quantize_reference(weight, ggml_type)
+    if importance is not None:
+        return quantize_weighted_blocks(weight, ggml_type, importance.float())
+    return quantize_blocks(weight, ggml_type)

@@ -32,7 +32,7 @@ from quantkit.algorithms.registry import base_algorithm, parse_options
 from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.calibrate.hooks import BlockInput, run_block
 from quantkit.errors import QuantkitError
-from quantkit.formats import ggml_blocks, ggml_mixes, knapsack, kquants
+from quantkit.formats import ggml_blocks, ggml_mixes, knapsack
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.run import budget
 from quantkit.run.block import BlockQuantizer
@@ -162,15 +162,7 @@ def searched_type(candidate: Candidate) -> str | None:
     """The GGUF block type llama.cpp quantizes with an importance-weighted search (K types, Q4_0/Q5_0, Q4_1/Q5_1)
     when ``candidate`` is one, else None (Q8_0 ignores the matrix: its reference rounding is what is written)."""
     name = candidate.scheme_name.upper()
-    return name if candidate.label == candidate.scheme_name and (name in kquants.K_FORMATS or
-                                                                 name in ggml_blocks.WEIGHTED) else None
-
-
-def _searched_weights(weight: torch.Tensor, ggml_type: str, importance: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's importance-weighted search of ``ggml_type`` on weight [out, in] -> its dequantized weights."""
-    if ggml_type in kquants.K_FORMATS:
-        return kquants.quantize_weighted(weight, ggml_type, importance).dequantize().float()
-    return ggml_blocks.quantize_weighted_blocks(weight, ggml_type, importance).dequantize().float()
+    return name if candidate.label == candidate.scheme_name and ggml_blocks.importance_searched(name) else None
 
 
 def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candidates: list[Candidate],
@@ -190,8 +182,8 @@ def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candida
             continue
         quant = quantize_rtn(weight, candidate.scheme().weight)
         ggml_type = None if importance is None else searched_type(candidate)
-        approx = quant.dequantize().float() if ggml_type is None else \
-            _searched_weights(weight, ggml_type, importance.float())
+        searched = None if ggml_type is None else ggml_blocks.requantize(weight, ggml_type, importance)
+        approx = (quant if searched is None else searched).dequantize().float()
         delta = weight.float() - approx
         error = float(((delta @ hessian) * delta).sum())
         if not math.isfinite(error):
