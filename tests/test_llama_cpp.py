@@ -46,15 +46,15 @@ def test_llama_cpp_runs_our_gguf(case, tmp_path):
     assert top1 > 0.9 and kl < 1e-2, (top1, kl)
 
 
-@pytest.mark.parametrize("case, defect", [("llama", "_permutations"), ("gemma3", "norm offset")])
+@pytest.mark.parametrize("case, defect", [("llama", "rotary_permutations"), ("gemma3", "norm offset")])
 def test_a_defective_file_fails_the_comparison(case, defect, tmp_path, monkeypatch):
     """The same comparison catches a file without llama's rotary row permutation, or with Gemma's
     norms written as w instead of 1 + w: both load and run in llama.cpp."""
     import quantkit.exporters.gguf as gguf_export
     from quantkit.model import architectures
 
-    if defect == "_permutations":
-        monkeypatch.setattr(gguf_export, "_permutations", lambda source, arch: {})
+    if defect == "rotary_permutations":
+        monkeypatch.setattr(gguf_export, "rotary_permutations", lambda source: {})
     else:
         entry = architectures.ARCHITECTURES["Gemma3ForCausalLM"]
         monkeypatch.setitem(architectures.ARCHITECTURES, "Gemma3ForCausalLM",
