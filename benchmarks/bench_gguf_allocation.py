@@ -21,6 +21,8 @@ divergence and top-1 agreement against the F16 file's logits (--kl-divergence-ba
                                importance-weighted weight error)
   ... --dataset                the same with --dataset on the calibration text (32 x 512 tokens, the windows
                                llama-imatrix reads): by block sensitivities measured on it (--routes measured)
+  ... --dataset --algo gptq    the same choice, then each block Linear quantized on its chosen type by GPTQ on that
+                               text (--routes gptq; one command)
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--candidates", help="quantkit export --candidates (default: its own)")
     parser.add_argument("--routes", default="weight,measured",
-                        help="quantkit rows: weight (weight error), measured (--dataset sensitivities)")
+                        help="quantkit rows: weight (weight error), measured (--dataset sensitivities), gptq "
+                             "(measured, then --algo gptq)")
     args = parser.parse_args()
     common.in_workdir(args.workdir, "bench-gguf-alloc-", lambda d: run(d, args))
 
@@ -90,13 +93,16 @@ def run(workdir: Path, args) -> None:
         size = theirs.stat().st_size
         for route in args.routes.split(","):
             ours = workdir / f"quantkit-{file_type}-{route}.gguf"
-            data = ["--dataset", str(calibration), "--num-samples", "32", "--seq-len", "512"] if route == "measured" \
+            data = ["--dataset", str(calibration), "--num-samples", "32", "--seq-len", "512"] if route != "weight" \
                 else []
+            if route == "gptq":
+                data += ["--algo", "gptq"]
             _, seconds = common.run_tool([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf",
                                           "--type", file_type, "--target-size", str(size), "--imatrix", str(imatrix),
                                           *(["--candidates", args.candidates] if args.candidates else []), *data,
                                           "--out", str(ours), "--overwrite", "--quiet"])
-            label = f"quantkit --target-size {size} (--type {file_type}{', --dataset' if data else ''})"
+            flags = {"weight": "", "measured": ", --dataset", "gptq": ", --dataset --algo gptq"}[route]
+            label = f"quantkit --target-size {size} (--type {file_type}{flags})"
             measure(label, ours, imatrix_s + seconds, _types(ours))
     print(f"SmolLM2-135M; llama-perplexity -c 512 --chunks {args.chunks} on the held-out second half of "
           "alice_in_wonderland.txt; llama-imatrix 32 x 512 tokens of the first half")

@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--autoround-types", default="Q4_K_M")
     parser.add_argument("--algorithms", default="imatrix,gptq",
                         help="quantkit rows: comma-separated ALGO, ALGO:KEY=VALUE[:KEY=VALUE] (its --algo-option's) or "
-                             "signround:INIT:ITERS (e.g. signround:imatrix:50)")
+                             "signround:INIT:ITERS (e.g. signround:imatrix:50): calibrate then export; prefixed "
+                             "export: (export:gptq) the one command quantkit export FLOAT --type T --algo ...")
     parser.add_argument("--no-round-trip", action="store_true", help="skip the imatrix round trip rows")
     args = parser.parse_args()
     common.in_workdir(args.workdir, "bench-kquant-cal-", lambda d: run(d, args))
@@ -97,7 +98,13 @@ def run(workdir: Path, args) -> None:
         measure(f"llama.cpp {file_type} + imatrix", weighted, imatrix_seconds + seconds,
                 f"llama-imatrix {imatrix_seconds:.0f} s + llama-quantize {seconds:.0f} s")
         for algorithm in args.algorithms.split(","):
-            label, flags = _algorithm_flags(algorithm)
+            label, flags = _algorithm_flags(algorithm.removeprefix("export:"))
+            if algorithm.startswith("export:"):         # one command: quantkit export FLOAT --type T --algo ...
+                gguf = workdir / f"qk-export-{label.replace(' ', '-')}-{file_type}.gguf"
+                seconds = _timed([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf",
+                                  "--type", file_type, *flags, *data, "--out", str(gguf), "--overwrite", "--quiet"])
+                measure(f"quantkit {label} {file_type}, one command", gguf, seconds, "quantkit export --algo")
+                continue
             directory = workdir / f"qk-{label.replace(' ', '-')}-{file_type}"
             summary = common.run_quantkit(directory, "--scheme", f"gguf:{file_type.lower()}", *flags, *data)
             gguf = workdir / f"qk-{label.replace(' ', '-')}-{file_type}.gguf"

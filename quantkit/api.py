@@ -180,15 +180,18 @@ def _save_loaded(model, tokenizer, directory: Path) -> None:
 def export(directory: str | Path, *, format: str, out: str | Path, type: str | None = None,
            imatrix: str | Path | None = None, target_size: str | None = None, candidates: str | None = None,
            dataset: str | None = None, data_files: tuple[str, ...] = (), text_column: str = "text",
-           num_samples: int = 64, seq_len: int = 512, overwrite: bool = False,
-           progress: Callable[[ProgressEvent], None] | None = None):
+           num_samples: int = 64, seq_len: int = 512, algo: str | None = None, algo_options: dict | None = None,
+           overwrite: bool = False, progress: Callable[[ProgressEvent], None] | None = None):
     """`quantkit export`: a quantkit output directory (for GGUF also a float checkpoint) as ``format``:
     "gguf" (llama.cpp), "compressed-tensors" (vLLM), "imatrix" (llama-imatrix's .gguf) or "llama2c"
     (llama2.c's int8 ``runq`` file). ``type``, ``imatrix``, ``target_size`` and ``candidates`` are GGUF's
     options (`quantkit export --help`); with ``target_size``, ``dataset`` (and ``data_files``, ``text_column``,
     ``num_samples``, ``seq_len``, as `calibrate` takes them) measures each block Linear's sensitivity to each
     candidate type on that calibration data (`calibrate --target-bits`'s measure) instead of its weight error,
-    reporting the pass to ``progress``. Returns the exporter's result (its ``to_dict()`` is the CLI's --json)."""
+    reporting the pass to ``progress``. ``algo`` (with ``algo_options``, GGUF of a float checkpoint, needs
+    ``dataset``): once the block Linears' types are chosen, a calibration run on ``dataset`` quantizes each on
+    its type's grid with that algorithm (`calibrate --recipe`, in a directory beside ``out`` that is removed
+    afterwards) and the file holds those codes. Returns the exporter's result (``to_dict()`` is the CLI's --json)."""
     directory, out = Path(directory), Path(out)
     if format not in EXPORT_FORMATS:
         import difflib
@@ -200,9 +203,15 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
         raise QuantkitError("--type, --imatrix and --target-size apply to --format gguf only")
     if candidates is not None and target_size is None:
         raise QuantkitError("--candidates lists the types --target-size chooses from; give --target-size")
-    if (dataset is not None or data_files) and target_size is None:
-        raise QuantkitError("--dataset measures the sensitivities --target-size chooses GGUF types by; give "
-                            "--target-size (and --format gguf)")
+    if (algo is not None or algo_options) and format != "gguf":
+        raise QuantkitError("--algo applies to --format gguf of a float checkpoint only")
+    if algo_options and algo is None:
+        raise QuantkitError("--algo-option sets an option of --algo; give --algo")
+    if algo is not None and dataset is None:
+        raise QuantkitError(f"--algo {algo} quantizes on calibration data; give --dataset")
+    if (dataset is not None or data_files) and target_size is None and algo is None:
+        raise QuantkitError("--dataset measures the sensitivities --target-size chooses GGUF types by (or the "
+                            "calibration --algo quantizes on); give --target-size or --algo (and --format gguf)")
     if format == "gguf":
         from quantkit.exporters import gguf_budget
         from quantkit.exporters.gguf import export_gguf
@@ -210,14 +219,16 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
 
         types = gguf_budget.parse_candidates(candidates)
         size = None if target_size is None else parse_size(target_size)
+        data = _CalibrationData(dataset, tuple(data_files), text_column, num_samples, seq_len)
         sensitivities = None
-        if dataset is not None:
+        if dataset is not None and target_size is not None:
             def sensitivities(importance):
-                return _gguf_sensitivities(directory, types, dataset, tuple(data_files), text_column, num_samples,
-                                           seq_len, progress, importance)
-        return export_gguf(directory, out, ggml_type=type.upper() if type else None, overwrite=overwrite,
-                           imatrix=None if imatrix is None else Path(imatrix), target_size=size, candidates=types,
-                           sensitivities=sensitivities)
+                return _gguf_sensitivities(directory, types, data, progress, importance)
+        with _GGUFCodes(directory, out, algo, algo_options or {}, data, progress) as codes:
+            return export_gguf(directory, out, ggml_type=type.upper() if type else None, overwrite=overwrite,
+                               imatrix=None if imatrix is None else Path(imatrix), target_size=size,
+                               candidates=types, sensitivities=sensitivities, codes=codes.run if algo else None,
+                               codes_by=algo or "")
     if format == "compressed-tensors":
         from quantkit.exporters.compressed_tensors import export_compressed_tensors
 
@@ -231,17 +242,76 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
     return export_llama2c(directory, out, overwrite=overwrite)
 
 
-def _gguf_sensitivities(directory: Path, types: tuple[str, ...], dataset: str, data_files: tuple[str, ...],
-                        text_column: str, num_samples: int, seq_len: int, progress, importance
+@dataclass(frozen=True)
+class _CalibrationData:
+    """The calibration flags export shares with calibrate."""
+
+    dataset: str | None
+    data_files: tuple[str, ...]
+    text_column: str
+    num_samples: int
+    seq_len: int
+
+    def config(self, directory: Path, **settings):
+        from quantkit.run.pipeline import CalibrateConfig
+
+        return CalibrateConfig(model=str(directory), dataset=self.dataset, data_files=self.data_files,
+                               text_column=self.text_column, num_samples=self.num_samples, seq_len=self.seq_len,
+                               **settings)
+
+
+class _GGUFCodes:
+    """export --algo: calibrates a float checkpoint on the GGUF types the exporter chose, one recipe rule per
+    type, into a directory created beside the output (on the same disk the file goes to) and removed on exit."""
+
+    def __init__(self, directory: Path, out: Path, algo: str | None, options: dict, data: _CalibrationData,
+                 progress):
+        self.directory, self.out, self.algo, self.options = directory, out, algo, options
+        self.data, self.progress = data, progress
+        self.workdir: Path | None = None
+
+    def __enter__(self):
+        if self.algo is not None:
+            from quantkit.algorithms.registry import check_options, get_algorithm
+
+            get_algorithm(self.algo)                   # bad names and options stop before any work
+            check_options(self.algo, self.options)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def run(self, types: dict[str, str]) -> Path:
+        import yaml
+
+        from quantkit.run.mixes import ggml_type_algorithm
+        from quantkit.run.pipeline import calibrate as run_calibration
+
+        self.workdir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.codes-", dir=self.out.parent))
+        rules = []
+        for ggml_type in sorted(set(types.values())):    # each type's grid run as a llama.cpp file type runs it
+            algorithm, options, _ = ggml_type_algorithm(self.algo, self.options, ggml_type)
+            rules.append({"match": sorted(name for name, t in types.items() if t == ggml_type),
+                          "scheme": ggml_type.lower(), "algorithm": algorithm,
+                          **({"options": dict(options)} if options else {})})
+        recipe = self.workdir / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"rules": rules, "smooth": False}, sort_keys=False))
+        config = self.data.config(self.directory, recipe=recipe, out=self.workdir / "codes")
+        return run_calibration(config, _progress_adapter(self.progress)).out
+
+
+def _gguf_sensitivities(directory: Path, types: tuple[str, ...], data: _CalibrationData, progress, importance
                         ) -> dict[str, dict[str, float]]:
     """Block Linear -> GGUF type -> its block sensitivity (`run.allocate`), each type's weights as the file will
     hold them: llama.cpp's reference search, or, for the Linears ``importance`` names (the --imatrix vectors the
     exporter searches them with), its importance-weighted search with that vector."""
-    from quantkit.run.pipeline import CalibrateConfig, measure_sensitivities
+    from quantkit.run.pipeline import measure_sensitivities
 
-    config = CalibrateConfig(model=str(directory), scheme="w4a16", algorithm="rtn", dataset=dataset,
-                             data_files=data_files, text_column=text_column, num_samples=num_samples,
-                             seq_len=seq_len, target_bits=32.0, candidates=",".join(t.lower() for t in types))
+    config = data.config(directory, scheme="w4a16", algorithm="rtn", target_bits=32.0,
+                         candidates=",".join(t.lower() for t in types))
     layers = measure_sensitivities(config, _progress_adapter(progress), importance)
     return {name: dict(zip(types, layer.loss(config.sensitivity))) for name, layer in layers.items()}
 

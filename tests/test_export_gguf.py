@@ -584,3 +584,111 @@ def test_dataset_sensitivities_follow_the_quantizer_the_file_is_written_with(lla
     plain = api.export(llama_bpe, out=tmp_path / "b.gguf", **common)
     assert len(seen) == 14 and all(vector is None for vector in seen.values())
     assert any("calibration data (reference rounding)" in note for note in plain.notes)
+
+
+# ------------------------------------------------------------------- --algo: calibrated codes in one command
+
+
+def _block_tensors(path):
+    return {name: tensor for name, tensor in tensors_by_name(path).items()
+            if name.startswith("blk.") and "norm" not in name}
+
+
+def test_algo_writes_a_calibration_runs_codes_on_the_types_chosen(llama_bpe, tmp_path):
+    """export FLOAT --type Q4_K_M --dataset D --algo gptq: the file's block Linears hold, byte for byte, what the
+    two-step route writes (calibrate --scheme q4_k_m --algo gptq, each Linear on the type llama-quantize gives it,
+    then export); not llama.cpp's rounding of the float weights; every other tensor as the plain export writes it;
+    and nothing is left beside the file."""
+    from quantkit import api
+
+    data = dict(dataset="dummy", num_samples=4, seq_len=16)
+    result = api.export(llama_bpe, format="gguf", out=tmp_path / "one.gguf", type="Q4_K_M", algo="gptq", **data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.gguf"]
+    blocks = [t for t in result.linears if t.source.startswith("model.layers.")]
+    assert len(blocks) == 14 and {t.status for t in blocks} == {"calibrated"}
+    assert all(t.reason.endswith("codes by gptq") for t in blocks)
+
+    calibrate(CalibrateConfig(model=str(llama_bpe), scheme="q4_k_m", algorithm="gptq", out=tmp_path / "two", **data))
+    export_gguf(tmp_path / "two", tmp_path / "two.gguf")
+    export_gguf(llama_bpe, tmp_path / "plain.gguf", ggml_type="Q4_K_M")
+    one, two, plain = (_block_tensors(tmp_path / f"{n}.gguf") for n in ("one", "two", "plain"))
+    assert len(one) == 14 and one.keys() == two.keys() == plain.keys()
+    assert len({t.tensor_type for t in one.values()}) > 1                  # the mix's types (and fallbacks)
+    for name, tensor in one.items():
+        assert tensor.tensor_type == two[name].tensor_type == plain[name].tensor_type
+        assert np.array_equal(tensor.data, two[name].data), name
+    assert sum(not np.array_equal(one[n].data, plain[n].data) for n in one) >= 12   # GPTQ moved codes
+    rest = {n: t for n, t in tensors_by_name(tmp_path / "one.gguf").items() if n not in one}
+    for name, tensor in tensors_by_name(tmp_path / "plain.gguf").items():
+        if name not in one:
+            assert np.array_equal(rest[name].data, tensor.data), name
+
+
+def test_algo_under_a_target_size_keeps_the_choice_and_the_size(llama_bpe, tmp_path):
+    """--target-size with --algo: the same types as without it, every chosen Linear calibrated on its type, and
+    the file within the target; gguf-py reads each block back to the calibrated codes' values."""
+    from quantkit import api
+
+    smallest = export_gguf(llama_bpe, tmp_path / "q4.gguf", ggml_type="Q4_0").size_bytes
+    largest = export_gguf(llama_bpe, tmp_path / "q8.gguf", ggml_type="Q4_0", target_size=10**9,
+                          candidates=("Q8_0",)).size_bytes
+    target = (smallest + largest) // 2
+    common = dict(format="gguf", type="Q4_0", target_size=str(target), candidates="Q4_0,Q8_0", dataset="dummy",
+                  num_samples=4, seq_len=16)
+    def block_types(result):
+        return {t.source: t.ggml_type for t in result.linears if t.source.startswith("model.layers.")}
+    chosen = block_types(api.export(llama_bpe, out=tmp_path / "a.gguf", **common))
+    result = api.export(llama_bpe, out=tmp_path / "b.gguf", algo="gptq", algo_options={"damp": 0.02}, **common)
+    assert result.size_bytes == (tmp_path / "b.gguf").stat().st_size <= target
+    assert block_types(result) == chosen and set(chosen.values()) == {"Q4_0", "Q8_0"}
+    assert all(t.status == "calibrated" and t.reason.startswith("--target-size") for t in result.linears
+               if t.source in chosen)
+    recipe = tmp_path / "recipe.yaml"
+    rules = [{"match": sorted(n for n, t in chosen.items() if t == ggml_type), "scheme": ggml_type.lower(),
+              "algorithm": "gptq", "options": {"damp": 0.02, "llama_cpp": True}} for ggml_type in ("Q4_0", "Q8_0")]
+    import yaml
+    recipe.write_text(yaml.safe_dump({"rules": rules, "smooth": False}))
+    calibrate(CalibrateConfig(model=str(llama_bpe), recipe=recipe, out=tmp_path / "two", dataset="dummy",
+                              num_samples=4, seq_len=16))
+    model = load_quantized(tmp_path / "two")
+    for record in [t for t in result.linears if t.source in chosen][:6]:
+        if record.name.endswith(("attn_q.weight", "attn_k.weight")):
+            continue                       # rows permuted for llama.cpp's rotary layout
+        ours = model.get_submodule(record.source).dequantized_weight().float()
+        assert torch.equal(gguf_weight(result.out, record.name, *ours.shape), ours), record.name
+
+
+def test_algo_says_which_types_its_algorithm_cannot_search(llama_bpe, tmp_path):
+    """--algo imatrix on Q8_0 (llama.cpp's search has no Q8_0 form): those Linears are rounded (rtn, as the
+    calibrate plans of llama.cpp's file types do), the note says so, and the codes are llama.cpp's own Q8_0."""
+    from quantkit import api
+
+    result = api.export(llama_bpe, format="gguf", out=tmp_path / "a.gguf", type="Q8_0", algo="imatrix",
+                        dataset="dummy", num_samples=2, seq_len=16)
+    assert "--algo imatrix does not search every chosen type: 14 x Q8_0 by rtn" in result.notes
+    export_gguf(llama_bpe, tmp_path / "plain.gguf", ggml_type="Q8_0")
+    ours, plain = _block_tensors(tmp_path / "a.gguf"), _block_tensors(tmp_path / "plain.gguf")
+    assert all(np.array_equal(ours[n].data, plain[n].data) for n in plain)
+
+
+def test_algo_bad_inputs(llama_bpe, tmp_path):
+    out = tmp_path / "x.gguf"
+    assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--type", "Q4_0",
+                                  "--algo", "gptq"), "give --dataset")
+    assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--type", "Q4_0",
+                                  "--algo", "gtpq", "--dataset", "dummy"), "gptq")
+    assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--dataset", "dummy",
+                                  "--algo", "gptq", "--num-samples", "2", "--seq-len", "8"), "give --type")
+    assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--type", "Q4_0",
+                                  "--algo-option", "damp=0.1"), "give --algo")
+    assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--type", "Q4_0",
+                                  "--algo", "gptq", "--algo-option", "nonsense=1", "--dataset", "dummy"), "nonsense")
+    assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--type", "Q4_0",
+                                  "--algo", "gptq", "--dataset", str(tmp_path / "missing.txt"), "--seq-len", "16"),
+                          "missing.txt")
+    calibrated = quantize(llama_bpe, tmp_path / "q", scheme="w4a16", algorithm="rtn")
+    assert_one_line_error(run_cli("export", calibrated, "--format", "gguf", "--out", out, "--algo", "gptq",
+                                  "--dataset", "dummy"), "already calibrated")
+    assert_one_line_error(run_cli("export", calibrated, "--format", "compressed-tensors", "--out", tmp_path / "ct",
+                                  "--algo", "gptq", "--dataset", "dummy"), "--format gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]

@@ -66,7 +66,7 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
 
     def run(progress=None):
         return api.calibrate(
-            model, scheme=scheme, algo=algorithm, algo_options=_parse_options(algo_options) or None, recipe=recipe,
+            model, scheme=scheme, algo=algorithm, algo_options=parse_algo_options(algo_options) or None, recipe=recipe,
             bits=bits, group_size=group_size, sym=symmetric, dataset=dataset, data_files=tuple(data_files),
             text_column=text_column, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, alpha=alpha,
             smooth=smooth, seed=seed, out=out, overwrite=overwrite, dry_run=dry_run, resume=resume,
@@ -96,7 +96,7 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
         render.stderr.print(f"wrote {result.out}")
 
 
-def _parse_options(pairs: tuple[str, ...]) -> dict:
+def parse_algo_options(pairs: tuple[str, ...]) -> dict:
     """KEY=VALUE pairs; values are read as YAML scalars (true, 32, 0.01, text)."""
     import yaml
 

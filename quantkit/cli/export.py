@@ -31,28 +31,35 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "
               "is at most this size (80MB, 1.2GB, 800MiB or bytes); other tensors get --type's choice (F16 without).")
 @click.option("--candidates", help="With --target-size: the GGUF types allowed, comma-separated (default Q2_K..Q6_K, "
               "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).")
-@click.option("--dataset", help="With --target-size: measure each block Linear's sensitivity to each candidate on "
-              "this calibration data (gsm8k, text, dummy, a .txt/.jsonl file; as calibrate reads it), relative to the "
-              "residual stream as calibrate --target-bits does, instead of its importance-weighted weight error.")
+@click.option("--dataset", help="Calibration data (gsm8k, text, dummy, a .txt/.jsonl file; as calibrate reads it). "
+              "With --target-size: measure each block Linear's sensitivity to each candidate on it, relative to the "
+              "residual stream as calibrate --target-bits does, instead of its importance-weighted weight error; "
+              "with --algo: what the algorithm calibrates on.")
 @click.option("--data-files", multiple=True, help="With --dataset: local files for gsm8k/text (offline use).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--num-samples", default=64, show_default=True, type=int, help="With --dataset: calibration samples.")
 @click.option("--seq-len", default=512, show_default=True, type=int, help="With --dataset: tokens per sample.")
+@click.option("--algo", "algorithm", help="GGUF of a float checkpoint, with --dataset: once each block Linear's type "
+              "is chosen (--type, --target-size), quantize it on that type's grid with this calibration algorithm "
+              "(gptq, imatrix, awq, signround, ...) and write those codes, in one command.")
+@click.option("--algo-option", "algo_options", multiple=True, metavar="KEY=VALUE",
+              help="With --algo: an option of the algorithm (as calibrate takes it), repeatable.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file or directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def export(directory, export_format, ggml_type, imatrix, target_size, candidates, dataset, data_files, text_column,
-           num_samples, seq_len, out, overwrite, as_json, quiet):
+           num_samples, seq_len, algorithm, algo_options, out, overwrite, as_json, quiet):
     """Export DIRECTORY (a quantkit output directory; for GGUF also a float HF checkpoint)."""
     from quantkit import api
     from quantkit.cli import render
+    from quantkit.cli.calibrate import parse_algo_options
 
     def run(progress=None):
         return api.export(directory, format=export_format, out=out, type=ggml_type, imatrix=imatrix,
                           target_size=target_size, candidates=candidates, dataset=dataset, data_files=data_files,
-                          text_column=text_column, num_samples=num_samples, seq_len=seq_len, overwrite=overwrite,
-                          progress=progress)
+                          text_column=text_column, num_samples=num_samples, seq_len=seq_len, algo=algorithm,
+                          algo_options=parse_algo_options(algo_options) or None, overwrite=overwrite, progress=progress)
 
     if quiet or as_json:
         result = run()

@@ -19,6 +19,10 @@ Linear weights, each decided from its manifest entry:
                to gguf-py's quantizer.
   float        unquantized linears, and rows whose length is not a multiple of 32: F16 (F32 when the
                source stores float32).
+  calibrated   a float checkpoint exported with ``codes`` (`quantkit export --algo gptq --dataset ...`): the
+               block Linears' types are chosen first (``--type``'s choice, or ``--target-size``'s), then a
+               calibration run quantizes each Linear on exactly that type's grid (GPTQ's error feedback, ...)
+               and its codes are written as they are.
 A K-quant file type (``--type Q4_K_M`` ..., `ggml_mixes`) chooses each tensor's type as llama-quantize
 does, token_embd and output included; K-quant blocks are computed by llama.cpp's reference quantizer
 (`gguf_kquants`, bit-identical to llama-quantize without an importance matrix), legacy fallbacks as above.
@@ -59,6 +63,9 @@ FILE_TYPES = (*ggml_mixes.BASE_TYPES, *ggml_mixes.ALIASES)
 # --target-size --dataset's measure: (checkpoint name -> the importance its tensor is searched with, or None)
 # -> block Linear's checkpoint name -> GGUF type -> loss
 Sensitivities = Callable[[dict[str, torch.Tensor] | None], dict[str, dict[str, float | None]]]
+# --algo: block Linear's checkpoint name -> its chosen GGUF type  ->  a quantkit output directory whose layers hold
+# codes on exactly those types' grids (a calibration run with that recipe)
+CodesSource = Callable[[dict[str, str]], Path]
 METADATA_KEY = "quantkit.export"
 F16_MAX = 65504.0
 
@@ -71,7 +78,7 @@ class TensorRecord:
     source: str                      # HF tensor / layer name it comes from
     shape: tuple[int, ...]           # torch order: [rows, cols] or [n]
     ggml_type: str                   # F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4, Q2_K ... Q6_K
-    status: str                      # exact | carried | requantized | float
+    status: str                      # exact | carried | requantized | calibrated | float
     reason: str = ""
     is_linear: bool = False
     activation_dropped: bool = False         # the scheme quantized activations; GGUF cannot
@@ -160,11 +167,13 @@ class _Plan:
     notes: list[str]
     requested: _Requested
     importance: gguf_imatrix.ImportanceMatrix | None = None
+    codes: ExportSource | None = None           # --algo: the calibrated directory the block Linears' codes come from
 
 
 def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: bool = False,
                 imatrix=None, target_size: int | None = None, candidates: tuple[str, ...] | None = None,
-                sensitivities: Sensitivities | None = None
+                sensitivities: Sensitivities | None = None, codes: CodesSource | None = None,
+                codes_by: str = ""
                 ) -> GGUFExportResult:
     """Write ``source_dir`` (a quantkit output directory or a float HF checkpoint) as one GGUF file.
     ``ggml_type``: one type for whatever is requantized (F16, Q8_0, Q4_0, ...), or a K-quant file type
@@ -174,7 +183,10 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
     ``candidates`` (`gguf_budget.CANDIDATES`) so that the file is at most that size (`gguf_budget`), by the
     importance-weighted weight error, or by what ``sensitivities`` returns when given (block Linear's checkpoint
     name -> GGUF type -> loss, `run.pipeline.measure_sensitivities`), called once every input is checked with the
-    importance vectors the tensors will be searched with (checkpoint name -> [in], None without ``imatrix``)."""
+    importance vectors the tensors will be searched with (checkpoint name -> [in], None without ``imatrix``).
+    ``codes`` (float checkpoints): once every block Linear's type is chosen, called with {Linear: type} for those
+    to be quantized; it returns a quantkit output directory holding codes on exactly those grids (a calibration
+    run, ``codes_by`` naming its algorithm), which are written as they are ("calibrated")."""
     if ggml_type is not None and ggml_type not in REQUANT_TYPES + FILE_TYPES:
         close = difflib.get_close_matches(ggml_type, REQUANT_TYPES + FILE_TYPES, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(REQUANT_TYPES + FILE_TYPES)}"
@@ -189,21 +201,27 @@ def export_gguf(source_dir, out, *, ggml_type: str | None = None, overwrite: boo
     if target_size is not None and source.manifest is not None:
         raise QuantkitError("--target-size chooses the GGUF types of a float checkpoint's tensors; a calibrated "
                             "directory's grids are already chosen (calibrate it with --target-bits/--target-size)")
+    if codes is not None and source.manifest is not None:
+        raise QuantkitError("--algo quantizes a float checkpoint; this directory is already calibrated (export it "
+                            "without --algo)")
     plan = _plan(source, ggml_type)
     if imatrix is not None:
         plan.importance = gguf_imatrix.read_imatrix(imatrix)
         plan.notes += _importance_notes(plan)
     target_note = None
+    suffix = f"; codes by {codes_by}" if codes is not None else ""
     if target_size is not None:
         measured = None if sensitivities is None else sensitivities(_block_importance(plan))
-        target_note = _fit_target(plan, target_size, candidates or gguf_budget.CANDIDATES, measured)
+        target_note = _fit_target(plan, target_size, candidates or gguf_budget.CANDIDATES, measured, suffix)
+    codes_note = _attach_codes(plan, codes, codes_by, suffix) if codes is not None else None
     with staged_file(out, overwrite) as staging:
         _write(plan, staging)
         if target_size is not None and staging.stat().st_size > target_size:
             raise QuantkitError(f"the file came to {staging.stat().st_size} bytes, over --target-size {target_size}: "
                                 "a quantkit bug, nothing was written; please report it")
     return GGUFExportResult(out.resolve(), plan.gguf_arch, _file_type(plan.records, plan.requested.mix).name, plan.records,
-                            plan.vocab.model, plan.notes + ([target_note] if target_note else []), out.stat().st_size)
+                            plan.vocab.model, plan.notes + [n for n in (target_note, codes_note) if n],
+                            out.stat().st_size)
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -596,14 +614,19 @@ def _block_misalignment(spec, in_features: int, params: dict[str, torch.Tensor])
 # --------------------------------------------------------------------------------------------- write
 
 
+def _block_linears(plan: _Plan) -> list[TensorRecord]:
+    """The records of the decoder blocks' Linears (not the output, not stacked experts)."""
+    block_prefix = plan.source.arch.blocks + "."
+    return [r for r in plan.records if r.is_linear and not r.experts and r.source.startswith(block_prefix)]
+
+
 def _fit_target(plan: _Plan, target_size: int, candidates: tuple[str, ...],
-                sensitivities: dict[str, dict[str, float | None]] | None = None) -> str:
+                sensitivities: dict[str, dict[str, float | None]] | None = None, suffix: str = "") -> str:
     """Choose each block Linear's type under ``target_size`` bytes (`gguf_budget`): measure every candidate (or
-    take the measured ``sensitivities``), size the header (the same whatever the choice), solve, and assign;
-    returns a note saying what was chosen."""
+    take the measured ``sensitivities``), size the header (the same whatever the choice; ``suffix`` ends every
+    chosen tensor's reason, as it will be written), solve, and assign; returns a note saying what was chosen."""
     source = plan.source
-    block_prefix = source.arch.blocks + "."
-    chosen = [r for r in plan.records if r.is_linear and not r.experts and r.source.startswith(block_prefix)]
+    chosen = _block_linears(plan)
     if sensitivities is not None:
         missing = [r.source for r in chosen if r.source not in sensitivities]
         if missing:
@@ -613,7 +636,7 @@ def _fit_target(plan: _Plan, target_size: int, candidates: tuple[str, ...],
         choices = [gguf_budget.measure(r.name, _permute(plan, r.source, source.tensor(r.source + ".weight").float()),
                                        candidates, _importance(plan, r)) for r in chosen]
     for record, choice in zip(chosen, choices):          # any choice: the header's size does not depend on it
-        _assign(record, next(iter(choice.costs)))
+        _assign(record, next(iter(choice.costs)), suffix)
     chosen_ids = {id(r) for r in chosen}
     fixed = gguf_budget.aligned(_header_bytes(plan)) + sum(gguf_budget.aligned(r.nbytes()) for r in plan.records
                                                            if id(r) not in chosen_ids)
@@ -628,7 +651,7 @@ def _fit_target(plan: _Plan, target_size: int, candidates: tuple[str, ...],
                            [[c.costs[t] for t in ts] for c, ts in zip(choices, types)],
                            target_size - fixed, knapsack.unit_for(target_size - fixed, len(chosen)))
     for record, names, pick in zip(chosen, types, picks):
-        _assign(record, names[pick])
+        _assign(record, names[pick], suffix)
     counts = Counter(record.ggml_type for record in chosen)
     # said after writing: the file's metadata holds the notes, and the header was sized without this one
     return (f"--target-size {target_size}: {len(chosen)} block Linears' types chosen under {target_size - fixed} "
@@ -643,8 +666,38 @@ def _measure_name(plan: _Plan, sensitivities) -> str:
     return f"{'importance-weighted' if plan.importance is not None else 'unweighted'} weight error"
 
 
-def _assign(record: TensorRecord, ggml_type: str) -> None:
-    record.ggml_type, record.status, record.reason = ggml_type, "requantized", f"--target-size: {ggml_type}"
+def _assign(record: TensorRecord, ggml_type: str, suffix: str = "") -> None:
+    record.ggml_type, record.status, record.reason = ggml_type, "requantized", f"--target-size: {ggml_type}{suffix}"
+
+
+def _attach_codes(plan: _Plan, codes: CodesSource, codes_by: str, suffix: str) -> str | None:
+    """--algo: the block Linears the plan requantizes get their codes from a calibration run on exactly their
+    chosen types (``codes``); each must come back on that type's grid (checked), and is then written as it is.
+    Returns a note naming the Linears whose type ``codes_by`` cannot search (the run rounded them: rtn)."""
+    chosen = [r for r in _block_linears(plan) if r.status == "requantized"]
+    if not chosen:
+        raise QuantkitError("--algo found no block Linear to quantize: give --type (a quantized type or a K-quant "
+                            "file type) or --target-size")
+    calibrated = ExportSource.open(codes({r.source: r.ggml_type for r in chosen}), require_manifest=True)
+    for record in chosen:
+        if not calibrated.is_quantized(record.source):
+            raise QuantkitError(f"the calibration run left {record.source} unquantized; a quantkit bug, please report it")
+        entry = calibrated.manifest.layers[record.source]
+        ggml_type, status, why = _carrying_decision(entry, calibrated.quant_params(record.source), record.ggml_type,
+                                                    widen=True)
+        if ggml_type != record.ggml_type or status not in ("exact", "carried"):
+            raise QuantkitError(f"the calibration run's codes of {record.source} do not fit {record.ggml_type} "
+                                f"({why or ggml_type}); a quantkit bug, please report it")
+        record.status = "calibrated"
+        if not record.reason.endswith(suffix):        # --target-size already said it (its header was sized so)
+            record.reason = "; ".join(filter(None, [record.reason, suffix.removeprefix("; ")]))
+    plan.codes = calibrated
+    others = Counter((calibrated.manifest.layers[r.source].algorithm, r.ggml_type) for r in chosen
+                     if calibrated.manifest.layers[r.source].algorithm != codes_by)
+    if not others:
+        return None
+    return (f"--algo {codes_by} does not search every chosen type: "
+            + ", ".join(f"{n} x {t} by {a}" for (a, t), n in sorted(others.items())))
 
 
 def _write_header(writer, plan: _Plan) -> None:
@@ -795,21 +848,12 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
             return _requantized_bytes(record, tensor.float().reshape(record.shape), _importance(plan, record))
         return _float_bytes(tensor.reshape(record.shape), record.ggml_type)
     linear = record.source
+    if record.status == "calibrated":        # --algo's codes, measured against the float weight they stand for
+        quant = _permute_quant(plan, linear, plan.codes.record(linear).quant)
+        return _carried_bytes(record, quant, _permute(plan, linear, source.tensor(linear + ".weight").float()))
     if source.is_quantized(linear) and record.status in ("exact", "carried"):
         quant = _permute_quant(plan, linear, source.record(linear).quant)
-        reference = quant.dequantize()
-        if record.ggml_type == "MXFP4":
-            blocks = gguf_blocks.carry_mxfp4(quant.codes, _per_block(quant.scale, quant))
-            _measure(record, reference, blocks.dequantize())
-            return gguf_blocks.pack_mxfp4(blocks)
-        if record.ggml_type in kquants.K_FORMATS:
-            k_blocks = quant.k_blocks()
-            _measure(record, reference, k_blocks.dequantize())
-            return gguf_kquants.pack(k_blocks)
-        blocks = _carried_blocks(quant, record.ggml_type)
-        if blocks.m is not None:
-            record.min_error_in_scales = _min_error(quant, blocks)
-        return _blocks_bytes(record, blocks, reference)
+        return _carried_bytes(record, quant, quant.dequantize())
     if source.is_quantized(linear):    # requantized from the dequantized weight (rows permuted after)
         reference = _permute(plan, linear, source.record(linear).quant.dequantize())
     else:
@@ -819,6 +863,22 @@ def _tensor_bytes(plan: _Plan, record: TensorRecord) -> np.ndarray:
         _measure(record, reference, torch.from_numpy(data).float())
         return data
     return _requantized_bytes(record, reference, _importance(plan, record))
+
+
+def _carried_bytes(record: TensorRecord, quant: QuantTensor, reference: torch.Tensor) -> np.ndarray:
+    """The record's blocks holding ``quant``'s codes and scales as they are, measured against ``reference``."""
+    if record.ggml_type == "MXFP4":
+        blocks = gguf_blocks.carry_mxfp4(quant.codes, _per_block(quant.scale, quant))
+        _measure(record, reference, blocks.dequantize())
+        return gguf_blocks.pack_mxfp4(blocks)
+    if record.ggml_type in kquants.K_FORMATS:
+        k_blocks = quant.k_blocks()
+        _measure(record, reference, k_blocks.dequantize())
+        return gguf_kquants.pack(k_blocks)
+    blocks = _carried_blocks(quant, record.ggml_type)
+    if blocks.m is not None:
+        record.min_error_in_scales = _min_error(quant, blocks)
+    return _blocks_bytes(record, blocks, reference)
 
 
 def _importance(plan: _Plan, record: TensorRecord) -> torch.Tensor | None:

@@ -47,15 +47,24 @@ def resolve_ggml_types(plan: dict[str, LayerAssignment | None], shapes: dict[str
 
 
 def _with_type(assignment: LayerAssignment, ggml_type: str, why: str) -> LayerAssignment:
-    scheme = ggml_scheme(ggml_type)
-    algorithm, options = assignment.algorithm, assignment.options
-    try:
-        validate_grid(algorithm, options, scheme.weight)
-    except QuantkitError:     # imatrix: Q4_1/Q5_1's float16 minimum is no integer zero point, Q8_0 has no search
-        algorithm, options = "rtn", {}
-        why = f"{why}; {assignment.algorithm} does not search {ggml_type}: rtn"
-    if base_algorithm(algorithm, options, scheme.weight)[0] in ("rtn", "gptq") and ggml_symmetric_type(scheme.weight) is not None:
-        options = {**options, "llama_cpp": True}   # llama.cpp's rounding (rtn) or weighted grid (gptq) of Q4_0/Q5_0
+    algorithm, options, fallback = ggml_type_algorithm(assignment.algorithm, assignment.options, ggml_type)
+    why = "; ".join(filter(None, [why, fallback]))
     rule = f"{assignment.rule} -> {ggml_type}" + (f" ({why})" if why else "")
-    return dataclasses.replace(assignment, scheme=scheme, algorithm=algorithm, options=options, rule=rule)
+    return dataclasses.replace(assignment, scheme=ggml_scheme(ggml_type), algorithm=algorithm, options=options,
+                               rule=rule)
+
+
+def ggml_type_algorithm(algorithm: str, options: dict, ggml_type: str) -> tuple[str, dict, str]:
+    """(algorithm, options, why) a Linear calibrated for ggml type ``ggml_type`` runs: rtn where ``algorithm``
+    cannot search that grid (why says so), and rtn/gptq with llama.cpp's own rounding / weighted grid of the
+    32-value symmetric types (Q4_0/Q5_0/Q8_0), as llama-quantize rounds them."""
+    weight = ggml_scheme(ggml_type).weight
+    why = ""
+    try:
+        validate_grid(algorithm, options, weight)
+    except QuantkitError:     # imatrix: Q4_1/Q5_1's float16 minimum is no integer zero point, Q8_0 has no search
+        algorithm, options, why = "rtn", {}, f"{algorithm} does not search {ggml_type}: rtn"
+    if base_algorithm(algorithm, options, weight)[0] in ("rtn", "gptq") and ggml_symmetric_type(weight) is not None:
+        options = {**options, "llama_cpp": True}   # llama.cpp's rounding (rtn) or weighted grid (gptq) of Q4_0/Q5_0
+    return algorithm, options, why
 
