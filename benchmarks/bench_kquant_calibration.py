@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--algorithms", default="imatrix,gptq",
                         help="quantkit rows: comma-separated ALGO, ALGO:KEY=VALUE[:KEY=VALUE] (its --algo-option's) or "
                              "signround:INIT:ITERS (e.g. signround:imatrix:50): calibrate then export; prefixed "
-                             "export: (export:gptq) the one command quantkit export FLOAT --type T --algo ...")
+                             "export: (export:gptq) the one command quantkit export FLOAT --type T --algo ...; a "
+                             "part --FLAG=VALUE is a flag of the quantkit command (gptq:--propagate=float)")
     parser.add_argument("--no-round-trip", action="store_true", help="skip the imatrix round trip rows")
     args = parser.parse_args()
     common.in_workdir(args.workdir, "bench-kquant-cal-", lambda d: run(d, args))
@@ -125,12 +126,17 @@ def run(workdir: Path, args) -> None:
 
 def _algorithm_flags(algorithm: str) -> tuple[str, list[str]]:
     """'gptq' -> ('gptq', --algo gptq); 'signround:INIT:ITERS' -> ('signround INIT ITERS', its options);
-    'ALGO:KEY=VALUE[:KEY=VALUE...]' -> ('ALGO KEY=VALUE ...', --algo ALGO and those --algo-option's)."""
+    'ALGO:KEY=VALUE[:KEY=VALUE...]' -> ('ALGO KEY=VALUE ...', --algo ALGO and those --algo-option's); a part
+    '--FLAG=VALUE' is passed on as the flag (labelled FLAG=VALUE)."""
     name, *rest = algorithm.split(":")
-    if name == "signround" and len(rest) == 2 and "=" not in algorithm:
+    flags = [part for part in rest if part.startswith("--")]
+    rest = [part for part in rest if not part.startswith("--")]
+    if name == "signround" and len(rest) == 2 and "=" not in "".join(rest):
         rest = [f"init={rest[0]}", f"iters={rest[1]}"]
-    label = " ".join([name, *(part.split("=", 1)[1] if name == "signround" else part for part in rest)])
-    return label, ["--algo", name, *(flag for part in rest for flag in ("--algo-option", part))]
+    label = " ".join([name, *(part.split("=", 1)[1] if name == "signround" else part for part in rest),
+                      *(flag.removeprefix("--") for flag in flags)])
+    return label, ["--algo", name, *(flag for part in rest for flag in ("--algo-option", part)),
+                   *(piece for flag in flags for piece in flag.split("=", 1))]
 
 
 def round_trip(workdir, binaries, f16, lc_imatrix, lc_file, file_type, data, measure) -> None:

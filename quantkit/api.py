@@ -76,7 +76,8 @@ def calibrate(model: Any, tokenizer: Any = None, *, scheme: str | None = None, a
               seed: int = 0, out: str | Path | None = None, overwrite: bool = False, dry_run: bool = False,
               resume: bool = False, offload_activations: bool = False, dtype: str = "auto",
               moe_all_experts: bool = True, expert_batch: int = 16, imatrix_from: str = "quantized",
-              target_bits: float | None = None, target_size: str | None = None, candidates: str | None = None,
+              propagate: str = "quantized", target_bits: float | None = None, target_size: str | None = None,
+              candidates: str | None = None,
               sensitivity: str = "block", trust_remote_code: bool = False, keep_model: bool = False,
               save_source: str | Path | None = None,
               progress: Callable[[ProgressEvent], None] | None = None):
@@ -114,7 +115,7 @@ def calibrate(model: Any, tokenizer: Any = None, *, scheme: str | None = None, a
         text_column=text_column, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, alpha=alpha,
         smooth=smooth, seed=seed, out=None if out is None else Path(out), overwrite=overwrite, dry_run=dry_run,
         resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
-        moe_all_experts=moe_all_experts, expert_batch=expert_batch, imatrix_from=imatrix_from,
+        moe_all_experts=moe_all_experts, expert_batch=expert_batch, imatrix_from=imatrix_from, propagate=propagate,
         target_bits=target_bits, target_size=target_size, candidates=candidates, sensitivity=sensitivity,
         keep_model=keep_model,
     )
@@ -181,7 +182,8 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
            imatrix: str | Path | None = None, target_size: str | None = None, candidates: str | None = None,
            dataset: str | None = None, data_files: tuple[str, ...] = (), text_column: str = "text",
            num_samples: int = 64, seq_len: int = 512, algo: str | None = None, algo_options: dict | None = None,
-           overwrite: bool = False, progress: Callable[[ProgressEvent], None] | None = None):
+           propagate: str = "quantized", overwrite: bool = False,
+           progress: Callable[[ProgressEvent], None] | None = None):
     """`quantkit export`: a quantkit output directory (for GGUF also a float checkpoint) as ``format``:
     "gguf" (llama.cpp), "compressed-tensors" (vLLM), "imatrix" (llama-imatrix's .gguf) or "llama2c"
     (llama2.c's int8 ``runq`` file). ``type``, ``imatrix``, ``target_size`` and ``candidates`` are GGUF's
@@ -191,7 +193,8 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
     reporting the pass to ``progress``. ``algo`` (with ``algo_options``, GGUF of a float checkpoint, needs
     ``dataset``): once the block Linears' types are chosen, a calibration run on ``dataset`` quantizes each on
     its type's grid with that algorithm (`calibrate --recipe`, in a directory beside ``out`` that is removed
-    afterwards) and the file holds those codes. Returns the exporter's result (``to_dict()`` is the CLI's --json)."""
+    afterwards; ``propagate`` as calibrate's --propagate) and the file holds those codes. Returns the exporter's
+    result (``to_dict()`` is the CLI's --json)."""
     directory, out = Path(directory), Path(out)
     if format not in EXPORT_FORMATS:
         import difflib
@@ -207,6 +210,8 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
         raise QuantkitError("--algo applies to --format gguf of a float checkpoint only")
     if algo_options and algo is None:
         raise QuantkitError("--algo-option sets an option of --algo; give --algo")
+    if propagate != "quantized" and algo is None:
+        raise QuantkitError("--propagate sets what --algo's calibration feeds each block; give --algo")
     if algo is not None and dataset is None:
         raise QuantkitError(f"--algo {algo} quantizes on calibration data; give --dataset")
     if (dataset is not None or data_files) and target_size is None and algo is None:
@@ -219,7 +224,7 @@ def export(directory: str | Path, *, format: str, out: str | Path, type: str | N
 
         types = gguf_budget.parse_candidates(candidates)
         size = None if target_size is None else parse_size(target_size)
-        data = _CalibrationData(dataset, tuple(data_files), text_column, num_samples, seq_len)
+        data = _CalibrationData(dataset, tuple(data_files), text_column, num_samples, seq_len, propagate)
         sensitivities = None
         if dataset is not None and target_size is not None:
             def sensitivities(importance):
@@ -251,13 +256,14 @@ class _CalibrationData:
     text_column: str
     num_samples: int
     seq_len: int
+    propagate: str = "quantized"
 
     def config(self, directory: Path, **settings):
         from quantkit.run.pipeline import CalibrateConfig
 
         return CalibrateConfig(model=str(directory), dataset=self.dataset, data_files=self.data_files,
                                text_column=self.text_column, num_samples=self.num_samples, seq_len=self.seq_len,
-                               **settings)
+                               propagate=self.propagate, **settings)
 
 
 class _GGUFCodes:

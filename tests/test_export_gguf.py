@@ -594,14 +594,15 @@ def _block_tensors(path):
             if name.startswith("blk.") and "norm" not in name}
 
 
-def test_algo_writes_a_calibration_runs_codes_on_the_types_chosen(llama_bpe, tmp_path):
-    """export FLOAT --type Q4_K_M --dataset D --algo gptq: the file's block Linears hold, byte for byte, what the
-    two-step route writes (calibrate --scheme q4_k_m --algo gptq, each Linear on the type llama-quantize gives it,
-    then export); not llama.cpp's rounding of the float weights; every other tensor as the plain export writes it;
-    and nothing is left beside the file."""
+@pytest.mark.parametrize("propagate", ["quantized", "float"])
+def test_algo_writes_a_calibration_runs_codes_on_the_types_chosen(llama_bpe, tmp_path, propagate):
+    """export FLOAT --type Q4_K_M --dataset D --algo gptq [--propagate P]: the file's block Linears hold, byte for
+    byte, what the two-step route writes (calibrate --scheme q4_k_m --algo gptq [--propagate P], each Linear on
+    the type llama-quantize gives it, then export); not llama.cpp's rounding of the float weights; every other
+    tensor as the plain export writes it; and nothing is left beside the file."""
     from quantkit import api
 
-    data = dict(dataset="dummy", num_samples=4, seq_len=16)
+    data = dict(dataset="dummy", num_samples=4, seq_len=16, propagate=propagate)
     result = api.export(llama_bpe, format="gguf", out=tmp_path / "one.gguf", type="Q4_K_M", algo="gptq", **data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.gguf"]
     blocks = [t for t in result.linears if t.source.startswith("model.layers.")]
@@ -681,6 +682,8 @@ def test_algo_bad_inputs(llama_bpe, tmp_path):
                                   "--algo", "gptq", "--num-samples", "2", "--seq-len", "8"), "give --type")
     assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--type", "Q4_0",
                                   "--algo-option", "damp=0.1"), "give --algo")
+    assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--type", "Q4_0",
+                                  "--propagate", "float"), "give --algo")
     assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--type", "Q4_0",
                                   "--algo", "gptq", "--algo-option", "nonsense=1", "--dataset", "dummy"), "nonsense")
     assert_one_line_error(run_cli("export", llama_bpe, "--format", "gguf", "--out", out, "--type", "Q4_0",

@@ -2,6 +2,7 @@
 the three searches (rtn = llama.cpp's reference, imatrix = llama.cpp's weighted search on our statistics,
 gptq = that grid with GPTQ's error feedback), codes carried exactly into GGUF, and the importance matrix
 exported in llama-imatrix's format."""
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from gguf.quants import dequantize
 from quantkit.algorithms.gptq import gptq_quantize
 from quantkit.algorithms.imatrix import quantize_imatrix
 from quantkit.algorithms.rtn import quantize_rtn
+from quantkit.errors import QuantkitError
 from quantkit.exporters.gguf import export_gguf, rotary_row_permutation
 from quantkit.exporters.gguf_imatrix import read_imatrix
 from quantkit.formats import kquants
@@ -210,21 +212,11 @@ def test_imatrix_export_round_trips_and_drives_the_same_search(tiny, tmp_path):
         assert np.array_equal(np.asarray(mine[name].data), np.asarray(tensor.data)), name
 
 
-def test_imatrix_from_float_is_the_float_models_statistics(tmp_path):
-    """--imatrix-from float: every Linear's recorded Σx² is that of the float model's own activations
-    (transformers' float32 forward with hooks, every block), not of the quantized propagation."""
-    from test_export_gguf import VOCAB, save_byte_level_bpe
+def _float_input_sum_squares(source):
+    """GGUF name -> Σx² of each block Linear's input in transformers' float32 forward of ``source`` on the
+    calibration's dummy tokens (8 x 64, seed 0), with hooks: what llama-imatrix measures."""
     from transformers import AutoModelForCausalLM
 
-    source = make_checkpoint(tmp_path / "m", "llama", vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
-                             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
-    save_byte_level_bpe(source)
-    _calibrate(source, tmp_path / "float", "gguf:q2_k", "gptq", imatrix_from="float", dtype="float32")
-    _calibrate(source, tmp_path / "quantized", "gguf:q2_k", "gptq", dtype="float32")
-    for directory in ("float", "quantized"):
-        assert run_cli("export", tmp_path / directory, "--format", "imatrix", "--out",
-                       tmp_path / f"{directory}.imatrix.gguf").exit_code == 0
-    ours, propagated = read_imatrix(tmp_path / "float.imatrix.gguf"), read_imatrix(tmp_path / "quantized.imatrix.gguf")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     tokens = torch.randint(0, model.config.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
     sums = {}
@@ -237,13 +229,87 @@ def test_imatrix_from_float_is_the_float_models_statistics(tmp_path):
         hook.remove()
     gguf_of = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-    for name, reference in sums.items():
-        gguf_name = f"blk.{name.split('.')[2]}.{gguf_of[name.rsplit('.', 1)[1]]}.weight"
+    return {f"blk.{name.split('.')[2]}.{gguf_of[name.rsplit('.', 1)[1]]}.weight": value for name, value in sums.items()}
+
+
+def test_imatrix_from_float_is_the_float_models_statistics(tmp_path):
+    """--imatrix-from float: every Linear's recorded Σx² is that of the float model's own activations
+    (transformers' float32 forward with hooks, every block), not of the quantized propagation."""
+    from test_export_gguf import VOCAB, save_byte_level_bpe
+
+    source = make_checkpoint(tmp_path / "m", "llama", vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+    save_byte_level_bpe(source)
+    _calibrate(source, tmp_path / "float", "gguf:q2_k", "gptq", imatrix_from="float", dtype="float32")
+    _calibrate(source, tmp_path / "quantized", "gguf:q2_k", "gptq", dtype="float32")
+    for directory in ("float", "quantized"):
+        assert run_cli("export", tmp_path / directory, "--format", "imatrix", "--out",
+                       tmp_path / f"{directory}.imatrix.gguf").exit_code == 0
+    ours, propagated = read_imatrix(tmp_path / "float.imatrix.gguf"), read_imatrix(tmp_path / "quantized.imatrix.gguf")
+    for gguf_name, reference in _float_input_sum_squares(source).items():
         assert torch.allclose(ours.sums[gguf_name][0].double(), reference, rtol=1e-4), gguf_name
         assert float(ours.counts[gguf_name][0]) == 8 * 64
     # the quantized propagation differs from block 1 on (block 0's inputs are the same embeddings)
     assert torch.allclose(propagated.sums["blk.0.attn_q.weight"], ours.sums["blk.0.attn_q.weight"], rtol=1e-5)
     assert not torch.allclose(propagated.sums["blk.2.attn_q.weight"], ours.sums["blk.2.attn_q.weight"], rtol=1e-3)
+
+
+def test_propagate_float_calibrates_every_block_on_the_float_models_inputs(tmp_path):
+    """--propagate float: each block is calibrated on the float model's own block inputs (one forward pass per
+    block): every Linear's recorded Σx² is the float model's (transformers' float32 forward with hooks), the
+    manifest says so, block 0 (the same embeddings either way) gets the default run's codes bit for bit and
+    later blocks do not; the run keeps one stream of activations, also with a refinement that learns against
+    the float outputs (SignRound)."""
+    from test_export_gguf import VOCAB, save_byte_level_bpe
+
+    source = make_checkpoint(tmp_path / "m", "llama", vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+    save_byte_level_bpe(source)
+    one_pass = {"true_sequential": False}      # true-sequential GPTQ re-observes Linears after quantizing others
+    floated = _calibrate(source, tmp_path / "float", "gguf:q4_k_m", "gptq", propagate="float", dtype="float32",
+                         options=one_pass)
+    _calibrate(source, tmp_path / "quantized", "gguf:q4_k_m", "gptq", dtype="float32", options=one_pass)
+    resequenced = _calibrate(source, tmp_path / "resequenced", "gguf:q4_k_m", "gptq", propagate="float")
+    assert resequenced.manifest.calibration.imatrix_from is None
+    calibration = floated.manifest.calibration
+    assert (calibration.propagate, calibration.imatrix_from) == ("float", "float")
+    assert Manifest.load(tmp_path / "quantized").calibration.propagate is None
+    result = run_cli("export", tmp_path / "float", "--format", "imatrix", "--out", tmp_path / "f.imatrix.gguf", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["notes"] == []
+    ours = read_imatrix(tmp_path / "f.imatrix.gguf")
+    references = _float_input_sum_squares(source)
+    assert len(references) == 21
+    for gguf_name, reference in references.items():
+        assert torch.allclose(ours.sums[gguf_name][0].double(), reference, rtol=1e-4), gguf_name
+    a, b = (load_quantized(tmp_path / d, dtype=torch.float32) for d in ("float", "quantized"))
+    def weight(model, name):
+        return model.get_submodule(name).dequantized_weight()
+    for linear in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        assert torch.equal(weight(a, f"model.layers.0.{linear}"), weight(b, f"model.layers.0.{linear}"))
+        assert not torch.equal(weight(a, f"model.layers.2.{linear}"), weight(b, f"model.layers.2.{linear}"))
+    # one stream of activations: SignRound's targets are the stream itself (the default keeps a second one)
+    estimates = {mode: _calibrate(source, tmp_path / f"s-{mode}", "gguf:q4_k_m", "signround", dry_run=True,
+                                  propagate=mode).estimate.activations for mode in ("quantized", "float")}
+    assert estimates["quantized"] == 2 * estimates["float"] == 2 * 8 * 64 * 256 * 4
+    refined = _calibrate(source, tmp_path / "signround", "gguf:q4_k_m", "signround", propagate="float",
+                         options={"iters": 2}, dtype="float32")
+    assert refined.manifest.calibration.propagate == "float"
+    losses = [(e.metrics["block_loss_before"], e.metrics["block_loss_after"]) for e in refined.manifest.layers.values()
+              if "block_loss_after" in e.metrics]
+    assert len(losses) == 21 and all(after <= before for before, after in losses)
+
+
+def test_propagate_float_with_awq_says_its_statistics_are_scaled(tiny, tmp_path):
+    """--propagate float with AWQ: the run works; its importance statistics are of scaled inputs, which the
+    manifest (no imatrix_from float) and the imatrix export's note say; an unknown mode is refused."""
+    result = _calibrate(tiny, tmp_path / "awq", "gguf:q4_k_m", "awq", propagate="float")
+    assert (result.manifest.calibration.propagate, result.manifest.calibration.imatrix_from) == ("float", None)
+    exported = run_cli("export", tmp_path / "awq", "--format", "imatrix", "--out", tmp_path / "a.imatrix.gguf",
+                       "--json")
+    assert exported.exit_code == 0
+    assert any("on the float model's block inputs, after smoothing/AWQ" in n for n in json.loads(exported.output)["notes"])
+    with pytest.raises(QuantkitError, match="--propagate is 'quantized' or 'float', got 'floating'"):
+        _calibrate(tiny, tmp_path / "x", "q4_k_m", "rtn", propagate="floating")
 
 
 def test_imatrix_from_float_refuses_what_it_cannot_measure(tiny, tmp_path):

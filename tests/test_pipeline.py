@@ -167,6 +167,28 @@ def test_resume_with_other_settings_is_refused(llama_dir, tmp_path):
         calibrate(CalibrateConfig(scheme="w8a8_dynamic", seed=1, resume=True, **options))
 
 
+def test_propagate_float_resumes_and_offloads_to_the_same_files(llama_dir, tmp_path):
+    """--propagate float (each block calibrated on the float model's inputs, which the observing pass keeps as
+    the next block's): activations offloaded to disk and a run resumed after a kill give the straight run's
+    files; resuming with the default propagation is refused."""
+    from quantkit.errors import QuantkitError, RunInterrupted
+
+    options = dict(model=str(llama_dir), scheme="w4a16", algorithm="gptq", num_samples=8, seq_len=32, batch_size=2,
+                   propagate="float")
+    straight = calibrate(CalibrateConfig(out=tmp_path / "memory", **options))
+    assert straight.manifest.calibration.propagate == "float"
+    calibrate(CalibrateConfig(out=tmp_path / "disk", offload_activations=True, **options))
+    assert _files(tmp_path / "memory") == _files(tmp_path / "disk")
+    with pytest.raises(RunInterrupted):
+        calibrate(CalibrateConfig(out=tmp_path / "resumed", **options), progress=_KillAfter(0))
+    with pytest.raises(QuantkitError, match="other settings"):
+        calibrate(CalibrateConfig(out=tmp_path / "resumed", resume=True, **{**options, "propagate": "quantized"}))
+    calibrate(CalibrateConfig(out=tmp_path / "resumed", resume=True, **options))
+    assert _files(tmp_path / "memory") == _files(tmp_path / "resumed")
+    calibrate(CalibrateConfig(out=tmp_path / "default", **{**options, "propagate": "quantized"}))
+    assert _files(tmp_path / "default") != _files(tmp_path / "memory")
+
+
 def test_offloaded_activations_give_the_same_result(llama_dir, tmp_path):
     from quantkit.errors import RunInterrupted
 

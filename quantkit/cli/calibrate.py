@@ -44,6 +44,11 @@ import click
               help="The importance statistics recorded for llama.cpp (export --format imatrix): each Linear's input "
                    "as calibration propagates it (earlier blocks quantized), or the float model's own, as "
                    "llama-imatrix measures it (one more forward pass per block; not with smoothing/AWQ).")
+@click.option("--propagate", type=click.Choice(["quantized", "float"]), default="quantized", show_default=True,
+              help="Each block's calibration inputs: the outputs of the blocks before it as quantized, or the float "
+                   "model's own (AutoRound's --disable_quanted_input): one forward pass per block instead of two. The "
+                   "importance statistics are then the float model's, as llama-imatrix measures them, where no "
+                   "smoothing, AWQ or true-sequential GPTQ changes a Linear's input.")
 @click.option("--target-bits", type=float, help="Automatic mixed precision: choose each Linear's grid so that the "
               "quantized Linears average at most this many stored bits per weight (codes, scales, zeros).")
 @click.option("--target-size", help="Automatic mixed precision under a size for the output's weight files, "
@@ -57,8 +62,8 @@ import click
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, symmetric, dataset, data_files,
               text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, dry_run, resume,
-              offload_activations, dtype, moe_all_experts, expert_batch, imatrix_from, target_bits, target_size,
-              candidates, sensitivity, trust_remote_code, as_json, quiet):
+              offload_activations, dtype, moe_all_experts, expert_batch, imatrix_from, propagate, target_bits,
+              target_size, candidates, sensitivity, trust_remote_code, as_json, quiet):
     """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
     quantized model: packed safetensors plus quant_manifest.json."""
     from quantkit import api
@@ -71,7 +76,8 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
             text_column=text_column, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, alpha=alpha,
             smooth=smooth, seed=seed, out=out, overwrite=overwrite, dry_run=dry_run, resume=resume,
             offload_activations=offload_activations, dtype=dtype, moe_all_experts=moe_all_experts,
-            expert_batch=expert_batch, imatrix_from=imatrix_from, target_bits=target_bits, target_size=target_size,
+            expert_batch=expert_batch, imatrix_from=imatrix_from, propagate=propagate, target_bits=target_bits,
+            target_size=target_size,
             candidates=candidates, sensitivity=sensitivity, trust_remote_code=trust_remote_code, progress=progress)
 
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports

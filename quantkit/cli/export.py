@@ -44,12 +44,15 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "
               "(gptq, imatrix, awq, signround, ...) and write those codes, in one command.")
 @click.option("--algo-option", "algo_options", multiple=True, metavar="KEY=VALUE",
               help="With --algo: an option of the algorithm (as calibrate takes it), repeatable.")
+@click.option("--propagate", type=click.Choice(["quantized", "float"]), default="quantized", show_default=True,
+              help="With --algo: each block's calibration inputs, as calibrate --propagate takes them (float: one "
+                   "forward pass per block instead of two).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file or directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def export(directory, export_format, ggml_type, imatrix, target_size, candidates, dataset, data_files, text_column,
-           num_samples, seq_len, algorithm, algo_options, out, overwrite, as_json, quiet):
+           num_samples, seq_len, algorithm, algo_options, propagate, out, overwrite, as_json, quiet):
     """Export DIRECTORY (a quantkit output directory; for GGUF also a float HF checkpoint)."""
     from quantkit import api
     from quantkit.cli import render
@@ -59,7 +62,8 @@ def export(directory, export_format, ggml_type, imatrix, target_size, candidates
         return api.export(directory, format=export_format, out=out, type=ggml_type, imatrix=imatrix,
                           target_size=target_size, candidates=candidates, dataset=dataset, data_files=data_files,
                           text_column=text_column, num_samples=num_samples, seq_len=seq_len, algo=algorithm,
-                          algo_options=parse_algo_options(algo_options) or None, overwrite=overwrite, progress=progress)
+                          algo_options=parse_algo_options(algo_options) or None, propagate=propagate,
+                          overwrite=overwrite, progress=progress)
 
     if quiet or as_json:
         result = run()

@@ -156,7 +156,11 @@ def export_imatrix(source_dir, out, *, overwrite: bool = False) -> ImatrixExport
                               calibration.seq_len or 0)
     notes = [f"{len(manifest.layers) - len(linears)} quantized linear(s) have no statistics (no token reached them)"] \
         if len(linears) < len(manifest.layers) else []
-    if calibration.imatrix_from != "float":
+    if calibration.imatrix_from != "float" and calibration.propagate == "float":
+        notes.append("statistics are of each Linear's input on the float model's block inputs, after smoothing/AWQ "
+                     "scaling or with the block's earlier Linears quantized (true-sequential GPTQ), where "
+                     "llama-imatrix measures the float model as it is")
+    elif calibration.imatrix_from != "float":
         notes.append("statistics are of each Linear's input as calibration quantized it (earlier blocks already "
                      "quantized, after smoothing/AWQ scaling), where llama-imatrix measures the float model "
                      "(calibrate --imatrix-from float records that)")

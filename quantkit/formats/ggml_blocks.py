@@ -129,7 +129,8 @@ def quantize_weighted_blocks(weight: torch.Tensor, fmt_name: str, importance: to
     fmt = FORMATS[fmt_name]
     rows, n = weight.shape
     x = weight.float()
-    sum_x2 = kquants.weighted_sum(x[:, j] * x[:, j] for j in range(n))          # float32, in the C loop's order
+    xt = x.t().contiguous()                                                       # [n, rows]: columns as rows
+    sum_x2 = kquants.weighted_sum(xt * xt)                                        # float32, in the C loop's order
     sigma2 = (sum_x2 / n).repeat_interleave(n // BLOCK)[:, None]
     blocks = x.reshape(rows * (n // BLOCK), BLOCK)
     qw = importance.float().reshape(1, n // BLOCK, BLOCK).expand(rows, -1, -1).reshape(-1, BLOCK)

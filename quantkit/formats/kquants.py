@@ -103,10 +103,13 @@ def _nearest(x: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_sum(terms) -> torch.Tensor:
-    """sum_i terms[i] in float32, left to right (the C loop's order)."""
+    """sum_i terms[i] in float32, left to right (the C loop's order), added in place into a copy of the first."""
     total = None
     for term in terms:
-        total = term if total is None else total + term
+        if total is None:
+            total = term.clone()
+        else:
+            total.add_(term)
     return total
 
 
@@ -205,14 +208,18 @@ def _qx_rmse1_rows(x, nmax, weights):
     # over the columns left to right with the C loop's float32 products, so every trial's sums are ggml's.
     numerators = [-_f32(nmax)] + [-(_f32(nmax) + _f32(0.1) * step) for step in range(-9, 10) if step != 0]
     iscales = torch.stack([numerator / safe_max for numerator in numerators])
-    sumlx = suml2 = None
     xt, wt = x.t().contiguous(), w.t().contiguous()      # [n, S]: each column one contiguous row
+    wx = wt * xt
+    # C: sumlx += w*x*l, suml2 += w*l*l (float32, products left to right); buffers reused across the columns
+    levels, term, sumlx, suml2 = (torch.empty_like(iscales) for _ in range(4))
     for i in range(n):
-        levels = torch.round(iscales * xt[i]).clamp_(-nmax, nmax - 1)
-        weighted_level = wt[i] * levels
-        term_lx, term_l2 = (wt[i] * xt[i]) * levels, weighted_level * levels
-        sumlx = term_lx if sumlx is None else sumlx.add_(term_lx)
-        suml2 = term_l2 if suml2 is None else suml2.add_(term_l2)
+        torch.mul(iscales, xt[i], out=levels).round_().clamp_(-nmax, nmax - 1)
+        if i == 0:      # the first terms are the sums (as in C, where 0 + t is t, the sign of a zero included)
+            torch.mul(levels, wx[0], out=sumlx)
+            torch.mul(levels, wt[0], out=suml2).mul_(levels)
+            continue
+        sumlx.add_(torch.mul(levels, wx[i], out=term))
+        suml2.add_(torch.mul(levels, wt[i], out=term).mul_(levels))
     safe_l2 = torch.where(suml2 == 0, torch.ones_like(suml2), suml2)
     trial_scales = sumlx / safe_l2
     scale = torch.where(suml2[0] != 0, trial_scales[0], torch.zeros_like(sumlx[0]))

@@ -126,11 +126,13 @@ class CalibrationInfo:
     processes: int | None = None
     skipped: str | None = None
     imatrix_from: str | None = None        # "float": the importance statistics are the float model's
+    propagate: str | None = None           # "float": each block was calibrated on the float model's inputs
 
     def to_dict(self) -> dict:
         if self.skipped is not None:
             return {"dataset": self.dataset, "skipped": self.skipped}
-        return {k: v for k, v in asdict(self).items() if k != "skipped" and (k != "imatrix_from" or v is not None)}
+        return {k: v for k, v in asdict(self).items()
+                if k != "skipped" and (k not in ("imatrix_from", "propagate") or v is not None)}
 
 
 @dataclass

@@ -83,6 +83,8 @@ class BlockJob:
     expert_batch: int = 16                       # experts whose Hessians are collected at once
     float_inputs: list[BlockInput] | None = None  # the float model's own block inputs (the float stream)
     imatrix_from_float: bool = False             # --imatrix-from float: Σx² of the float stream's inputs
+    propagate_float: bool = False                # --propagate float: the inputs are the float stream, and the
+                                                 # float block's outputs (observed) are the next block's inputs
     on_step: Callable[[int, int, float], None] = lambda done, total, loss: None  # a refinement's steps (progress)
 
 
@@ -95,6 +97,8 @@ class BlockResult:
     alpha_errors: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     float_outputs: list[BlockInput] | None = None  # the float block's outputs (the next block's float stream)
+    importance_is_float: bool = False  # the Σx² recorded are the float model's, as llama-imatrix measures them:
+                                       # the float stream's inputs, never re-observed nor scaled (--propagate float)
 
 
 class BlockQuantizer:
@@ -130,16 +134,21 @@ class BlockQuantizer:
         result = BlockResult(outputs=None, entries={})
         stats: dict[str, LayerStats | None] = dict.fromkeys(job.assigned)
         deferred = self.resequenced()
+        observed: list[BlockInput] | None = [] if calibrated and job.propagate_float else None
         if job.float_inputs is not None:   # before anything changes the block
             with self.timed("observe"):
                 self.float_importance, result.float_outputs = self.float_statistics(job.imatrix_from_float)
         if calibrated:
             with self.timed("observe"):
                 try:
-                    stats = self.observe(list(job.assigned), deferred=deferred, count_routes=True)
+                    stats = self.observe(list(job.assigned), deferred=deferred, count_routes=True, outputs=observed)
                 except NonFiniteActivation as error:  # nothing is quantized yet: the float block overflows
                     raise NonFiniteActivation(f"{error}: the float model overflows there, before any quantization "
                                               f"({dtype_name(job.compute_dtype)} forward)") from None
+            if observed is not None:      # the float stream: a refinement's targets too
+                result.float_outputs = observed
+                result.importance_is_float = not deferred and not job.smooth and not any(
+                    isinstance(get_algorithm(self.base[n].algorithm), BlockTransform) for n in job.assigned)
             if job.smooth:
                 with self.timed("smooth"):
                     outcome = smooth_block(job, stats, self.first_samples)
@@ -166,7 +175,11 @@ class BlockQuantizer:
                 self.refine(stats, result)
         if calibrated:
             with self.timed("propagate"):
-                result.outputs, output_sqnr = self.propagate(float_weights)
+                if observed is None:
+                    result.outputs, output_sqnr = self.propagate(float_weights, job.inputs)
+                else:   # only the output-SQNR figures: the quantized block on the first metric samples
+                    result.outputs = observed
+                    _, output_sqnr = self.propagate(float_weights, self.first_samples(job.metric_samples), keep=False)
             for name, value in output_sqnr.items():
                 result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
         result.timings = self.timings
@@ -198,12 +211,13 @@ class BlockQuantizer:
                 f"({dtype_name(job.compute_dtype)} forward); quantized outputs cannot be finite either")
 
     def observe(self, names: list[str], partial: bool = False, deferred: frozenset[str] = frozenset(),
-                count_routes: bool = False) -> dict[str, LayerStats]:
+                count_routes: bool = False, outputs: list[BlockInput] | None = None) -> dict[str, LayerStats]:
         """One pass over the inputs with hooks keeping each named Linear's input statistics (its range,
         plus what its algorithm needs unless the Linear is ``deferred`` to a later re-observe); with
         ``partial`` each forward stops once all named Linears have run (true-sequential re-observes).
         The first pass (not ``partial``) also observes the inputs of scaling groups whose consumers
-        see only part of them (MoE experts); ``count_routes`` counts each expert's routed tokens."""
+        see only part of them (MoE experts); ``count_routes`` counts each expert's routed tokens.
+        ``outputs`` (a full pass): the block's outputs are appended to it, kept where the job keeps inputs."""
         job = self.job
         kinds = {name: IMPORTANCE | (frozenset() if name in deferred else
                                                get_algorithm(self.base[name].algorithm).statistics)
@@ -217,9 +231,13 @@ class BlockQuantizer:
                 expert_calibration(experts, self.dense_experts(names), count_routes) as routed:
             for call in job.inputs:
                 try:
-                    run_block(runner, call)
+                    hidden = run_block(runner, call)
                 except ObservationComplete:
-                    pass
+                    continue
+                if outputs is not None:
+                    if not all_finite(hidden):
+                        raise NonFiniteActivation(f"NaN/Inf in the outputs of {job.prefix}")
+                    outputs.append(job.keep(BlockInput(hidden, call.kwargs, call.first_sample), len(outputs)))
         job.processes.all_reduce_stats(stats)
         if count_routes and routed:
             self.routed_tokens = dict(enumerate(job.processes.sum_values(routed)))
@@ -464,9 +482,11 @@ class BlockQuantizer:
             result.search_results[f"{job.prefix}.{algorithm_name}.steps"] = torch.tensor(
                 [float(refined.iterations), float(refined.best_iteration)])
 
-    def propagate(self, float_weights: dict[str, torch.Tensor]) -> tuple[list[BlockInput], dict[str, float]]:
-        """Recompute the block's outputs with its quantized Linears (the next block's inputs), and
-        measure each Linear's output SQNR against its float weight on the first ``metric_samples``."""
+    def propagate(self, float_weights: dict[str, torch.Tensor], calls: list[BlockInput], keep: bool = True
+                  ) -> tuple[list[BlockInput], dict[str, float]]:
+        """Recompute the block's outputs on ``calls`` with its quantized Linears (with ``keep``: the next
+        block's inputs, else none are returned), and measure each Linear's output SQNR against its float
+        weight on the first ``metric_samples``."""
         job = self.job
         runner = runner_for(job.block, job.compute_dtype)
         signal = dict.fromkeys(float_weights, 0.0)
@@ -485,12 +505,13 @@ class BlockQuantizer:
 
         outputs = []
         with forward_hooks({name: runner.get_submodule(name) for name in float_weights}, make_hook):
-            for call in job.inputs:
+            for call in calls:
                 measuring[0] = call.first_sample < job.metric_samples
                 hidden = run_block(runner, call)
                 if not all_finite(hidden):
                     raise QuantkitError(self.explain_nonfinite(call))
-                outputs.append(job.keep(BlockInput(hidden, call.kwargs, call.first_sample), len(outputs)))
+                if keep:
+                    outputs.append(job.keep(BlockInput(hidden, call.kwargs, call.first_sample), len(outputs)))
         names = sorted(float_weights)
         sums = job.processes.sum_values([signal[n] for n in names] + [noise[n] for n in names])
         # A Linear no measured token reached (a MoE expert routed nothing in those samples) gets no figure.

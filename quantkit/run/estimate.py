@@ -80,7 +80,7 @@ def estimate_run(run) -> Estimate:
     if run.config.offload_activations:  # one batch of inputs and one of outputs in memory at a time
         activations = min(activations, run.config.batch_size * seq_len * hidden * compute)
     refined = run.refined
-    if run.needs_data and (run.config.imatrix_from == "float" or refined):   # the float stream, in memory
+    if run.second_stream:   # the float stream, in memory next to the quantized one
         activations += samples * seq_len * hidden * compute
     embeddings = config.vocab_size * hidden * compute if run.needs_data else 0
     batch_intermediate = run.config.batch_size * seq_len * intermediate * 4 * 3 if run.needs_data else 0

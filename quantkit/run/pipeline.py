@@ -120,6 +120,8 @@ class CalibrateConfig:
     offload_activations: bool = False   # keep the cached block inputs on disk, one file per batch
     imatrix_from: str = "quantized"     # importance statistics of the inputs as calibration propagates them, or
                                         # "float": the float model's own (llama-imatrix's; one more forward per block)
+    propagate: str = "quantized"        # each block's calibration inputs: the quantized blocks' outputs before it,
+                                        # or "float": the float model's (one forward per block instead of two)
     dry_run: bool = False               # validate everything and estimate memory/disk, then stop
     moe_all_experts: bool = True        # MoE: every expert's statistics from every token (outputs keep the routing)
     expert_batch: int = 16              # MoE: experts whose Hessians are collected at once
@@ -217,6 +219,7 @@ class _Run:
     allocation_record: AllocationInfo | None = None   # the manifest's: the allocation, the achieved size from the files
     measurements: dict | None = None    # sensitivities measured by this run (kept in the work dir for --resume)
     fixed_bytes: int = 0                # --target-size: the weight files' bytes no allocation changes (bound)
+    importance_is_float: bool = True    # every block's recorded Σx² is the float model's (`BlockResult`), so far
 
     def full_name(self, block_index: int, name: str) -> str:
         return f"{self.arch.blocks}.{block_index}.{name}"
@@ -226,6 +229,13 @@ class _Run:
         """Whether any layer's algorithm refines its block against the float model's outputs (SignRound): the
         run then keeps the float stream, the float model's own block inputs, next to the quantized one."""
         return any(isinstance(get_algorithm(a.algorithm), BlockRefinement) for a in self.plan.values() if a is not None)
+
+    @property
+    def second_stream(self) -> bool:
+        """Whether the float stream is kept next to the quantized one (--imatrix-from float, a refinement's
+        targets); with --propagate float the one stream is the float model's."""
+        return (self.needs_data and self.config.propagate == "quantized"
+                and (self.config.imatrix_from == "float" or self.refined))
 
 
 @contextmanager
@@ -336,6 +346,8 @@ def _prepare(config: CalibrateConfig, writes: bool = True) -> _Run:
         raise QuantkitError(f"--expert-batch must be at least 1, got {config.expert_batch}")
     if config.imatrix_from not in ("quantized", "float"):
         raise QuantkitError(f"--imatrix-from is 'quantized' or 'float', got '{config.imatrix_from}'")
+    if config.propagate not in ("quantized", "float"):
+        raise QuantkitError(f"--propagate is 'quantized' or 'float', got '{config.propagate}'")
     source = resolve_model(config.model)
     checkpoint = Checkpoint(source.path, trust_remote_code=config.trust_remote_code)
     arch = architecture_for(checkpoint.config)
@@ -366,8 +378,8 @@ def _prepare(config: CalibrateConfig, writes: bool = True) -> _Run:
         alpha = (None if recipe.alpha in (None, "auto") else float(recipe.alpha)) if alpha is None else alpha
     if smooth is None:
         smooth = alpha is not None or any(a.scheme.activation is not None for a in assignments)
-    if config.imatrix_from == "float" and (smooth or any(isinstance(get_algorithm(_base(a)), BlockTransform)
-                                                         for a in assignments)):
+    if config.imatrix_from == "float" and config.propagate == "quantized" and (
+            smooth or any(isinstance(get_algorithm(_base(a)), BlockTransform) for a in assignments)):
         raise QuantkitError("--imatrix-from float measures the float model's inputs, which smoothing and AWQ scale "
                             "differently from the quantized model's: use it without them (or the default 'quantized')")
     if candidates is not None and smooth:
@@ -498,10 +510,10 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
         inputs = _restore_or_offload(run, work, first, inputs)
     num_blocks = run.checkpoint.text_config.num_hidden_layers
     progress.stage("blocks", num_blocks)
-    # the float stream (--imatrix-from float, SignRound's targets): the float model's own activations, block by
-    # block (kept in memory, committed with each block for --resume)
+    # the float stream next to the quantized one (--imatrix-from float, SignRound's targets): the float model's own
+    # activations, block by block (kept in memory, committed with each block for --resume)
     float_inputs = None
-    if inputs is not None and (run.config.imatrix_from == "float" or run.refined):
+    if inputs is not None and run.second_stream:
         hidden = [call.tensor() for call in inputs] if first == 0 else work.saved_inputs(float_stream=True)
         float_inputs = [BlockInput(h, call.kwargs, call.first_sample) for h, call in zip(hidden, inputs)]
     for index in range(num_blocks):
@@ -511,9 +523,9 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
         inputs, float_inputs = (_block_calls(calls, block_kwargs, index) for calls in (inputs, float_inputs))
         result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs,
                                           _keeper(run, work, index + 1), float_inputs, progress)
-        inputs, float_inputs = result.outputs, result.float_outputs
+        inputs, float_inputs = result.outputs, result.float_outputs if run.second_stream else None
         record = {"entries": {name: entry.to_dict() for name, entry in result.entries.items()},
-                  "alpha": result.alpha, "timings": result.timings}
+                  "alpha": result.alpha, "timings": result.timings, "importance_is_float": result.importance_is_float}
         in_memory = inputs is not None and not run.config.offload_activations
         with _timed(run, "write"):
             work.commit_block(index, tensors, record, result.search_results,
@@ -645,6 +657,7 @@ def _finish(run: _Run, work: WorkDir, progress: Progress) -> Manifest:
             record = work.block_record(index)
             layers.update({name: LayerEntry.from_dict(entry) for name, entry in record["entries"].items()})
             run.block_alpha[index] = record["alpha"]
+            run.importance_is_float &= record.get("importance_is_float", False) or not record["entries"]
             search_results.update(work.block_search_results(index))
         files = work.finish(num_blocks, _non_block_tensors(run))
         with writing(work.path):
@@ -670,6 +683,7 @@ def _fingerprint(run: _Run) -> dict:
         "alpha": run.alpha, "compute_dtype": str(run.compute_dtype), "metric_samples": config.metric_samples,
         "world_size": run.processes.world_size, "offload_activations": config.offload_activations,
         **({"imatrix_from": config.imatrix_from} if config.imatrix_from != "quantized" else {}),
+        **({"propagate": config.propagate} if config.propagate != "quantized" else {}),
         **({"moe_all_experts": config.moe_all_experts, "expert_batch": config.expert_batch}
            if run.arch.experts is not None else {}),
     }
@@ -719,7 +733,8 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
                    metric_samples=run.config.metric_samples, processes=run.processes, keep=keep,
                    float_block=float_block, moe_all_experts=run.config.moe_all_experts,
                    expert_batch=run.config.expert_batch, float_inputs=float_inputs,
-                   imatrix_from_float=run.config.imatrix_from == "float",
+                   imatrix_from_float=run.second_stream and run.config.imatrix_from == "float",
+                   propagate_float=run.config.propagate == "float",
                    on_step=lambda done, total, loss: (progress or Progress()).step(
                        f"block {index} signround", done, total, f"batch loss {loss:.3f} x the start"))
     result = BlockQuantizer(job).run()
@@ -837,7 +852,9 @@ def _calibration_record(run: _Run) -> CalibrationInfo:
         dataset=run.dataset.describe(), num_samples=config.num_samples, seq_len=config.seq_len,
         tokens=run.calibration_tokens, seed=config.seed, batch_size=config.batch_size,
         compute_dtype=str(run.compute_dtype).removeprefix("torch."), metric_samples=config.metric_samples,
-        processes=run.processes.world_size, imatrix_from="float" if config.imatrix_from == "float" else None)
+        processes=run.processes.world_size,
+        imatrix_from="float" if config.imatrix_from == "float" or run.importance_is_float else None,
+        propagate="float" if config.propagate == "float" else None)
 
 
 def _smoothing_record(run: _Run) -> SmoothingInfo:
