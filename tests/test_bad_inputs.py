@@ -418,7 +418,7 @@ def test_gsm8k_offline_fails_at_once_with_the_right_hint(llama_dir, tmp_path, mo
 def test_float_overflow_is_named_as_such(llama_dir, tmp_path):
     checkpoint = _copy(llama_dir, tmp_path / "model")
     # finite weights whose MLP output overflows fp32 in the last block: no Linear sees a bad input
-    _edit_weights(checkpoint, lambda w: w["model.layers.1.mlp.down_proj.weight"].fill_(1e36))
+    _edit_weights(checkpoint, lambda w: w["model.layers.1.mlp.down_proj.weight"].fill_(1e38))
     assert_one_line_error(run_cli("calibrate", checkpoint, "--scheme", "w8a8_dynamic", "--alpha", "0.5", *FAST,
                                   "--out", tmp_path / "o"),
                           "the float model overflows: NaN/Inf in the output of model.layers.1.mlp.down_proj")

@@ -212,6 +212,12 @@ def test_imatrix_export_round_trips_and_drives_the_same_search(tiny, tmp_path):
         assert np.array_equal(np.asarray(mine[name].data), np.asarray(tensor.data)), name
 
 
+def _exported_imatrix(tmp_path, directory):
+    out = tmp_path / f"{directory}.imatrix.gguf"
+    assert run_cli("export", tmp_path / directory, "--format", "imatrix", "--out", out).exit_code == 0
+    return out
+
+
 def _float_input_sum_squares(source):
     """GGUF name -> Σx² of each block Linear's input in transformers' float32 forward of ``source`` on the
     calibration's dummy tokens (8 x 64, seed 0), with hooks: what llama-imatrix measures."""
@@ -281,6 +287,16 @@ def test_propagate_float_calibrates_every_block_on_the_float_models_inputs(tmp_p
     assert len(references) == 21
     for gguf_name, reference in references.items():
         assert torch.allclose(ours.sums[gguf_name][0].double(), reference, rtol=1e-4), gguf_name
+    # true-sequential GPTQ re-observes Linears after quantizing others: asked for, llama-imatrix's statistics
+    # come from a float pass over the same stream
+    _calibrate(source, tmp_path / "both", "gguf:q4_k_m", "gptq", propagate="float", imatrix_from="float",
+               dtype="float32")
+    assert run_cli("export", tmp_path / "both", "--format", "imatrix", "--out", tmp_path / "b.imatrix.gguf").exit_code == 0
+    both = read_imatrix(tmp_path / "b.imatrix.gguf")
+    for gguf_name, reference in references.items():
+        assert torch.allclose(both.sums[gguf_name][0].double(), reference, rtol=1e-4), gguf_name
+    assert not torch.allclose(read_imatrix(_exported_imatrix(tmp_path, "resequenced")).sums["blk.2.ffn_down.weight"],
+                              both.sums["blk.2.ffn_down.weight"], rtol=1e-3)
     a, b = (load_quantized(tmp_path / d, dtype=torch.float32) for d in ("float", "quantized"))
     def weight(model, name):
         return model.get_submodule(name).dequantized_weight()

@@ -129,3 +129,22 @@ def test_pack_bit_order_by_hand():
 def test_fake_quantize_weight_equals_rtn_round_trip(spec):
     w = torch.randn(24, 100, generator=torch.Generator().manual_seed(3))
     assert torch.equal(primitives.fake_quantize_weight(w, spec), quantize_rtn(w, spec).dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_against_the_elementwise_check(dtype):
+    """all_finite equals torch.isfinite(x).all(): also where finite values overflow the sum (decided element by
+    element), and for a NaN, +Inf, -Inf or both infinities anywhere."""
+    large = torch.finfo(dtype).max / 2
+    cases = [torch.randn(4, 300).to(dtype), torch.full((4, 300), large, dtype=dtype),
+             torch.tensor([large, -large, large], dtype=dtype)]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(4, 300).to(dtype)
+        x[2, 17] = bad
+        cases.append(x)
+    both = torch.randn(50).to(dtype)
+    both[3], both[40] = float("inf"), float("-inf")
+    cases.append(both)
+    for x in cases:
+        assert primitives.all_finite(x) == bool(torch.isfinite(x).all())
+    assert [primitives.all_finite(x) for x in cases] == [True, True, True, False, False, False, False]

@@ -13,6 +13,7 @@ from torch import nn
 
 from quantkit.calibrate.stats import LayerStats
 from quantkit.errors import QuantkitError
+from quantkit.formats.primitives import all_finite
 
 
 @contextmanager
@@ -35,12 +36,6 @@ def forward_hooks(modules: Mapping[str, nn.Module], make_hook: Callable[[str], C
 
 class NonFiniteActivation(QuantkitError):
     pass
-
-
-def all_finite(x: torch.Tensor) -> bool:
-    """No NaN/Inf in x: one reduction (a NaN or Inf anywhere makes the fp32 sum NaN or Inf)
-    instead of a full boolean mask; a finite tensor cannot overflow fp32 here."""
-    return bool(torch.isfinite(x.sum(dtype=torch.float32)))
 
 
 class ObservationComplete(Exception):

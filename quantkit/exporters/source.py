@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.primitives import all_finite
 from quantkit.model.architectures import Architecture, architecture_for
 from quantkit.model.checkpoint import Checkpoint, check_weights, expected_tensors
 from quantkit.native.loader import check_manifest_present, open_native, read_record
@@ -103,7 +104,7 @@ class ExportSource:
 
     def tensor(self, name: str) -> torch.Tensor:
         tensor = self.checkpoint.tensors([name])[name]
-        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+        if torch.is_floating_point(tensor) and not all_finite(tensor):
             raise QuantkitError(f"NaN/Inf in tensor {name} of {self.path}")
         return tensor
 

@@ -35,6 +35,15 @@ from quantkit.formats.schemes import ActivationSpec, WeightSpec
 MIN_ACTIVATION_SCALE = 1e-8
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN/Inf in x (any float dtype). A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum (one
+    reduction in x's own dtype: no converted copy, no boolean mask) settles it; a sum that is not finite, which
+    finite values can also give by overflowing, is decided element by element."""
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def signed_range(bits: int) -> tuple[int, int]:
     """(qmin, qmax) of a signed ``bits``-bit code: the ends of the ``int{bits}`` element grid."""
     grid = signed_int(bits)

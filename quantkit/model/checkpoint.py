@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.primitives import all_finite
 from quantkit.model.architectures import (
     attention_implementation,
     rename,
@@ -240,7 +241,7 @@ class Checkpoint:
             by_file.setdefault(file, []).append(name)
         for file, names in by_file.items():
             for name, tensor in self._read(file, names):
-                if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+                if torch.is_floating_point(tensor) and not all_finite(tensor):
                     raise QuantkitError(f"NaN/Inf in weight {name} of {self.path}")
 
     def sha256(self) -> str:
@@ -419,7 +420,7 @@ def materialize(module: nn.Module, prefix: str, checkpoint: Checkpoint, dtype: t
     state = {}
     for name, source in sources.items():
         tensor = tensors[source]
-        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all()):
+        if torch.is_floating_point(tensor) and not all_finite(tensor):
             raise QuantkitError(f"NaN/Inf in weight {wanted[name]} of {checkpoint.path}")
         state[name] = tensor.to(dtype)
     module.load_state_dict(state, strict=False, assign=True)

@@ -378,8 +378,8 @@ def _prepare(config: CalibrateConfig, writes: bool = True) -> _Run:
         alpha = (None if recipe.alpha in (None, "auto") else float(recipe.alpha)) if alpha is None else alpha
     if smooth is None:
         smooth = alpha is not None or any(a.scheme.activation is not None for a in assignments)
-    if config.imatrix_from == "float" and config.propagate == "quantized" and (
-            smooth or any(isinstance(get_algorithm(_base(a)), BlockTransform) for a in assignments)):
+    if config.imatrix_from == "float" and (smooth or any(isinstance(get_algorithm(_base(a)), BlockTransform)
+                                                         for a in assignments)):
         raise QuantkitError("--imatrix-from float measures the float model's inputs, which smoothing and AWQ scale "
                             "differently from the quantized model's: use it without them (or the default 'quantized')")
     if candidates is not None and smooth:
@@ -521,8 +521,11 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
             progress.advance("blocks", f"block {index} (committed earlier)")
             continue
         inputs, float_inputs = (_block_calls(calls, block_kwargs, index) for calls in (inputs, float_inputs))
+        # --imatrix-from float with --propagate float: the float pass of llama-imatrix's statistics reads the one
+        # stream (its true-sequential re-observes and MoE's all-token statistics are not llama-imatrix's)
+        float_calls = inputs if run.config.propagate == "float" and run.config.imatrix_from == "float" else float_inputs
         result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs,
-                                          _keeper(run, work, index + 1), float_inputs, progress)
+                                          _keeper(run, work, index + 1), float_calls, progress)
         inputs, float_inputs = result.outputs, result.float_outputs if run.second_stream else None
         record = {"entries": {name: entry.to_dict() for name, entry in result.entries.items()},
                   "alpha": result.alpha, "timings": result.timings, "importance_is_float": result.importance_is_float}
@@ -733,7 +736,7 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
                    metric_samples=run.config.metric_samples, processes=run.processes, keep=keep,
                    float_block=float_block, moe_all_experts=run.config.moe_all_experts,
                    expert_batch=run.config.expert_batch, float_inputs=float_inputs,
-                   imatrix_from_float=run.second_stream and run.config.imatrix_from == "float",
+                   imatrix_from_float=run.config.imatrix_from == "float",
                    propagate_float=run.config.propagate == "float",
                    on_step=lambda done, total, loss: (progress or Progress()).step(
                        f"block {index} signround", done, total, f"batch loss {loss:.3f} x the start"))
