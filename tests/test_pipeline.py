@@ -189,6 +189,28 @@ def test_propagate_float_resumes_and_offloads_to_the_same_files(llama_dir, tmp_p
     assert _files(tmp_path / "default") != _files(tmp_path / "memory")
 
 
+@pytest.mark.parametrize("fixture", ["gemma3_dir", "qwen3_moe_dir"])
+def test_propagate_float_on_per_layer_masks_and_experts(fixture, tmp_path, request):
+    """--propagate float where blocks take their own masks (Gemma 3's sliding and full attention) and where
+    experts are routed (Qwen3-MoE, experts observed in batches): block 0, fed the same embeddings either way,
+    gets the default run's weights exactly; a later block gets other ones; the model loads and runs."""
+    options = dict(model=str(request.getfixturevalue(fixture)), scheme="w4a16", algorithm="gptq", num_samples=8,
+                   seq_len=32, batch_size=4, expert_batch=3)
+    floated = calibrate(CalibrateConfig(out=tmp_path / "float", propagate="float", **options))
+    calibrate(CalibrateConfig(out=tmp_path / "default", **options))
+    assert floated.manifest.calibration.propagate == "float"
+    a, b = load_quantized(tmp_path / "float"), load_quantized(tmp_path / "default")
+    last = max(int(name.split(".")[2]) for name in floated.manifest.layers)
+    def weights(model, block):
+        return {name: module.dequantized_weight() for name, module in model.named_modules()
+                if name.startswith(f"model.layers.{block}.") and hasattr(module, "dequantized_weight")}
+    first_a, first_b = weights(a, 0), weights(b, 0)
+    assert first_a and all(torch.equal(first_a[n], first_b[n]) for n in first_a)
+    last_a, last_b = weights(a, last), weights(b, last)
+    assert any(not torch.equal(last_a[n], last_b[n]) for n in last_a)
+    assert torch.isfinite(_logits(a)).all()
+
+
 def test_offloaded_activations_give_the_same_result(llama_dir, tmp_path):
     from quantkit.errors import RunInterrupted
 
