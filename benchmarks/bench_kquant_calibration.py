@@ -4,6 +4,7 @@ importance matrix), every file measured by llama.cpp itself on SmolLM2-135M.
     python benchmarks/bench_kquant_calibration.py --llama-cpp-bin DIR [--types Q4_K_M,Q3_K_M,Q2_K] [--windows 8]
         [--autoround-python /work/peers-venv/bin/python --autoround-iters 50]
         [--algorithms imatrix,gptq,gptq:true_sequential=false,signround:imatrix:50] [--no-round-trip]
+        [--time-pairs N]
 
 DIR holds llama.cpp's ``llama-imatrix`` and ``llama-quantize`` (the cmake build of the llama.cpp source that
 llama-cpp-python vendors); llama-cpp-python computes the logits. Rows per file type T, all on the same float
@@ -23,7 +24,8 @@ and, for the first type, the round trip through llama.cpp's tools: quantkit's im
 --imatrix-from float (the float model's statistics, what llama-imatrix measures) and with the default
 (the quantized propagation's), compared tensor by tensor with llama-imatrix's and fed to llama-quantize
 --imatrix, whose files are compared with the one it makes from llama-imatrix's. Reported: llama.cpp's perplexity, top-1 agreement and KL against the float model
-(transformers fp32) on held-out windows, the file size, and the wall time of each route.
+(transformers fp32) on held-out windows, the file size, and the wall time of each route. With --time-pairs N,
+N alternating timings of llama-imatrix + llama-quantize and the first export: route follow (the time goal).
 """
 from __future__ import annotations
 
@@ -52,6 +54,9 @@ def main() -> None:
                              "export: (export:gptq) the one command quantkit export FLOAT --type T --algo ...; a "
                              "part --FLAG=VALUE is a flag of the quantkit command (gptq:--propagate=float)")
     parser.add_argument("--no-round-trip", action="store_true", help="skip the imatrix round trip rows")
+    parser.add_argument("--time-pairs", type=int, default=0,
+                        help="then N alternating timings of llama-imatrix + llama-quantize and the first export: "
+                             "route (the first type), each pair back to back, and their ratios")
     args = parser.parse_args()
     common.in_workdir(args.workdir, "bench-kquant-cal-", lambda d: run(d, args))
 
@@ -116,12 +121,39 @@ def run(workdir: Path, args) -> None:
             autoround_row(args, workdir, source, calibration, file_type, measure)
         if index == 0 and not args.no_round_trip:
             round_trip(workdir, binaries, f16, lc_imatrix, weighted, file_type, data, measure)
+    if args.time_pairs:
+        time_pairs(args, workdir, f16, calibration, source, data)
     print(f"SmolLM2-135M; {protocol}; float (transformers) ppl {perplexity(float_logits, windows):.3f}")
     print("| file | llama.cpp ppl | top-1 vs float | KL vs float | MiB | wall s | note |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for label, ppl, top1, kl, size, seconds, note in rows:
         print(f"| {label} | {ppl:.3f} | {top1:.2%} | {kl:.4f} | {size / 2**20:.1f} | "
               f"{'' if seconds is None else f'{seconds:.0f}'} | {note} |")
+
+
+def time_pairs(args, workdir: Path, f16: Path, calibration: Path, source: Path, data: list[str]) -> None:
+    """The time goal's check: llama-imatrix + llama-quantize --imatrix against the one command quantkit export
+    FLOAT --algo ... (the first export: route), on the same calibration windows, alternating so that both see
+    the VM in the same state; prints every pair and the ratios quantkit / llama.cpp."""
+    routes = [a.removeprefix("export:") for a in args.algorithms.split(",") if a.startswith("export:")]
+    if not routes:
+        raise SystemExit("--time-pairs times the first export: route of --algorithms; give one")
+    label, flags = _algorithm_flags(routes[0])
+    file_type, binaries = args.types.split(",")[0], args.llama_cpp_bin
+    ratios = []
+    for pair in range(args.time_pairs):
+        llama = _timed([str(binaries / "llama-imatrix"), "-m", str(f16), "-f", str(calibration), "-o",
+                        str(workdir / "pair.imatrix.gguf"), "-c", "512", "--chunks", "32", "-t", "2", "--no-ppl"])
+        llama += _timed([str(binaries / "llama-quantize"), "--imatrix", str(workdir / "pair.imatrix.gguf"), str(f16),
+                         str(workdir / "pair-llama.gguf"), file_type, "2"])
+        ours = _timed([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf", "--type", file_type,
+                       *flags, *data, "--out", str(workdir / "pair-quantkit.gguf"), "--overwrite", "--quiet"])
+        ratios.append(ours / llama)
+        print(f"time pair {pair + 1}: llama.cpp {llama:.1f} s, quantkit {label} {ours:.1f} s, ratio {ratios[-1]:.3f}",
+              flush=True)
+    ratios.sort()
+    print(f"time pairs ({file_type}, quantkit {label} / llama.cpp): min {ratios[0]:.3f}, "
+          f"median {ratios[len(ratios) // 2]:.3f}, max {ratios[-1]:.3f}")
 
 
 def _algorithm_flags(algorithm: str) -> tuple[str, list[str]]:
