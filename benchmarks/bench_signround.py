@@ -7,9 +7,9 @@ Protocol of benchmarks/common.py: 64 x 512 calibration tokens of Austen's Persua
 ids, one sample per batch entry; it keeps every sample, all being 512 tokens long), perplexity, KL and top-1 in
 float32 on 16 held-out Alice windows. Grids: 4-bit g64 symmetric, 4-bit g128 symmetric (ragged: 576 = 4.5 x 128),
 3-bit g64 asymmetric and 2-bit g64 asymmetric. A variant "signround INIT N" is `--algo signround --algo-option
-init=INIT --algo-option iters=N`; more words are options (`lr=0.01`), and `batch=4` sets `--batch-size 4` (samples
-per step). Time: quantkit's calibrate+quantize seconds (every stage but load and write) and
-AutoRound's quantize() call, in the same run on the same machine.
+init=INIT --algo-option iters=N`; more words are options (`lr=0.01`); `batch=4` sets `--batch-size 4` (samples
+per step) and `propagate=float` sets `--propagate float`, for any variant. Time: quantkit's calibrate+quantize
+seconds (every stage but load and write) and AutoRound's quantize() call, in the same run on the same machine.
 """
 import argparse
 import tempfile
@@ -30,7 +30,9 @@ def variant_flags(variant: str) -> list[str]:
     words = variant.split()
     # "batch=N": N calibration samples per batch (`--batch-size`), so SignRound takes N samples per step
     batch = [flag for word in words if word.startswith("batch=") for flag in ("--batch-size", word.split("=")[1])]
-    words = [word for word in words if not word.startswith("batch=")]
+    # "propagate=float": every block calibrated on the float model's inputs (`--propagate float`)
+    batch += [flag for word in words if word.startswith("propagate=") for flag in ("--propagate", word.split("=")[1])]
+    words = [word for word in words if not word.startswith(("batch=", "propagate="))]
     if words[0] == "signround":
         init, iters = words[1], words[2]
         return ["--algo", "signround", "--algo-option", f"init={init}", "--algo-option", f"iters={iters}",
