@@ -295,6 +295,11 @@ def test_propagate_float_calibrates_every_block_on_the_float_models_inputs(tmp_p
     both = read_imatrix(tmp_path / "b.imatrix.gguf")
     for gguf_name, reference in references.items():
         assert torch.allclose(both.sums[gguf_name][0].double(), reference, rtol=1e-4), gguf_name
+    # one pass: the observing pass's statistics are already those, so no float pass runs; the same sums
+    _calibrate(source, tmp_path / "both-one-pass", "gguf:q4_k_m", "gptq", propagate="float", imatrix_from="float",
+               dtype="float32", options=one_pass)
+    one = read_imatrix(_exported_imatrix(tmp_path, "both-one-pass"))
+    assert all(torch.equal(one.sums[n], ours.sums[n]) for n in references)
     assert not torch.allclose(read_imatrix(_exported_imatrix(tmp_path, "resequenced")).sums["blk.2.ffn_down.weight"],
                               both.sums["blk.2.ffn_down.weight"], rtol=1e-3)
     a, b = (load_quantized(tmp_path / d, dtype=torch.float32) for d in ("float", "quantized"))

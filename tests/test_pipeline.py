@@ -209,6 +209,10 @@ def test_propagate_float_on_per_layer_masks_and_experts(fixture, tmp_path, reque
     last_a, last_b = weights(a, last), weights(b, last)
     assert any(not torch.equal(last_a[n], last_b[n]) for n in last_a)
     assert torch.isfinite(_logits(a)).all()
+    # one pass: Gemma's statistics are llama-imatrix's; MoE experts observed on every token are not
+    one_pass = calibrate(CalibrateConfig(out=tmp_path / "one-pass", propagate="float",
+                                         options={"true_sequential": False}, **options))
+    assert one_pass.manifest.calibration.imatrix_from == ("float" if fixture == "gemma3_dir" else None)
 
 
 def test_offloaded_activations_give_the_same_result(llama_dir, tmp_path):

@@ -48,8 +48,9 @@ import click
               help="Each block's calibration inputs: the outputs of the blocks before it as quantized, or the float "
                    "model's own (AutoRound's --disable_quanted_input): one forward pass per block instead of two, "
                    "10-15% faster, but on coarse grids (int4 g128) later blocks no longer make up for earlier "
-                   "blocks' error (measured: +6% perplexity). The importance statistics are then the float model's, as llama-imatrix measures them, where no "
-                   "smoothing, AWQ or true-sequential GPTQ changes a Linear's input.")
+                   "blocks' error (measured: +6% perplexity). The importance statistics are then the float "
+                   "model's, as llama-imatrix measures them, where no smoothing, AWQ, true-sequential GPTQ or "
+                   "all-token MoE statistics change a Linear's input.")
 @click.option("--target-bits", type=float, help="Automatic mixed precision: choose each Linear's grid so that the "
               "quantized Linears average at most this many stored bits per weight (codes, scales, zeros).")
 @click.option("--target-size", help="Automatic mixed precision under a size for the output's weight files, "

@@ -158,8 +158,8 @@ def export_imatrix(source_dir, out, *, overwrite: bool = False) -> ImatrixExport
         if len(linears) < len(manifest.layers) else []
     if calibration.imatrix_from != "float" and calibration.propagate == "float":
         notes.append("statistics are of each Linear's input on the float model's block inputs, after smoothing/AWQ "
-                     "scaling or with the block's earlier Linears quantized (true-sequential GPTQ), where "
-                     "llama-imatrix measures the float model as it is")
+                     "scaling, with the block's earlier Linears quantized (true-sequential GPTQ) or of MoE experts "
+                     "on every token, where llama-imatrix measures the float model as it is")
     elif calibration.imatrix_from != "float":
         notes.append("statistics are of each Linear's input as calibration quantized it (earlier blocks already "
                      "quantized, after smoothing/AWQ scaling), where llama-imatrix measures the float model "

@@ -135,7 +135,12 @@ class BlockQuantizer:
         stats: dict[str, LayerStats | None] = dict.fromkeys(job.assigned)
         deferred = self.resequenced()
         observed: list[BlockInput] | None = [] if calibrated and job.propagate_float else None
-        if job.float_inputs is not None:   # before anything changes the block
+        # --propagate float: the observing pass measures llama-imatrix's statistics itself where no Linear is
+        # re-observed, scaled, or (MoE) observed on every token; then --imatrix-from float needs no float pass
+        importance_is_float = observed is not None and not deferred and not job.smooth and not any(
+            isinstance(get_algorithm(self.base[n].algorithm), BlockTransform) for n in job.assigned
+        ) and not self.dense_experts(list(job.assigned))
+        if job.float_inputs is not None and not importance_is_float:   # before anything changes the block
             with self.timed("observe"):
                 self.float_importance, result.float_outputs = self.float_statistics(job.imatrix_from_float)
         if calibrated:
@@ -146,9 +151,7 @@ class BlockQuantizer:
                     raise NonFiniteActivation(f"{error}: the float model overflows there, before any quantization "
                                               f"({dtype_name(job.compute_dtype)} forward)") from None
             if observed is not None:      # the float stream: a refinement's targets too
-                result.float_outputs = observed
-                result.importance_is_float = not deferred and not job.smooth and not any(
-                    isinstance(get_algorithm(self.base[n].algorithm), BlockTransform) for n in job.assigned)
+                result.float_outputs, result.importance_is_float = observed, importance_is_float
             if job.smooth:
                 with self.timed("smooth"):
                     outcome = smooth_block(job, stats, self.first_samples)
