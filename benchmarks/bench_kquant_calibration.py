@@ -65,6 +65,18 @@ def _timed(command: list[str]) -> float:
     return common.run_tool(command)[1]
 
 
+def _llama_imatrix(binaries: Path, f16: Path, calibration: Path, out: Path) -> float:
+    """llama-imatrix on the calibration windows (-c 512 --chunks 32, 2 threads): its seconds."""
+    return _timed([str(binaries / "llama-imatrix"), "-m", str(f16), "-f", str(calibration), "-o", str(out), "-c", "512",
+                   "--chunks", "32", "-t", "2", "--no-ppl"])
+
+
+def _llama_quantize(binaries: Path, f16: Path, out: Path, file_type: str, imatrix: Path | None = None) -> float:
+    """llama-quantize F16 -> file_type (with --imatrix when given, 2 threads): its seconds."""
+    return _timed([str(binaries / "llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else []), str(f16),
+                   str(out), file_type, "2"])
+
+
 def _quantkit_export(directory: Path, out: Path, *flags: str) -> float:
     return _timed([sys.executable, "-m", "quantkit", "export", str(directory), "--out", str(out), "--overwrite",
                    "--quiet", *flags])
@@ -91,16 +103,14 @@ def run(workdir: Path, args) -> None:
 
     measure("F16", f16, None)
     lc_imatrix = workdir / "llama.imatrix.gguf"
-    imatrix_seconds = _timed([str(binaries / "llama-imatrix"), "-m", str(f16), "-f", str(calibration), "-o",
-                              str(lc_imatrix), "-c", "512", "--chunks", "32", "-t", "2", "--no-ppl"])
+    imatrix_seconds = _llama_imatrix(binaries, f16, calibration, lc_imatrix)
     data = ["--dataset", str(calibration), "--num-samples", "32", "--seq-len", "512"]
     for index, file_type in enumerate(args.types.split(",")):
         plain = workdir / f"llama-{file_type}.gguf"
-        seconds = _timed([str(binaries / "llama-quantize"), str(f16), str(plain), file_type, "2"])
+        seconds = _llama_quantize(binaries, f16, plain, file_type)
         measure(f"llama.cpp {file_type}", plain, seconds)
         weighted = workdir / f"llama-imatrix-{file_type}.gguf"
-        seconds = _timed([str(binaries / "llama-quantize"), "--imatrix", str(lc_imatrix), str(f16), str(weighted),
-                          file_type, "2"])
+        seconds = _llama_quantize(binaries, f16, weighted, file_type, lc_imatrix)
         measure(f"llama.cpp {file_type} + imatrix", weighted, imatrix_seconds + seconds,
                 f"llama-imatrix {imatrix_seconds:.0f} s + llama-quantize {seconds:.0f} s")
         for algorithm in args.algorithms.split(","):
@@ -142,10 +152,8 @@ def time_pairs(args, workdir: Path, f16: Path, calibration: Path, source: Path, 
     file_type, binaries = args.types.split(",")[0], args.llama_cpp_bin
     ratios = []
     for pair in range(args.time_pairs):
-        llama = _timed([str(binaries / "llama-imatrix"), "-m", str(f16), "-f", str(calibration), "-o",
-                        str(workdir / "pair.imatrix.gguf"), "-c", "512", "--chunks", "32", "-t", "2", "--no-ppl"])
-        llama += _timed([str(binaries / "llama-quantize"), "--imatrix", str(workdir / "pair.imatrix.gguf"), str(f16),
-                         str(workdir / "pair-llama.gguf"), file_type, "2"])
+        llama = _llama_imatrix(binaries, f16, calibration, workdir / "pair.imatrix.gguf")
+        llama += _llama_quantize(binaries, f16, workdir / "pair-llama.gguf", file_type, workdir / "pair.imatrix.gguf")
         ours = _timed([sys.executable, "-m", "quantkit", "export", str(source), "--format", "gguf", "--type", file_type,
                        *flags, *data, "--out", str(workdir / "pair-quantkit.gguf"), "--overwrite", "--quiet"])
         ratios.append(ours / llama)
@@ -182,7 +190,7 @@ def round_trip(workdir, binaries, f16, lc_imatrix, lc_file, file_type, data, mea
         _quantkit_export(directory, ours, "--format", "imatrix")
         print(f"imatrix from {source_kind} vs llama-imatrix:", imatrix_agreement(lc_imatrix, ours), flush=True)
         fed = workdir / f"llama-qk-{source_kind}-imatrix-{file_type}.gguf"
-        _timed([str(binaries / "llama-quantize"), "--imatrix", str(ours), str(f16), str(fed), file_type, "2"])
+        _llama_quantize(binaries, f16, fed, file_type, ours)
         measure(f"llama.cpp {file_type} + quantkit's imatrix ({source_kind})", fed, None,
                 f"llama-quantize --imatrix quantkit export --format imatrix; {same_tensors(fed, lc_file)} "
                 "tensors byte-identical to llama.cpp's imatrix file")
