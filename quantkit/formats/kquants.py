@@ -153,22 +153,31 @@ def _qkx2_rows(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     span = torch.where(flat, torch.ones_like(hi), hi - lo)
     iscale = _f32(nmax) / span
     scale = 1 / iscale
-    L = _nearest(iscale * (xt - lo)).clamp_(0, nmax)
+    # Levels stay float32 (small integers, exact); a trial's levels are nearest(iscale * (x - origin)) clamped,
+    # so only the best trial's iscale and origin are kept and its levels recomputed at the end (the same ops
+    # on the same values: the same levels). Buffers [n, S] are reused across the trials.
+    levels, diff = torch.empty_like(xt), torch.empty_like(xt)
+    products = torch.empty((3, *xt.shape))      # w*l, w*l*l, w*l*x: summed over the rows together
 
-    def error(s, m, levels):
-        diff = s * levels.float() + m - xt
-        return sum_rows(wt * (diff.abs() if use_mad else diff * diff))[0]
+    def rounded(trial_iscale, origin):
+        return torch.sub(xt, origin, out=levels).mul_(trial_iscale).round_().clamp_(0, nmax)
 
-    best = error(scale, lo, L)
-    minimum = lo
+    def error(s, m, lf):
+        torch.mul(lf, s, out=diff).add_(m).sub_(xt)        # s * l + m - x, in the C loop's order
+        (diff.abs_() if use_mad else diff.mul_(diff)).mul_(wt)
+        return weighted_sum(diff)
+
+    best = error(scale, lo, rounded(iscale, lo))
+    best_iscale, best_origin, minimum = iscale, lo, lo
     for step in range(nstep + 1):
         # the C loop reads the min as updated by the best fit so far, for the width and the offset alike
         span = torch.where(flat, torch.ones_like(hi), hi - minimum)
         trial_iscale = (_f32(rmin) + _f32(rdelta) * step + nmax) / span
-        levels = _nearest(trial_iscale * (xt - minimum)).clamp_(0, nmax)
-        lf = levels.float()
-        weighted_level = wt * lf
-        sum_l, sum_l2, sum_xl = sum_rows(weighted_level, weighted_level * lf, weighted_level * xt)
+        lf = rounded(trial_iscale, minimum)
+        weighted_level = torch.mul(wt, lf, out=products[0])
+        torch.mul(weighted_level, lf, out=products[1])
+        torch.mul(weighted_level, xt, out=products[2])
+        sum_l, sum_l2, sum_xl = weighted_sum(products.unbind(1))
         D = sum_w * sum_l2 - sum_l * sum_l
         valid = D > 0
         safe_d = torch.where(valid, D, torch.ones_like(D))
@@ -178,12 +187,14 @@ def _qkx2_rows(x, weights, nmax, rmin, rdelta, nstep, use_mad):
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(positive, sum_xl / torch.where(sum_l2 == 0, torch.ones_like(sum_l2), sum_l2),
                                  this_scale)
-        current = error(this_scale, this_min, levels)
+        current = error(this_scale, this_min, lf)
         better = valid & (current < best)
-        L = torch.where(better, levels, L)
+        best_iscale = torch.where(better, trial_iscale, best_iscale)
+        best_origin = torch.where(better, minimum, best_origin)
         best = torch.where(better, current, best)
         scale = torch.where(better, this_scale, scale)
         minimum = torch.where(better, this_min, minimum)
+    L = rounded(best_iscale, best_origin).long()
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     minimum = torch.where(flat, lo, minimum)
     L = torch.where(flat, torch.zeros_like(L), L)
