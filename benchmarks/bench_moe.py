@@ -66,7 +66,8 @@ def calibrate(checkpoint: Path, out: Path, extra: list[str]) -> dict:
     summary = json.loads(done.stdout)
     timings = summary["timings_s"]
     summary["wall_s"] = time.perf_counter() - start
-    summary["work_s"] = sum(v for k, v in timings.items() if k in ("observe", "transform", "quantize", "propagate"))
+    summary["work_s"] = (sum(v for k, v in timings.items() if k in ("observe", "transform", "quantize", "propagate"))
+                         - summary.get("overlapped_s", 0.0))
     return summary
 
 

@@ -92,8 +92,10 @@ def run_quantkit(out: Path, *flags: str) -> dict:
 
 def work_seconds(summary: dict) -> float:
     """quantkit's calibration and quantization time: every stage but loading the source and writing the
-    output (the part a peer's timed call, e.g. llm-compressor's oneshot on a loaded model, covers)."""
-    return sum(seconds for stage, seconds in summary["timings_s"].items() if stage not in ("load", "write"))
+    output (the part a peer's timed call, e.g. llm-compressor's oneshot on a loaded model, covers), less the
+    seconds the quantize lane ran beside observe (--propagate float: counted in both stages)."""
+    return (sum(seconds for stage, seconds in summary["timings_s"].items() if stage not in ("load", "write"))
+            - summary.get("overlapped_s", 0.0))
 
 
 def run_peer(python: str, script: str, *args: str) -> dict | None:

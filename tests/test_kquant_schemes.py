@@ -272,9 +272,14 @@ def test_propagate_float_calibrates_every_block_on_the_float_models_inputs(tmp_p
                              num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
     save_byte_level_bpe(source)
     one_pass = {"true_sequential": False}      # true-sequential GPTQ re-observes Linears after quantizing others
-    floated = _calibrate(source, tmp_path / "float", "gguf:q4_k_m", "gptq", propagate="float", dtype="float32",
-                         options=one_pass)
-    _calibrate(source, tmp_path / "quantized", "gguf:q4_k_m", "gptq", dtype="float32", options=one_pass)
+    threads = torch.get_num_threads()
+    try:    # one thread for both: the float run would otherwise quantize in its second lane, on other thread counts
+        torch.set_num_threads(1)
+        floated = _calibrate(source, tmp_path / "float", "gguf:q4_k_m", "gptq", propagate="float", dtype="float32",
+                             options=one_pass)
+        _calibrate(source, tmp_path / "quantized", "gguf:q4_k_m", "gptq", dtype="float32", options=one_pass)
+    finally:
+        torch.set_num_threads(threads)
     resequenced = _calibrate(source, tmp_path / "resequenced", "gguf:q4_k_m", "gptq", propagate="float")
     assert resequenced.manifest.calibration.imatrix_from is None
     calibration = floated.manifest.calibration

@@ -167,14 +167,15 @@ def test_resume_with_other_settings_is_refused(llama_dir, tmp_path):
         calibrate(CalibrateConfig(scheme="w8a8_dynamic", seed=1, resume=True, **options))
 
 
-def test_propagate_float_resumes_and_offloads_to_the_same_files(llama_dir, tmp_path):
+@pytest.mark.parametrize("true_sequential", [True, False])    # False: blocks quantized in the second lane
+def test_propagate_float_resumes_and_offloads_to_the_same_files(llama_dir, tmp_path, true_sequential):
     """--propagate float (each block calibrated on the float model's inputs, which the observing pass keeps as
     the next block's): activations offloaded to disk and a run resumed after a kill give the straight run's
     files; resuming with the default propagation is refused."""
     from quantkit.errors import QuantkitError, RunInterrupted
 
     options = dict(model=str(llama_dir), scheme="w4a16", algorithm="gptq", num_samples=8, seq_len=32, batch_size=2,
-                   propagate="float")
+                   propagate="float", options={"true_sequential": true_sequential})
     straight = calibrate(CalibrateConfig(out=tmp_path / "memory", **options))
     assert straight.manifest.calibration.propagate == "float"
     calibrate(CalibrateConfig(out=tmp_path / "disk", offload_activations=True, **options))
@@ -187,6 +188,69 @@ def test_propagate_float_resumes_and_offloads_to_the_same_files(llama_dir, tmp_p
     assert _files(tmp_path / "memory") == _files(tmp_path / "resumed")
     calibrate(CalibrateConfig(out=tmp_path / "default", **{**options, "propagate": "quantized"}))
     assert _files(tmp_path / "default") != _files(tmp_path / "memory")
+
+
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory):
+    """Blocks wide enough (512 / 1536) that the x^T x of one lane and GPTQ's lazy updates of the other overlap in
+    time: without the precision lock, some of the lane's updates run as bf16 and flip codes."""
+    from conftest import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("wide"), "llama", hidden_size=512, intermediate_size=1536,
+                           num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "q4_k_m"])
+def test_quantize_lane_gives_the_one_thread_run_bit_for_bit(wide_llama_dir, tmp_path, scheme):
+    """--propagate float with one-pass GPTQ quantizes block i in a second thread while block i+1 is observed
+    (each lane on one torch thread): its files equal those of the same run on one thread without the lane,
+    byte for byte, so the two threads share nothing (GPTQ's float32 lazy updates stay float32 beside a bf16
+    x^T x in the other thread), and the lane's time is reported as overlapped, not added to the total."""
+    options = dict(model=str(wide_llama_dir), scheme=scheme, algorithm="gptq", num_samples=16, seq_len=128,
+                   batch_size=4, propagate="float", options={"true_sequential": False},
+                   dtype="bfloat16")     # bf16: x^T x takes oneDNN's bf16 path where the CPU has it
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)          # one thread: no second lane
+        alone = calibrate(CalibrateConfig(out=tmp_path / "alone", **options))
+        torch.set_num_threads(2)          # two: the main thread and the lane, one torch thread each
+        laned = calibrate(CalibrateConfig(out=tmp_path / "laned", **options))
+        assert torch.get_num_threads() == 2      # given back
+    finally:
+        torch.set_num_threads(threads)
+    assert alone.overlapped_seconds == 0 and laned.overlapped_seconds > 0
+    assert laned.total_seconds == pytest.approx(sum(laned.timings.values()) - laned.overlapped_seconds)
+    assert _files(tmp_path / "alone") == _files(tmp_path / "laned")
+    assert Manifest.load(tmp_path / "alone").layers == Manifest.load(tmp_path / "laned").layers
+
+
+def test_fp32_matmuls_wait_for_another_threads_bf16_region():
+    """oneDNN's float32 matmul precision is process-wide: while one thread is inside `bf16_matmuls`, another's
+    `fp32_matmuls` waits, and runs with the precision restored."""
+    import threading
+
+    from quantkit.matmuls import bf16_matmuls, fp32_matmuls
+
+    if not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
+        pytest.skip("this torch has no mkldnn.matmul.fp32_precision")
+    inside, release_it, order = threading.Event(), threading.Event(), []
+
+    def hold():
+        with bf16_matmuls():
+            inside.set()
+            release_it.wait(5)
+            order.append("bf16 region left")
+
+    holder = threading.Thread(target=hold)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    holder.start()
+    inside.wait(5)
+    threading.Timer(0.3, release_it.set).start()
+    with fp32_matmuls():
+        order.append("fp32 region entered")
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    holder.join()
+    assert order == ["bf16 region left", "fp32 region entered"]
 
 
 @pytest.mark.parametrize("fixture", ["gemma3_dir", "qwen3_moe_dir"])

@@ -24,6 +24,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import ggml_blocks, kquants, primitives, weighted_search
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.formats.schemes import WeightSpec
+from quantkit.matmuls import fp32_matmuls
 
 
 def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
@@ -337,7 +338,8 @@ def _sweep(Wt: torch.Tensor, U: torch.Tensor, step: int, round_column, code_dtyp
         i2 = min(i1 + step, in_features)
         with _single_thread():
             Err1 = sweep_block(i1, Wt[i1:i2].clone(), U[i1:i2, i1:i2])
-        Wt[i2:] -= U[i1:i2, i2:].t() @ Err1              # lazy update of the columns after the block
+        with fp32_matmuls():                               # float32 even beside a bf16 x^T x in another thread
+            Wt[i2:] -= U[i1:i2, i2:].t() @ Err1          # lazy update of the columns after the block
     return codes_t, rounded_t
 
 

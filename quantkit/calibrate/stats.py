@@ -8,11 +8,12 @@ rank hold the statistic one process would have computed over all samples.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+
+from quantkit.matmuls import bf16_matmuls, bf16_supported
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -27,32 +28,9 @@ def _gram(x: torch.Tensor, bf16_values: bool = False) -> torch.Tensor:
     its bf16 path computes the same sums: a product of two bf16 numbers is exact in fp32 and the accumulation
     stays fp32 (only the summation order differs, and bf16 subnormals, below 1e-38, count as 0), about 2x
     faster than fp32 inputs where the CPU has bf16 units (AMX, AVX512-BF16)."""
-    fast = bf16_values and x.device.type == "cpu" and _onednn_bf16()
-    with _onednn_bf16_matmuls() if fast else nullcontext():
+    fast = bf16_values and x.device.type == "cpu" and bf16_supported()
+    with bf16_matmuls() if fast else nullcontext():
         return x.t() @ x
-
-
-def _onednn_bf16() -> bool:
-    """Whether oneDNN runs bf16 matmuls on this CPU and torch lets fp32 matmuls take that path (torch >= 2.9's
-    ``mkldnn.matmul.fp32_precision``); an older torch: no."""
-    if not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@contextmanager
-def _onednn_bf16_matmuls() -> Iterator[None]:
-    """oneDNN multiplies fp32 matrices as bf16 with fp32 accumulation inside the block (restored after)."""
-    matmul = torch.backends.mkldnn.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
 
 
 class ChannelRange:

@@ -101,6 +101,27 @@ class BlockResult:
                                        # the float stream's inputs, never re-observed nor scaled (--propagate float)
 
 
+def true_sequential(base: LayerAssignment) -> bool:
+    """Whether a Linear's statistics are collected with the block's earlier stages already quantized (``base``:
+    its assignment with the algorithm it runs first): its algorithm asks for it (GPTQ) unless the option
+    ``true_sequential=false`` trades that for one pass collecting every Linear's statistics from the float
+    block (faster)."""
+    options = parse_options(base.algorithm, base.options)
+    return get_algorithm(base.algorithm).sequential and getattr(options, "true_sequential", True)
+
+
+@dataclass
+class ObservedBlock:
+    """A block between `BlockQuantizer.observe_block` and `BlockQuantizer.quantize_block`: the result so far
+    (with --propagate float its outputs already), each assigned Linear's statistics, the Linears observed again
+    at their stage (true-sequential), and whether the outputs are the float block's (--propagate float)."""
+
+    result: BlockResult
+    stats: dict[str, LayerStats | None]
+    deferred: frozenset[str]
+    float_stream: bool
+
+
 class BlockQuantizer:
     def __init__(self, job: BlockJob):
         self.job = job
@@ -129,6 +150,11 @@ class BlockQuantizer:
     def run(self) -> BlockResult:
         """observe -> smooth -> transform -> quantize -> propagate. Without inputs (no layer needs
         calibration data) only the weights are quantized and no output is propagated."""
+        return self.quantize_block(self.observe_block())
+
+    def observe_block(self) -> ObservedBlock:
+        """The first half of `run`: observe, smooth, transform. With --propagate float the result's outputs (the
+        next block's inputs) are known from here on."""
         job = self.job
         calibrated = job.inputs is not None
         result = BlockResult(outputs=None, entries={})
@@ -159,6 +185,17 @@ class BlockQuantizer:
                     result.search_results.update(outcome.factors)
             with self.timed("transform"):
                 self.transform(stats, result)
+        if observed is not None:
+            result.outputs = observed
+        return ObservedBlock(result, stats, deferred, observed is not None)
+
+    def quantize_block(self, observed_block: ObservedBlock) -> BlockResult:
+        """The second half of `run`: quantize, refine, propagate (with --propagate float only the output-SQNR
+        figures). Touches nothing but this block: it may run in another thread beside the next block's
+        `observe_block` (`quantkit.run.pipeline`)."""
+        job = self.job
+        calibrated = job.inputs is not None
+        result, stats, deferred = observed_block.result, observed_block.stats, observed_block.deferred
         float_weights: dict[str, torch.Tensor] = {}
         with self.timed("quantize"):
             for stage in job.arch.sequential:
@@ -178,10 +215,9 @@ class BlockQuantizer:
                 self.refine(stats, result)
         if calibrated:
             with self.timed("propagate"):
-                if observed is None:
+                if not observed_block.float_stream:
                     result.outputs, output_sqnr = self.propagate(float_weights, job.inputs)
                 else:   # only the output-SQNR figures: the quantized block on the first metric samples
-                    result.outputs = observed
                     _, output_sqnr = self.propagate(float_weights, self.first_samples(job.metric_samples), keep=False)
             for name, value in output_sqnr.items():
                 result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
@@ -317,12 +353,7 @@ class BlockQuantizer:
         return frozenset(deferred)
 
     def true_sequential(self, name: str) -> bool:
-        """Whether the Linear's statistics are collected with the block's earlier stages already
-        quantized: its algorithm asks for it (GPTQ) unless the option ``true_sequential=false`` trades
-        that for one pass collecting every Linear's statistics from the float block (faster)."""
-        assignment = self.base[name]
-        options = parse_options(assignment.algorithm, assignment.options)
-        return get_algorithm(assignment.algorithm).sequential and getattr(options, "true_sequential", True)
+        return true_sequential(self.base[name])
 
     def first_samples(self, count: int) -> list[BlockInput]:
         """This process's calls among the first ``count`` calibration samples (the batch that

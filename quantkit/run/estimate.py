@@ -86,12 +86,15 @@ def estimate_run(run) -> Estimate:
     batch_intermediate = run.config.batch_size * seq_len * intermediate * 4 * 3 if run.needs_data else 0
     stats = _statistics_bytes(run, shapes) if run.needs_data else 0
     output = _output_bytes(run, shapes, storage) + rest
+    # the quantize lane (--propagate float): a block is quantized, with its statistics and inputs, while the next
+    # one is observed
+    lane = block_params * (4 + compute + compute) + stats + activations if run.pipelined else 0
     phases = {
         "capture": embeddings + activations,
         # fp32 master copy, the compute-dtype runner, and the float reference weights of the metrics
         "block": block_params * (4 + compute + compute) + 2 * activations + batch_intermediate + stats
         + _alpha_search_bytes(run, block_params, compute)
-        + (_refine_bytes(run, block_params, compute, hidden, intermediate) if refined else 0),
+        + (_refine_bytes(run, block_params, compute, hidden, intermediate) if refined else 0) + lane,
         "finish": rest + (output if output <= 2 * 1024**3 else 0),
     }
     # the work directory's blocks and inputs, then the output with the copied config/tokenizer files

@@ -74,10 +74,17 @@ from quantkit.native.manifest import (
 from quantkit.native.writer import LinearRecord, record_tensors
 from quantkit.run import allocate, budget
 from quantkit.run.allocate import Allocation
-from quantkit.run.block import BlockJob, BlockQuantizer, BlockResult
+from quantkit.run.block import (
+    BlockJob,
+    BlockQuantizer,
+    BlockResult,
+    ObservedBlock,
+    true_sequential,
+)
 from quantkit.run.budget import Candidate
 from quantkit.run.distributed import Processes, from_environment
 from quantkit.run.estimate import Estimate, check_fits, estimate_run
+from quantkit.run.lane import LaneTask, QuantizeLane
 from quantkit.run.layers import cast_parameters
 from quantkit.run.mixes import resolve_ggml_types
 from quantkit.run.recipe import LayerAssignment, Recipe, make_scheme, uniform_plan
@@ -139,6 +146,12 @@ class CalibrationResult:
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     estimate: Estimate | None = None
+    overlapped_seconds: float = 0.0     # quantize-lane seconds counted in the stage times beside observe's
+
+    @property
+    def total_seconds(self) -> float:
+        """The stages' wall time: their sum, less what the quantize lane ran beside the main thread."""
+        return sum(self.timings.values()) - self.overlapped_seconds
 
 
 class Progress:
@@ -220,6 +233,7 @@ class _Run:
     measurements: dict | None = None    # sensitivities measured by this run (kept in the work dir for --resume)
     fixed_bytes: int = 0                # --target-size: the weight files' bytes no allocation changes (bound)
     importance_is_float: bool = True    # every block's recorded Σx² is the float model's (`BlockResult`), so far
+    overlapped: float = 0.0             # seconds the quantize lane worked beside the main thread (in two stages' times)
 
     def full_name(self, block_index: int, name: str) -> str:
         return f"{self.arch.blocks}.{block_index}.{name}"
@@ -229,6 +243,34 @@ class _Run:
         """Whether any layer's algorithm refines its block against the float model's outputs (SignRound): the
         run then keeps the float stream, the float model's own block inputs, next to the quantized one."""
         return any(isinstance(get_algorithm(a.algorithm), BlockRefinement) for a in self.plan.values() if a is not None)
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether each block is quantized in a second thread while the next one is observed (`lane`): with
+        --propagate float (the next block's inputs are known once a block is observed), in one process, without
+        a refinement (which trains on both cores) and without smoothing or block transforms (AWQ), whose
+        float32 matmuls would share oneDNN's process-wide precision with the other thread's x^T x. Nor where a
+        block observes Linears again in its quantize half (true-sequential GPTQ, MoE expert batches): those
+        forward passes would run on the lane's one thread, slower than the whole block on all of them."""
+        return (self.needs_data and self.config.propagate == "float" and self.processes.world_size == 1
+                and not self.refined and not self.smooth and self.arch.experts is None
+                and not any(isinstance(get_algorithm(_base(a)), BlockTransform) for a in self.plan.values()
+                            if a is not None)
+                and not self._re_observes())
+
+    def _re_observes(self) -> bool:
+        """Whether a Linear past a block's first stage is observed again once the earlier stages are quantized
+        (`block.true_sequential`)."""
+        later = {name for stage in self.arch.sequential[1:] for name in stage}
+        prefix = f"{self.arch.blocks}."
+        for full_name, assignment in self.plan.items():
+            if assignment is None or not full_name.startswith(prefix):
+                continue
+            name = full_name[len(prefix):].partition(".")[2]      # the block-relative name
+            algorithm, options = base_algorithm(assignment.algorithm, assignment.options, assignment.scheme.weight)
+            if name in later and true_sequential(dataclasses.replace(assignment, algorithm=algorithm, options=options)):
+                return True
+        return False
 
     @property
     def second_stream(self) -> bool:
@@ -500,7 +542,8 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
     work.publish(config.overwrite)
     if config.keep_model:
         _finish_in_memory(run, model)
-    return CalibrationResult(run.out, manifest, model if config.keep_model else None, dict(run.timings), _peak_rss())
+    return CalibrationResult(run.out, manifest, model if config.keep_model else None, dict(run.timings), _peak_rss(),
+                             overlapped_seconds=run.overlapped)
 
 
 def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.Module:
@@ -516,29 +559,56 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
     if inputs is not None and run.second_stream:
         hidden = [call.tensor() for call in inputs] if first == 0 else work.saved_inputs(float_stream=True)
         float_inputs = [BlockInput(h, call.kwargs, call.first_sample) for h, call in zip(hidden, inputs)]
-    for index in range(num_blocks):
-        if index < first:
-            progress.advance("blocks", f"block {index} (committed earlier)")
-            continue
-        inputs, float_inputs = (_block_calls(calls, block_kwargs, index) for calls in (inputs, float_inputs))
-        # --imatrix-from float with --propagate float: the float pass of llama-imatrix's statistics reads the one
-        # stream (its true-sequential re-observes and MoE's all-token statistics are not llama-imatrix's)
-        float_calls = inputs if run.config.propagate == "float" and run.config.imatrix_from == "float" else float_inputs
-        result, tensors = _quantize_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs,
-                                          _keeper(run, work, index + 1), float_calls, progress)
-        inputs, float_inputs = result.outputs, result.float_outputs if run.second_stream else None
-        record = {"entries": {name: entry.to_dict() for name, entry in result.entries.items()},
-                  "alpha": result.alpha, "timings": result.timings, "importance_is_float": result.importance_is_float}
-        in_memory = inputs is not None and not run.config.offload_activations
-        with _timed(run, "write"):
-            work.commit_block(index, tensors, record, result.search_results,
-                              [call.hidden for call in inputs] if in_memory else None,
-                              None if float_inputs is None else [call.tensor() for call in float_inputs])
-            if run.config.offload_activations:
-                work.drop_offloaded(index)
-        progress.block_done(index, {name: entry.metrics for name, entry in result.entries.items()})
-        progress.advance("blocks", f"block {index}")
+    lane = QuantizeLane() if run.pipelined and QuantizeLane.available() else None
+    pending: tuple[LaneTask, _StartedBlock] | None = None
+    try:
+        for index in range(num_blocks):
+            if index < first:
+                progress.advance("blocks", f"block {index} (committed earlier)")
+                continue
+            inputs, float_inputs = (_block_calls(calls, block_kwargs, index) for calls in (inputs, float_inputs))
+            # --imatrix-from float with --propagate float: the float pass of llama-imatrix's statistics reads the
+            # one stream (its true-sequential re-observes and MoE's all-token statistics are not llama-imatrix's)
+            float_calls = inputs if run.config.propagate == "float" and run.config.imatrix_from == "float" \
+                else float_inputs
+            started = _start_block(run, index, model.get_submodule(f"{run.arch.blocks}.{index}"), inputs,
+                                   _keeper(run, work, index + 1), float_calls, progress)
+            if lane is None:
+                result, tensors = _finish_block(run, started)
+                inputs, float_inputs = result.outputs, result.float_outputs if run.second_stream else None
+                _commit_block(run, work, index, result, tensors, progress)
+                continue
+            # the lane quantizes this block while the loop observes the next one on the float outputs
+            inputs = started.observed.result.outputs
+            if pending is not None:
+                _commit_block(run, work, pending[1].index, *lane.wait(pending[0]), progress)
+            pending = (lane.submit(_finish_block, run, started), started)
+        if pending is not None:
+            _commit_block(run, work, pending[1].index, *lane.wait(pending[0]), progress)
+    finally:
+        if lane is not None:
+            lane.close()
+            run.overlapped += lane.overlapped
     return model
+
+
+def _commit_block(run: _Run, work: WorkDir, index: int, result: BlockResult, tensors: dict[str, torch.Tensor],
+                  progress: Progress) -> None:
+    """Block ``index``'s files, its record and the next block's inputs into the work directory."""
+    for stage, seconds in result.timings.items():
+        run.timings[stage] = run.timings.get(stage, 0.0) + seconds
+    inputs, float_inputs = result.outputs, result.float_outputs if run.second_stream else None
+    record = {"entries": {name: entry.to_dict() for name, entry in result.entries.items()},
+              "alpha": result.alpha, "timings": result.timings, "importance_is_float": result.importance_is_float}
+    in_memory = inputs is not None and not run.config.offload_activations
+    with _timed(run, "write"):
+        work.commit_block(index, tensors, record, result.search_results,
+                          [call.hidden for call in inputs] if in_memory else None,
+                          None if float_inputs is None else [call.tensor() for call in float_inputs])
+        if run.config.offload_activations:
+            work.drop_offloaded(index)
+    progress.block_done(index, {name: entry.metrics for name, entry in result.entries.items()})
+    progress.advance("blocks", f"block {index}")
 
 
 def _allocate(run: _Run, progress: Progress) -> None:
@@ -715,10 +785,21 @@ def _skeleton(run: _Run) -> nn.Module:
     return build_skeleton(run.checkpoint.config, run.compute_dtype, trust_remote_code=run.config.trust_remote_code)
 
 
-def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockInput] | None,
-                    keep, float_inputs: list[BlockInput] | None = None, progress: Progress | None = None
-                    ) -> tuple[BlockResult, dict[str, torch.Tensor]]:
-    """Load, quantize (block.py) and release one decoder block; returns its result and tensors."""
+@dataclass
+class _StartedBlock:
+    """A block between its observation (`_start_block`, the main thread) and its quantization (`_finish_block`,
+    the main thread or the quantize lane)."""
+
+    index: int
+    prefix: str
+    block: nn.Module
+    quantizer: BlockQuantizer
+    observed: ObservedBlock
+
+
+def _start_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockInput] | None, keep,
+                 float_inputs: list[BlockInput] | None = None, progress: Progress | None = None) -> _StartedBlock:
+    """Load one decoder block and observe it (block.py's first half)."""
     prefix = f"{run.arch.blocks}.{index}"
     template = copy.deepcopy(block)  # still on the meta device: costs no memory
 
@@ -740,14 +821,19 @@ def _quantize_block(run: _Run, index: int, block: nn.Module, inputs: list[BlockI
                    propagate_float=run.config.propagate == "float",
                    on_step=lambda done, total, loss: (progress or Progress()).step(
                        f"block {index} signround", done, total, f"batch loss {loss:.3f} x the start"))
-    result = BlockQuantizer(job).run()
-    for stage, seconds in result.timings.items():
-        run.timings[stage] = run.timings.get(stage, 0.0) + seconds
-    tensors = _block_tensors(run, prefix, block)
+    quantizer = BlockQuantizer(job)
+    return _StartedBlock(index, prefix, block, quantizer, quantizer.observe_block())
+
+
+def _finish_block(run: _Run, started: _StartedBlock) -> tuple[BlockResult, dict[str, torch.Tensor]]:
+    """Quantize an observed block (block.py's second half) and release it; its result and tensors. Touches only
+    this block (it may run in the quantize lane): the run's timings are added when it is committed."""
+    result = started.quantizer.quantize_block(started.observed)
+    tensors = _block_tensors(run, started.prefix, started.block)
     if run.config.keep_model:
-        cast_parameters(block, run.storage_dtype)
+        cast_parameters(started.block, run.storage_dtype)
     else:
-        release(block)
+        release(started.block)
     return result, tensors
 
 
