@@ -101,6 +101,13 @@ class BlockResult:
                                        # the float stream's inputs, never re-observed nor scaled (--propagate float)
 
 
+def base_assignment(assignment: LayerAssignment) -> LayerAssignment:
+    """The assignment with the algorithm a Linear runs first: its own, or a refinement's initial one (SignRound's
+    init) with that algorithm's options."""
+    algorithm, options = base_algorithm(assignment.algorithm, assignment.options, assignment.scheme.weight)
+    return dataclasses.replace(assignment, algorithm=algorithm, options=options)
+
+
 def true_sequential(base: LayerAssignment) -> bool:
     """Whether a Linear's statistics are collected with the block's earlier stages already quantized (``base``:
     its assignment with the algorithm it runs first): its algorithm asks for it (GPTQ) unless the option
@@ -130,9 +137,7 @@ class BlockQuantizer:
         self.routed_tokens: dict[int, float] = {}   # MoE: expert -> calibration tokens routed to it
         self.float_importance: dict[str, LayerStats] = {}  # --imatrix-from float: Σx² on the float model
         # what each Linear runs first: its algorithm, or a refinement's initial one (SignRound's init)
-        self.base = {name: dataclasses.replace(a, algorithm=base[0], options=base[1])
-                     for name, a in job.assigned.items()
-                     for base in [base_algorithm(a.algorithm, a.options, a.scheme.weight)]}
+        self.base = {name: base_assignment(a) for name, a in job.assigned.items()}
         self.rounded_from: dict[str, torch.Tensor] = {}   # refinement's Linears: the weight their codes came from
         self.source_weights: dict[str, torch.Tensor] = {}  # and their weights before quantization (metrics)
 

@@ -20,7 +20,6 @@ import torch
 class LaneTask:
     """One call running in the lane: its result or exception once done, and how long it ran."""
 
-    thread: threading.Thread | None = None
     value: Any = None
     error: BaseException | None = None
     seconds: float = 0.0
@@ -58,9 +57,8 @@ class QuantizeLane:
                 task.seconds = time.perf_counter() - start
                 task.done.set()
 
-        task.thread = threading.Thread(target=work, name="quantkit-quantize-lane", daemon=True)
         self.running = task
-        task.thread.start()
+        threading.Thread(target=work, name="quantkit-quantize-lane", daemon=True).start()
         return task
 
     def wait(self, task: LaneTask) -> Any:

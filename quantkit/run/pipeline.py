@@ -79,6 +79,7 @@ from quantkit.run.block import (
     BlockQuantizer,
     BlockResult,
     ObservedBlock,
+    base_assignment,
     true_sequential,
 )
 from quantkit.run.budget import Candidate
@@ -267,8 +268,7 @@ class _Run:
             if assignment is None or not full_name.startswith(prefix):
                 continue
             name = full_name[len(prefix):].partition(".")[2]      # the block-relative name
-            algorithm, options = base_algorithm(assignment.algorithm, assignment.options, assignment.scheme.weight)
-            if name in later and true_sequential(dataclasses.replace(assignment, algorithm=algorithm, options=options)):
+            if name in later and true_sequential(base_assignment(assignment)):
                 return True
         return False
 
