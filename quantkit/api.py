@@ -305,7 +305,8 @@ class _GGUFCodes:
                           **({"options": dict(options)} if options else {})})
         recipe = self.workdir / "recipe.yaml"
         recipe.write_text(yaml.safe_dump({"rules": rules, "smooth": False}, sort_keys=False))
-        config = self.data.config(self.directory, recipe=recipe, out=self.workdir / "codes")
+        # the directory goes away with the export: no block needs to leave the state --resume restarts from
+        config = self.data.config(self.directory, recipe=recipe, out=self.workdir / "codes", resumable=False)
         return run_calibration(config, _progress_adapter(self.progress)).out
 
 

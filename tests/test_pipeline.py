@@ -167,6 +167,29 @@ def test_resume_with_other_settings_is_refused(llama_dir, tmp_path):
         calibrate(CalibrateConfig(scheme="w8a8_dynamic", seed=1, resume=True, **options))
 
 
+def test_a_run_without_resume_state_commits_no_inputs_and_writes_the_same_files(llama_dir, tmp_path, monkeypatch):
+    """resumable=False (export --algo's run, whose work directory goes away with it): no block commits the next
+    block's inputs (either stream), the output is the resumable run's, and --resume is refused up front."""
+    from quantkit.errors import QuantkitError
+    from quantkit.run.workdir import WorkDir
+
+    options = dict(model=str(llama_dir), scheme="w4a16", algorithm="gptq", num_samples=8, seq_len=32, batch_size=4,
+                   imatrix_from="float")      # a second (float) stream, committed beside the quantized one
+    calibrate(CalibrateConfig(out=tmp_path / "resumable", **options))
+    committed, commit_block = [], WorkDir.commit_block
+
+    def spy(self, index, tensors, record, search_results, next_inputs, next_float_inputs=None):
+        committed.append((next_inputs, next_float_inputs))
+        commit_block(self, index, tensors, record, search_results, next_inputs, next_float_inputs)
+
+    monkeypatch.setattr(WorkDir, "commit_block", spy)
+    calibrate(CalibrateConfig(out=tmp_path / "plain", resumable=False, **options))
+    assert len(committed) == 2 and all(inputs is None and float_inputs is None for inputs, float_inputs in committed)
+    assert _files(tmp_path / "resumable") == _files(tmp_path / "plain")
+    with pytest.raises(QuantkitError, match="resume state"):
+        calibrate(CalibrateConfig(out=tmp_path / "again", resumable=False, resume=True, **options))
+
+
 @pytest.mark.parametrize("true_sequential", [True, False])    # False: blocks quantized in the second lane
 def test_propagate_float_resumes_and_offloads_to_the_same_files(llama_dir, tmp_path, true_sequential):
     """--propagate float (each block calibrated on the float model's inputs, which the observing pass keeps as

@@ -8,7 +8,9 @@ rank hold the statistic one process would have computed over all samples.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -29,30 +31,33 @@ def _gram(x: torch.Tensor, bf16_values: bool = False) -> torch.Tensor:
     stays fp32 (only the summation order differs, and bf16 subnormals, below 1e-38, count as 0), about 2x
     faster than fp32 inputs where the CPU has bf16 units (AMX, AVX512-BF16)."""
     fast = bf16_values and x.device.type == "cpu" and bf16_supported()
-    with bf16_matmuls() if fast else nullcontext():
-        return _symmetric_gram(x)
+    return _symmetric_gram(x, bf16_matmuls if fast else nullcontext)
 
 
 GRAM_BLOCK = 512     # columns per block of `_symmetric_gram`
 
 
-def _symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+def _symmetric_gram(x: torch.Tensor, precision: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
     """x^T x of x [tokens, C] from its upper blocks (columns in k = C // GRAM_BLOCK blocks): block (i, j), j >= i,
     is x_i^T x_j, the lower ones their transposes, so (k + 1) / 2k of the products (2/3 at 1536 columns) and an
     exactly symmetric result. The same sums, each over the tokens (bit for bit on oneDNN's bf16 path in our
     tests; float32 GEMMs may order a sum differently); 1.5x faster at 1536 columns on one or two CPU threads,
-    1.7x at 4096."""
+    1.7x at 4096. Each product runs in its own ``precision()`` block: `bf16_matmuls` holds a lock that the
+    quantize lane's float32 GEMMs wait for, and a block product is a short wait (a whole x^T x cost the lane
+    2.6 s of waits on SmolLM2)."""
     columns = x.shape[1]
     k = columns // GRAM_BLOCK
     if k < 2 or x.device.type != "cpu":
-        return x.t() @ x
+        with precision():
+            return x.t() @ x
     bounds = [(i * columns // k, (i + 1) * columns // k) for i in range(k)]
     parts = [x[:, start:end].contiguous() for start, end in bounds]
     out = torch.empty((columns, columns), dtype=x.dtype)
     for i, (row_start, row_end) in enumerate(bounds):
         for j in range(i, k):
             col_start, col_end = bounds[j]
-            block = parts[i].t() @ parts[j]
+            with precision():
+                block = parts[i].t() @ parts[j]
             out[row_start:row_end, col_start:col_end] = block
             if j != i:
                 out[col_start:col_end, row_start:row_end] = block.t()
@@ -169,7 +174,8 @@ class Hessian:
 
     def add(self, part: tuple) -> None:
         outer, count = part
-        self.sum = outer.double() if self.sum is None else self.sum.add_(outer)
+        # fp32 -> fp64 is exact: the same sums as an in-place mixed add, in 2/3 of its time
+        self.sum = outer.double() if self.sum is None else self.sum.add_(outer.double())
         self.count += count
 
     def update(self, x: torch.Tensor) -> None:

@@ -97,8 +97,10 @@ def estimate_run(run) -> Estimate:
         + (_refine_bytes(run, block_params, compute, hidden, intermediate) if refined else 0) + lane,
         "finish": rest + (output if output <= 2 * 1024**3 else 0),
     }
-    # the work directory's blocks and inputs, then the output with the copied config/tokenizer files
-    disk = output + (output + activations) + sum(f.stat().st_size for f in run.copied_files) + _side_bytes(run, shapes)
+    # the work directory's blocks and inputs (none kept in memory is written without --resume's state), then the
+    # output with the copied config/tokenizer files
+    saved_inputs = activations if run.config.resumable or run.config.offload_activations else 0
+    disk = output + (output + saved_inputs) + sum(f.stat().st_size for f in run.copied_files) + _side_bytes(run, shapes)
     return Estimate(BASELINE_BYTES + max(phases.values()), disk, phases, activations)
 
 

@@ -125,6 +125,8 @@ class CalibrateConfig:
     metric_samples: int = 4             # samples whose layer outputs are compared float vs quantized
     keep_model: bool = False            # return the in-memory quantized model (tests, validation)
     resume: bool = False                # continue an interrupted run from its first unfinished block
+    resumable: bool = True              # False: no block commits the next block's inputs (what --resume restarts
+                                        # from), for a run whose work directory goes away with it (export --algo)
     offload_activations: bool = False   # keep the cached block inputs on disk, one file per batch
     imatrix_from: str = "quantized"     # importance statistics of the inputs as calibration propagates them, or
                                         # "float": the float model's own (llama-imatrix's; one more forward per block)
@@ -382,6 +384,8 @@ def _prepare(config: CalibrateConfig, writes: bool = True) -> _Run:
         check_options(config.algorithm, config.options)
     if config.num_samples < 1 or config.batch_size < 1:
         raise QuantkitError("--num-samples and --batch-size must be at least 1")
+    if config.resume and not config.resumable:
+        raise QuantkitError("--resume continues a run that keeps its resume state; this one does not")
     if config.seq_len < 2:
         raise QuantkitError(f"--seq-len must be at least 2 tokens, got {config.seq_len}")
     if config.expert_batch < 1:
@@ -601,10 +605,11 @@ def _commit_block(run: _Run, work: WorkDir, index: int, result: BlockResult, ten
     record = {"entries": {name: entry.to_dict() for name, entry in result.entries.items()},
               "alpha": result.alpha, "timings": result.timings, "importance_is_float": result.importance_is_float}
     in_memory = inputs is not None and not run.config.offload_activations
+    resumable = run.config.resumable
     with _timed(run, "write"):
         work.commit_block(index, tensors, record, result.search_results,
-                          [call.hidden for call in inputs] if in_memory else None,
-                          None if float_inputs is None else [call.tensor() for call in float_inputs])
+                          [call.hidden for call in inputs] if in_memory and resumable else None,
+                          None if float_inputs is None or not resumable else [call.tensor() for call in float_inputs])
         if run.config.offload_activations:
             work.drop_offloaded(index)
     progress.block_done(index, {name: entry.metrics for name, entry in result.entries.items()})
