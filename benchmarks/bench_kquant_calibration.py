@@ -4,7 +4,7 @@ importance matrix), every file measured by llama.cpp itself on SmolLM2-135M.
     python benchmarks/bench_kquant_calibration.py --llama-cpp-bin DIR [--types Q4_K_M,Q3_K_M,Q2_K] [--windows 8]
         [--autoround-python /work/peers-venv/bin/python --autoround-iters 50]
         [--algorithms imatrix,gptq,gptq:true_sequential=false,signround:imatrix:50] [--no-round-trip]
-        [--time-pairs N]
+        [--time-pairs N] [--time-pairs-only]
 
 DIR holds llama.cpp's ``llama-imatrix`` and ``llama-quantize`` (the cmake build of the llama.cpp source that
 llama-cpp-python vendors); llama-cpp-python computes the logits. Rows per file type T, all on the same float
@@ -25,7 +25,8 @@ and, for the first type, the round trip through llama.cpp's tools: quantkit's im
 (the quantized propagation's), compared tensor by tensor with llama-imatrix's and fed to llama-quantize
 --imatrix, whose files are compared with the one it makes from llama-imatrix's. Reported: llama.cpp's perplexity, top-1 agreement and KL against the float model
 (transformers fp32) on held-out windows, the file size, and the wall time of each route. With --time-pairs N,
-N alternating timings of llama-imatrix + llama-quantize and the first export: route follow (the time goal).
+N alternating timings of llama-imatrix + llama-quantize and the first export: route follow (the time goal);
+--time-pairs-only runs just those (the files' quality rows are skipped).
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def main() -> None:
                              "export: (export:gptq) the one command quantkit export FLOAT --type T --algo ...; a "
                              "part --FLAG=VALUE is a flag of the quantkit command (gptq:--propagate=float)")
     parser.add_argument("--no-round-trip", action="store_true", help="skip the imatrix round trip rows")
+    parser.add_argument("--time-pairs-only", action="store_true",
+                        help="only the --time-pairs timings (the F16 file and the calibration text are still made)")
     parser.add_argument("--time-pairs", type=int, default=0,
                         help="then N alternating timings of llama-imatrix + llama-quantize and the first export: "
                              "route (the first type), each pair back to back, and their ratios")
@@ -90,9 +93,13 @@ def run(workdir: Path, args) -> None:
     halves, windows, protocol = common.alice_split(workdir, source, args.windows, 32, 512)
     calibration = workdir / "alice_first_half_one_document.txt"      # no blank line: one document
     calibration.write_text(common.one_document(halves.read_text()))
-    float_logits = torch_logits(common.float_model(), windows)
     f16 = workdir / "f16.gguf"
     export_gguf(source, f16, ggml_type="F16", overwrite=True)
+    data = ["--dataset", str(calibration), "--num-samples", "32", "--seq-len", "512"]
+    if args.time_pairs_only:
+        time_pairs(args, workdir, f16, calibration, source, data)
+        return
+    float_logits = torch_logits(common.float_model(), windows)
     rows = []
 
     def measure(label: str, path: Path, seconds: float | None, note: str = "") -> None:
@@ -104,7 +111,6 @@ def run(workdir: Path, args) -> None:
     measure("F16", f16, None)
     lc_imatrix = workdir / "llama.imatrix.gguf"
     imatrix_seconds = _llama_imatrix(binaries, f16, calibration, lc_imatrix)
-    data = ["--dataset", str(calibration), "--num-samples", "32", "--seq-len", "512"]
     for index, file_type in enumerate(args.types.split(",")):
         plain = workdir / f"llama-{file_type}.gguf"
         seconds = _llama_quantize(binaries, f16, plain, file_type)

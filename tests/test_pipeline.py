@@ -190,6 +190,52 @@ def test_a_run_without_resume_state_commits_no_inputs_and_writes_the_same_files(
         calibrate(CalibrateConfig(out=tmp_path / "again", resumable=False, resume=True, **options))
 
 
+def test_no_metric_samples_skips_the_output_sqnr_pass_and_writes_the_same_files(llama_dir, tmp_path, monkeypatch):
+    """metric_samples=0 (export --algo's run): with --propagate float the quantized block is never run (that pass
+    only measured output SQNR), no output figure is recorded, the weight SQNR still is, and the codes are the same;
+    --target-bits, which measures block gains on the metric samples, refuses it, as it refuses a negative count."""
+    from quantkit.errors import QuantkitError
+    from quantkit.run.block import BlockQuantizer
+
+    options = dict(model=str(llama_dir), scheme="w4a16", algorithm="gptq", num_samples=8, seq_len=32, batch_size=4,
+                   propagate="float", options={"true_sequential": False})
+    measured = calibrate(CalibrateConfig(out=tmp_path / "measured", **options))
+    passes, propagate = [], BlockQuantizer.propagate
+
+    def counted(self, *args, **kwargs):
+        passes.append(self.job.index)
+        return propagate(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockQuantizer, "propagate", counted)
+    plain = calibrate(CalibrateConfig(out=tmp_path / "plain", metric_samples=0, **options))
+    assert passes == []
+    assert _files(tmp_path / "measured") == _files(tmp_path / "plain")
+    assert all("output_sqnr_db" in e.metrics for e in measured.manifest.layers.values())
+    assert all("output_sqnr_db" not in e.metrics and "weight_sqnr_db" in e.metrics
+               for e in plain.manifest.layers.values())
+    for wrong in (dict(metric_samples=-1), dict(metric_samples=0, target_bits=4.0)):
+        with pytest.raises(QuantkitError, match="metric_samples"):
+            calibrate(CalibrateConfig(out=tmp_path / "wrong", **{**options, **wrong}))
+
+
+def test_the_progress_bar_shows_the_worst_weight_sqnr_when_no_output_sqnr_is_measured():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from quantkit.cli.render import RichProgress
+
+    for layers, shown in [({"a": {"weight_sqnr_db": 20.0, "output_sqnr_db": 30.0}, "b": {"weight_sqnr_db": 25.0,
+                                                                                        "output_sqnr_db": 12.5}},
+                           "worst output SQNR 12.5 dB (b)"),
+                          ({"a": {"weight_sqnr_db": 20.0}, "b": {"weight_sqnr_db": 17.25}}, "worst weight SQNR 17.2 dB (b)")]:
+        progress = RichProgress(Console(file=StringIO()))
+        progress.stage("blocks", 1)
+        progress.block_done(0, layers)
+        progress.advance("blocks", "block 0")
+        assert progress.bar.tasks[progress.tasks["blocks"]].fields["detail"] == f"block 0  {shown}"
+
+
 @pytest.mark.parametrize("true_sequential", [True, False])    # False: blocks quantized in the second lane
 def test_propagate_float_resumes_and_offloads_to_the_same_files(llama_dir, tmp_path, true_sequential):
     """--propagate float (each block calibrated on the float model's inputs, which the observing pass keeps as

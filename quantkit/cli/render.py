@@ -34,7 +34,8 @@ class RichProgress(PipelineProgress):
         self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=console, transient=True)
         self.tasks: dict[str, int] = {}
-        self.worst: tuple[float, str] = (math.inf, "")
+        # the worst layer so far by output SQNR, or by weight SQNR in a run that measures no output figures
+        self.worst = {"output": (math.inf, ""), "weight": (math.inf, "")}
 
     def __enter__(self):
         self.bar.__enter__()
@@ -54,7 +55,9 @@ class RichProgress(PipelineProgress):
         self.tasks[name] = self.bar.add_task(name, total=total, detail="")
 
     def advance(self, name: str, detail: str = "") -> None:
-        worst = f"worst output SQNR {self.worst[0]:.1f} dB ({self.worst[1]})" if self.worst[1] else ""
+        kind = "output" if self.worst["output"][1] else "weight"
+        value, layer = self.worst[kind]
+        worst = f"worst {kind} SQNR {value:.1f} dB ({layer})" if layer else ""
         self.bar.update(self.tasks[name], advance=1, detail=f"{detail}  {worst}")
 
     def step(self, name: str, done: int, total: int, detail: str = "") -> None:
@@ -64,9 +67,10 @@ class RichProgress(PipelineProgress):
 
     def block_done(self, index: int, layers: dict[str, dict]) -> None:
         for name, metrics in layers.items():
-            value = metrics.get("output_sqnr_db")
-            if value is not None and value < self.worst[0]:
-                self.worst = (value, name)
+            for kind in self.worst:
+                value = metrics.get(f"{kind}_sqnr_db")
+                if value is not None and value < self.worst[kind][0]:
+                    self.worst[kind] = (value, name)
         for name in [n for n in self.tasks if n.startswith(f"block {index} ")]:   # its refinement's steps
             self.bar.update(self.tasks[name], visible=False)
         losses = {(m["block_loss_before"], m["block_loss_after"]) for m in layers.values() if "block_loss_before" in m}

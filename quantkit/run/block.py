@@ -202,6 +202,7 @@ class BlockQuantizer:
         calibrated = job.inputs is not None
         result, stats, deferred = observed_block.result, observed_block.stats, observed_block.deferred
         float_weights: dict[str, torch.Tensor] = {}
+        measured = calibrated and job.metric_samples > 0     # metric_samples 0: no output-SQNR figures
         with self.timed("quantize"):
             for stage in job.arch.sequential:
                 for batch in self.batches([name for name in stage if name in job.assigned]):
@@ -210,7 +211,7 @@ class BlockQuantizer:
                         stats.update(self.observe(later, partial=True))
                     swept = self.shared_sweeps(batch, stats) if calibrated else {}
                     for name in batch:
-                        if calibrated:  # the output-SQNR reference of propagate, which runs in the compute dtype
+                        if measured:  # the output-SQNR reference of propagate, which runs in the compute dtype
                             float_weights[name] = job.block.get_submodule(name).weight.to(job.compute_dtype, copy=True)
                         self.quantize_linear(name, stats[name], result, swept.pop(name, None))
                         if stats[name] is not None:
@@ -218,13 +219,14 @@ class BlockQuantizer:
         if calibrated and self.rounded_from:
             with self.timed("refine"):
                 self.refine(stats, result)
-        if calibrated:
+        output_sqnr: dict[str, float] = {}
+        if calibrated and (measured or not observed_block.float_stream):
             with self.timed("propagate"):
                 if not observed_block.float_stream:
                     result.outputs, output_sqnr = self.propagate(float_weights, job.inputs)
                 else:   # only the output-SQNR figures: the quantized block on the first metric samples
                     _, output_sqnr = self.propagate(float_weights, self.first_samples(job.metric_samples), keep=False)
-            for name, value in output_sqnr.items():
+        for name, value in output_sqnr.items():
                 result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
         result.timings = self.timings
         return result

@@ -122,7 +122,8 @@ class CalibrateConfig:
     overwrite: bool = False
     dtype: str = "auto"                 # compute dtype of the forward passes
     trust_remote_code: bool = False
-    metric_samples: int = 4             # samples whose layer outputs are compared float vs quantized
+    metric_samples: int = 4             # samples whose layer outputs are compared float vs quantized (0: none, no
+                                        # output-SQNR figures; with --propagate float the block's second pass goes)
     keep_model: bool = False            # return the in-memory quantized model (tests, validation)
     resume: bool = False                # continue an interrupted run from its first unfinished block
     resumable: bool = True              # False: no block commits the next block's inputs (what --resume restarts
@@ -384,6 +385,11 @@ def _prepare(config: CalibrateConfig, writes: bool = True) -> _Run:
         check_options(config.algorithm, config.options)
     if config.num_samples < 1 or config.batch_size < 1:
         raise QuantkitError("--num-samples and --batch-size must be at least 1")
+    if config.metric_samples < 0:
+        raise QuantkitError(f"metric_samples must be at least 0, got {config.metric_samples}")
+    if config.metric_samples == 0 and (config.target_bits or config.target_size):
+        raise QuantkitError("--target-bits/--target-size measure block gains on the metric samples: metric_samples "
+                            "must be at least 1")
     if config.resume and not config.resumable:
         raise QuantkitError("--resume continues a run that keeps its resume state; this one does not")
     if config.seq_len < 2:
