@@ -227,7 +227,7 @@ class BlockQuantizer:
                 else:   # only the output-SQNR figures: the quantized block on the first metric samples
                     _, output_sqnr = self.propagate(float_weights, self.first_samples(job.metric_samples), keep=False)
         for name, value in output_sqnr.items():
-                result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
+            result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
         result.timings = self.timings
         return result
 
