@@ -202,6 +202,7 @@ SHARED_GROUPS = {   # Linears reading one input, on grids fixed before the sweep
     "K types with and without mins": (["q4_k", "q6_k", "q2_k"], {}),
     "K type beside llama.cpp's 32-value blocks": (["q4_k", "q5_0", "q3_k"], {"llama_cpp": True}),
     "Q4_K_M's attention: Q4_K's levels 0..15 beside Q5_0's -16..15": (["q4_k", "q5_0"], {"llama_cpp": True}),
+    "llama.cpp's Q5_1 minimums beside Q4_K's": (["q5_1", "q4_k", "q4_1"], {"llama_cpp": True}),
     "static groups, symmetric and asymmetric, per channel": (
         [WeightSpec(4, "group", True, 64), WeightSpec(3, "group", False, 32), WeightSpec(8, "channel", True)], {}),
     "weighted symmetric groups": ([WeightSpec(4, "group", True, 64), WeightSpec(5, "group", True, 32)],

@@ -625,6 +625,34 @@ def test_algo_writes_a_calibration_runs_codes_on_the_types_chosen(llama_bpe, tmp
             assert np.array_equal(rest[name].data, tensor.data), name
 
 
+def test_algo_gptq_on_q5_1_keeps_llama_cpps_float_minimums(llama_bpe, tmp_path):
+    """--type Q5_1 --algo gptq: each block Linear's codes are GPTQ's on llama.cpp's weighted Q5_1 grid, whose
+    float16 minimum is no integer zero point (stored as a fractional one): the file equals the two-step route's
+    (calibrate --scheme q5_1 --algo gptq --algo-option llama_cpp=true, then export) byte for byte, and gguf-py
+    reads every block back to the native model's values."""
+    from quantkit import api
+
+    data = dict(dataset="dummy", num_samples=4, seq_len=16)
+    result = api.export(llama_bpe, format="gguf", out=tmp_path / "one.gguf", type="Q5_1", algo="gptq", **data)
+    blocks = [t for t in result.linears if t.source.startswith("model.layers.")]
+    assert len(blocks) == 14 and {(t.status, t.ggml_type) for t in blocks} == {("calibrated", "Q5_1")}
+    calibrate(CalibrateConfig(model=str(llama_bpe), scheme="q5_1", algorithm="gptq", options={"llama_cpp": True},
+                              out=tmp_path / "two", **data))
+    export_gguf(tmp_path / "two", tmp_path / "two.gguf")
+    one, two = _block_tensors(tmp_path / "one.gguf"), _block_tensors(tmp_path / "two.gguf")
+    assert one.keys() == two.keys() and all(np.array_equal(one[n].data, two[n].data) for n in one)
+    model = load_quantized(tmp_path / "two")
+    fractional = 0
+    for record in blocks:
+        if record.name.endswith(("attn_q.weight", "attn_k.weight")):
+            continue                       # rows permuted for llama.cpp's rotary layout
+        layer = model.get_submodule(record.source)
+        fractional += not layer.quant_tensor().integer_zero
+        ours = layer.dequantized_weight().float()
+        assert torch.allclose(gguf_weight(result.out, record.name, *ours.shape), ours, rtol=0, atol=1e-6), record.name
+    assert fractional >= 8
+
+
 def test_algo_under_a_target_size_keeps_the_choice_and_the_size(llama_bpe, tmp_path):
     """--target-size with --algo: the same types as without it, every chosen Linear calibrated on its type, and
     the file within the target; gguf-py reads each block back to the calibrated codes' values."""

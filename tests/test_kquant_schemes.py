@@ -436,6 +436,37 @@ def test_gptq_on_llama_cpps_q4_0_grid_survives_dead_blocks():
     assert loss(gptq) < loss(searched)
 
 
+@pytest.mark.parametrize("scheme", ["q4_1", "q5_1"])
+def test_gptq_on_llama_cpps_grid_with_minimums(scheme):
+    """llama_cpp=True on Q4_1/Q5_1: GPTQ places its codes on llama.cpp's weighted search's own blocks (every d and
+    float16 m of the written blocks equal the search's, bit for bit; the minimum is a fractional zero point) and
+    beats that search's own rounding and GPTQ's min/max grid with integer zero points on the output error. A
+    dead 32-column block (value 0) and a constant negative block (which the search gives no step) included."""
+    from quantkit.exporters import gguf_blocks
+    from quantkit.formats import ggml_blocks
+
+    x, w = _correlated_layer(n_in=256, n_out=32)
+    x[:, :32], w[:, :32] = 0.0, 0.0        # GPTQ zeroes a dead column's weights before the search
+    w[5, 64:96] = -0.03
+    hessian = 2 * x.t() @ x / x.shape[0]
+    spec = SCHEMES[scheme].weight
+    fmt = ggml_blocks.min_type(spec)
+    gptq, _ = gptq_quantize(w, hessian, spec, llama_cpp=True)
+    searched = quantize_imatrix(w, spec, torch.diag(hessian) / 2)
+    search = ggml_blocks.with_steps(ggml_blocks.quantize_weighted_blocks(w, fmt, torch.diag(hessian) / 2))
+    assert not searched.integer_zero and (float(search.d[5, 2]), float(search.m[5, 2])) == (float(w[5, 64].half()), 0)
+    blocks = gguf_blocks.carry_codes(gptq.codes, gptq.scale, gptq.zero, fmt)
+    assert torch.equal(blocks.d, search.d) and torch.equal(blocks.m, search.m)
+    carried = gguf_blocks.carry_codes(searched.codes, searched.scale, searched.zero, fmt)     # --algo imatrix's
+    assert all(torch.equal(getattr(carried, f), getattr(search, f)) for f in ("q", "d", "m"))
+    values = blocks.dequantize()
+    assert torch.allclose(gptq.dequantize(), values, rtol=0, atol=1e-6) and not values[:, :32].any()
+    loss = lambda q: float(((x @ (q - w).t()) ** 2).mean())   # noqa: E731
+    own, _ = gptq_quantize(w, hessian, spec)
+    assert own.integer_zero
+    assert loss(values) < loss(search.dequantize()) and loss(values) < loss(own.dequantize())
+
+
 def test_compressed_tensors_refuses_k_grids(tiny, tmp_path):
     _calibrate(tiny, tmp_path / "q", "q4_k", "rtn")
     assert_one_line_error(run_cli("export", tmp_path / "q", "--format", "compressed-tensors", "--out", tmp_path / "ct"),

@@ -147,6 +147,7 @@ def test_default_init_is_imatrix_where_it_searches_the_grid_else_rtn():
     assert default_init(WeightSpec(4, "group", False, 64)) == "rtn"                  # asymmetric: no imatrix search
     assert default_init(get_scheme("q4_k").weight) == "imatrix"
     assert default_init(get_scheme("q8_0").weight) == "rtn"
+    assert default_init(get_scheme("q5_1").weight) == "rtn"   # imatrix searches it, with a fractional zero point
 
 
 @pytest.mark.parametrize("auto_is,options", [("imatrix", dict(symmetric=True)), ("rtn", dict(symmetric=False, bits=3))])
@@ -291,6 +292,8 @@ def test_bad_options_and_grids_are_one_line(llama_dir, tmp_path):
                                   "--algo-option", "iters=-1", *out), "must be at least 0")
     assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "nvfp4a16", "--algo", "signround", *out),
                           "signround learns offsets on integer grids")
+    assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "q5_1", "--algo", "signround",
+                                  "--algo-option", "init=imatrix", *out), "fractional ones (llama.cpp's Q4_1/Q5_1")
     assert get_scheme("w4a16").weight.element.kind == "int"
 
 

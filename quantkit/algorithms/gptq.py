@@ -74,8 +74,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
                   global_scale: torch.Tensor | None = None, llama_cpp: bool = False, weighted_grid: bool = False
                   ) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
     """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results); ``global_scale``
-    [1] overrides a two-level grid's own (a fused group's shared one); ``llama_cpp``: int4/int5 g32 symmetric
-    grids take their scales from llama.cpp's weighted Q4_0/Q5_0 search, ``weighted_grid``: every symmetric
+    [1] overrides a two-level grid's own (a fused group's shared one); ``llama_cpp``: int4/int5 g32 grids take
+    their scales (and minimums) from llama.cpp's weighted Q4_0/Q5_0 (Q4_1/Q5_1) search, ``weighted_grid``: every symmetric
     integer grid takes its group scales from that search (`llama_cpp_grid`)."""
     quant, results, _ = _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale,
                               llama_cpp, weighted_grid=weighted_grid)
@@ -148,8 +148,9 @@ class _Grid:
     """One Linear's grid for the sweep, per input column in sweep order ([in, out] each): a column's codes are
         q = clamp(round((w + offset) / step) + zero, low, high),  w_hat = (q - zero) * step - offset,
         code = q - shift
-    (K types with mins: offset dmin*m, zero 0, levels 0..2^b-1, shift 2^(b-1); symmetric grids: offset and
-    zero 0; static asymmetric groups: their zero point). ``searched`` [in, out]: llama.cpp's own levels (code +
+    (K types with mins: offset dmin*m, zero 0, levels 0..2^b-1, shift 2^(b-1); Q4_1/Q5_1 searched by llama.cpp:
+    offset -m, zero 0, levels 0..2^b-1, shift 2^(b-1); symmetric grids: offset and zero 0; static asymmetric
+    groups: their zero point). ``searched`` [in, out]: llama.cpp's own levels (code +
     shift), kept where a searched (sub-)block's step is 0. None where the parameters follow the sweep."""
 
     step: torch.Tensor
@@ -174,6 +175,8 @@ def _fixed_grid(W: torch.Tensor, H: torch.Tensor, spec: WeightSpec, perm: torch.
     element = spec.element
     glob = primitives.global_scale(W, spec) if options["global_scale"] is None else options["global_scale"]
     group_of = (torch.arange(in_features) // group_size)[perm]         # each swept column's (original) group
+    if ggml_blocks.min_type(spec) is not None and searched is not None:
+        return _min_block_grid(searched, spec, group_of, perm)
     if spec.k_format is not None:
         step, offset = k_step(searched)
         shift = float(-element.min) if offset is not None else 0.0
@@ -199,6 +202,20 @@ def _fixed_grid(W: torch.Tensor, H: torch.Tensor, spec: WeightSpec, perm: torch.
     return _Grid(_columns(step, group_of), None, zero_columns, float(element.min), float(element.max), 0.0,
                  None if searched is None else _levels(searched, perm, 0.0), finish,
                  element if element.kind == "float" else None)
+
+
+def _min_block_grid(searched: QuantTensor, spec: WeightSpec, group_of: torch.Tensor, perm: torch.Tensor) -> _Grid:
+    """Q4_1/Q5_1 as llama.cpp's search chose them (x = d * q + m, q in 0..2^b - 1): step d and offset -m, taken
+    back from the QuantTensor's fractional zero exactly as the exporter takes them (`gguf_blocks.carry_codes`), so
+    the sweep rounds onto the values the file holds; code = q - 2^(b-1)."""
+    fmt = ggml_blocks.FORMATS[ggml_blocks.min_type(spec)]
+    minimum = ggml_blocks.block_minimum(searched.scale, searched.zero, fmt.name).float()
+    shift = float(fmt.offset)
+
+    def finish(codes):
+        return QuantTensor(codes, searched.scale, searched.zero, spec)
+    return _Grid(_columns(searched.scale, group_of), _columns(-minimum, group_of), None, 0.0, float(fmt.levels - 1),
+                 shift, _levels(searched, perm, shift), finish)
 
 
 def _columns(param: torch.Tensor, group_of: torch.Tensor) -> torch.Tensor:
@@ -396,26 +413,26 @@ def llama_cpp_grid(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec
                    weighted: bool = False) -> QuantTensor | None:
     """The grid GPTQ places codes on when llama.cpp's search chooses it, with importance E[x_j^2] = H_jj / 2:
     K-quant grids always (`kquants.quantize_weighted`: every super-block's d/dmin and sub-block scales/mins),
-    with ``legacy`` the int4/int5 g32 symmetric grids (llama.cpp's weighted Q4_0/Q5_0 search for each
-    block's scale, `ggml_blocks.quantize_weighted_blocks`), and with ``weighted`` every symmetric integer grid
+    with ``legacy`` the int4/int5 g32 grids (llama.cpp's weighted Q4_0/Q5_0 search for each block's scale,
+    Q4_1/Q5_1's for its scale and float16 minimum, a fractional zero point; `ggml_blocks.quantize_weighted_blocks`),
+    and with ``weighted`` every symmetric integer grid
     (the same search per group, `weighted_search`). None otherwise: GPTQ's own min/max grid."""
     if not llama_cpp_searches(spec, legacy, weighted):
         return None
     importance = torch.diag(hessian).float() / 2
     if spec.k_format is not None:
         return QuantTensor.from_k_blocks(kquants.quantize_weighted(weight, spec.k_format.name, importance), spec)
-    block_type = ggml_blocks.symmetric_type(spec)
-    if legacy and block_type in _LEGACY_SEARCHED:
-        return QuantTensor.from_ggml_blocks(ggml_blocks.quantize_weighted_blocks(weight, block_type, importance), spec)
+    block_type = ggml_blocks.searched_type(spec)
+    if legacy and block_type is not None:
+        blocks = ggml_blocks.with_steps(ggml_blocks.quantize_weighted_blocks(weight, block_type, importance))
+        return QuantTensor.from_ggml_blocks(blocks, spec)
     return weighted_search.weighted_symmetric(weight, spec, importance)
 
-
-_LEGACY_SEARCHED = ("Q4_0", "Q5_0")
 
 
 def llama_cpp_searches(spec: WeightSpec, legacy: bool, weighted: bool = False) -> bool:
     """Whether `llama_cpp_grid` gives ``spec`` llama.cpp's searched grid (else GPTQ keeps its own)."""
-    return (spec.k_format is not None or (legacy and ggml_blocks.symmetric_type(spec) in _LEGACY_SEARCHED)
+    return (spec.k_format is not None or (legacy and ggml_blocks.searched_type(spec) is not None)
             or (weighted and weighted_search.supports(spec)))
 
 
@@ -432,8 +449,8 @@ def k_step(grid: QuantTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
 class GPTQ:
     """Options: block_size (128), damp (0.01), act_order (True), static_groups (True), true_sequential
     (True; false collects every Linear's Hessian in one pass over the float block: fewer passes), llama_cpp
-    (False; true: int4/int5 g32 symmetric grids, llama.cpp's Q4_0/Q5_0, take their scales from llama.cpp's
-    weighted search; the llama.cpp file-type plans set it), weighted_grid (False; true: every symmetric integer
+    (False; true: int4/int5 g32 grids, llama.cpp's Q4_0/Q5_0 and Q4_1/Q5_1, take their scales and minimums from
+    llama.cpp's weighted search; the llama.cpp file-type plans set it), weighted_grid (False; true: every symmetric integer
     grid takes its group scales from llama.cpp's importance-weighted least-squares search, `weighted_search`).
     K-quant grids always start from llama.cpp's weighted search (`llama_cpp_grid`).
 

@@ -5,8 +5,8 @@ The importance of input column j is E[x_j^2] over the calibration tokens that re
 importance_j (Q6_K), and every sub-block's scale and min and every super-block's d and dmin are fitted by
 weighted least squares under it (`kquants.quantize_weighted`, bit-identical to ggml's quantize_q*_K for
 the same importance values). Codes are then rounded to nearest on that grid, as llama.cpp does. The
-32-value fallback types Q4_0 and Q5_0 get llama.cpp's weighted search for them (`quantize_weighted_blocks`);
-Q4_1/Q5_1 (whose float16 minimum is no integer zero point) are left to rtn by the file-type plans. Any other
+32-value fallback types Q4_0, Q5_0, Q4_1 and Q5_1 get llama.cpp's weighted search for them
+(`quantize_weighted_blocks`; Q4_1/Q5_1's float16 minimum becomes a fractional zero point). Any other
 symmetric integer grid (any bits, group size or per channel) gets the same least-squares scale search per group
 (`weighted_search.weighted_symmetric`): what AutoRound's iters=0 ("opt_rtn") does for its int grids.
 """
@@ -25,16 +25,17 @@ from quantkit.formats.schemes import WeightSpec
 
 def quantize_imatrix(weight: torch.Tensor, spec: WeightSpec, importance: torch.Tensor) -> QuantTensor:
     """weight [out, in] float, importance [in] float32 (E[x^2] per input column) -> the QuantTensor of llama.cpp's
-    weighted search on ``spec``: a K grid, a symmetric 32-value block type (`ggml_blocks.symmetric_type`), or
-    another symmetric integer grid (`weighted_search`)."""
+    weighted search on ``spec``: a K grid, a searched 32-value block type (Q4_0, Q5_0, Q4_1, Q5_1), or another
+    symmetric integer grid (`weighted_search`)."""
     if spec.k_format is not None:
         return QuantTensor.from_k_blocks(kquants.quantize_weighted(weight.float(), spec.k_format.name,
                                                                    importance.float()), spec)
-    block_type = ggml_blocks.symmetric_type(spec)
-    if block_type not in ("Q4_0", "Q5_0"):
+    block_type = ggml_blocks.searched_type(spec)
+    if block_type is None:
         return weighted_search.weighted_symmetric(weight, spec, importance)
     blocks = ggml_blocks.quantize_weighted_blocks(weight.float(), block_type, importance.float())
-    return QuantTensor.from_ggml_blocks(blocks, spec)
+    return QuantTensor.from_ggml_blocks(ggml_blocks.with_steps(blocks), spec)
+
 
 
 @register("imatrix")
@@ -49,9 +50,10 @@ class ImportanceMatrix:
     sequential = False
 
     def validate(self, spec: WeightSpec) -> None:
-        if spec.k_format is None and (ggml_blocks.symmetric_type(spec) == "Q8_0" or not weighted_search.supports(spec)):
+        if spec.k_format is None and ggml_blocks.searched_type(spec) is None and (
+                ggml_blocks.symmetric_type(spec) == "Q8_0" or not weighted_search.supports(spec)):
             raise QuantkitError(f"imatrix is llama.cpp's search for K-quant grids (q2_k ... q6_k, the gguf:* file "
-                                f"types), the q4_0/q5_0 blocks and symmetric integer group grids, not for "
+                                f"types), the q4_0/q5_0/q4_1/q5_1 blocks and symmetric integer group grids, not for "
                                 f"{spec.describe()}; use rtn, gptq or awq")
 
     def quantize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext) -> tuple[QuantTensor, dict]:

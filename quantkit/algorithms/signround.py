@@ -43,7 +43,7 @@ from quantkit.algorithms.registry import (
 )
 from quantkit.calibrate.hooks import run_block
 from quantkit.errors import QuantkitError
-from quantkit.formats import primitives
+from quantkit.formats import ggml_blocks, primitives
 from quantkit.formats.numbers import scale_format
 from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.formats.schemes import WeightSpec
@@ -58,7 +58,10 @@ def default_init(spec: WeightSpec) -> str:
     """init=auto: imatrix (llama.cpp's importance-weighted scale search) on the grids it searches (symmetric
     integer groups, K-quants, Q4_0/Q5_0), rtn elsewhere. Measured on SmolLM2 with 50 steps (docs/benchmarks.md,
     issue 16): int4 g64 sym 25.24 from imatrix against 25.95 from rtn and 27.48 from gptq; on Q4_K_M's grids
-    imatrix and gptq tie (18.84) in llama.cpp."""
+    imatrix and gptq tie (18.84) in llama.cpp. Q4_1/Q5_1's searched float16 minimum is a fractional zero point,
+    which the learned grid cannot hold: rtn there."""
+    if ggml_blocks.min_type(spec) is not None:
+        return "rtn"
     try:
         get_algorithm("imatrix").validate(spec)
     except QuantkitError:
@@ -350,9 +353,14 @@ class SignRound:
         init_context = dataclasses.replace(context, options=options)
         rounding = getattr(algorithm, "rounding", None)
         if rounding is not None:     # GPTQ: the codes come from the error-compensated columns
-            return rounding(weight, spec, init_context)
-        quant, results = algorithm.quantize(weight, spec, init_context)
-        return quant, results, weight.detach().float()
+            quant, results, rounded_from = rounding(weight, spec, init_context)
+        else:
+            (quant, results), rounded_from = algorithm.quantize(weight, spec, init_context), weight.detach().float()
+        if not quant.integer_zero:   # the grid below rounds code + z: z must be an integer
+            raise QuantkitError(f"signround learns on integer zero points; init={name} gave {spec.describe()} "
+                                "fractional ones (llama.cpp's Q4_1/Q5_1 minimum): use init=rtn, or gptq without "
+                                "llama_cpp")
+        return quant, results, rounded_from
 
     def refine_block(self, context: RefineContext) -> Refined:
         names = sorted(context.rounded_from)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from quantkit.formats import packing
-from quantkit.formats.ggml_blocks import BLOCK, FORMATS, Blocks
+from quantkit.formats.ggml_blocks import BLOCK, FORMATS, Blocks, block_minimum
 
 BLOCK_BYTES = {**{name: fmt.type_size for name, fmt in FORMATS.items()}, "MXFP4": 17}
 
@@ -174,5 +174,5 @@ def carry_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     q = codes.long() + fmt.offset
     m = None
     if zero is not None:
-        m = (-scale.float() * (zero.float() + fmt.offset)).half()
+        m = block_minimum(scale, zero, fmt_name)
     return Blocks(fmt, q, scale.half(), m)

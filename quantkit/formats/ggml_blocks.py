@@ -113,6 +113,36 @@ def symmetric_type(spec) -> str | None:
     return next((f.name for f in FORMATS.values() if not f.has_min and f.levels == 1 << spec.bits), None)
 
 
+def min_type(spec) -> str | None:
+    """The 32-value block type with a minimum whose grid an asymmetric ``spec`` is (int4/int5 in groups of 32 with
+    fp16 scales: Q4_1, Q5_1), or None. Its codes carry exactly; its float16 minimum m is the fractional zero point
+    z = -m / d - offset (`QuantTensor.from_ggml_blocks`)."""
+    if spec.format != "int" or spec.granularity != "group" or spec.group_size != BLOCK or spec.symmetric \
+            or spec.super_group is not None or spec.scale_format != "fp16":
+        return None
+    return next((f.name for f in FORMATS.values() if f.has_min and f.levels == 1 << spec.bits), None)
+
+
+def block_minimum(d: torch.Tensor, zero: torch.Tensor, fmt_name: str) -> torch.Tensor:
+    """The float16 minimum m = -d * (zero + offset) [rows, n/32] of Q4_1/Q5_1 blocks with scales d and zero points
+    ``zero`` [rows, n/32] float32, in float64: exact for integer zeros, and a fractional zero of
+    `QuantTensor.from_ggml_blocks` comes back to the float16 m it was made from."""
+    return (-d.double() * (zero.double() + FORMATS[fmt_name].offset)).half()
+
+
+def with_steps(blocks: Blocks) -> Blocks:
+    """The same values, every block with a step: llama.cpp's search gives a block of equal negative values
+    x = m no step (d = 0, q = 0); it becomes d = m, m = 0, q = 1 (d * 1 + 0 = m exactly), so the value is a code
+    step of a grid other algorithms can round on. Blocks of zeros (d = 0, m = 0) stay."""
+    if not blocks.fmt.has_min:
+        return blocks
+    constant = (blocks.d == 0) & (blocks.m != 0)
+    if not bool(constant.any()):
+        return blocks
+    q = torch.where(constant.repeat_interleave(BLOCK, dim=1), 1, blocks.q)
+    return Blocks(blocks.fmt, q, torch.where(constant, blocks.m, blocks.d), torch.where(constant, 0, blocks.m).half())
+
+
 # llama.cpp's importance-weighted search per type: (make_qx_quants nmax) for the symmetric ones, (make_qkx3_quants
 # nmax) for those with a minimum (quantize_row_q4_0_impl ... quantize_row_q5_1_impl); Q8_0 ignores the matrix.
 WEIGHTED = {"Q4_0": 8, "Q5_0": 16, "Q4_1": 15, "Q5_1": 31}
@@ -141,6 +171,13 @@ def quantize_weighted_blocks(weight: torch.Tensor, fmt_name: str, importance: to
         return Blocks(fmt, levels.reshape(rows, n), scale.reshape(rows, -1).half(), (-the_min).reshape(rows, -1).half())
     scale, levels = kquants.make_qx_quants_rmse1(blocks, nmax, weights)
     return Blocks(fmt, levels.reshape(rows, n), scale.reshape(rows, -1).half())
+
+
+def searched_type(spec) -> str | None:
+    """The 32-value block type llama.cpp searches with an importance matrix whose grid ``spec`` is (Q4_0, Q5_0:
+    `symmetric_type`; Q4_1, Q5_1: `min_type`), or None."""
+    block_type = symmetric_type(spec) or min_type(spec)
+    return block_type if block_type in WEIGHTED else None
 
 
 def importance_searched(ggml_type: str) -> bool:

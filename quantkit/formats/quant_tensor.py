@@ -98,11 +98,19 @@ class QuantTensor:
 
     @classmethod
     def from_ggml_blocks(cls, blocks: ggml_blocks.Blocks, spec: WeightSpec) -> "QuantTensor":
-        """A symmetric 32-value block type (Q4_0, Q5_0, Q8_0) as the int g32 grid that holds it exactly:
-        code = q - offset, scale = d (negative where llama.cpp's d = max / -8 is)."""
-        assert not blocks.fmt.has_min and (spec.group_size, spec.symmetric) == (ggml_blocks.BLOCK, True), spec
+        """A 32-value block type as the int g32 grid of ``spec``: code = q - offset, scale = d (negative where
+        llama.cpp's d = max / -8 is). Symmetric types (Q4_0, Q5_0, Q8_0) are held exactly; a type with a
+        minimum (Q4_1, Q5_1: x = d * q + m) gets the fractional zero point z = -m / d - offset, so that
+        (code - z) * d = d * q + m and the exporter's m = -d * (z + offset) rounds back to the same float16
+        (blocks of zeros: z = -offset; a constant block needs a step first, `ggml_blocks.with_steps`)."""
+        assert (spec.group_size, spec.symmetric) == (ggml_blocks.BLOCK, not blocks.fmt.has_min), spec
         codes = (blocks.q - blocks.fmt.offset).to(torch.int8)
-        return cls(codes, blocks.d.float(), None, spec)
+        if not blocks.fmt.has_min:
+            return cls(codes, blocks.d.float(), None, spec)
+        d, m = blocks.d.double(), blocks.m.double()
+        assert not bool(((d == 0) & (m != 0)).any()), "a constant block without a step: ggml_blocks.with_steps"
+        zero = torch.where(d == 0, 0.0, -m / torch.where(d == 0, 1.0, d)) - blocks.fmt.offset
+        return cls(codes, blocks.d.float(), zero.float(), spec)
 
     def k_blocks(self) -> kquants.KBlocks:
         """The K-quant fields of a K grid (`from_k_blocks` inverted)."""

@@ -11,6 +11,7 @@ import dataclasses
 from quantkit.algorithms.registry import base_algorithm, validate_grid
 from quantkit.errors import QuantkitError
 from quantkit.formats import ggml_mixes
+from quantkit.formats.ggml_blocks import min_type as ggml_min_type
 from quantkit.formats.ggml_blocks import symmetric_type as ggml_symmetric_type
 from quantkit.formats.schemes import ggml_scheme
 from quantkit.model.architectures import Architecture
@@ -56,15 +57,18 @@ def _with_type(assignment: LayerAssignment, ggml_type: str, why: str) -> LayerAs
 
 def ggml_type_algorithm(algorithm: str, options: dict, ggml_type: str) -> tuple[str, dict, str]:
     """(algorithm, options, why) a Linear calibrated for ggml type ``ggml_type`` runs: rtn where ``algorithm``
-    cannot search that grid (why says so), and rtn/gptq with llama.cpp's own rounding / weighted grid of the
-    32-value symmetric types (Q4_0/Q5_0/Q8_0), as llama-quantize rounds them."""
+    cannot search that grid (why says so), rtn/gptq with llama.cpp's own rounding / weighted grid of the
+    32-value symmetric types (Q4_0/Q5_0/Q8_0), as llama-quantize rounds them, and gptq with llama.cpp's weighted
+    grid of Q4_1/Q5_1 (rtn keeps its integer zero points there)."""
     weight = ggml_scheme(ggml_type).weight
     why = ""
     try:
         validate_grid(algorithm, options, weight)
-    except QuantkitError:     # imatrix: Q4_1/Q5_1's float16 minimum is no integer zero point, Q8_0 has no search
+    except QuantkitError:     # imatrix: Q8_0 has no search
         algorithm, options, why = "rtn", {}, f"{algorithm} does not search {ggml_type}: rtn"
     if base_algorithm(algorithm, options, weight)[0] in ("rtn", "gptq") and ggml_symmetric_type(weight) is not None:
         options = {**options, "llama_cpp": True}   # llama.cpp's rounding (rtn) or weighted grid (gptq) of Q4_0/Q5_0
+    elif algorithm == "gptq" and ggml_min_type(weight) is not None:
+        options = {**options, "llama_cpp": True}   # llama.cpp's weighted Q4_1/Q5_1 grid (a float16 minimum)
     return algorithm, options, why
 
