@@ -203,6 +203,19 @@ def test_hqq_zero_points_are_counted(llama_dir, text_file, tmp_path):
     assert allocation.achieved.bits <= 5.0
 
 
+@pytest.mark.parametrize("algorithm,options", [("imatrix", {}), ("gptq", {"llama_cpp": True})])
+def test_llama_cpp_minimums_are_counted(llama_dir, text_file, tmp_path, algorithm, options):
+    """llama.cpp's Q4_1/Q5_1 search (imatrix; gptq with llama_cpp) stores its float16 minimums as fractional zero
+    points (float32): the accounting knows, so the prediction equals the files and the run meets its target."""
+    result = calibrate(CalibrateConfig(model=str(llama_dir), scheme="w4a16", algorithm=algorithm, options=options,
+                                       dataset=str(text_file), num_samples=4, seq_len=32, target_bits=6.0,
+                                       candidates="int4-g32,int5-g32", out=tmp_path / algorithm))
+    allocation = result.manifest.allocation      # int4-g32 5.5 bits with fp32 zeros (4.75 with int8), int5-g32 6.5
+    assert not all(entry.integer_zero for entry in result.manifest.layers.values())
+    assert allocation.achieved.grid_bytes == allocation.planned_bytes
+    assert allocation.achieved.bits <= 6.0 and len(allocation.chosen) == 2
+
+
 def test_solver_ties_prefer_the_cheaper_option_and_refuse_non_finite_losses():
     assert knapsack.solve([[1.0, 1.0, 1.0]], [[30, 10, 20]], 100) == [1]
     with pytest.raises(ValueError):

@@ -186,8 +186,9 @@ def _check_expressible(name: str, entry) -> None:
                             f"{activation.group_size}; compressed-tensors and vLLM quantize activations in whole "
                             "groups (use fp8_dynamic, or a model whose dims are multiples of it)")
     if not entry.integer_zero:
-        raise QuantkitError(f"layer {name}: fractional zero points (HQQ) cannot be expressed in compressed-tensors, "
-                            "whose zero points are integers")
+        raise QuantkitError(f"layer {name}: fractional zero points (HQQ's, or llama.cpp's Q4_1/Q5_1 minimums from "
+                            "imatrix or gptq llama_cpp) cannot be expressed in compressed-tensors, whose zero points "
+                            "are integers")
     if layer_format(entry.scheme) == PACK_QUANTIZED and spec.bits > 8:
         raise QuantkitError(f"layer {name}: {spec.bits}-bit weights cannot be packed")
 

@@ -140,16 +140,26 @@ OFFSET_DIGITS = 15     # safetensors data offsets of up to a petabyte (a size ta
 def extra_bytes(algorithm: str, options: dict, quant: QuantTensor) -> int:
     """Bytes an algorithm's output stores beyond the round-to-nearest QuantTensor ``quant`` of the same grid:
     GPTQ's act-order group indices (int32 per input column) when its groups follow the permuted order
-    (act_order without static_groups); HQQ's fractional zero points, stored as float32 instead of int8."""
+    (act_order without static_groups); fractional zero points, stored as float32 instead of int8: HQQ's, and
+    llama.cpp's Q4_1/Q5_1 float16 minimums (imatrix, and gptq with llama_cpp, on those grids)."""
     spec = quant.spec
     name, base_options = base_algorithm(algorithm, options, spec)
-    if name == "hqq" and quant.zero is not None:
+    if quant.zero is not None and _fractional_zeros(name, base_options, spec):
         return 3 * quant.zero.numel()
     if name != "gptq":
         return 0
     parsed = parse_options(name, base_options)
     grouped = spec.granularity == "group" and spec.super_group is None
     return 4 * quant.shape[1] if parsed.act_order and not parsed.static_groups and grouped else 0
+
+
+def _fractional_zeros(name: str, options: dict, spec) -> bool:
+    """Whether algorithm ``name`` with ``options`` stores fractional zero points on the asymmetric grid ``spec``."""
+    if name == "hqq":
+        return True
+    if ggml_blocks.min_type(spec) is None:
+        return False
+    return name == "imatrix" or (name == "gptq" and parse_options(name, options).llama_cpp)
 
 
 def _fits(candidate: Candidate, in_features: int) -> bool:
