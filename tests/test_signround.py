@@ -147,7 +147,7 @@ def test_default_init_is_imatrix_where_it_searches_the_grid_else_rtn():
     assert default_init(WeightSpec(4, "group", False, 64)) == "rtn"                  # asymmetric: no imatrix search
     assert default_init(get_scheme("q4_k").weight) == "imatrix"
     assert default_init(get_scheme("q8_0").weight) == "rtn"
-    assert default_init(get_scheme("q5_1").weight) == "rtn"   # imatrix searches it, with a fractional zero point
+    assert default_init(get_scheme("q5_1").weight) == "imatrix"   # llama.cpp's search: a float16 minimum
 
 
 @pytest.mark.parametrize("auto_is,options", [("imatrix", dict(symmetric=True)), ("rtn", dict(symmetric=False, bits=3))])
@@ -188,6 +188,29 @@ def test_zero_iterations_equal_gptq_on_a_k_grid(tmp_path):
     initial = load_quantized(tmp_path / "gptq", dtype=torch.float32).model.layers[0].mlp.down_proj
     assert torch.equal(layer.weight_scale, initial.weight_scale)
     assert torch.equal(layer.weight_super_scale, initial.weight_super_scale)
+
+
+@pytest.mark.parametrize("init,options", [("imatrix", {}), ("gptq", {"llama_cpp": True})])
+def test_on_llama_cpps_searched_minimums(llama_dir, tmp_path, init, options):
+    """Q5_1 from llama.cpp's search (a float16 minimum per block, held as a fractional zero point): zero steps keep
+    the initial codes bit for bit; 20 steps lower every block's error and move codes, while every block's d and m
+    stay as searched (the learned offsets live on that grid; block 0, whose inputs both runs share)."""
+    _run(llama_dir, tmp_path / "init", scheme="q5_1", algorithm=init, options=options)
+    _run(llama_dir, tmp_path / "sr0", scheme="q5_1", algorithm="signround", options=dict(init=init, iters=0, **options))
+    _assert_same_codes(tmp_path / "init", tmp_path / "sr0")
+    result = _run(llama_dir, tmp_path / "sr", scheme="q5_1", algorithm="signround",
+                  options=dict(init=init, iters=20, lr=0.005, **options))
+    for entry in result.manifest.layers.values():
+        assert entry.metrics["block_loss_after"] < entry.metrics["block_loss_before"]
+    initial, learned = (load_quantized(tmp_path / d, dtype=torch.float32) for d in ("init", "sr"))
+    moved = 0
+    for name, module in initial.named_modules():
+        if hasattr(module, "quant_tensor") and name.startswith("model.layers.0."):
+            before, after = module.quant_tensor(), learned.get_submodule(name).quant_tensor()
+            assert not before.integer_zero
+            assert torch.equal(before.scale, after.scale) and torch.equal(before.zero, after.zero)
+            moved += int((before.codes != after.codes).sum())
+    assert moved > 0
 
 
 @pytest.mark.parametrize("init", ["gptq", "rtn"])
@@ -292,8 +315,6 @@ def test_bad_options_and_grids_are_one_line(llama_dir, tmp_path):
                                   "--algo-option", "iters=-1", *out), "must be at least 0")
     assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "nvfp4a16", "--algo", "signround", *out),
                           "signround learns offsets on integer grids")
-    assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "q5_1", "--algo", "signround",
-                                  "--algo-option", "init=imatrix", *out), "fractional ones (llama.cpp's Q4_1/Q5_1")
     assert get_scheme("w4a16").weight.element.kind == "int"
 
 

@@ -7,11 +7,13 @@ then the block's rounding is learned against its float outputs, all its SignRoun
     V     [out, in] in [-0.5, 0.5]: a learned rounding offset per weight, 0 at the start
     w0    the weight the initial algorithm rounded (GPTQ: each column as its error feedback left it), so
           V = 0 gives the initial codes exactly
-    s, z  the initial grid. Where its group scale is a free float (integer grids, not K-quants), the group's
+    s, z  the initial grid. Where its group scale is a free float (integer grids, not K-quants or Q4_1/Q5_1's
+          searched minimums), the group's
           range is learned too: symmetric s = s0 * f_hi; asymmetric [lo0 * f_lo, hi0 * f_hi] with
           lo0 = (qmin - z0) * s0, hi0 = (qmax - z0) * s0, s = (hi - lo) / (qmax - qmin),
           z = clamp(qmin - round(lo / s)); factors in [0.5, 1], 1 at the start (AutoRound's min/max tuning)
-    off   K-quants with mins: dmin * m of the sub-block (the sub-block scales d * sc stay as searched)
+    off   K-quants with mins: dmin * m of the sub-block (the sub-block scales d * sc stay as searched);
+          llama.cpp's searched Q4_1/Q5_1 (imatrix, gptq llama_cpp): -m of the block (d and m stay as searched)
 
 Loss: mean squared error of the block's outputs, run on the quantized model's inputs, against the float
 model's block outputs (the float stream), so each block also compensates the error of the blocks before it.
@@ -58,10 +60,7 @@ def default_init(spec: WeightSpec) -> str:
     """init=auto: imatrix (llama.cpp's importance-weighted scale search) on the grids it searches (symmetric
     integer groups, K-quants, Q4_0/Q5_0), rtn elsewhere. Measured on SmolLM2 with 50 steps (docs/benchmarks.md,
     issue 16): int4 g64 sym 25.24 from imatrix against 25.95 from rtn and 27.48 from gptq; on Q4_K_M's grids
-    imatrix and gptq tie (18.84) in llama.cpp. Q4_1/Q5_1's searched float16 minimum is a fractional zero point,
-    which the learned grid cannot hold: rtn there."""
-    if ggml_blocks.min_type(spec) is not None:
-        return "rtn"
+    imatrix and gptq tie (18.84) in llama.cpp."""
     try:
         get_algorithm("imatrix").validate(spec)
     except QuantkitError:
@@ -124,6 +123,17 @@ class _Rounding(torch.autograd.Function):
         return None, grad_offsets, grad_step, grad_low, grad_high, None, None
 
 
+def minimum_grid(quant: QuantTensor) -> bool:
+    """Whether ``quant`` holds llama.cpp's Q4_1/Q5_1 minimums as fractional zero points (imatrix; gptq llama_cpp)."""
+    return ggml_blocks.min_type(quant.spec) is not None and not quant.integer_zero
+
+
+def _minimum_step(quant: QuantTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, -m) [out, G] float32 of a Q4_1/Q5_1 grid, w = d * q + m: m as the exporter writes it."""
+    fmt_name = ggml_blocks.min_type(quant.spec)
+    return quant.scale.float(), -ggml_blocks.block_minimum(quant.scale, quant.zero, fmt_name).float()
+
+
 class LearnedGrid(nn.Module):
     """One Linear's learnable rounding on the grid of its initial QuantTensor.
 
@@ -134,13 +144,15 @@ class LearnedGrid(nn.Module):
         spec = init.spec
         self.init = init
         self.element = spec.element
-        self.k_grid = spec.super_group is not None
-        self.learn_range = learn_range and self.range_learnable(init)
-        if self.k_grid:   # w = (d*sc) * (code + 2^(b-1)) - dmin*m  (asymmetric) or (d*sc) * code
-            step, offset = k_step(init)
+        # K grids, and llama.cpp's searched Q4_1/Q5_1 (a float16 minimum, held as a fractional zero point): the
+        # step and offset stay as searched, w = step * (code + 2^(b-1)) - offset  (or step * code)
+        self.k_grid = spec.super_group is not None or minimum_grid(init)
+        self.learn_range = learn_range and self.range_learnable(init) and not self.k_grid
+        if self.k_grid:
+            step, offset = k_step(init) if spec.super_group is not None else _minimum_step(init)
             self.register_buffer("step0", _expand(step, init))
             self.register_buffer("offset", None if offset is None else _expand(offset, init))
-            self.shift = None if offset is None else -float(1 << (spec.bits - 1))  # z of the K grids with mins
+            self.shift = None if offset is None else -float(1 << (spec.bits - 1))  # z of the grids with offsets
         else:
             self.register_buffer("step0", primitives.effective_scale(init.scale.float(), init.global_scale))
             self.register_buffer("offset", None)
@@ -356,10 +368,9 @@ class SignRound:
             quant, results, rounded_from = rounding(weight, spec, init_context)
         else:
             (quant, results), rounded_from = algorithm.quantize(weight, spec, init_context), weight.detach().float()
-        if not quant.integer_zero:   # the grid below rounds code + z: z must be an integer
+        if not quant.integer_zero and not minimum_grid(quant):   # the grid rounds code + z: z must be an integer
             raise QuantkitError(f"signround learns on integer zero points; init={name} gave {spec.describe()} "
-                                "fractional ones (llama.cpp's Q4_1/Q5_1 minimum): use init=rtn, or gptq without "
-                                "llama_cpp")
+                                "fractional ones")
         return quant, results, rounded_from
 
     def refine_block(self, context: RefineContext) -> Refined:

@@ -58,17 +58,18 @@ def _with_type(assignment: LayerAssignment, ggml_type: str, why: str) -> LayerAs
 def ggml_type_algorithm(algorithm: str, options: dict, ggml_type: str) -> tuple[str, dict, str]:
     """(algorithm, options, why) a Linear calibrated for ggml type ``ggml_type`` runs: rtn where ``algorithm``
     cannot search that grid (why says so), rtn/gptq with llama.cpp's own rounding / weighted grid of the
-    32-value symmetric types (Q4_0/Q5_0/Q8_0), as llama-quantize rounds them, and gptq with llama.cpp's weighted
-    grid of Q4_1/Q5_1 (rtn keeps its integer zero points there)."""
+    32-value symmetric types (Q4_0/Q5_0/Q8_0), as llama-quantize rounds them, and gptq (also as signround's init)
+    with llama.cpp's weighted grid of Q4_1/Q5_1 (rtn keeps its integer zero points there)."""
     weight = ggml_scheme(ggml_type).weight
     why = ""
     try:
         validate_grid(algorithm, options, weight)
     except QuantkitError:     # imatrix: Q8_0 has no search
         algorithm, options, why = "rtn", {}, f"{algorithm} does not search {ggml_type}: rtn"
-    if base_algorithm(algorithm, options, weight)[0] in ("rtn", "gptq") and ggml_symmetric_type(weight) is not None:
+    base = base_algorithm(algorithm, options, weight)[0]
+    if base in ("rtn", "gptq") and ggml_symmetric_type(weight) is not None:
         options = {**options, "llama_cpp": True}   # llama.cpp's rounding (rtn) or weighted grid (gptq) of Q4_0/Q5_0
-    elif algorithm == "gptq" and ggml_min_type(weight) is not None:
+    elif base == "gptq" and ggml_min_type(weight) is not None:
         options = {**options, "llama_cpp": True}   # llama.cpp's weighted Q4_1/Q5_1 grid (a float16 minimum)
     return algorithm, options, why
 
