@@ -75,8 +75,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec,
                   ) -> tuple[QuantTensor, dict[str, torch.Tensor]]:
     """weight [out, in] float, hessian [in, in] fp32 -> (QuantTensor, search results); ``global_scale``
     [1] overrides a two-level grid's own (a fused group's shared one); ``llama_cpp``: int4/int5 g32 grids take
-    their scales (and minimums) from llama.cpp's weighted Q4_0/Q5_0 (Q4_1/Q5_1) search, ``weighted_grid``: every symmetric
-    integer grid takes its group scales from that search (`llama_cpp_grid`)."""
+    their scales (and minimums) from llama.cpp's weighted Q4_0/Q5_0 (Q4_1/Q5_1) search, ``weighted_grid``:
+    every symmetric integer grid takes its group scales from that search (`llama_cpp_grid`)."""
     quant, results, _ = _gptq(weight, hessian, spec, block_size, damp, act_order, static_groups, global_scale,
                               llama_cpp, weighted_grid=weighted_grid)
     return quant, results
@@ -429,7 +429,6 @@ def llama_cpp_grid(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec
     return weighted_search.weighted_symmetric(weight, spec, importance)
 
 
-
 def llama_cpp_searches(spec: WeightSpec, legacy: bool, weighted: bool = False) -> bool:
     """Whether `llama_cpp_grid` gives ``spec`` llama.cpp's searched grid (else GPTQ keeps its own)."""
     return (spec.k_format is not None or (legacy and ggml_blocks.searched_type(spec) is not None)
@@ -450,8 +449,8 @@ class GPTQ:
     """Options: block_size (128), damp (0.01), act_order (True), static_groups (True), true_sequential
     (True; false collects every Linear's Hessian in one pass over the float block: fewer passes), llama_cpp
     (False; true: int4/int5 g32 grids, llama.cpp's Q4_0/Q5_0 and Q4_1/Q5_1, take their scales and minimums from
-    llama.cpp's weighted search; the llama.cpp file-type plans set it), weighted_grid (False; true: every symmetric integer
-    grid takes its group scales from llama.cpp's importance-weighted least-squares search, `weighted_search`).
+    llama.cpp's weighted search; the llama.cpp file-type plans set it), weighted_grid (False; true: every
+    symmetric integer grid takes its group scales from llama.cpp's importance-weighted least-squares search, `weighted_search`).
     K-quant grids always start from llama.cpp's weighted search (`llama_cpp_grid`).
 
     act_order with static groups is the default (llm-compressor's "static" act order): on SmolLM2

@@ -37,7 +37,6 @@ def quantize_imatrix(weight: torch.Tensor, spec: WeightSpec, importance: torch.T
     return QuantTensor.from_ggml_blocks(ggml_blocks.with_steps(blocks), spec)
 
 
-
 @register("imatrix")
 class ImportanceMatrix:
     """No options: llama.cpp's search has none."""
