@@ -209,12 +209,12 @@ def _min_block_grid(searched: QuantTensor, spec: WeightSpec, group_of: torch.Ten
     back from the QuantTensor's fractional zero exactly as the exporter takes them (`gguf_blocks.carry_codes`), so
     the sweep rounds onto the values the file holds; code = q - 2^(b-1)."""
     fmt = ggml_blocks.FORMATS[ggml_blocks.min_type(spec)]
-    minimum = ggml_blocks.block_minimum(searched.scale, searched.zero, fmt.name).float()
+    step, offset = minimum_step(searched)
     shift = float(fmt.offset)
 
     def finish(codes):
         return QuantTensor(codes, searched.scale, searched.zero, spec)
-    return _Grid(_columns(searched.scale, group_of), _columns(-minimum, group_of), None, 0.0, float(fmt.levels - 1),
+    return _Grid(_columns(step, group_of), _columns(offset, group_of), None, 0.0, float(fmt.levels - 1),
                  shift, _levels(searched, perm, shift), finish)
 
 
@@ -424,8 +424,7 @@ def llama_cpp_grid(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec
         return QuantTensor.from_k_blocks(kquants.quantize_weighted(weight, spec.k_format.name, importance), spec)
     block_type = ggml_blocks.searched_type(spec)
     if legacy and block_type is not None:
-        blocks = ggml_blocks.with_steps(ggml_blocks.quantize_weighted_blocks(weight, block_type, importance))
-        return QuantTensor.from_ggml_blocks(blocks, spec)
+        return QuantTensor.from_ggml_blocks(ggml_blocks.quantize_weighted_blocks(weight, block_type, importance), spec)
     return weighted_search.weighted_symmetric(weight, spec, importance)
 
 
@@ -442,6 +441,13 @@ def k_step(grid: QuantTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     step = grid.super_scale.repeat_interleave(per, dim=1) * grid.scale
     offset = None if grid.zero is None else grid.super_min.repeat_interleave(per, dim=1) * grid.zero
     return step, offset
+
+
+def minimum_step(grid: QuantTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, G] float32 (d, -m) of a Q4_1/Q5_1 grid whose float16 minimum m is held as a fractional zero point
+    (w = d * q + m): m as the exporter writes it (`ggml_blocks.block_minimum`)."""
+    fmt_name = ggml_blocks.min_type(grid.spec)
+    return grid.scale.float(), -ggml_blocks.block_minimum(grid.scale, grid.zero, fmt_name).float()
 
 
 @register("gptq")

@@ -34,7 +34,7 @@ def quantize_imatrix(weight: torch.Tensor, spec: WeightSpec, importance: torch.T
     if block_type is None:
         return weighted_search.weighted_symmetric(weight, spec, importance)
     blocks = ggml_blocks.quantize_weighted_blocks(weight.float(), block_type, importance.float())
-    return QuantTensor.from_ggml_blocks(ggml_blocks.with_steps(blocks), spec)
+    return QuantTensor.from_ggml_blocks(blocks, spec)
 
 
 @register("imatrix")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.algorithms.awq import AWQ
-from quantkit.algorithms.gptq import GPTQ, k_step
+from quantkit.algorithms.gptq import GPTQ, k_step, minimum_step
 from quantkit.algorithms.registry import (
     LayerContext,
     RefineContext,
@@ -123,15 +123,9 @@ class _Rounding(torch.autograd.Function):
         return None, grad_offsets, grad_step, grad_low, grad_high, None, None
 
 
-def minimum_grid(quant: QuantTensor) -> bool:
+def _minimum_grid(quant: QuantTensor) -> bool:
     """Whether ``quant`` holds llama.cpp's Q4_1/Q5_1 minimums as fractional zero points (imatrix; gptq llama_cpp)."""
     return ggml_blocks.min_type(quant.spec) is not None and not quant.integer_zero
-
-
-def _minimum_step(quant: QuantTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d, -m) [out, G] float32 of a Q4_1/Q5_1 grid, w = d * q + m: m as the exporter writes it."""
-    fmt_name = ggml_blocks.min_type(quant.spec)
-    return quant.scale.float(), -ggml_blocks.block_minimum(quant.scale, quant.zero, fmt_name).float()
 
 
 class LearnedGrid(nn.Module):
@@ -146,10 +140,10 @@ class LearnedGrid(nn.Module):
         self.element = spec.element
         # K grids, and llama.cpp's searched Q4_1/Q5_1 (a float16 minimum, held as a fractional zero point): the
         # step and offset stay as searched, w = step * (code + 2^(b-1)) - offset  (or step * code)
-        self.k_grid = spec.super_group is not None or minimum_grid(init)
+        self.k_grid = spec.super_group is not None or _minimum_grid(init)
         self.learn_range = learn_range and self.range_learnable(init) and not self.k_grid
         if self.k_grid:
-            step, offset = k_step(init) if spec.super_group is not None else _minimum_step(init)
+            step, offset = k_step(init) if spec.super_group is not None else minimum_step(init)
             self.register_buffer("step0", _expand(step, init))
             self.register_buffer("offset", None if offset is None else _expand(offset, init))
             self.shift = None if offset is None else -float(1 << (spec.bits - 1))  # z of the grids with offsets
@@ -365,13 +359,9 @@ class SignRound:
         init_context = dataclasses.replace(context, options=options)
         rounding = getattr(algorithm, "rounding", None)
         if rounding is not None:     # GPTQ: the codes come from the error-compensated columns
-            quant, results, rounded_from = rounding(weight, spec, init_context)
-        else:
-            (quant, results), rounded_from = algorithm.quantize(weight, spec, init_context), weight.detach().float()
-        if not quant.integer_zero and not minimum_grid(quant):   # the grid rounds code + z: z must be an integer
-            raise QuantkitError(f"signround learns on integer zero points; init={name} gave {spec.describe()} "
-                                "fractional ones")
-        return quant, results, rounded_from
+            return rounding(weight, spec, init_context)
+        quant, results = algorithm.quantize(weight, spec, init_context)
+        return quant, results, weight.detach().float()
 
     def refine_block(self, context: RefineContext) -> Refined:
         names = sorted(context.rounded_from)

@@ -102,13 +102,13 @@ class QuantTensor:
         llama.cpp's d = max / -8 is). Symmetric types (Q4_0, Q5_0, Q8_0) are held exactly; a type with a
         minimum (Q4_1, Q5_1: x = d * q + m) gets the fractional zero point z = -m / d - offset, so that
         (code - z) * d = d * q + m and the exporter's m = -d * (z + offset) rounds back to the same float16
-        (blocks of zeros: z = -offset; a constant block needs a step first, `ggml_blocks.with_steps`)."""
+        (blocks of zeros: z = -offset; a constant block first gets a step, `ggml_blocks.with_steps`)."""
         assert (spec.group_size, spec.symmetric) == (ggml_blocks.BLOCK, not blocks.fmt.has_min), spec
+        blocks = ggml_blocks.with_steps(blocks)
         codes = (blocks.q - blocks.fmt.offset).to(torch.int8)
         if not blocks.fmt.has_min:
             return cls(codes, blocks.d.float(), None, spec)
         d, m = blocks.d.double(), blocks.m.double()
-        assert not bool(((d == 0) & (m != 0)).any()), "a constant block without a step: ggml_blocks.with_steps"
         zero = torch.where(d == 0, 0.0, -m / torch.where(d == 0, 1.0, d)) - blocks.fmt.offset
         return cls(codes, blocks.d.float(), zero.float(), spec)
 

@@ -67,9 +67,9 @@ def ggml_type_algorithm(algorithm: str, options: dict, ggml_type: str) -> tuple[
     except QuantkitError:     # imatrix: Q8_0 has no search
         algorithm, options, why = "rtn", {}, f"{algorithm} does not search {ggml_type}: rtn"
     base = base_algorithm(algorithm, options, weight)[0]
-    if base in ("rtn", "gptq") and ggml_symmetric_type(weight) is not None:
-        options = {**options, "llama_cpp": True}   # llama.cpp's rounding (rtn) or weighted grid (gptq) of Q4_0/Q5_0
-    elif base == "gptq" and ggml_min_type(weight) is not None:
-        options = {**options, "llama_cpp": True}   # llama.cpp's weighted Q4_1/Q5_1 grid (a float16 minimum)
+    # llama.cpp's rounding (rtn) or weighted grid (gptq) of Q4_0/Q5_0/Q8_0, and gptq's of Q4_1/Q5_1 (a float16 minimum)
+    if (base in ("rtn", "gptq") and ggml_symmetric_type(weight) is not None) or \
+            (base == "gptq" and ggml_min_type(weight) is not None):
+        options = {**options, "llama_cpp": True}
     return algorithm, options, why
 
