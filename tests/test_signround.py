@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import assert_one_line_error, make_checkpoint, run_cli
+from conftest import assert_one_line_error, calibrate_and_reload, make_checkpoint, run_cli
 from safetensors.torch import load_file
 
 from quantkit.algorithms.rtn import quantize_rtn
@@ -140,17 +140,18 @@ def test_the_rounded_weight_is_kept_where_nearest_rounding_gives_the_initial_cod
     assert ((grid.rounded_from / step - searched.codes.float()).abs()[moved] <= 0.45 + 1e-5).all()
 
 
-def test_default_init_is_imatrix_where_it_searches_the_grid_else_rtn():
+def test_default_init_is_imatrix_where_it_searches_the_grid_awq_on_other_asymmetric_grids_else_rtn():
     from quantkit.algorithms.signround import default_init
 
     assert default_init(WeightSpec(4, "group", True, 64)) == "imatrix"
-    assert default_init(WeightSpec(4, "group", False, 64)) == "rtn"                  # asymmetric: no imatrix search
+    assert default_init(WeightSpec(4, "group", False, 64)) == "awq"                  # asymmetric: no imatrix search
+    assert default_init(WeightSpec(2, "channel", False)) == "awq"
     assert default_init(get_scheme("q4_k").weight) == "imatrix"
     assert default_init(get_scheme("q8_0").weight) == "rtn"
     assert default_init(get_scheme("q5_1").weight) == "imatrix"   # llama.cpp's search: a float16 minimum
 
 
-@pytest.mark.parametrize("auto_is,options", [("imatrix", dict(symmetric=True)), ("rtn", dict(symmetric=False, bits=3))])
+@pytest.mark.parametrize("auto_is,options", [("imatrix", dict(symmetric=True)), ("awq", dict(symmetric=False, bits=3))])
 def test_zero_iterations_of_the_default_init_equal_what_it_resolves_to(llama_dir, tmp_path, auto_is, options):
     _run(llama_dir, tmp_path / "init", scheme="w4a16", group_size=32, algorithm=auto_is, **options)
     _run(llama_dir, tmp_path / "sr", scheme="w4a16", group_size=32, algorithm="signround", options=dict(iters=0),
@@ -228,6 +229,36 @@ def test_optimisation_lowers_every_blocks_error(llama_dir, tmp_path, init):
     results = load_file(tmp_path / "sr" / "search_results.safetensors")
     steps = results["model.layers.0.signround.steps"]
     assert steps[0] == 20 and steps[1] > 0
+
+
+# Every mapped family: the dense ones, the mixtures of experts, Phi-3's fused Linears, Gemma 3's text tower
+FAMILIES = ["llama_dir", "mistral_dir", "qwen2_dir", "gemma2_dir", "gemma3_dir", "qwen3_dir", "qwen3_moe_dir",
+            "qwen2_moe_dir", "mixtral_dir", "phi3", "gemma3_multimodal"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_mapped_family_lowers_each_blocks_error_and_reloads_exactly(family, tmp_path, request):
+    """3-bit asymmetric groups from the default init (awq there), as a user would run it on each family."""
+    if family == "phi3":
+        source = make_checkpoint(tmp_path / "m", "phi3", seed=4)
+    elif family == "gemma3_multimodal":
+        source = make_checkpoint(tmp_path / "m", "gemma3_multimodal", seed=11, head_dim=256,
+                                 query_pre_attn_scalar=256, layer_types=["sliding_attention", "sliding_attention"])
+    else:
+        source = request.getfixturevalue(family)
+    result, _ = calibrate_and_reload(source, tmp_path / "out", scheme="w4a16", algorithm="signround", bits=3,
+                                     symmetric=False, group_size=32, options=dict(iters=20, lr=0.005))
+    blocks: dict[str, set] = {}
+    for name, entry in result.manifest.layers.items():
+        assert entry.algorithm == "signround", name
+        block = name[:name.index(".layers.") + len(".layers.") + 2]
+        blocks.setdefault(block, set()).add((entry.metrics["block_loss_before"], entry.metrics["block_loss_after"]))
+    assert len(blocks) == 2
+    for block, losses in blocks.items():
+        (before, after), = losses
+        assert after < before, (block, before, after)
+    results = load_file(tmp_path / "out" / "search_results.safetensors")
+    assert any(key.endswith(".awq_scales") for key in results)          # the codes started from AWQ's
 
 
 def test_a_recipe_mixes_signround_with_other_algorithms(llama_dir, tmp_path):

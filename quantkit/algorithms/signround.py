@@ -58,13 +58,14 @@ FACTOR_RANGE = (0.5, 1.0)    # the learned range shrinks a group's range at most
 
 def default_init(spec: WeightSpec) -> str:
     """init=auto: imatrix (llama.cpp's importance-weighted scale search) on the grids it searches (symmetric
-    integer groups, K-quants, Q4_0/Q5_0), rtn elsewhere. Measured on SmolLM2 with 50 steps (docs/benchmarks.md,
-    issue 16): int4 g64 sym 25.24 from imatrix against 25.95 from rtn and 27.48 from gptq; on Q4_K_M's grids
-    imatrix and gptq tie (18.84) in llama.cpp."""
+    integer groups, K-quants, Q4_0/Q5_0, Q4_1/Q5_1), AWQ on the other asymmetric integer grids (a zero point),
+    rtn elsewhere (Q8_0). Measured on SmolLM2 (docs/benchmarks.md, issue 16): int4 g64 sym with 50 steps 25.24
+    from imatrix against 25.95 from rtn and 27.48 from gptq; on Q4_K_M's grids imatrix and gptq tie (18.84) in
+    llama.cpp; int3 g64 asym with 80 steps 30.27 from awq against 61.13 from rtn (AWQ alone: 46.32)."""
     try:
         get_algorithm("imatrix").validate(spec)
     except QuantkitError:
-        return "rtn"
+        return "awq" if not spec.symmetric and spec.super_group is None else "rtn"
     return "imatrix"
 
 
@@ -317,14 +318,14 @@ def _trainable(value):
 
 @register("signround")
 class SignRound:
-    """Options: init (auto: where the codes start, `default_init`: imatrix where it searches the grid, else
-    rtn; or rtn, gptq, awq, imatrix), iters (200 steps per block; 0 keeps the
-    initial codes), lr (0: 1 / iters, AutoRound's default), range_lr (0: lr; of the range factors),
+    """Options: init (auto: where the codes start, `default_init`: imatrix where it searches the grid, awq on
+    the other asymmetric integer grids, else rtn; or rtn, gptq, awq, imatrix), iters (200 steps per block; 0
+    keeps the initial codes), lr (0: 1 / iters, AutoRound's default), range_lr (0: lr; of the range factors),
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
     best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
     algorithm's options (GPTQ's block_size, damp, act_order, static_groups, true_sequential, llama_cpp,
-    weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it. Block-wide settings (iters, lr, patience, autocast) come from the
-    block's first SignRound Linear in name order."""
+    weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it. Block-wide settings (iters, lr,
+    patience, autocast) come from the block's first SignRound Linear in name order."""
 
     @dataclass(frozen=True)
     class Options(GPTQ.Options, AWQ.Options):   # the initial algorithms' options (rtn's llama_cpp is GPTQ's too)
