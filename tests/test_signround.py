@@ -2,6 +2,8 @@
 block error than the initialisation, recipes, resume, and both exports reading its codes back exactly."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -9,7 +11,7 @@ from conftest import assert_one_line_error, calibrate_and_reload, make_checkpoin
 from safetensors.torch import load_file
 
 from quantkit.algorithms.rtn import quantize_rtn
-from quantkit.algorithms.signround import OFFSET_BOUND, LearnedGrid
+from quantkit.algorithms.signround import OFFSET_BOUND, LearnedGrid, SignRound
 from quantkit.formats.schemes import WeightSpec, get_scheme
 from quantkit.native.loader import load_quantized
 from quantkit.native.manifest import Manifest
@@ -189,6 +191,30 @@ def test_zero_iterations_equal_gptq_on_a_k_grid(tmp_path):
     initial = load_quantized(tmp_path / "gptq", dtype=torch.float32).model.layers[0].mlp.down_proj
     assert torch.equal(layer.weight_scale, initial.weight_scale)
     assert torch.equal(layer.weight_super_scale, initial.weight_super_scale)
+
+
+@pytest.mark.parametrize("propagate", ["quantized", "float"])
+def test_codes_worse_over_the_whole_set_give_back_the_initial_ones(llama_dir, tmp_path, monkeypatch, propagate):
+    """The trainer keeps its best state on single calls and leaves the whole-set check to the pass that
+    propagates the block (`Refined.loss_after` None): codes that make the block worse (each code mirrored on
+    the grid) are replaced by the initial ones there, bit for bit, and the block's loss is reported unchanged."""
+    refine_block = SignRound.refine_block
+
+    def spoiled(self, context):
+        refined = refine_block(self, context)
+        start = refined.initial or refined.weights
+        worse = {name: dataclasses.replace(q, codes=-1 - q.codes) for name, q in start.items()}
+        return dataclasses.replace(refined, weights=worse, loss_after=None, best_iteration=3, initial=start)
+
+    options = dict(scheme="w4a16", group_size=32, symmetric=False, bits=3, propagate=propagate)
+    _run(llama_dir, tmp_path / "init", algorithm="rtn", **options)
+    monkeypatch.setattr(SignRound, "refine_block", spoiled)
+    result = _run(llama_dir, tmp_path / "sr", algorithm="signround", options=dict(init="rtn", iters=4), **options)
+    _assert_same_codes(tmp_path / "init", tmp_path / "sr")
+    for entry in result.manifest.layers.values():
+        assert entry.metrics["block_loss_after"] == entry.metrics["block_loss_before"] > 0
+    steps = load_file(tmp_path / "sr" / "search_results.safetensors")["model.layers.1.signround.steps"]
+    assert steps[1] == 0
 
 
 @pytest.mark.parametrize("init,options", [("imatrix", {}), ("gptq", {"llama_cpp": True})])

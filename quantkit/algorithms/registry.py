@@ -102,13 +102,18 @@ class RefineContext:
 @dataclass
 class Refined:
     """A refinement's result: the new quantized weights and the block's loss before and after (mean
-    squared error of its outputs against the targets over every calibration call)."""
+    squared error of its outputs against the targets over every calibration call).
+
+    ``loss_after`` None: the new weights were chosen on single calls and their loss over the whole set is
+    not measured yet; the pipeline measures it on the pass that propagates the block anyway, and keeps
+    ``initial`` (the starting codes) instead where it is not below ``loss_before``."""
 
     weights: dict[str, QuantTensor]
     loss_before: float
-    loss_after: float
+    loss_after: float | None
     iterations: int                          # optimisation steps taken (early stopping may cut them)
     best_iteration: int                      # the step whose parameters were kept (0: the initial ones)
+    initial: dict[str, QuantTensor] | None = None   # with loss_after None: the codes to fall back to
 
 
 @runtime_checkable

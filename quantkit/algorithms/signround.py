@@ -20,7 +20,8 @@ model's block outputs (the float stream), so each block also compensates the err
 Update: signed gradient descent with straight-through rounding, p -= lr_t * sign(dL/dp), lr_t falling
 linearly from lr (default 1 / iters) to 0; one calibration batch per step, batches in a seeded random order.
 The parameters with the lowest batch loss relative to that batch's initial loss are kept; when they do not
-lower the loss over the whole calibration set, the initial codes are kept.
+lower the loss over the whole calibration set, the initial codes are kept (the pipeline measures that loss on
+the pass that propagates the block's outputs to the next block: `Refined.loss_after`).
 """
 from __future__ import annotations
 
@@ -448,12 +449,19 @@ class _Trainer:
                 for grid in self.grids.values():
                     grid.clamp_()
             done = iteration + 1
+        if best_iteration == 0:
+            self.restore(initial)
+            return Refined(self.quant_tensors(), before, before, done, 0)
+        # The best state was chosen on single calls: whether it helps over the whole calibration set is
+        # measured by the pipeline on the pass that propagates the block (one block pass less per block).
+        starting = self.quant_tensors_at(initial)
         self.restore(best_state)
-        after = before
-        if best_iteration > 0:
-            _, after = self.total_loss()
-            if after >= before:       # the batch-wise best did not help over the whole calibration set
-                self.restore(initial)
-                after, best_iteration = before, 0
-        return Refined({name: grid.quant_tensor() for name, grid in self.grids.items()}, before, after, done,
-                       best_iteration)
+        return Refined(self.quant_tensors(), before, None, done, best_iteration, initial=starting)
+
+    def quant_tensors(self) -> dict[str, QuantTensor]:
+        return {name: grid.quant_tensor() for name, grid in self.grids.items()}
+
+    def quant_tensors_at(self, values: list[torch.Tensor]) -> dict[str, QuantTensor]:
+        """The codes of the parameter state ``values`` (a `snapshot`)."""
+        self.restore(values)
+        return self.quant_tensors()

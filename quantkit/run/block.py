@@ -23,6 +23,7 @@ from quantkit.algorithms.registry import (
     BlockTransform,
     LayerContext,
     RefineContext,
+    Refined,
     base_algorithm,
     get_algorithm,
     parse_options,
@@ -39,6 +40,7 @@ from quantkit.calibrate.hooks import (
 from quantkit.calibrate.stats import LayerStats
 from quantkit.errors import QuantkitError
 from quantkit.formats import primitives
+from quantkit.formats.quant_tensor import QuantTensor
 from quantkit.model.architectures import Architecture
 from quantkit.model.moe import expert_calibration, expert_index, expert_modules
 from quantkit.model.qlinear import set_submodule
@@ -216,16 +218,14 @@ class BlockQuantizer:
                         self.quantize_linear(name, stats[name], result, swept.pop(name, None))
                         if stats[name] is not None:
                             stats[name].release("hessian")  # GPTQ's [C, C] sums: up to 1 GB per Linear
+        pending: list[tuple[str, Refined]] = []
         if calibrated and self.rounded_from:
             with self.timed("refine"):
-                self.refine(stats, result)
+                pending = self.refine(stats, result)
         output_sqnr: dict[str, float] = {}
-        if calibrated and (measured or not observed_block.float_stream):
+        if calibrated and (measured or not observed_block.float_stream or pending):
             with self.timed("propagate"):
-                if not observed_block.float_stream:
-                    result.outputs, output_sqnr = self.propagate(float_weights, job.inputs)
-                else:   # only the output-SQNR figures: the quantized block on the first metric samples
-                    _, output_sqnr = self.propagate(float_weights, self.first_samples(job.metric_samples), keep=False)
+                output_sqnr = self.propagate_and_settle(float_weights, observed_block, pending, stats)
         for name, value in output_sqnr.items():
             result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
         result.timings = self.timings
@@ -496,13 +496,15 @@ class BlockQuantizer:
             result.entries[full_name].metrics["routed_tokens"] = float(self.routed_tokens[expert])
         result.search_results.update({f"{full_name}.{key}": value for key, value in results.items()})
 
-    def refine(self, stats: dict[str, LayerStats | None], result: BlockResult) -> None:
+    def refine(self, stats: dict[str, LayerStats | None], result: BlockResult) -> list[tuple[str, Refined]]:
         """Block-level refinements (SignRound) of the Linears quantized with one: their codes are learned
         against the float model's block outputs on the float stream (the pipeline keeps one for them), and
-        the refined QuantLinears replace the initial ones."""
+        the refined QuantLinears replace the initial ones. Returns the refinements whose loss over the whole
+        calibration set is still to be measured (`settle`)."""
         job = self.job
         assert result.float_outputs is not None, "a refinement needs the float stream (BlockJob.float_inputs)"
         targets = [call.tensor() for call in result.float_outputs]
+        pending = []
         for algorithm_name in sorted({job.assigned[n].algorithm for n in self.rounded_from}):
             names = sorted(n for n in self.rounded_from if job.assigned[n].algorithm == algorithm_name)
             context = RefineContext(prefix=job.prefix, block=job.block, assigned=job.assigned,
@@ -510,25 +512,75 @@ class BlockQuantizer:
                                     targets=targets, compute_dtype=job.compute_dtype, seed=job.index,
                                     advance=job.on_step)
             refined = get_algorithm(algorithm_name).refine_block(context)
-            for name, quant in refined.weights.items():
-                assignment, full_name = job.assigned[name], self.full_name(name)
-                layer = make_quant_linear(job.block.get_submodule(name), assignment.scheme, quant,
-                                          input_range(stats[name]) if stats[name] else None, job.storage_dtype)
-                set_submodule(job.block, name, layer)
-                metrics = result.entries[full_name].metrics
-                metrics["weight_sqnr_db"] = primitives.sqnr_db(self.source_weights.pop(name), quant.dequantize())
-                metrics["block_loss_before"], metrics["block_loss_after"] = refined.loss_before, refined.loss_after
-            result.search_results[f"{job.prefix}.{algorithm_name}.loss"] = torch.tensor(
-                [refined.loss_before, refined.loss_after])
-            result.search_results[f"{job.prefix}.{algorithm_name}.steps"] = torch.tensor(
-                [float(refined.iterations), float(refined.best_iteration)])
+            self.install(refined.weights, stats)
+            if refined.loss_after is None:
+                pending.append((algorithm_name, refined))
+            else:
+                self.record_refinement(algorithm_name, refined, result)
+        return pending
 
-    def propagate(self, float_weights: dict[str, torch.Tensor], calls: list[BlockInput], keep: bool = True
-                  ) -> tuple[list[BlockInput], dict[str, float]]:
-        """Recompute the block's outputs on ``calls`` with its quantized Linears (with ``keep``: the next
-        block's inputs, else none are returned), and measure each Linear's output SQNR against its float
-        weight on the first ``metric_samples``."""
+    def install(self, weights: dict[str, QuantTensor], stats: dict[str, LayerStats | None]) -> None:
         job = self.job
+        for name, quant in weights.items():
+            layer = make_quant_linear(job.block.get_submodule(name), job.assigned[name].scheme, quant,
+                                      input_range(stats[name]) if stats[name] else None, job.storage_dtype)
+            set_submodule(job.block, name, layer)
+
+    def record_refinement(self, algorithm_name: str, refined: Refined, result: BlockResult) -> None:
+        job = self.job
+        for name, quant in refined.weights.items():
+            metrics = result.entries[self.full_name(name)].metrics
+            metrics["weight_sqnr_db"] = primitives.sqnr_db(self.source_weights.pop(name), quant.dequantize())
+            metrics["block_loss_before"], metrics["block_loss_after"] = refined.loss_before, refined.loss_after
+        result.search_results[f"{job.prefix}.{algorithm_name}.loss"] = torch.tensor(
+            [refined.loss_before, refined.loss_after])
+        result.search_results[f"{job.prefix}.{algorithm_name}.steps"] = torch.tensor(
+            [float(refined.iterations), float(refined.best_iteration)])
+
+    def settle(self, pending: list[tuple[str, Refined]], loss_after: float, stats: dict[str, LayerStats | None],
+               result: BlockResult) -> bool:
+        """Keep each pending refinement whose block loss over the whole calibration set (``loss_after``,
+        measured with the refined codes) is below its loss at the start, else put its initial codes back.
+        Returns whether any was put back (the block's outputs then change)."""
+        reverted = False
+        for algorithm_name, refined in pending:
+            if loss_after < refined.loss_before:
+                refined = dataclasses.replace(refined, loss_after=loss_after, initial=None)
+            else:       # the best state on single calls did not help over the whole set
+                self.install(refined.initial, stats)
+                refined = dataclasses.replace(refined, weights=refined.initial, loss_after=refined.loss_before,
+                                              best_iteration=0, initial=None)
+                reverted = True
+            self.record_refinement(algorithm_name, refined, result)
+        return reverted
+
+    def propagate_and_settle(self, float_weights: dict[str, torch.Tensor], observed_block: ObservedBlock,
+                             pending: list[tuple[str, Refined]], stats: dict[str, LayerStats | None]
+                             ) -> dict[str, float]:
+        """The quantized block's outputs (the next block's inputs, unless --propagate float) and output-SQNR
+        figures; the pending refinements settled on the same pass, with the block run again where one is put
+        back."""
+        job, result = self.job, observed_block.result
+        targets = [call.tensor() for call in result.float_outputs] if pending else None
+        if not observed_block.float_stream:
+            result.outputs, output_sqnr, loss = self.propagate(float_weights, job.inputs, targets=targets)
+            if pending and self.settle(pending, loss, stats, result):
+                result.outputs, output_sqnr, _ = self.propagate(float_weights, job.inputs)
+            return output_sqnr
+        if pending:   # --propagate float: the outputs are the float block's, a pass for the loss alone
+            _, _, loss = self.propagate({}, job.inputs, keep=False, targets=targets)
+            self.settle(pending, loss, stats, result)
+        # only the output-SQNR figures: the quantized block on the first metric samples
+        return self.propagate(float_weights, self.first_samples(job.metric_samples), keep=False)[1]
+
+    def propagate(self, float_weights: dict[str, torch.Tensor], calls: list[BlockInput], keep: bool = True,
+                  targets: list[torch.Tensor] | None = None) -> tuple[list[BlockInput], dict[str, float], float | None]:
+        """Recompute the block's outputs on ``calls`` with its quantized Linears (with ``keep``: the next
+        block's inputs, else none are returned), measure each Linear's output SQNR against its float
+        weight on the first ``metric_samples``, and with ``targets`` (one per call) the mean squared error
+        of the outputs against them over every element (a refinement's loss)."""
+        job = self.job
+        error = [0.0, 0.0]     # fp32 sum of squared errors, element count
         runner = runner_for(job.block, job.compute_dtype)
         signal = dict.fromkeys(float_weights, 0.0)
         noise = dict.fromkeys(float_weights, 0.0)
@@ -546,15 +598,19 @@ class BlockQuantizer:
 
         outputs = []
         with forward_hooks({name: runner.get_submodule(name) for name in float_weights}, make_hook):
-            for call in calls:
+            for index, call in enumerate(calls):
                 measuring[0] = call.first_sample < job.metric_samples
                 hidden = run_block(runner, call)
                 if not all_finite(hidden):
                     raise QuantkitError(self.explain_nonfinite(call))
+                if targets is not None:
+                    error[0] += F.mse_loss(hidden.float(), targets[index].float(), reduction="sum").item()
+                    error[1] += float(targets[index].numel())
                 if keep:
                     outputs.append(job.keep(BlockInput(hidden, call.kwargs, call.first_sample), len(outputs)))
         names = sorted(float_weights)
-        sums = job.processes.sum_values([signal[n] for n in names] + [noise[n] for n in names])
+        sums = job.processes.sum_values([signal[n] for n in names] + [noise[n] for n in names] + error)
+        loss = sums[-2] / max(sums[-1], 1) if targets is not None else None
         # A Linear no measured token reached (a MoE expert routed nothing in those samples) gets no figure.
         return outputs, {n: primitives.sqnr_db_from_sums(sums[i], sums[len(names) + i]) for i, n in enumerate(names)
-                         if sums[i] > 0 or sums[len(names) + i] > 0}
+                         if sums[i] > 0 or sums[len(names) + i] > 0}, loss
