@@ -193,6 +193,13 @@ def test_zero_iterations_equal_gptq_on_a_k_grid(tmp_path):
     assert torch.equal(layer.weight_super_scale, initial.weight_super_scale)
 
 
+def test_awq_init_searches_on_eight_samples_unless_told():
+    spec = WeightSpec(3, "group", False, 64)
+    assert SignRound().initial({}, spec) == ("awq", {"samples": 8})
+    assert SignRound().initial({"samples": 16, "iters": 5}, spec) == ("awq", {"samples": 16})
+    assert SignRound().initial({"init": "gptq"}, spec)[1] == {}
+
+
 @pytest.mark.parametrize("propagate", ["quantized", "float"])
 def test_codes_worse_over_the_whole_set_give_back_the_initial_ones(llama_dir, tmp_path, monkeypatch, propagate):
     """The trainer keeps its best state on single calls and leaves the whole-set check to the pass that

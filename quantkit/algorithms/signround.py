@@ -325,8 +325,11 @@ class SignRound:
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
     best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
     algorithm's options (GPTQ's block_size, damp, act_order, static_groups, true_sequential, llama_cpp,
-    weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it. Block-wide settings (iters, lr,
-    patience, autocast) come from the block's first SignRound Linear in name order."""
+    weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it; AWQ's search takes 8 samples here
+    unless told (AWQ alone: 16): the steps that follow learn the rounding anyway, and on SmolLM2 int3 g64 asym
+    the half-size search gave the same quality for 100 s less (docs/benchmarks.md, issue 16, seventh part).
+    Block-wide settings (iters, lr, patience, autocast) come from the block's first SignRound Linear in name
+    order."""
 
     @dataclass(frozen=True)
     class Options(GPTQ.Options, AWQ.Options):   # the initial algorithms' options (rtn's llama_cpp is GPTQ's too)
@@ -337,6 +340,7 @@ class SignRound:
         learn_range: bool = option(True)
         patience: int = option(0, minimum=0)
         autocast: bool = option(False)
+        samples: int = option(8, minimum=1)      # AWQ's search samples under SignRound (AWQ alone: 16)
 
     # what the pipeline asks of the algorithm itself; its initial algorithm's come through `initial`
     statistics: frozenset[str] = frozenset()
@@ -348,11 +352,13 @@ class SignRound:
                                 "has a float element grid: use gptq")
 
     def initial(self, options: dict, spec: WeightSpec) -> tuple[str, dict]:
-        init = parse_options(self.name, options).init
-        if init == "auto":
-            init = default_init(spec)
+        parsed = parse_options(self.name, options)
+        init = default_init(spec) if parsed.init == "auto" else parsed.init
         known = {f.name for f in fields(get_algorithm(init).Options)}
-        return init, {key: value for key, value in options.items() if key in known}
+        chosen = {key: value for key, value in options.items() if key in known}
+        if "samples" in known:        # SignRound's own default for AWQ's search
+            chosen.setdefault("samples", parsed.samples)
+        return init, chosen
 
     def initialize(self, weight: torch.Tensor, spec: WeightSpec, context: LayerContext
                    ) -> tuple[QuantTensor, dict, torch.Tensor]:
