@@ -219,13 +219,17 @@ class BlockQuantizer:
                         if stats[name] is not None:
                             stats[name].release("hessian")  # GPTQ's [C, C] sums: up to 1 GB per Linear
         pending: list[tuple[str, Refined]] = []
+        targets: list[torch.Tensor] = []    # a refinement's: the float block's outputs, read once
         if calibrated and self.rounded_from:
+            assert result.float_outputs is not None, "a refinement needs the float stream (BlockJob.float_inputs)"
+            targets = [call.tensor() for call in result.float_outputs]
             with self.timed("refine"):
-                pending = self.refine(stats, result)
+                pending = self.refine(stats, result, targets)
+            targets = targets if pending else []    # held on only where the propagating pass settles with them
         output_sqnr: dict[str, float] = {}
         if calibrated and (measured or not observed_block.float_stream or pending):
             with self.timed("propagate"):
-                output_sqnr = self.propagate_and_settle(float_weights, observed_block, pending, stats)
+                output_sqnr = self.propagate_and_settle(float_weights, observed_block, pending, targets, stats)
         for name, value in output_sqnr.items():
             result.entries[self.full_name(name)].metrics["output_sqnr_db"] = value
         result.timings = self.timings
@@ -496,14 +500,13 @@ class BlockQuantizer:
             result.entries[full_name].metrics["routed_tokens"] = float(self.routed_tokens[expert])
         result.search_results.update({f"{full_name}.{key}": value for key, value in results.items()})
 
-    def refine(self, stats: dict[str, LayerStats | None], result: BlockResult) -> list[tuple[str, Refined]]:
+    def refine(self, stats: dict[str, LayerStats | None], result: BlockResult, targets: list[torch.Tensor]
+               ) -> list[tuple[str, Refined]]:
         """Block-level refinements (SignRound) of the Linears quantized with one: their codes are learned
-        against the float model's block outputs on the float stream (the pipeline keeps one for them), and
-        the refined QuantLinears replace the initial ones. Returns the refinements whose loss over the whole
-        calibration set is still to be measured (`settle`)."""
+        against the float model's block outputs on the float stream (``targets``, one per call; the pipeline
+        keeps that stream for them), and the refined QuantLinears replace the initial ones. Returns the
+        refinements whose loss over the whole calibration set is still to be measured (`settle`)."""
         job = self.job
-        assert result.float_outputs is not None, "a refinement needs the float stream (BlockJob.float_inputs)"
-        targets = [call.tensor() for call in result.float_outputs]
         pending = []
         for algorithm_name in sorted({job.assigned[n].algorithm for n in self.rounded_from}):
             names = sorted(n for n in self.rounded_from if job.assigned[n].algorithm == algorithm_name)
@@ -555,15 +558,15 @@ class BlockQuantizer:
         return reverted
 
     def propagate_and_settle(self, float_weights: dict[str, torch.Tensor], observed_block: ObservedBlock,
-                             pending: list[tuple[str, Refined]], stats: dict[str, LayerStats | None]
-                             ) -> dict[str, float]:
+                             pending: list[tuple[str, Refined]], targets: list[torch.Tensor],
+                             stats: dict[str, LayerStats | None]) -> dict[str, float]:
         """The quantized block's outputs (the next block's inputs, unless --propagate float) and output-SQNR
-        figures; the pending refinements settled on the same pass, with the block run again where one is put
-        back."""
+        figures; the pending refinements settled on the same pass (their loss against ``targets``), with the
+        block run again where one is put back."""
         job, result = self.job, observed_block.result
-        targets = [call.tensor() for call in result.float_outputs] if pending else None
         if not observed_block.float_stream:
-            result.outputs, output_sqnr, loss = self.propagate(float_weights, job.inputs, targets=targets)
+            result.outputs, output_sqnr, loss = self.propagate(float_weights, job.inputs,
+                                                               targets=targets if pending else None)
             if pending and self.settle(pending, loss, stats, result):
                 result.outputs, output_sqnr, _ = self.propagate(float_weights, job.inputs)
             return output_sqnr
