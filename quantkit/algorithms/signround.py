@@ -125,6 +125,44 @@ class _Rounding(torch.autograd.Function):
         return None, grad_offsets, grad_step, grad_low, grad_high, None, None
 
 
+class _GroupRounding(torch.autograd.Function):
+    """`_Rounding` on whole groups with the group scale and zero point given per group, not expanded:
+
+        w_hat = clamp(round(n / s + V), qmin - z, qmax - z) * s     (s, z broadcast over each group's g columns)
+        dV = g s [inside],  ds = sum_group g (c - [inside] n / s),  dz = -sum_group g s [outside]
+
+    numerator, offsets: [out, G * g] fp32; step [out, G] fp32 (no zeros); zero [out, G] fp32 or None. The [out, in]
+    copies of s, qmin - z and qmax - z, and the autograd sums that gave their gradients back to the groups, cost a
+    learned-range step about as much as the rounding itself."""
+
+    @staticmethod
+    def forward(ctx, numerator, offsets, step, zero, qmin, qmax, dtype):
+        rows, groups = step.shape
+        step3 = step[:, :, None]
+        ratio = numerator.view(rows, groups, -1) / step3
+        rounded = torch.round(ratio + offsets.view_as(ratio))
+        if zero is None:
+            code = torch.clamp(rounded, qmin, qmax)
+        else:
+            zero3 = zero[:, :, None]
+            code = torch.minimum(torch.maximum(rounded, qmin - zero3), qmax - zero3)
+        outside = rounded != code
+        ctx.save_for_backward(ratio, code, step3, outside)
+        ctx.has_zero = zero is not None
+        return (code * step3).to(dtype).view_as(numerator)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ratio, code, step3, outside = ctx.saved_tensors
+        grad = grad.float().view_as(ratio)
+        scaled = grad * step3
+        inside_scaled = scaled.masked_fill(outside, 0)
+        grad_offsets = inside_scaled.view(grad.shape[0], -1) if ctx.needs_input_grad[1] else None
+        grad_step = (grad * (code - ratio.masked_fill(outside, 0))).sum(-1) if ctx.needs_input_grad[2] else None
+        grad_zero = (inside_scaled - scaled).sum(-1) if ctx.has_zero and ctx.needs_input_grad[3] else None
+        return None, grad_offsets, grad_step, grad_zero, None, None, None
+
+
 def _minimum_grid(quant: QuantTensor) -> bool:
     """Whether ``quant`` holds llama.cpp's Q4_1/Q5_1 minimums as fractional zero points (imatrix; gptq llama_cpp)."""
     return ggml_blocks.min_type(quant.spec) is not None and not quant.integer_zero
@@ -179,6 +217,9 @@ class LearnedGrid(nn.Module):
         self.register_buffer("numerator", self.rounded_from if self.offset is None else self.rounded_from + self.offset)
         self.has_dead = bool(self.dead.any())
         self.fixed = self.k_grid or not self.learn_range
+        # whole groups in column order, one row of group parameters per output row: `_GroupRounding`
+        self.whole_groups = (init.g_idx is None and init.scale.shape[0] == init.shape[0]
+                             and init.scale.shape[1] * init.group_size == init.shape[1])
         self.fixed_step = self.fixed_low = self.fixed_high = None
         if self.fixed:
             with torch.no_grad():
@@ -254,12 +295,18 @@ class LearnedGrid(nn.Module):
         flat = None
         if self.fixed:
             step, low, high = self.fixed_step, self.fixed_low, self.fixed_high
+            value = _Rounding.apply(self.numerator, self.offsets, step, low, high, self.offset, dtype)
         else:
             step_g, zero_g = self.group_grid(exact=False)
             flat = step_g == 0       # a learned scale that rounds to 0 stores 0: its weights are 0
-            step = _expand(torch.where(flat, torch.ones_like(step_g), step_g), self.init)
-            low, high = self.code_bounds(None if zero_g is None else _expand(zero_g, self.init))
-        value = _Rounding.apply(self.numerator, self.offsets, step, low, high, self.offset, dtype)
+            step_g = torch.where(flat, torch.ones_like(step_g), step_g)
+            if self.whole_groups:
+                value = _GroupRounding.apply(self.numerator, self.offsets, step_g, zero_g, float(self.element.min),
+                                             float(self.element.max), dtype)
+            else:
+                low, high = self.code_bounds(None if zero_g is None else _expand(zero_g, self.init))
+                value = _Rounding.apply(self.numerator, self.offsets, _expand(step_g, self.init), low, high,
+                                        self.offset, dtype)
         if flat is not None and bool(flat.any()):
             value = value.masked_fill(_expand(flat, self.init), 0)
         if self.has_dead:
@@ -325,9 +372,10 @@ class SignRound:
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
     best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
     algorithm's options (GPTQ's block_size, damp, act_order, static_groups, true_sequential, llama_cpp,
-    weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it; AWQ's search takes 8 samples here
+    weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it; AWQ's search takes 4 samples here
     unless told (AWQ alone: 16): the steps that follow learn the rounding anyway, and on SmolLM2 int3 g64 asym
-    the half-size search gave the same quality for 100 s less (docs/benchmarks.md, issue 16, seventh part).
+    the block losses after 80 steps came out the same from 16, 8 and 4 samples, the search 3.5x faster at 4
+    (docs/benchmarks.md, issue 16, seventh and eighth parts).
     Block-wide settings (iters, lr, patience, autocast) come from the block's first SignRound Linear in name
     order."""
 
@@ -340,7 +388,7 @@ class SignRound:
         learn_range: bool = option(True)
         patience: int = option(0, minimum=0)
         autocast: bool = option(False)
-        samples: int = option(8, minimum=1)      # AWQ's search samples under SignRound (AWQ alone: 16)
+        samples: int = option(4, minimum=1)      # AWQ's search samples under SignRound (AWQ alone: 16)
 
     # what the pipeline asks of the algorithm itself; its initial algorithm's come through `initial`
     statistics: frozenset[str] = frozenset()
