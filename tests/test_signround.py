@@ -155,7 +155,7 @@ def test_default_init_is_imatrix_where_it_searches_the_grid_awq_on_other_asymmet
 
 @pytest.mark.parametrize("auto_is,options", [("imatrix", dict(symmetric=True)), ("awq", dict(symmetric=False, bits=3))])
 def test_zero_iterations_of_the_default_init_equal_what_it_resolves_to(llama_dir, tmp_path, auto_is, options):
-    start = dict(samples=4) if auto_is == "awq" else {}     # AWQ's search on SignRound's 4 samples
+    start = dict(samples=8) if auto_is == "awq" else {}     # AWQ's search on SignRound's 8 samples
     _run(llama_dir, tmp_path / "init", scheme="w4a16", group_size=32, algorithm=auto_is, options=start, **options)
     _run(llama_dir, tmp_path / "sr", scheme="w4a16", group_size=32, algorithm="signround", options=dict(iters=0),
          **options)
@@ -169,7 +169,7 @@ def test_zero_iterations_of_the_default_init_equal_what_it_resolves_to(llama_dir
     ("imatrix", dict(scheme="w4a16", group_size=32, symmetric=True)),
 ])
 def test_zero_iterations_equal_the_initial_algorithm(llama_dir, tmp_path, init, options):
-    start = dict(samples=4) if init == "awq" else {}        # AWQ's search on SignRound's 4 samples
+    start = dict(samples=8) if init == "awq" else {}        # AWQ's search on SignRound's 8 samples
     _run(llama_dir, tmp_path / "init", algorithm=init, options=start, **options)
     _run(llama_dir, tmp_path / "sr", algorithm="signround", options=dict(init=init, iters=0), **options)
     _assert_same_codes(tmp_path / "init", tmp_path / "sr")
@@ -195,9 +195,9 @@ def test_zero_iterations_equal_gptq_on_a_k_grid(tmp_path):
     assert torch.equal(layer.weight_super_scale, initial.weight_super_scale)
 
 
-def test_awq_init_searches_on_four_samples_unless_told():
+def test_awq_init_searches_on_eight_samples_unless_told():
     spec = WeightSpec(3, "group", False, 64)
-    assert SignRound().initial({}, spec) == ("awq", {"samples": 4})
+    assert SignRound().initial({}, spec) == ("awq", {"samples": 8})
     assert SignRound().initial({"samples": 16, "iters": 5}, spec) == ("awq", {"samples": 16})
     assert SignRound().initial({"init": "gptq"}, spec)[1] == {}
 

@@ -372,10 +372,10 @@ class SignRound:
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
     best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
     algorithm's options (GPTQ's block_size, damp, act_order, static_groups, true_sequential, llama_cpp,
-    weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it; AWQ's search takes 4 samples here
+    weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it; AWQ's search takes 8 samples here
     unless told (AWQ alone: 16): the steps that follow learn the rounding anyway, and on SmolLM2 int3 g64 asym
-    the block losses after 80 steps came out the same from 16, 8 and 4 samples, the search 3.5x faster at 4
-    (docs/benchmarks.md, issue 16, seventh and eighth parts).
+    the half-size search gave the same quality for 100 s less; 4 samples gave a worse model (30.91 against
+    30.24; docs/benchmarks.md, issue 16, seventh and eighth parts).
     Block-wide settings (iters, lr, patience, autocast) come from the block's first SignRound Linear in name
     order."""
 
@@ -388,7 +388,7 @@ class SignRound:
         learn_range: bool = option(True)
         patience: int = option(0, minimum=0)
         autocast: bool = option(False)
-        samples: int = option(4, minimum=1)      # AWQ's search samples under SignRound (AWQ alone: 16)
+        samples: int = option(8, minimum=1)      # AWQ's search samples under SignRound (AWQ alone: 16)
 
     # what the pipeline asks of the algorithm itself; its initial algorithm's come through `initial`
     statistics: frozenset[str] = frozenset()
