@@ -75,15 +75,20 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _expand(param: torch.Tensor, quant: QuantTensor) -> torch.Tensor:
-    """[R, G] group parameters -> [out, in]. Whole groups in column order (no act-order, no ragged last
-    group, one row of parameters per output row) broadcast, so the backward pass sums each group's
-    gradient instead of scattering it by index."""
+def _whole_groups(param_shape: torch.Size, quant: QuantTensor) -> bool:
+    """Whether [R, G] group parameters of ``quant`` cover whole groups in column order: no act-order, no
+    ragged last group, one row of parameters per output row (so they broadcast over [out, G, group])."""
     out_features, in_features = quant.shape
-    group = quant.group_size
-    if quant.g_idx is None and param.shape[0] == out_features and param.shape[1] * group == in_features:
-        return param[:, :, None].expand(-1, -1, group).reshape(out_features, in_features)
-    return primitives.expand_params(param, quant.shape, group, quant.g_idx, quant.row_block)
+    return (quant.g_idx is None and param_shape[0] == out_features
+            and param_shape[1] * quant.group_size == in_features)
+
+
+def _expand(param: torch.Tensor, quant: QuantTensor) -> torch.Tensor:
+    """[R, G] group parameters -> [out, in]. Whole groups (`_whole_groups`) broadcast, so the backward pass
+    sums each group's gradient instead of scattering it by index."""
+    if _whole_groups(param.shape, quant):
+        return param[:, :, None].expand(-1, -1, quant.group_size).reshape(quant.shape)
+    return primitives.expand_params(param, quant.shape, quant.group_size, quant.g_idx, quant.row_block)
 
 
 class _Rounding(torch.autograd.Function):
@@ -217,9 +222,7 @@ class LearnedGrid(nn.Module):
         self.register_buffer("numerator", self.rounded_from if self.offset is None else self.rounded_from + self.offset)
         self.has_dead = bool(self.dead.any())
         self.fixed = self.k_grid or not self.learn_range
-        # whole groups in column order, one row of group parameters per output row: `_GroupRounding`
-        self.whole_groups = (init.g_idx is None and init.scale.shape[0] == init.shape[0]
-                             and init.scale.shape[1] * init.group_size == init.shape[1])
+        self.whole_groups = _whole_groups(init.scale.shape, init)     # learned ranges: `_GroupRounding`
         self.fixed_step = self.fixed_low = self.fixed_high = None
         if self.fixed:
             with torch.no_grad():
