@@ -86,6 +86,15 @@ def test_weight_spec_names_its_formats_and_keeps_its_record():
     assert scheme_from_dict(record) == scheme
 
 
+def test_an_overridden_grid_is_summarised_as_it_is():
+    """--sym on w4a16 (asymmetric by name): the manifest's summary says symmetric, not the named scheme's text."""
+    scheme = get_scheme("w4a16")
+    assert "asym" in scheme.summary
+    symmetric = scheme.with_weight(symmetric=True, group_size=64)
+    assert symmetric.summary == "w4a16 with weights int4 g64 sym, float activations"
+    assert scheme.with_weight(symmetric=False) is scheme      # nothing changed: its own words
+
+
 @pytest.mark.parametrize("fields, fragment", [
     ({"scale_format": "e8m0"}, "no weight grid has int codes with e8m0 scales per group"),
     ({"granularity": "block", "group_size": None, "block_shape": (128, 128)},

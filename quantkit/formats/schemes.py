@@ -214,8 +214,13 @@ class Scheme:
     activation: ActivationSpec | None = None
 
     def with_weight(self, **changes) -> "Scheme":
-        """The same scheme with weight grid fields replaced (from --bits/--group-size/--sym)."""
-        return dataclasses.replace(self, weight=dataclasses.replace(self.weight, **changes))
+        """The same scheme with weight grid fields replaced (from --bits/--group-size/--sym); a changed grid gets a
+        summary saying what it now is (the named scheme's own text would describe the grid it replaced)."""
+        weight = dataclasses.replace(self.weight, **changes)
+        if weight == self.weight:
+            return self
+        changed = dataclasses.replace(self, weight=weight)
+        return dataclasses.replace(changed, summary=f"{self.name} with {changed.describe()}")
 
     def describe(self) -> str:
         act = self.activation.describe() if self.activation else "float activations"
