@@ -78,11 +78,13 @@ def _reference_weight(grid, weight, spec):
 def test_the_fused_rounding_equals_autograd_on_the_written_out_formula(bits, symmetric, group):
     """`LearnedGrid.weight` computes the rounding and its straight-through gradients in one function: its values
     equal the formula's under autograd exactly, its gradients to float rounding (the group sums add in another
-    order), on whole and ragged (576 = 4.5 x 128) groups, with offsets and range factors away from their start."""
+    order), on whole and ragged (576 = 4.5 x 128: the last group padded to full width) groups, with offsets and
+    range factors away from their start."""
     generator = torch.Generator().manual_seed(bits * group)
     weight = torch.randn(24, 576, generator=generator) * 0.05
     spec = WeightSpec(bits, "group", symmetric, group)
     grids = [LearnedGrid(quantize_rtn(weight, spec), weight, learn_range=True) for _ in range(2)]
+    assert grids[0].grouped and grids[0].padding == (64 if group == 128 else 0)
     offsets = torch.rand(weight.shape, generator=generator) - 0.5
     factors = [0.5 + 0.5 * torch.rand(p.shape, generator=generator) for p in grids[0].factors()]
     upstream = torch.randn(weight.shape, generator=generator)

@@ -83,6 +83,14 @@ def _whole_groups(param_shape: torch.Size, quant: QuantTensor) -> bool:
             and param_shape[1] * quant.group_size == in_features)
 
 
+def _column_groups(param_shape: torch.Size, quant: QuantTensor) -> bool:
+    """Whether [R, G] group parameters of ``quant`` cover its columns in order, G = ceil(in / group), one row of
+    parameters per output row: `_whole_groups`, or the same with a ragged (shorter) last group."""
+    out_features, in_features = quant.shape
+    return (quant.g_idx is None and param_shape[0] == out_features
+            and param_shape[1] == primitives.group_count(in_features, quant.group_size))
+
+
 def _expand(param: torch.Tensor, quant: QuantTensor) -> torch.Tensor:
     """[R, G] group parameters -> [out, in]. Whole groups (`_whole_groups`) broadcast, so the backward pass
     sums each group's gradient instead of scattering it by index."""
@@ -136,7 +144,8 @@ class _GroupRounding(torch.autograd.Function):
         w_hat = clamp(round(n / s + V), qmin - z, qmax - z) * s     (s, z broadcast over each group's g columns)
         dV = g s [inside],  ds = sum_group g (c - [inside] n / s),  dz = -sum_group g s [outside]
 
-    numerator, offsets: [out, G * g] fp32; step [out, G] fp32 (no zeros); zero [out, G] fp32 or None. The [out, in]
+    numerator, offsets: [out, G * g] fp32 (a ragged last group: padded, see `LearnedGrid.weight`); step [out, G]
+    fp32 (no zeros); zero [out, G] fp32 or None. The [out, in]
     copies of s, qmin - z and qmax - z, and the autograd sums that gave their gradients back to the groups, cost a
     learned-range step about as much as the rounding itself."""
 
@@ -222,7 +231,10 @@ class LearnedGrid(nn.Module):
         self.register_buffer("numerator", self.rounded_from if self.offset is None else self.rounded_from + self.offset)
         self.has_dead = bool(self.dead.any())
         self.fixed = self.k_grid or not self.learn_range
-        self.whole_groups = _whole_groups(init.scale.shape, init)     # learned ranges: `_GroupRounding`
+        # learned ranges over groups in column order: `_GroupRounding`, a ragged last group padded to full width
+        self.grouped = not self.fixed and _column_groups(init.scale.shape, init)
+        self.padding = init.scale.shape[1] * init.group_size - init.shape[1] if self.grouped else 0
+        self.register_buffer("group_numerator", F.pad(self.numerator, (0, self.padding)) if self.padding else None)
         self.fixed_step = self.fixed_low = self.fixed_high = None
         if self.fixed:
             with torch.no_grad():
@@ -303,9 +315,13 @@ class LearnedGrid(nn.Module):
             step_g, zero_g = self.group_grid(exact=False)
             flat = step_g == 0       # a learned scale that rounds to 0 stores 0: its weights are 0
             step_g = torch.where(flat, torch.ones_like(step_g), step_g)
-            if self.whole_groups:
-                value = _GroupRounding.apply(self.numerator, self.offsets, step_g, zero_g, float(self.element.min),
+            if self.grouped:
+                # a ragged last group is padded with zero weights and offsets (their gradient is 0: sliced off)
+                numerator = self.numerator if self.group_numerator is None else self.group_numerator
+                offsets = F.pad(self.offsets, (0, self.padding)) if self.padding else self.offsets
+                value = _GroupRounding.apply(numerator, offsets, step_g, zero_g, float(self.element.min),
                                              float(self.element.max), dtype)
+                value = value[:, :self.offsets.shape[1]] if self.padding else value
             else:
                 low, high = self.code_bounds(None if zero_g is None else _expand(zero_g, self.init))
                 value = _Rounding.apply(self.numerator, self.offsets, _expand(step_g, self.init), low, high,
