@@ -75,20 +75,17 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _whole_groups(param_shape: torch.Size, quant: QuantTensor) -> bool:
-    """Whether [R, G] group parameters of ``quant`` cover whole groups in column order: no act-order, no
-    ragged last group, one row of parameters per output row (so they broadcast over [out, G, group])."""
-    out_features, in_features = quant.shape
-    return (quant.g_idx is None and param_shape[0] == out_features
-            and param_shape[1] * quant.group_size == in_features)
-
-
 def _column_groups(param_shape: torch.Size, quant: QuantTensor) -> bool:
     """Whether [R, G] group parameters of ``quant`` cover its columns in order, G = ceil(in / group), one row of
-    parameters per output row: `_whole_groups`, or the same with a ragged (shorter) last group."""
+    parameters per output row (no act-order); the last group may be ragged (shorter)."""
     out_features, in_features = quant.shape
     return (quant.g_idx is None and param_shape[0] == out_features
             and param_shape[1] == primitives.group_count(in_features, quant.group_size))
+
+
+def _whole_groups(param_shape: torch.Size, quant: QuantTensor) -> bool:
+    """`_column_groups` with no ragged last group (so they broadcast over [out, G, group])."""
+    return _column_groups(param_shape, quant) and quant.shape[1] % quant.group_size == 0
 
 
 def _expand(param: torch.Tensor, quant: QuantTensor) -> torch.Tensor:
