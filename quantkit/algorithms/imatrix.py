@@ -37,6 +37,12 @@ def quantize_imatrix(weight: torch.Tensor, spec: WeightSpec, importance: torch.T
     return QuantTensor.from_ggml_blocks(blocks, spec)
 
 
+def searches(spec: WeightSpec) -> bool:
+    """Whether `quantize_imatrix` has a search for ``spec`` (Q8_0's 32-value blocks are rounded to nearest)."""
+    return spec.k_format is not None or ggml_blocks.searched_type(spec) is not None or (
+        ggml_blocks.symmetric_type(spec) != "Q8_0" and weighted_search.supports(spec))
+
+
 @register("imatrix")
 class ImportanceMatrix:
     """No options: llama.cpp's search has none."""
@@ -49,8 +55,7 @@ class ImportanceMatrix:
     sequential = False
 
     def validate(self, spec: WeightSpec) -> None:
-        if spec.k_format is None and ggml_blocks.searched_type(spec) is None and (
-                ggml_blocks.symmetric_type(spec) == "Q8_0" or not weighted_search.supports(spec)):
+        if not searches(spec):
             raise QuantkitError(f"imatrix is llama.cpp's search for K-quant grids (q2_k ... q6_k, the gguf:* file "
                                 f"types), the q4_0/q5_0/q4_1/q5_1 blocks and symmetric integer group grids, not for "
                                 f"{spec.describe()}; use rtn, gptq or awq")

@@ -7,7 +7,9 @@ streaming pass before the quantizing one; one block in memory):
     layer  e(l, c) = mean over calibration tokens of ||(W - Q_c(W)) x||^2 = tr(D H D^T),  D = W - Q_c(W),
                      H = E[x x^T] of the Linear's input, Q_c the candidate's round-to-nearest grid (given an
                      importance vector: llama.cpp's importance-weighted search of a GGUF block type with it,
-                     the weights `export --format gguf --imatrix` writes)
+                     the weights `export --format gguf --imatrix` writes; where the run quantizes with imatrix,
+                     the algorithm or SignRound's start: its search with E[x_j^2] = diag(H), the codes the run
+                     writes or starts from)
            s(l, c) = e(l, c) * E_t[1 / ||h_t||^2], h_t the block's float output at token t
     block  s(l, c) = g_l(e) * e(l, c), g_l(e) = E_t[||dh_t||^2 / ||h_t||^2] / e(l, r) with only l on a reference
                      candidate r (dh_t its change of the block output): the layer's error carried to the residual
@@ -28,12 +30,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quantkit.algorithms.imatrix import quantize_imatrix, searches
 from quantkit.algorithms.registry import base_algorithm, parse_options
 from quantkit.algorithms.rtn import quantize_rtn
 from quantkit.calibrate.hooks import BlockInput, run_block
 from quantkit.errors import QuantkitError
 from quantkit.formats import ggml_blocks, ggml_mixes, knapsack
 from quantkit.formats.quant_tensor import QuantTensor
+from quantkit.formats.schemes import WeightSpec
 from quantkit.run import budget
 from quantkit.run.block import BlockQuantizer
 from quantkit.run.budget import Candidate
@@ -175,14 +179,23 @@ def searched_type(candidate: Candidate) -> str | None:
     return name if candidate.label == candidate.scheme_name and ggml_blocks.importance_searched(name) else None
 
 
+def imatrix_measured(algorithm: str, options: dict) -> Callable[[WeightSpec], bool]:
+    """Which candidate grids a run of ``algorithm`` quantizes with imatrix's search (the algorithm itself, or
+    SignRound's start on it): their errors are measured on that search, the codes the run starts from."""
+    return lambda spec: searches(spec) and base_algorithm(algorithm, options, spec)[0] == "imatrix"
+
+
 def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candidates: list[Candidate],
                  extra: Callable[[QuantTensor], int], offset_digits: int = OFFSET_DIGITS,
-                 importance: torch.Tensor | None = None) -> tuple[LayerSensitivity, dict[int, torch.Tensor]]:
+                 importance: torch.Tensor | None = None,
+                 searched: Callable[[WeightSpec], bool] = lambda spec: False
+                 ) -> tuple[LayerSensitivity, dict[int, torch.Tensor]]:
     """Linear ``name``'s weight [out, in] fp32 and hessian [in, in] fp32 (E[x x^T]) -> its sensitivity record
     (per candidate: stored bytes + ``extra`` (what the algorithm adds), with header entries, and tr(D H D^T)),
     and the dequantized weights by candidate index (None and absent where the grid does not fit). With
     ``importance`` [in] (an imatrix's E[x_j^2]) the GGUF block types llama.cpp searches are measured on that
-    search instead of their reference rounding (the bytes are the same)."""
+    search instead of their reference rounding (the bytes are the same); the grids ``searched`` names are measured on
+    imatrix's search with importance diag(H) = E[x_j^2] (`imatrix_measured`)."""
     record = LayerSensitivity(weight.numel(), [], [], [])
     dequantized = {}
     for index, candidate in enumerate(candidates):
@@ -190,10 +203,13 @@ def layer_errors(name: str, weight: torch.Tensor, hessian: torch.Tensor, candida
             for values in (record.bytes, record.file_bytes, record.error):
                 values.append(None)
             continue
-        quant = quantize_rtn(weight, candidate.scheme().weight)
+        spec = candidate.scheme().weight
+        quant = quantize_rtn(weight, spec)
         ggml_type = None if importance is None else searched_type(candidate)
-        searched = None if ggml_type is None else ggml_blocks.requantize(weight, ggml_type, importance)
-        approx = (quant if searched is None else searched).dequantize().float()
+        result = None if ggml_type is None else ggml_blocks.requantize(weight, ggml_type, importance)
+        if result is None and searched(spec):      # the run's imatrix search, E[x_j^2] = diag(H)
+            result = quantize_imatrix(weight, spec, hessian.diagonal())
+        approx = (quant if result is None else result).dequantize().float()
         delta = weight.float() - approx
         error = float(((delta @ hessian) * delta).sum())
         if not math.isfinite(error):
@@ -295,7 +311,8 @@ def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algori
             record, approx = layer_errors(quantizer.full_name(name), weight, hessian, candidates,
                                           lambda quant: extra_bytes(algorithm, options, quant), offset_digits,
                                           importance=None if importance is None
-                                          else importance.get(quantizer.full_name(name)))
+                                          else importance.get(quantizer.full_name(name)),
+                                          searched=imatrix_measured(algorithm, options))
             if not approx:
                 raise QuantkitError(f"no candidate grid fits {quantizer.full_name(name)} "
                                     f"({weight.shape[1]} input columns)")
