@@ -8,7 +8,7 @@ an importance-weighted scale search per group, on unless disable_opt_rtn: quantk
 protocol's calibration as the same 64 windows decoded to text, in a json file (re-tokenized by it): with an
 AutoScheme, AutoRound passes its own dataset to the scheme search, which reads only a dataset name or a file. The model is scored as quantize() leaves it
 (fake-quantized in place). Prints one JSON line with the achieved bits per weight of the quantized Linears
-(codes, one fp16 scale per group of 128; symmetric: no zero point) and the schemes chosen.
+(codes, one fp16 scale per group of 128; symmetric: no zero point), the schemes chosen and each Linear's bits.
 """
 import json
 import math
@@ -39,7 +39,7 @@ def main(avg_bits: str, iters: str = "0") -> None:
                             nsamples=ids.shape[0], seqlen=ids.shape[1], device_map="cpu")
         model, layer_config = rounder.quantize()
         seconds = time.perf_counter() - start
-    chosen, stored, weights = Counter(), 0, 0
+    chosen, stored, weights, bits_of = Counter(), 0, 0, {}
     for name, config in layer_config.items():
         bits = config.get("bits", 16)
         if bits >= 16 or "lm_head" in name:
@@ -47,12 +47,14 @@ def main(avg_bits: str, iters: str = "0") -> None:
         rows, columns = model.get_submodule(name).weight.shape
         group = config.get("group_size", 128)
         chosen[f"int{bits}-g{group}-{'sym' if config.get('sym', True) else 'asym'}"] += 1
+        bits_of[name] = bits
         stored += rows * columns * bits + rows * math.ceil(columns / group) * (16 + (0 if config.get("sym", True) else 8))
         weights += rows * columns
     model = model.float().eval()
     result = common.score(model, common.float_model(), common.eval_windows())
     print(json.dumps({**result, "quantize_s": seconds, "peak_rss_mib": common.peak_rss_mib(), "iters": int(iters),
-                      "bits": f"{stored / weights:.3f}", "grids": ", ".join(f"{k} x{v}" for k, v in sorted(chosen.items()))}))
+                      "bits": f"{stored / weights:.3f}", "grids": ", ".join(f"{k} x{v}" for k, v in sorted(chosen.items())),
+                      "bits_by_layer": bits_of}))
 
 
 if __name__ == "__main__":
