@@ -300,6 +300,7 @@ def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algori
     job = quantizer.job
     runner = runner_for(job.block, job.compute_dtype)
     samples = quantizer.first_samples(job.metric_samples)
+    searched = imatrix_measured(algorithm, options)
     layers: dict[str, LayerSensitivity] = {}
     for batch in quantizer.batches(list(job.assigned)):
         stats = quantizer.observe(batch)
@@ -312,7 +313,7 @@ def measure_block(quantizer: BlockQuantizer, candidates: list[Candidate], algori
                                           lambda quant: extra_bytes(algorithm, options, quant), offset_digits,
                                           importance=None if importance is None
                                           else importance.get(quantizer.full_name(name)),
-                                          searched=imatrix_measured(algorithm, options))
+                                          searched=searched)
             if not approx:
                 raise QuantkitError(f"no candidate grid fits {quantizer.full_name(name)} "
                                     f"({weight.shape[1]} input columns)")
