@@ -20,23 +20,18 @@ import torch
 
 
 def importance(model, ids, names) -> dict[str, torch.Tensor]:
-    """E[x^2] per input column of each Linear over the calibration samples."""
-    sums, counts, hooks = {}, {}, []
-    for name in names:
-        def hook(module, args, name=name):
-            x = args[0].float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    for i in range(ids.shape[0]):
-        model(ids[i:i + 1], use_cache=False)
-    for hook in hooks:
-        hook.remove()
-    return {name: sums[name] / counts[name] for name in names}
+    """E[x^2] per input column of each Linear over the calibration samples (quantkit's own statistic)."""
+    from quantkit.calibrate.hooks import observe_inputs
+
+    with observe_inputs({name: model.get_submodule(name) for name in names}, frozenset({"sum_sq"})) as stats:
+        for i in range(ids.shape[0]):
+            model(ids[i:i + 1], use_cache=False)
+    return {name: stats[name].sum_sq.mean for name in names}
 
 
 def probe(grid: str, samples: int) -> dict[str, list[float]]:
     from quantkit.algorithms.imatrix import quantize_imatrix
+    from quantkit.calibrate.hooks import forward_hooks
     from quantkit.run.budget import parse_candidates
 
     torch.set_grad_enabled(False)
@@ -51,17 +46,15 @@ def probe(grid: str, samples: int) -> dict[str, list[float]]:
     def capture(index):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured[-1][index] = (hidden, {k: v for k, v in kwargs.items()
-                                            if k not in ("hidden_states", "past_key_values")})
+            captured[-1][int(index)] = (hidden, {k: v for k, v in kwargs.items()
+                                                 if k not in ("hidden_states", "past_key_values")})
         return hook
 
-    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     base = []
-    for s in range(samples):
-        captured.append({})
-        base.append(model(tokens[s:s + 1], use_cache=False).logits.float().log_softmax(-1))
-    for hook in hooks:
-        hook.remove()
+    with forward_hooks({str(i): layer for i, layer in enumerate(layers)}, capture, pre=True, with_kwargs=True):
+        for s in range(samples):
+            captured.append({})
+            base.append(model(tokens[s:s + 1], use_cache=False).logits.float().log_softmax(-1))
 
     def log_probs_from(block: int) -> list[torch.Tensor]:
         out = []
@@ -76,6 +69,7 @@ def probe(grid: str, samples: int) -> dict[str, list[float]]:
     def nll(log_probs, s):
         return float(-log_probs[0, :-1].gather(-1, tokens[s, 1:, None]).mean())
 
+    base_nll = [nll(p, s) for s, p in enumerate(base)]
     spec = parse_candidates(grid, "w4a16", None)[0].scheme().weight
     result = {}
     for name in names:
@@ -85,7 +79,7 @@ def probe(grid: str, samples: int) -> dict[str, list[float]]:
         quantized = log_probs_from(int(name.split(".")[2]))
         linear.weight.data = original
         kl = sum(float((p.exp() * (p - q)).sum(-1).mean()) for p, q in zip(base, quantized)) / samples
-        ce = sum(nll(q, s) - nll(p, s) for s, (p, q) in enumerate(zip(base, quantized))) / samples
+        ce = sum(nll(q, s) - before for s, (q, before) in enumerate(zip(quantized, base_nll))) / samples
         result[name] = [kl, ce]
         print(json.dumps({"linear": name, "kl": kl, "ce_change": ce}), flush=True)
     return result
