@@ -376,7 +376,7 @@ def test_k_grid_misuse_is_one_line(tiny, tmp_path):
     assert_one_line_error(run_cli("calibrate", tiny, "--scheme", "q4_k_m", "--bits", "3", *out),
                           "q4_k_m is llama.cpp's Q4_K_M file type")
     assert_one_line_error(run_cli("calibrate", tiny, "--scheme", "q4_k_x", *out), "did you mean")
-    assert_one_line_error(run_cli("calibrate", tiny, "--scheme", "w4a16", "--algo", "imatrix", *out),
+    assert_one_line_error(run_cli("calibrate", tiny, "--scheme", "mxfp4a16", "--algo", "imatrix", *out),
                           "imatrix is llama.cpp's search for K-quant grids")
     assert_one_line_error(run_cli("calibrate", tiny, "--scheme", "q4_k", "--group-size", "64", *out),
                           "no K-quant grid has int4 asym codes in groups of 64")

@@ -63,10 +63,13 @@ def default_init(spec: WeightSpec) -> str:
     rtn elsewhere (Q8_0). Measured on SmolLM2 (docs/benchmarks.md, issue 16): int4 g64 sym with 50 steps 25.24
     from imatrix against 25.95 from rtn and 27.48 from gptq; on Q4_K_M's grids imatrix and gptq tie (18.84) in
     llama.cpp; int3 g64 asym with 80 steps 30.27 from awq against 61.13 from rtn (AWQ alone: 46.32)."""
+    if not spec.symmetric and spec.super_group is None and ggml_blocks.searched_type(spec) is None:
+        # imatrix searches these too (an integer zero point), but AWQ's scales measured the better start so far
+        return "awq"
     try:
         get_algorithm("imatrix").validate(spec)
     except QuantkitError:
-        return "awq" if not spec.symmetric and spec.super_group is None else "rtn"
+        return "rtn"
     return "imatrix"
 
 
