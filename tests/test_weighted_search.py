@@ -45,7 +45,7 @@ def test_weighted_error_is_below_round_to_nearest(bits, group_size):
     assert error(searched) < 0.9 * error(nearest)
 
 
-def test_asymmetric_and_float_grids_are_not_searched():
+def test_float_grids_are_not_searched_asymmetric_ones_only_when_asked():
     assert not weighted_search.supports(WeightSpec(4, "group", False, 64))
     assert weighted_search.supports(WeightSpec(4, "group", False, 64), asymmetric=True)
     assert not weighted_search.supports(WeightSpec(4, "group", True, 32, scale_format="e8m0", format="fp4_e2m1"),

@@ -84,9 +84,7 @@ def weighted_asymmetric(weight: torch.Tensor, spec: WeightSpec, importance: torc
     hi = x.amax(dim=1, keepdim=True).clamp(min=0.0)
     span = (hi - lo).clamp(min=torch.finfo(torch.float32).tiny)
     storage = scale_format(spec.scale_format)
-    # the min/max grid itself, as `primitives.qparams_from_range` rounds it
-    best_scale = storage.round((span / (qmax - qmin)).clamp(min=storage.smallest))
-    best_zero = (qmin - torch.round(lo / best_scale)).clamp(qmin, qmax)
+    best_scale, best_zero = primitives.qparams_from_range(lo, hi, spec)      # the min/max grid itself
     best_codes = (torch.round(x / best_scale) + best_zero).clamp(qmin, qmax)
     best_error = (weights * ((best_codes - best_zero) * best_scale - x) ** 2).sum(dim=1, keepdim=True)
     for extra in ASYMMETRIC_TRIALS:
