@@ -6,8 +6,9 @@
 Protocol of benchmarks/common.py: 64 x 512 calibration tokens of Austen's Persuasion (AutoRound gets the very same
 ids, one sample per batch entry; it keeps every sample, all being 512 tokens long), perplexity, KL and top-1 in
 float32 on 16 held-out Alice windows. Grids: 4-bit g64 symmetric, 4-bit g128 symmetric (ragged: 576 = 4.5 x 128),
-3-bit g64 asymmetric and 2-bit g64 asymmetric. A variant "signround INIT N" is `--algo signround --algo-option
-init=INIT --algo-option iters=N`; more words are options (`lr=0.01`); `batch=4` sets `--batch-size 4` (samples
+3-bit g64 asymmetric and 2-bit g64 asymmetric (the issue's rows), and 4-bit g128 asymmetric (`w4a16`'s grid). A
+variant "signround INIT N" is `--algo signround --algo-option init=INIT --algo-option iters=N`; more words are
+options (`lr=0.01`; "gptq act_order=false" for the other algorithms); `batch=4` sets `--batch-size 4` (samples
 per step) and `propagate=float` sets `--propagate float`, for any variant. Time: quantkit's calibrate+quantize
 seconds (every stage but load and write) and AutoRound's quantize() call, in the same run on the same machine.
 """
@@ -20,6 +21,7 @@ import common
 GRIDS = {
     "int4 g64 sym": ["--bits", "4", "--group-size", "64", "--sym"],
     "int4 g128 sym": ["--bits", "4", "--group-size", "128", "--sym"],
+    "int4 g128 asym": ["--bits", "4", "--group-size", "128", "--asym"],
     "int3 g64 asym": ["--bits", "3", "--group-size", "64", "--asym"],
     "int2 g64 asym": ["--bits", "2", "--group-size", "64", "--asym"],
 }
@@ -37,7 +39,7 @@ def variant_flags(variant: str) -> list[str]:
         init, iters = words[1], words[2]
         return ["--algo", "signround", "--algo-option", f"init={init}", "--algo-option", f"iters={iters}",
                 *[flag for option in words[3:] for flag in ("--algo-option", option)], *batch]
-    return ["--algo", words[0], *batch]
+    return ["--algo", words[0], *[flag for option in words[1:] for flag in ("--algo-option", option)], *batch]
 
 
 def main() -> None:

@@ -29,6 +29,19 @@ def importance(model, ids, names) -> dict[str, torch.Tensor]:
     return {name: stats[name].sum_sq.mean for name in names}
 
 
+def block_input_capture(captured: list[dict[int, tuple]]):
+    """A `forward_hooks(..., pre=True, with_kwargs=True)` factory keyed by block index: each block's input hidden
+    state and its other keyword arguments (no cache, no attention-weights flag) into ``captured[-1][index]``, so
+    the block can be rerun from there."""
+    def capture(index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[-1][int(index)] = (hidden, {k: v for k, v in kwargs.items()
+                                                 if k not in ("hidden_states", "past_key_values", "output_attentions")})
+        return hook
+    return capture
+
+
 def probe(grid: str, samples: int) -> dict[str, list[float]]:
     from quantkit.algorithms.imatrix import quantize_imatrix
     from quantkit.calibrate.hooks import forward_hooks
@@ -43,13 +56,7 @@ def probe(grid: str, samples: int) -> dict[str, list[float]]:
     tokens = ids[:samples]
     captured: list[dict[int, tuple]] = []
 
-    def capture(index):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured[-1][int(index)] = (hidden, {k: v for k, v in kwargs.items()
-                                                 if k not in ("hidden_states", "past_key_values")})
-        return hook
-
+    capture = block_input_capture(captured)
     base = []
     with forward_hooks({str(i): layer for i, layer in enumerate(layers)}, capture, pre=True, with_kwargs=True):
         for s in range(samples):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import common
 import torch
-from probe_logit_sensitivity import importance
+from probe_logit_sensitivity import block_input_capture, importance
 
 WATCHED = [f"model.layers.{b}.mlp.down_proj" for b in (2, 9, 10, 11, 28, 29)]
 
@@ -54,13 +54,7 @@ def measure(grid: str, samples: int) -> tuple[dict[str, dict], dict[str, torch.T
     captured: list[dict[int, tuple]] = []
     finals, received = [], []
 
-    def capture(index):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            captured[-1][int(index)] = (hidden, {k: v for k, v in kwargs.items()
-                                                 if k not in ("hidden_states", "past_key_values", "output_attentions")})
-        return hook
-
+    capture = block_input_capture(captured)
     with forward_hooks({str(i): layer for i, layer in enumerate(layers)}, capture, pre=True, with_kwargs=True), \
             forward_hooks({"norm": model.model.norm}, lambda _: lambda m, args: finals.append(args[0]), pre=True):
         for s in range(samples):
