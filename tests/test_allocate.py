@@ -326,7 +326,8 @@ def test_imatrix_runs_measure_their_candidates_on_the_imatrix_search():
     assert [allocate.imatrix_measured("signround", {})(s) for s in specs] == [True, True, True, True]
     two_bit_asym = budget.parse_candidates("int2-g64-asym", "w4a16", None)[0].scheme().weight
     assert allocate.imatrix_measured("imatrix", {})(two_bit_asym)
-    assert not allocate.imatrix_measured("signround", {})(two_bit_asym)      # SignRound starts from AWQ there
+    assert allocate.imatrix_measured("signround", {})(two_bit_asym)          # init=auto: imatrix's search there too
+    assert not allocate.imatrix_measured("signround", {"init": "awq"})(two_bit_asym)
     assert not any(allocate.imatrix_measured(name, options)(specs[1])
                    for name, options in (("gptq", {}), ("rtn", {}), ("signround", {"init": "gptq"})))
     plain, _ = allocate.layer_errors("l", weight, hessian, candidates, lambda quant: 0)

@@ -58,16 +58,13 @@ FACTOR_RANGE = (0.5, 1.0)    # the learned range shrinks a group's range at most
 
 
 def default_init(spec: WeightSpec) -> str:
-    """init=auto: imatrix (llama.cpp's importance-weighted scale search) on the grids it searches (integer groups
-    of 3 bits and more, symmetric or with a zero point, K-quants, Q4_0/Q5_0, Q4_1/Q5_1), AWQ on 2-bit asymmetric
-    integer grids, rtn elsewhere (Q8_0). Measured on SmolLM2 (docs/benchmarks.md, issue 16): int4 g64 sym with 50
-    steps 25.24 from imatrix against 25.95 from rtn and 27.48 from gptq; on Q4_K_M's grids imatrix and gptq tie
-    (18.84) in llama.cpp; int3 g64 asym 29.93 from imatrix with 70 steps against 30.24 from awq with 80 and 61.13
-    from rtn; int4 g128 asym with 40 steps 25.64 from imatrix against 26.24 from awq; int2 g64 asym one-pass AWQ
-    1193 against imatrix's 3491."""
-    if (not spec.symmetric and spec.bits <= 2 and spec.super_group is None
-            and ggml_blocks.searched_type(spec) is None):
-        return "awq"      # 2 bits: AWQ's clip search on real inputs beats the weighted (diagonal) search
+    """init=auto: imatrix (llama.cpp's importance-weighted scale search) on the grids it searches (integer groups,
+    symmetric or with a zero point, K-quants, Q4_0/Q5_0, Q4_1/Q5_1), rtn elsewhere (Q8_0). Measured on SmolLM2
+    (docs/benchmarks.md, issue 16): int4 g64 sym with 50 steps 25.24 from imatrix against 25.95 from rtn and 27.48
+    from gptq; on Q4_K_M's grids imatrix and gptq tie (18.84) in llama.cpp; int3 g64 asym 29.93 from imatrix with
+    70 steps against 30.24 from awq with 80 and 61.13 from rtn; int4 g128 asym with 40 steps 25.64 from imatrix
+    against 26.24 from awq; int2 g64 asym 74.11 from imatrix with 70 steps against 88.65 from awq with 80, though
+    one pass of awq (1193) is far ahead of the search's (3491)."""
     try:
         get_algorithm("imatrix").validate(spec)
     except QuantkitError:
@@ -387,8 +384,8 @@ def _trainable(value):
 
 @register("signround")
 class SignRound:
-    """Options: init (auto: where the codes start, `default_init`: imatrix where it searches the grid, awq on
-    2-bit asymmetric integer grids, else rtn; or rtn, gptq, awq, imatrix), iters (200 steps per block; 0
+    """Options: init (auto: where the codes start, `default_init`: imatrix where it searches the grid, else rtn;
+    or rtn, gptq, awq, imatrix), iters (200 steps per block; 0
     keeps the initial codes), lr (0: 1 / iters, AutoRound's default), range_lr (0: lr; of the range factors),
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
     best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
