@@ -28,18 +28,22 @@ GRIDS = {
 DEFAULT_VARIANTS = ["rtn", "gptq", "awq", "hqq", "signround gptq 50", "signround gptq 200"]
 
 
-def variant_flags(variant: str) -> list[str]:
+def parse_variant(variant: str) -> tuple[str, list[str], list[str]]:
+    """(algorithm, its options as "key=value" words, the calibrate flags) of a variant (module docstring)."""
     words = variant.split()
     # "batch=N": N calibration samples per batch (`--batch-size`), so SignRound takes N samples per step
-    batch = [flag for word in words if word.startswith("batch=") for flag in ("--batch-size", word.split("=")[1])]
+    flags = [flag for word in words if word.startswith("batch=") for flag in ("--batch-size", word.split("=")[1])]
     # "propagate=float": every block calibrated on the float model's inputs (`--propagate float`)
-    batch += [flag for word in words if word.startswith("propagate=") for flag in ("--propagate", word.split("=")[1])]
+    flags += [flag for word in words if word.startswith("propagate=") for flag in ("--propagate", word.split("=")[1])]
     words = [word for word in words if not word.startswith(("batch=", "propagate="))]
     if words[0] == "signround":
-        init, iters = words[1], words[2]
-        return ["--algo", "signround", "--algo-option", f"init={init}", "--algo-option", f"iters={iters}",
-                *[flag for option in words[3:] for flag in ("--algo-option", option)], *batch]
-    return ["--algo", words[0], *[flag for option in words[1:] for flag in ("--algo-option", option)], *batch]
+        return "signround", [f"init={words[1]}", f"iters={words[2]}", *words[3:]], flags
+    return words[0], words[1:], flags
+
+
+def variant_flags(variant: str) -> list[str]:
+    algorithm, options, flags = parse_variant(variant)
+    return ["--algo", algorithm, *[flag for option in options for flag in ("--algo-option", option)], *flags]
 
 
 def main() -> None:
