@@ -338,3 +338,81 @@ def test_imatrix_runs_measure_their_candidates_on_the_imatrix_search():
         delta = weight - quantize_imatrix(weight, spec, hessian.diagonal()).dequantize().float()
         assert after == pytest.approx(float(((delta @ hessian) * delta).sum()), rel=1e-5)
         assert after != before
+
+
+def test_last_block_gains_are_calibrated_by_the_blocks_median_ratio():
+    """(layer error, residual gain, KL gain) per (Linear, candidate): on each candidate the KL gains are scaled by
+    the median of residual / KL gain over the block's Linears (by hand: ratios 0.5, 1, 0.25 -> 0.5); a candidate
+    without a KL keeps its residual gains."""
+    points = {("a", 0): (1.0, 2.0, 4.0), ("b", 0): (3.0, 3.0, 3.0), ("c", 0): (2.0, 1.0, 4.0),
+              ("a", 2): (9.0, 7.0, None), ("b", 2): (8.0, 5.0, 0.0)}
+    assert allocate.logit_calibrated(points) == {("a", 0): (1.0, 2.0), ("b", 0): (3.0, 1.5), ("c", 0): (2.0, 2.0),
+                                                 ("a", 2): (9.0, 7.0), ("b", 2): (8.0, 5.0)}
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_last_block_kl_gain_is_the_models_own_kl(tmp_path, architecture, monkeypatch):
+    """The head loaded on its own (tied to the embeddings; Gemma 2 soft-caps its logits) gives the model's own
+    next-token distributions: the KL gain of a changed last-block Linear times its layer error equals the KL per
+    token between the whole HF model's outputs with and without the change (two Linears, in two groups)."""
+    from conftest import make_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.calibrate.hooks import BlockInput
+    from quantkit.model.architectures import architecture_for
+    from quantkit.model.checkpoint import Checkpoint, build_skeleton
+    from quantkit.model.head import load_output_head
+
+    overrides = {"final_logit_softcapping": 0.5} if architecture == "gemma2" else {}   # a cap the logits reach
+    directory = make_checkpoint(tmp_path / architecture, architecture, tie_word_embeddings=True, **overrides)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    checkpoint = Checkpoint(directory)
+    skeleton = build_skeleton(checkpoint.config, torch.float32)
+    head = load_output_head(skeleton, architecture_for(checkpoint.config), checkpoint)
+    assert skeleton.lm_head.weight.is_meta and head.lm_head.weight.data_ptr() != skeleton.lm_head.weight.data_ptr()
+    assert (head.softcap is not None) == (architecture == "gemma2")
+    block = model.model.layers[-1]
+    captured = {}
+
+    def keep_input(module, args, kwargs):
+        captured["call"] = BlockInput(args[0] if args else kwargs["hidden_states"],
+                                      {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
+
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    handle = block.register_forward_pre_hook(keep_input, with_kwargs=True)
+    with torch.no_grad():
+        before = model(ids, use_cache=False).logits.log_softmax(-1)
+    handle.remove()
+    generator = torch.Generator().manual_seed(1)
+    names = ["mlp.down_proj", "self_attn.o_proj"]
+    changed = {name: block.get_submodule(name).weight.detach() + 0.05 * torch.randn(
+        block.get_submodule(name).weight.shape, generator=generator) for name in names}
+    monkeypatch.setattr(allocate, "KL_GROUP", 1)
+    gains = allocate.block_gains(block, [captured["call"]], {(name, 0): (changed[name], 2.0) for name in names}, head)
+    for name in names:
+        linear = block.get_submodule(name)
+        original = linear.weight.detach().clone()
+        with torch.no_grad():
+            linear.weight.copy_(changed[name])
+            after = model(ids, use_cache=False).logits.log_softmax(-1)
+            linear.weight.copy_(original)
+        expected = float((before.exp() * (before - after)).sum(-1).mean())
+        assert expected > 1e-4
+        assert gains[(name, 0)][2] * 2.0 == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["gemma3_multimodal", "phi3", "mixtral"])
+def test_families_allocate_with_the_last_block_measured_at_the_logits(tmp_path, text_file, architecture):
+    """The head loads under each family's names (multimodal Gemma 3's language_model prefix and tied head, Phi-3's
+    own lm_head, Mixtral's experts in the last block): every Linear, the last block's included, has its gain points
+    and the target is met."""
+    from conftest import make_checkpoint
+
+    directory = make_checkpoint(tmp_path / architecture, architecture, tie_word_embeddings=architecture != "phi3")
+    result = calibrate(CalibrateConfig(model=str(directory), scheme="w4a16", algorithm="rtn", dataset=str(text_file),
+                                       num_samples=4, seq_len=32, target_bits=4.0, out=tmp_path / "out",
+                                       candidates="int2-g32,int4-g32,int8-g32"))
+    assert result.manifest.allocation.achieved.bits <= 4.0
+    table = json.loads((result.out / "allocation.json").read_text())["layers"]
+    last = [name for name in table if ".layers.1." in name]
+    assert last and all(len(table[name]["gains"]) == 2 for name in table)

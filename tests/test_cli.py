@@ -122,6 +122,22 @@ def test_dry_run_estimates_and_writes_nothing(llama_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_dry_run_counts_the_sensitivity_pass_head(llama_dir, tmp_path):
+    """With a target the estimate has the sensitivity pass's phase: the last block's run with the LM head (fp32,
+    vocab x hidden) and a chunk of logits; without one it has none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(llama_dir)
+    phases = {}
+    for name, flags in (("plain", []), ("target", ["--target-bits", "4"])):
+        result = run("calibrate", llama_dir, "--scheme", "w4a16", *FAST, "--out", tmp_path / name, "--dry-run",
+                     "--json", *flags)
+        assert result.exit_code == 0, result.output
+        phases[name] = json.loads(result.output)["estimate"]["phases"]
+    assert "sensitivity" not in phases["plain"]
+    assert phases["target"]["sensitivity"] > config.vocab_size * config.hidden_size * 4 + 4 * 256 * config.vocab_size * 4
+
+
 def test_memory_the_machine_lacks_stops_before_work(llama_dir, tmp_path):
     # 100k samples of 256 tokens cannot be cached in memory: the estimate refuses and names the fixes
     result = run("calibrate", llama_dir, "--num-samples", "400000", "--seq-len", "256", "--out", tmp_path / "o")

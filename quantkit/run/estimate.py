@@ -28,6 +28,7 @@ from quantkit.files import nearest_existing
 from quantkit.formats import primitives
 from quantkit.formats.numbers import scale_format
 from quantkit.model.moe import expert_index
+from quantkit.run.allocate import KL_GROUP, LOGIT_CHUNK
 
 BASELINE_BYTES = 700 * 2**20     # an idle Python with torch and transformers imported
 MANIFEST_LAYER_BYTES = 8192      # one Linear's entry in quant_manifest.json (measured: about 1.5 KB)
@@ -97,6 +98,14 @@ def estimate_run(run) -> Estimate:
         + (_refine_bytes(run, block_params, compute, hidden, intermediate) if refined else 0) + lane,
         "finish": rest + (output if output <= 2 * 1024**3 else 0),
     }
+    if run.needs_data and run.config.sensitivity == "block" and (run.config.target_bits is not None
+                                                                 or run.config.target_size is not None):
+        # the sensitivity pass's last block also runs the final norm and LM head (fp32) on chunks of tokens:
+        # the head, up to KL_GROUP changed block outputs of a metric sample, a chunk's float and changed logits
+        # with their exp and difference
+        changed = KL_GROUP * run.config.metric_samples * seq_len * hidden * 4
+        phases["sensitivity"] = (block_params * (4 + compute) + 2 * activations + batch_intermediate + stats
+                                 + changed + config.vocab_size * hidden * 4 + 4 * LOGIT_CHUNK * config.vocab_size * 4)
     # the work directory's blocks and inputs (none kept in memory is written without --resume's state), then the
     # output with the copied config/tokenizer files
     saved_inputs = activations if run.config.resumable or run.config.offload_activations else 0

@@ -59,6 +59,7 @@ from quantkit.model.checkpoint import (
     release,
     resolve_model,
 )
+from quantkit.model.head import load_output_head
 from quantkit.model.qlinear import QuantLinear
 from quantkit.native.manifest import (
     AchievedSize,
@@ -690,9 +691,11 @@ def _measure_sensitivities(run: _Run, progress: Progress, importance: Mapping[st
                            storage_dtype=run.storage_dtype, smooth=False, alpha=None,
                            metric_samples=config.metric_samples, processes=run.processes,
                            moe_all_experts=config.moe_all_experts, expert_batch=config.expert_batch)
+            last = index == num_blocks - 1 and config.sensitivity == "block"
+            head = load_output_head(model, run.arch, run.checkpoint) if last else None   # measured at the logits
             measured, inputs = allocate.measure_block(BlockQuantizer(job), run.candidates, config.algorithm,
                                                       config.options, config.sensitivity, _offset_digits(config),
-                                                      importance)
+                                                      importance, head)
             layers.update(measured)
             release(block)
             progress.advance("sensitivity", f"block {index}")
