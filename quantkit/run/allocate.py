@@ -254,7 +254,8 @@ LOGIT_CHUNK = 256      # tokens per head pass: the logits of a chunk, not of eve
 KL_GROUP = 8           # changed block outputs kept per sample to share one pass of the float logits
 
 
-def kl_sums(head: OutputHead, reference: torch.Tensor, changed: dict) -> dict:
+def kl_sums(head: OutputHead, reference: torch.Tensor, changed: dict[tuple[str, int], torch.Tensor]
+            ) -> dict[tuple[str, int], float]:
     """Per key of ``changed``: the sum over tokens of KL(p || q), p / q the next-token distributions of
     ``reference`` / that changed output [..., hidden] (same shapes); the logits are formed a chunk of tokens at a
     time, the float ones once per chunk for every key."""
