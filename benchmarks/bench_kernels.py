@@ -9,7 +9,8 @@ of repeated runs, L2 flushed between runs):
   w8a8+q    the same plus quantkit::quantize_int8_dynamic of the bf16 activations (what a layer costs)
   w4a16     quantkit::weight_only_mm, int4 group-128 asymmetric weights, bf16 activations
 and prints TFLOPS (2*M*N*K / t), % of the H100 SXM peak (bf16 989 TFLOPS for bf16 and w4a16, int8 1979
-TOPS for w8a8), achieved bandwidth (weights + activations + output bytes / t, vs 3.35 TB/s) and the
+TOPS for w8a8), achieved bandwidth (weights + activations + output bytes / t, vs 3.35 TB/s on an H100,
+4.8 on an H200) and the
 ratio t_bf16 / t_kernel. Each kernel's output is first checked against the bf16 reference (relative
 error), so a fast wrong kernel cannot report a number. Targets (docs/kernels.md): w8a8 >= 1.6x bf16 at
 M >= 2048 and >= 1x at M >= 128; w4a16 >= 2.5x at M = 1; the M where w4a16 crosses 1x is reported.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 PEAK_BF16_TFLOPS = 989.0
 PEAK_INT8_TOPS = 1979.0
-PEAK_BANDWIDTH_TBS = 3.35
+PEAK_BANDWIDTH_TBS = {"H100": 3.35, "H200": 4.8}   # HBM3 / HBM3e datasheet; same bf16/int8 peaks on both
 LLAMA2_7B_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]      # (K, N): in_features -> out_features
 M_VALUES = [1, 16, 128, 512, 2048, 8192]
 SMOKE_SHAPES = [(96, 64), (64, 160)]
@@ -127,10 +128,16 @@ def timer(smoke: bool, cuda_graph: bool):
     return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def peak_bandwidth(device_name: str) -> float:
+    """Datasheet bandwidth in TB/s of the named card (the H100's where the name is neither)."""
+    return next((tbs for chip, tbs in PEAK_BANDWIDTH_TBS.items() if chip in device_name), PEAK_BANDWIDTH_TBS["H100"])
+
+
 def bench_shape(k, n, m_values, device, backend, measure):
     import torch
 
     ops, w8, w4 = make_operands(k, n, device)
+    bandwidth = peak_bandwidth(torch.cuda.get_device_name() if device == "cuda" else "")
     w_bf16 = w8.to(torch.bfloat16)
     quantize, int8_mm, w4_mm = kernels_for(backend)
     rows = []
@@ -157,7 +164,7 @@ def bench_shape(k, n, m_values, device, backend, measure):
             moved = weight_bytes[kind] + act_bytes[kind] + 2 * m * n
             rows.append({"K": k, "N": n, "M": m, "kernel": kind, "ms": ms, "tflops": tflops,
                          "pct_peak": 100 * tflops / peak, "tb_per_s": moved / (ms * 1e-3) / 1e12,
-                         "pct_bandwidth": 100 * moved / (ms * 1e-3) / 1e12 / PEAK_BANDWIDTH_TBS,
+                         "pct_bandwidth": 100 * moved / (ms * 1e-3) / 1e12 / bandwidth,
                          "ratio_vs_bf16": times["bf16"] / ms,
                          "rel_error": checks.get(kind if kind != "w8a8+q" else "w8a8")})
     return rows

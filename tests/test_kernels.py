@@ -430,7 +430,7 @@ def test_gpu_quantize_and_weight_only(m, dtype):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("scheme", KERNEL_SCHEMES)
 def test_gpu_every_scheme_matches_reference(scheme):
     spec = SCHEMES[scheme]
     layer = _quant_linear(spec.weight, spec.activation, n=512, k=1000, seed=10).cuda()
