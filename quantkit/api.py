@@ -76,7 +76,8 @@ def calibrate(model: Any, tokenizer: Any = None, *, scheme: str | None = None, a
               seed: int = 0, out: str | Path | None = None, overwrite: bool = False, dry_run: bool = False,
               resume: bool = False, offload_activations: bool = False, dtype: str = "auto",
               moe_all_experts: bool = True, expert_batch: int = 16, imatrix_from: str = "quantized",
-              propagate: str = "quantized", target_bits: float | None = None, target_size: str | None = None,
+              propagate: str = "quantized", fit_final_norm: bool | None = None, target_bits: float | None = None,
+              target_size: str | None = None,
               candidates: str | None = None,
               sensitivity: str = "block", trust_remote_code: bool = False, keep_model: bool = False,
               save_source: str | Path | None = None,
@@ -116,7 +117,7 @@ def calibrate(model: Any, tokenizer: Any = None, *, scheme: str | None = None, a
         smooth=smooth, seed=seed, out=None if out is None else Path(out), overwrite=overwrite, dry_run=dry_run,
         resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
         moe_all_experts=moe_all_experts, expert_batch=expert_batch, imatrix_from=imatrix_from, propagate=propagate,
-        target_bits=target_bits, target_size=target_size, candidates=candidates, sensitivity=sensitivity,
+        fit_final_norm=fit_final_norm, target_bits=target_bits, target_size=target_size, candidates=candidates, sensitivity=sensitivity,
         keep_model=keep_model,
     )
     progress = _progress_adapter(progress)

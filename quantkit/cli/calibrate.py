@@ -52,6 +52,11 @@ import click
                    "earlier blocks' error (measured: +6% perplexity). The importance statistics are then the float "
                    "model's, as llama-imatrix measures them, where no smoothing, AWQ, true-sequential GPTQ or "
                    "all-token MoE statistics change a Linear's input.")
+@click.option("--fit-final-norm/--no-fit-final-norm", default=None,
+              help="Once every block is quantized, fit the final norm's gain (kept in float by every export) so "
+                   "that the quantized model's next-token distributions match the float model's on the calibration "
+                   "tokens (about 20 s on SmolLM2; kept only where it lowers the KL). Default: on with "
+                   "--algo signround, whose float stream it reads; elsewhere it adds one float forward per block.")
 @click.option("--target-bits", type=float, help="Automatic mixed precision: choose each Linear's grid so that the "
               "quantized Linears average at most this many stored bits per weight (codes, scales, zeros).")
 @click.option("--target-size", help="Automatic mixed precision under a size for the output's weight files, "
@@ -65,8 +70,8 @@ import click
 @click.option("--quiet", is_flag=True, help="No progress or tables.")
 def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, symmetric, dataset, data_files,
               text_column, num_samples, seq_len, batch_size, alpha, smooth, seed, out, overwrite, dry_run, resume,
-              offload_activations, dtype, moe_all_experts, expert_batch, imatrix_from, propagate, target_bits,
-              target_size, candidates, sensitivity, trust_remote_code, as_json, quiet):
+              offload_activations, dtype, moe_all_experts, expert_batch, imatrix_from, propagate, fit_final_norm,
+              target_bits, target_size, candidates, sensitivity, trust_remote_code, as_json, quiet):
     """Calibrate MODEL (a checkpoint directory, hub id or alias such as smollm2-135m) and write a
     quantized model: packed safetensors plus quant_manifest.json."""
     from quantkit import api
@@ -79,8 +84,8 @@ def calibrate(model, scheme, algorithm, algo_options, recipe, bits, group_size, 
             text_column=text_column, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, alpha=alpha,
             smooth=smooth, seed=seed, out=out, overwrite=overwrite, dry_run=dry_run, resume=resume,
             offload_activations=offload_activations, dtype=dtype, moe_all_experts=moe_all_experts,
-            expert_batch=expert_batch, imatrix_from=imatrix_from, propagate=propagate, target_bits=target_bits,
-            target_size=target_size,
+            expert_batch=expert_batch, imatrix_from=imatrix_from, propagate=propagate, fit_final_norm=fit_final_norm,
+            target_bits=target_bits, target_size=target_size,
             candidates=candidates, sensitivity=sensitivity, trust_remote_code=trust_remote_code, progress=progress)
 
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports

@@ -112,6 +112,10 @@ def calibration_table(result) -> Table:
     if ratios:
         table.add_row("signround block loss after / before", f"median {ratios[len(ratios) // 2]:.3f}, "
                                                              f"range {ratios[0]:.3f}-{ratios[-1]:.3f}")
+    fit = manifest.summary.final_norm
+    if fit:
+        table.add_row("final norm fit: KL before -> after",
+                      f"{fit['kl_before']:.4g} -> {fit['kl_after']:.4g}" + ("" if fit["kept"] else " (source kept)"))
     allocation = manifest.allocation
     if allocation:
         achieved, target = allocation.achieved, allocation.target
@@ -155,6 +159,7 @@ def calibration_json(result) -> dict:
         "notes": layer_notes(manifest),
         **({"block_loss": {block: {"before": b, "after": a} for block, (b, a) in refined.items()}} if refined else {}),
         **({"allocation": manifest.allocation.to_dict()} if manifest.allocation else {}),
+        **({"final_norm": manifest.summary.final_norm} if manifest.summary.final_norm else {}),
     }
 
 

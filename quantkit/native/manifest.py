@@ -162,11 +162,13 @@ class Summary:
     min_weight_sqnr_db: float | None = None
     estimate: dict | None = None
     validation: dict | None = None
+    final_norm: dict | None = None      # the final norm's fit (`run.final_norm.FinalNormFit.to_dict`), if one ran
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if self.validation is None:
-            del data["validation"]
+        for optional in ("validation", "final_norm"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
 

@@ -29,6 +29,7 @@ from quantkit.formats import primitives
 from quantkit.formats.numbers import scale_format
 from quantkit.model.moe import expert_index
 from quantkit.run.allocate import KL_GROUP, LOGIT_CHUNK
+from quantkit.run.final_norm import FIT_TOKENS, TOKENS_PER_STEP
 
 BASELINE_BYTES = 700 * 2**20     # an idle Python with torch and transformers imported
 MANIFEST_LAYER_BYTES = 8192      # one Linear's entry in quant_manifest.json (measured: about 1.5 KB)
@@ -106,6 +107,11 @@ def estimate_run(run) -> Estimate:
         changed = KL_GROUP * run.config.metric_samples * seq_len * hidden * 4
         phases["sensitivity"] = (block_params * (4 + compute) + 2 * activations + batch_intermediate + stats
                                  + changed + config.vocab_size * hidden * 4 + 4 * LOGIT_CHUNK * config.vocab_size * 4)
+    if run.fits_final_norm:
+        # both streams, the fit's float32 copies of its tokens, the head in fp32, and one step's logits (float and
+        # fitted, with their exp, difference and gradients: about 8 vocabulary-wide fp32 rows per token)
+        phases["final norm"] = (2 * activations + 2 * FIT_TOKENS * hidden * 4 + config.vocab_size * hidden * 4
+                                + 8 * TOKENS_PER_STEP * config.vocab_size * 4)
     # the work directory's blocks and inputs (none kept in memory is written without --resume's state), then the
     # output with the copied config/tokenizer files
     saved_inputs = activations if run.config.resumable or run.config.offload_activations else 0

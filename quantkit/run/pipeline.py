@@ -73,7 +73,7 @@ from quantkit.native.manifest import (
     ToolInfo,
 )
 from quantkit.native.writer import LinearRecord, record_tensors
-from quantkit.run import allocate, budget
+from quantkit.run import allocate, budget, final_norm
 from quantkit.run.allocate import Allocation
 from quantkit.run.block import (
     BlockJob,
@@ -86,6 +86,7 @@ from quantkit.run.block import (
 from quantkit.run.budget import Candidate
 from quantkit.run.distributed import Processes, from_environment
 from quantkit.run.estimate import Estimate, check_fits, estimate_run
+from quantkit.run.final_norm import FinalNormFit
 from quantkit.run.lane import LaneTask, QuantizeLane
 from quantkit.run.layers import cast_parameters
 from quantkit.run.mixes import resolve_ggml_types
@@ -141,6 +142,8 @@ class CalibrateConfig:
     target_size: str | None = None      # or bytes of the output's weight files ("3.2GB", "800MiB")
     candidates: str | None = None       # the grids allowed (`run.budget.parse_candidates`); None: int 2-8 x g32-128
     sensitivity: str = "block"          # how a grid's harm is measured (`run.allocate`): block or layer
+    fit_final_norm: bool | None = None  # fit the final norm's gain to the float logits (`run.final_norm`); None: on
+                                        # with a refinement (SignRound), whose float stream it reads
 
 
 @dataclass
@@ -239,6 +242,7 @@ class _Run:
     fixed_bytes: int = 0                # --target-size: the weight files' bytes no allocation changes (bound)
     importance_is_float: bool = True    # every block's recorded Σx² is the float model's (`BlockResult`), so far
     overlapped: float = 0.0             # seconds the quantize lane worked beside the main thread (in two stages' times)
+    final_norm: FinalNormFit | None = None   # the fitted final norm (`fits_final_norm`), once every block is done
 
     def full_name(self, block_index: int, name: str) -> str:
         return f"{self.arch.blocks}.{block_index}.{name}"
@@ -281,7 +285,14 @@ class _Run:
         """Whether the float stream is kept next to the quantized one (--imatrix-from float, a refinement's
         targets); with --propagate float the one stream is the float model's."""
         return (self.needs_data and self.config.propagate == "quantized"
-                and (self.config.imatrix_from == "float" or self.refined))
+                and (self.config.imatrix_from == "float" or self.refined or bool(self.config.fit_final_norm)))
+
+    @property
+    def fits_final_norm(self) -> bool:
+        """Whether the final norm's gain is fitted once every block is quantized (`run.final_norm`): asked for, or
+        by default with a refinement; it reads both streams' last outputs."""
+        wanted = self.config.fit_final_norm if self.config.fit_final_norm is not None else self.refined
+        return wanted and self.second_stream
 
 
 @contextmanager
@@ -516,6 +527,13 @@ def calibrate(config: CalibrateConfig, progress: Progress | None = None) -> Cali
                             "sees every token on every rank)")
     if run.refined and processes.world_size > 1:
         raise QuantkitError("signround optimises each block in one process; run it without torchrun")
+    if config.fit_final_norm and processes.world_size > 1:
+        raise QuantkitError("--fit-final-norm reads every calibration token's last hidden state in one process; run "
+                            "without torchrun")
+    if config.fit_final_norm and not run.fits_final_norm:
+        raise QuantkitError("--fit-final-norm needs the quantized model's own last hidden states: drop --propagate "
+                            "float" if config.propagate == "float" else
+                            "--fit-final-norm needs calibration data: no layer of this run takes any")
     if run.candidates is not None and processes.world_size > 1:
         raise QuantkitError("--target-bits/--target-size measure sensitivities in one process; run without torchrun")
     run.estimate = estimate_run(run)
@@ -600,7 +618,24 @@ def _run_blocks(run: _Run, work: WorkDir, first: int, progress: Progress) -> nn.
         if lane is not None:
             lane.close()
             run.overlapped += lane.overlapped
+    if run.fits_final_norm:
+        _fit_final_norm(run, model, inputs, float_inputs, progress)
     return model
+
+
+def _fit_final_norm(run: _Run, model: nn.Module, outputs: list[BlockInput], float_outputs: list[BlockInput],
+                    progress: Progress) -> None:
+    """The final norm's gain fitted on the last block's outputs of both streams (`run.final_norm`)."""
+    with _timed(run, "final_norm"), torch.inference_mode(False), torch.enable_grad():
+        progress.stage("final norm")
+        head = load_output_head(model, run.arch, run.checkpoint)
+        # the same seeded sample of tokens from both streams (their calls hold the same tokens in the same order)
+        rows = final_norm.sample_tokens([call.tensor() for call in outputs], final_norm.FIT_TOKENS, run.config.seed)
+        hidden = [final_norm.gather_tokens([call.tensor() for call in calls], rows) for calls in (outputs, float_outputs)]
+        run.final_norm = final_norm.fit_final_norm(head, *hidden, run.arch.norm_offset, seed=run.config.seed)
+        fit = run.final_norm
+        progress.advance("final norm", f"KL {fit.kl_before:.4f} -> {fit.kl_after:.4f}"
+                                       f"{'' if fit.kept else ' (not lower: the source norm kept)'}")
 
 
 def _commit_block(run: _Run, work: WorkDir, index: int, result: BlockResult, tensors: dict[str, torch.Tensor],
@@ -868,6 +903,8 @@ def _non_block_tensors(run: _Run) -> dict[str, torch.Tensor]:
     block_prefix = run.arch.blocks + "."
     names = [n for n in run.checkpoint.weight_map if not n.startswith(block_prefix)]
     tensors = run.checkpoint.tensors(names)  # finite: _preflight scanned every weight
+    if run.final_norm is not None:
+        tensors[f"{run.arch.final_norm}.weight"] = run.final_norm.weight
     return {name: t.to(run.storage_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
 
 
@@ -931,6 +968,7 @@ def _build_manifest(run: _Run, layers: dict[str, LayerEntry], files: list[str], 
         min_output_sqnr_db=min(quantized_sqnr) if quantized_sqnr else None,
         min_weight_sqnr_db=min((e.metrics["weight_sqnr_db"] for e in layers.values()), default=None),
         estimate=run.estimate.to_dict() if run.estimate else None,
+        final_norm=run.final_norm.to_dict() if run.final_norm is not None else None,
     )
     return Manifest(
         tool=ToolInfo("quantkit", quantkit.__version__, datetime.now(timezone.utc).isoformat(timespec="seconds")),
@@ -981,4 +1019,7 @@ def _finish_in_memory(run: _Run, model: nn.Module) -> None:
             materialize(module, name, run.checkpoint, run.storage_dtype, fallback)
     if getattr(run.checkpoint.config, "tie_word_embeddings", False) and not run.checkpoint.has(f"{run.arch.lm_head}.weight"):
         model.get_submodule(run.arch.lm_head).weight = model.get_submodule(run.arch.embeddings).weight
+    if run.final_norm is not None:
+        with torch.no_grad():
+            model.get_submodule(run.arch.final_norm).weight.copy_(run.final_norm.weight)
     cast_parameters(model, run.storage_dtype)

@@ -1,0 +1,124 @@
+"""The final norm's gain fitted to the float model's next-token distributions, once every block is quantized.
+
+The quantized blocks leave the last hidden states h_q off the float model's h_f, and part of what reaches the
+logits is a per-channel scale that the final RMSNorm's gain (kept in float by every export: GGUF's
+output_norm, compressed-tensors' unquantized norm) can take back. With g0 the source's effective gain
+(offset + w: 1 + w in Gemma-style norms) and p [hidden] learned from 0:
+
+    minimize  mean_t KL( softmax(head(h_f,t ; g0)) || softmax(head(h_q,t ; g0 * (1 + p))) )
+
+over the calibration tokens (both streams are the pipeline's: the float stream is SignRound's target; at most
+FIT_TOKENS of them, a seeded sample), with Adam on random batches of tokens and bf16 matrix products (the
+vocabulary-wide product and softmax are the cost). The fit is kept only where it lowers the KL, measured in
+float32 on a fixed subset of the tokens; the stored weight is g0 * (1 + p) - offset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from quantkit.model.head import OutputHead
+
+STEPS = 60
+TOKENS_PER_STEP = 256
+LEARNING_RATE = 3e-3
+MEASURED_TOKENS = 2048
+FIT_TOKENS = 16384           # tokens the fit draws its batches and measured subset from (a seeded sample of them)
+
+
+@dataclass(frozen=True)
+class FinalNormFit:
+    """The fitted norm weight [hidden] float32 (the source's where the fit did not help: ``kept`` False) and
+    the mean KL(float || quantized) per token on the measured tokens before and after."""
+
+    weight: torch.Tensor
+    kl_before: float
+    kl_after: float
+    steps: int
+    tokens: int
+    kept: bool
+
+    def to_dict(self) -> dict:
+        return {"kl_before": round(self.kl_before, 6), "kl_after": round(self.kl_after, 6), "steps": self.steps,
+                "tokens": self.tokens, "kept": self.kept}
+
+
+def _log_probs(head: OutputHead, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [T, hidden] -> log-probabilities [T, vocab] float32 with the final norm's weight replaced."""
+    normed = functional_call(head.norm, {"weight": weight}, (hidden,))
+    logits = head.lm_head(normed).float()
+    if head.softcap:
+        logits = head.softcap * torch.tanh(logits / head.softcap)
+    return logits.log_softmax(-1)
+
+
+def _kl(reference: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p || q) from log-probabilities [T, vocab]."""
+    return (reference.exp() * (reference - log_probs)).sum(-1).mean()
+
+
+def _measured_kl(head: OutputHead, quantized: torch.Tensor, floats: torch.Tensor, weight: torch.Tensor,
+                 source: torch.Tensor) -> float:
+    kl = 0.0
+    for start in range(0, len(quantized), TOKENS_PER_STEP):
+        rows = slice(start, start + TOKENS_PER_STEP)
+        kl += _kl(_log_probs(head, floats[rows], source), _log_probs(head, quantized[rows], weight)).item() * len(
+            quantized[rows])
+    return kl / len(quantized)
+
+
+def sample_tokens(hidden: list[torch.Tensor], count: int, seed: int) -> list[int] | None:
+    """The flat token indices (sorted) of a seeded sample of ``count`` tokens from calls of ``hidden`` [..., H]
+    shapes; None: all of them (no more than ``count``)."""
+    total = sum(h.numel() // h.shape[-1] for h in hidden)
+    if total <= count:
+        return None
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].sort().values.tolist()
+
+
+def gather_tokens(hidden: list[torch.Tensor], rows: list[int] | None) -> torch.Tensor:
+    """The rows ``rows`` (flat token indices over the calls, sorted; None: all) of ``hidden`` as one float32
+    [tokens, H] tensor (a copy)."""
+    flat, start, picked = [], 0, torch.tensor(rows if rows is not None else [], dtype=torch.long)
+    for h in hidden:
+        tokens = h.reshape(-1, h.shape[-1])
+        if rows is None:
+            flat.append(tokens.float().clone())
+        else:
+            inside = picked[(picked >= start) & (picked < start + len(tokens))] - start
+            flat.append(tokens[inside].float())
+        start += len(tokens)
+    return torch.cat(flat)
+
+
+def fit_final_norm(head: OutputHead, quantized: torch.Tensor, floats: torch.Tensor, offset: float,
+                   steps: int = STEPS, seed: int = 0) -> FinalNormFit:
+    """quantized, floats [T, hidden] float32: the last block's outputs on the quantized and the float streams
+    (same tokens, same order); head: the final norm and LM head in float32; offset: the norm's (1.0 for Gemma).
+    Call outside inference mode. -> `FinalNormFit`."""
+    source = head.norm.weight.detach().float()
+    gain = source + offset
+    generator = torch.Generator().manual_seed(seed)
+    measured = torch.randperm(len(quantized), generator=generator)[:MEASURED_TOKENS]
+    with torch.no_grad():
+        kl_before = _measured_kl(head, quantized[measured], floats[measured], source, source)
+    scale = torch.zeros_like(gain, requires_grad=True)
+    optimizer = torch.optim.Adam([scale], lr=LEARNING_RATE)
+    for param in head.lm_head.parameters():
+        param.requires_grad_(False)
+    for _ in range(steps):
+        rows = torch.randint(0, len(quantized), (TOKENS_PER_STEP,), generator=generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                reference = _log_probs(head, floats[rows], source)
+            loss = _kl(reference, _log_probs(head, quantized[rows], gain * (1 + scale) - offset))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    fitted = (gain * (1 + scale.detach()) - offset).to(source.dtype)
+    with torch.no_grad():
+        kl_after = _measured_kl(head, quantized[measured], floats[measured], fitted, source)
+    kept = kl_after < kl_before
+    return FinalNormFit(fitted if kept else source, kl_before, kl_after, steps, len(quantized), kept)
