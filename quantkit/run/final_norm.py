@@ -94,9 +94,10 @@ def gather_tokens(hidden: list[torch.Tensor], rows: list[int] | None) -> torch.T
 
 
 def fit_final_norm(head: OutputHead, quantized: torch.Tensor, floats: torch.Tensor, offset: float,
-                   steps: int = STEPS, seed: int = 0) -> FinalNormFit:
+                   steps: int = STEPS, seed: int = 0, storage: torch.dtype = torch.float32) -> FinalNormFit:
     """quantized, floats [T, hidden] float32: the last block's outputs on the quantized and the float streams
-    (same tokens, same order); head: the final norm and LM head in float32; offset: the norm's (1.0 for Gemma).
+    (same tokens, same order); head: the final norm and LM head in float32; offset: the norm's (1.0 for Gemma);
+    storage: the dtype the weight is written in (the KL after is measured on the stored values).
     Call outside inference mode. -> `FinalNormFit`."""
     source = head.norm.weight.detach().float()
     gain = source + offset
@@ -117,7 +118,7 @@ def fit_final_norm(head: OutputHead, quantized: torch.Tensor, floats: torch.Tens
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    fitted = (gain * (1 + scale.detach()) - offset).to(source.dtype)
+    fitted = (gain * (1 + scale.detach()) - offset).to(storage).to(source.dtype)
     with torch.no_grad():
         kl_after = _measured_kl(head, quantized[measured], floats[measured], fitted, source)
     kept = kl_after < kl_before

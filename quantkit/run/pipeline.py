@@ -632,7 +632,8 @@ def _fit_final_norm(run: _Run, model: nn.Module, outputs: list[BlockInput], floa
         # the same seeded sample of tokens from both streams (their calls hold the same tokens in the same order)
         rows = final_norm.sample_tokens([call.tensor() for call in outputs], final_norm.FIT_TOKENS, run.config.seed)
         hidden = [final_norm.gather_tokens([call.tensor() for call in calls], rows) for calls in (outputs, float_outputs)]
-        run.final_norm = final_norm.fit_final_norm(head, *hidden, run.arch.norm_offset, seed=run.config.seed)
+        run.final_norm = final_norm.fit_final_norm(head, *hidden, run.arch.norm_offset, seed=run.config.seed,
+                                                   storage=run.storage_dtype)
         fit = run.final_norm
         progress.advance("final norm", f"KL {fit.kl_before:.4f} -> {fit.kl_after:.4f}"
                                        f"{'' if fit.kept else ' (not lower: the source norm kept)'}")
@@ -904,7 +905,9 @@ def _non_block_tensors(run: _Run) -> dict[str, torch.Tensor]:
     names = [n for n in run.checkpoint.weight_map if not n.startswith(block_prefix)]
     tensors = run.checkpoint.tensors(names)  # finite: _preflight scanned every weight
     if run.final_norm is not None:
-        tensors[f"{run.arch.final_norm}.weight"] = run.final_norm.weight
+        name = f"{run.arch.final_norm}.weight"
+        assert name in tensors, f"the final norm {name} is not among the checkpoint's weights"
+        tensors[name] = run.final_norm.weight
     return {name: t.to(run.storage_dtype) if t.is_floating_point() else t for name, t in tensors.items()}
 
 
