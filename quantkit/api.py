@@ -117,8 +117,8 @@ def calibrate(model: Any, tokenizer: Any = None, *, scheme: str | None = None, a
         smooth=smooth, seed=seed, out=None if out is None else Path(out), overwrite=overwrite, dry_run=dry_run,
         resume=resume, offload_activations=offload_activations, dtype=dtype, trust_remote_code=trust_remote_code,
         moe_all_experts=moe_all_experts, expert_batch=expert_batch, imatrix_from=imatrix_from, propagate=propagate,
-        fit_final_norm=fit_final_norm, target_bits=target_bits, target_size=target_size, candidates=candidates, sensitivity=sensitivity,
-        keep_model=keep_model,
+        fit_final_norm=fit_final_norm, target_bits=target_bits, target_size=target_size, candidates=candidates,
+        sensitivity=sensitivity, keep_model=keep_model,
     )
     progress = _progress_adapter(progress)
     if isinstance(model, (str, os.PathLike)):

@@ -28,8 +28,8 @@ def _head(norm: nn.Module, hidden: int = 16, vocab: int = 96, seed: int = 0) -> 
 
 
 def _kl(head: OutputHead, floats: torch.Tensor, quantized: torch.Tensor, weight: torch.Tensor) -> float:
-    """KL(float || quantized) per token with the norm weight set to ``weight``: torch's kl_div, the head's own
-    log_probs (an independent path from the fit's)."""
+    """KL(float || quantized) per token with the norm module's weight set to ``weight``: torch's kl_div, the
+    head's log_probs on its own module (not the fit's substituted weight)."""
     with torch.no_grad():
         reference = head.log_probs(floats)
         source = head.norm.weight.clone()
@@ -64,12 +64,12 @@ def test_identical_streams_keep_the_source_norm():
 
 def test_the_sample_takes_the_same_rows_of_every_stream():
     calls = [torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3) + 100 * i for i in range(3)]
-    rows = final_norm.sample_tokens(calls, 7, seed=0)
+    rows = final_norm.sample_tokens(30, 7, seed=0)
     assert len(rows) == 7 and rows == sorted(set(rows))
     flat = torch.cat([c.reshape(-1, 3) for c in calls])
-    assert torch.equal(final_norm.gather_tokens(calls, rows), flat[rows])
-    assert final_norm.sample_tokens(calls, 30, seed=0) is None
-    assert torch.equal(final_norm.gather_tokens(calls, None), flat)
+    assert torch.equal(final_norm.gather_tokens(iter(calls), rows, 30), flat[rows])
+    assert final_norm.sample_tokens(30, 30, seed=0) is None
+    assert torch.equal(final_norm.gather_tokens(calls, None, 30), flat)
 
 
 COMMON = ["--scheme", "w4a16", "--group-size", "32", "--num-samples", "8", "--seq-len", "32", "--batch-size", "4"]

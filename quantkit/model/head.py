@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from quantkit.model.architectures import Architecture
 from quantkit.model.checkpoint import Checkpoint, materialize
@@ -22,9 +23,12 @@ class OutputHead:
     lm_head: nn.Module
     softcap: float | None = None
 
-    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., hidden_size] -> next-token log-probabilities [..., vocab] float32."""
-        logits = self.lm_head(self.norm(hidden.float())).float()
+    def log_probs(self, hidden: torch.Tensor, norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., hidden_size] -> next-token log-probabilities [..., vocab] float32; ``norm_weight``
+        [hidden_size] stands in for the final norm's weight (the module is not changed)."""
+        normed = self.norm(hidden.float()) if norm_weight is None else \
+            functional_call(self.norm, {"weight": norm_weight}, (hidden.float(),))
+        logits = self.lm_head(normed).float()
         if self.softcap:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits.log_softmax(-1)

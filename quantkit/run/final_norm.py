@@ -14,10 +14,10 @@ float32 on a fixed subset of the tokens; the stored weight is g0 * (1 + p) - off
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 
 from quantkit.model.head import OutputHead
 
@@ -45,41 +45,35 @@ class FinalNormFit:
                 "tokens": self.tokens, "kept": self.kept}
 
 
-def _log_probs(head: OutputHead, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden [T, hidden] -> log-probabilities [T, vocab] float32 with the final norm's weight replaced."""
-    normed = functional_call(head.norm, {"weight": weight}, (hidden,))
-    logits = head.lm_head(normed).float()
-    if head.softcap:
-        logits = head.softcap * torch.tanh(logits / head.softcap)
-    return logits.log_softmax(-1)
-
-
 def _kl(reference: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(p || q) from log-probabilities [T, vocab]."""
     return (reference.exp() * (reference - log_probs)).sum(-1).mean()
 
 
-def _measured_kl(head: OutputHead, quantized: torch.Tensor, floats: torch.Tensor, weight: torch.Tensor,
-                 source: torch.Tensor) -> float:
-    kl = 0.0
+def _measured_kls(head: OutputHead, quantized: torch.Tensor, floats: torch.Tensor, source: torch.Tensor,
+                  fitted: torch.Tensor) -> tuple[float, float]:
+    """Mean KL per token with the source and with the fitted norm weight, in float32, a chunk of tokens at a
+    time (the float log-probabilities formed once per chunk for both)."""
+    before = after = 0.0
     for start in range(0, len(quantized), TOKENS_PER_STEP):
         rows = slice(start, start + TOKENS_PER_STEP)
-        kl += _kl(_log_probs(head, floats[rows], source), _log_probs(head, quantized[rows], weight)).item() * len(
-            quantized[rows])
-    return kl / len(quantized)
+        reference, tokens = head.log_probs(floats[rows], source), len(quantized[rows])
+        before += _kl(reference, head.log_probs(quantized[rows], source)).item() * tokens
+        after += _kl(reference, head.log_probs(quantized[rows], fitted)).item() * tokens
+    return before / len(quantized), after / len(quantized)
 
 
-def sample_tokens(hidden: list[torch.Tensor], count: int, seed: int) -> list[int] | None:
-    """The flat token indices (sorted) of a seeded sample of ``count`` tokens from calls of ``hidden`` [..., H]
-    shapes; None: all of them (no more than ``count``)."""
-    total = sum(h.numel() // h.shape[-1] for h in hidden)
+def sample_tokens(total: int, count: int, seed: int) -> list[int] | None:
+    """The flat token indices (sorted) of a seeded sample of ``count`` of ``total`` tokens; None: all of them
+    (no more than ``count``)."""
     if total <= count:
         return None
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].sort().values.tolist()
 
 
-def gather_tokens(hidden: list[torch.Tensor], rows: list[int] | None) -> torch.Tensor:
-    """The rows ``rows`` (flat token indices over the calls, sorted; None: all) of ``hidden`` as one float32
+def gather_tokens(hidden: Iterable[torch.Tensor], rows: list[int] | None, total: int) -> torch.Tensor:
+    """The rows ``rows`` (flat token indices over the calls, sorted; None: all) of the calls' ``hidden``
+    [..., H] (read one at a time: offloaded calls are loaded once), which hold ``total`` tokens, as one float32
     [tokens, H] tensor (a copy)."""
     flat, start, picked = [], 0, torch.tensor(rows if rows is not None else [], dtype=torch.long)
     for h in hidden:
@@ -90,6 +84,7 @@ def gather_tokens(hidden: list[torch.Tensor], rows: list[int] | None) -> torch.T
             inside = picked[(picked >= start) & (picked < start + len(tokens))] - start
             flat.append(tokens[inside].float())
         start += len(tokens)
+    assert start == total, f"the calls hold {start} tokens, not the {total} the sample was drawn from"
     return torch.cat(flat)
 
 
@@ -103,8 +98,6 @@ def fit_final_norm(head: OutputHead, quantized: torch.Tensor, floats: torch.Tens
     gain = source + offset
     generator = torch.Generator().manual_seed(seed)
     measured = torch.randperm(len(quantized), generator=generator)[:MEASURED_TOKENS]
-    with torch.no_grad():
-        kl_before = _measured_kl(head, quantized[measured], floats[measured], source, source)
     scale = torch.zeros_like(gain, requires_grad=True)
     optimizer = torch.optim.Adam([scale], lr=LEARNING_RATE)
     for param in head.lm_head.parameters():
@@ -113,13 +106,13 @@ def fit_final_norm(head: OutputHead, quantized: torch.Tensor, floats: torch.Tens
         rows = torch.randint(0, len(quantized), (TOKENS_PER_STEP,), generator=generator)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with torch.no_grad():
-                reference = _log_probs(head, floats[rows], source)
-            loss = _kl(reference, _log_probs(head, quantized[rows], gain * (1 + scale) - offset))
+                reference = head.log_probs(floats[rows], source)
+            loss = _kl(reference, head.log_probs(quantized[rows], gain * (1 + scale) - offset))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     fitted = (gain * (1 + scale.detach()) - offset).to(storage).to(source.dtype)
     with torch.no_grad():
-        kl_after = _measured_kl(head, quantized[measured], floats[measured], fitted, source)
+        kl_before, kl_after = _measured_kls(head, quantized[measured], floats[measured], source, fitted)
     kept = kl_after < kl_before
     return FinalNormFit(fitted if kept else source, kl_before, kl_after, steps, len(quantized), kept)

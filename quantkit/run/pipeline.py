@@ -630,8 +630,10 @@ def _fit_final_norm(run: _Run, model: nn.Module, outputs: list[BlockInput], floa
         progress.stage("final norm")
         head = load_output_head(model, run.arch, run.checkpoint)
         # the same seeded sample of tokens from both streams (their calls hold the same tokens in the same order)
-        rows = final_norm.sample_tokens([call.tensor() for call in outputs], final_norm.FIT_TOKENS, run.config.seed)
-        hidden = [final_norm.gather_tokens([call.tensor() for call in calls], rows) for calls in (outputs, float_outputs)]
+        total = run.calibration_tokens
+        rows = final_norm.sample_tokens(total, final_norm.FIT_TOKENS, run.config.seed)
+        hidden = [final_norm.gather_tokens((call.tensor() for call in calls), rows, total)
+                  for calls in (outputs, float_outputs)]
         run.final_norm = final_norm.fit_final_norm(head, *hidden, run.arch.norm_offset, seed=run.config.seed,
                                                    storage=run.storage_dtype)
         fit = run.final_norm
