@@ -409,3 +409,36 @@ def test_cli_reports_each_blocks_loss(llama_dir, tmp_path):
     entry = manifest.layers["model.layers.1.mlp.down_proj"]
     assert losses["model.layers.1"] == {"before": entry.metrics["block_loss_before"],
                                         "after": entry.metrics["block_loss_after"]}
+
+
+def _cxx_compiler() -> bool:
+    import shutil
+    return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.skipif(not _cxx_compiler(), reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_steps_lower_every_blocks_error_and_restore_inductors_settings(llama_dir, tmp_path):
+    import torch._inductor.config as inductor_config
+    before_setting = inductor_config.emulate_precision_casts
+    result = _run(llama_dir, tmp_path / "sr", scheme="w4a16", group_size=32, algorithm="signround",
+                  options=dict(init="rtn", iters=12, lr=0.01, compile=True))
+    assert inductor_config.emulate_precision_casts == before_setting
+    losses = {(e.metrics["block_loss_before"], e.metrics["block_loss_after"]) for e in result.manifest.layers.values()}
+    assert len(losses) == 2 and all(after < before for before, after in losses)
+    reloaded = load_quantized(tmp_path / "sr")
+    assert reloaded.config.architectures == ["LlamaForCausalLM"]
+
+
+def test_a_compiler_failure_is_one_line(llama_dir, tmp_path, monkeypatch):
+    import torch._inductor.exc as inductor_errors
+
+    def failing_compile(function, **kwargs):
+        def compiled(*args):
+            raise inductor_errors.InductorError(RuntimeError("no working C++ compiler found"), None)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "w4a16", "--algo", "signround",
+                                  "--algo-option", "compile=true", "--algo-option", "iters=2", "--out",
+                                  str(tmp_path / "x"), "--num-samples", "2", "--seq-len", "16"),
+                          "torch.compile failed on model.layers.0")

@@ -371,6 +371,12 @@ class LearnedLinear(nn.Module):
         return F.linear(x, self.grid.weight(x.dtype), bias)
 
 
+def _block_loss(block: nn.Module, call, target: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors of ``block``'s output on ``call`` (a BlockInput) against ``target`` [batch, seq,
+    hidden] fp32, in fp32."""
+    return F.mse_loss(run_block(block, call).float(), target, reduction="sum")
+
+
 def _trainable(value):
     """A copy of a call's tensors outside inference mode (autograd cannot save inference tensors)."""
     if torch.is_tensor(value):
@@ -388,13 +394,16 @@ class SignRound:
     or rtn, gptq, awq, imatrix), iters (200 steps per block; 0
     keeps the initial codes), lr (0: 1 / iters, AutoRound's default), range_lr (0: lr; of the range factors),
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
-    best), autocast (False: bf16 autocast of the block's forward and backward on CPU), and the initial
+    best), autocast (False: bf16 autocast of the block's forward and backward on CPU), compile (False:
+    the steps' forward and backward through torch.compile, inductor's precision emulated; needs a C++
+    compiler, about 30 s once per run; on SmolLM2 int4 g64 sym 80 steps took 0.84-0.87x the eager run's time for a
+    model within a run's spread, docs/benchmarks.md, issue 16, eighteenth part), and the initial
     algorithm's options (GPTQ's block_size, damp, act_order, static_groups, true_sequential, llama_cpp,
     weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it; AWQ's search takes 8 samples here
     unless told (AWQ alone: 16): the steps that follow learn the rounding anyway, and on SmolLM2 int3 g64 asym
     the half-size search gave the same quality for 100 s less; 4 samples gave a worse model (30.91 against
     30.24; docs/benchmarks.md, issue 16, seventh and eighth parts).
-    Block-wide settings (iters, lr, patience, autocast) come from the block's first SignRound Linear in name
+    Block-wide settings (iters, lr, patience, autocast, compile) come from the block's first SignRound Linear in name
     order."""
 
     @dataclass(frozen=True)
@@ -406,6 +415,7 @@ class SignRound:
         learn_range: bool = option(True)
         patience: int = option(0, minimum=0)
         autocast: bool = option(False)
+        compile: bool = option(False)
         samples: int = option(8, minimum=1)      # AWQ's search samples under SignRound (AWQ alone: 16)
 
     # what the pipeline asks of the algorithm itself; its initial algorithm's come through `initial`
@@ -461,15 +471,20 @@ class _Trainer:
             self.grids[name] = grid
             set_submodule(self.block, name, LearnedLinear(grid, quantized))
         self.targets = context.targets
+        # torch.compile of the step's forward: its cache lives on `_block_loss`'s code, so every block of the
+        # same shapes reuses the first block's compiled graphs (their parameters are graph inputs)
+        self.compiled = torch.compile(_block_loss) if options.compile else None
 
     def loss(self, index: int) -> tuple[torch.Tensor, int]:
         """(sum of squared errors of the block's output on call ``index``, element count)."""
         call = self.context.inputs[index]
         call = dataclasses.replace(call, hidden=call.tensor().clone(), kwargs=_trainable(call.kwargs))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.autocast):
-            output = run_block(self.block, call)
         target = self.targets[index].to(torch.float32, copy=True)
-        return F.mse_loss(output.float(), target, reduction="sum"), target.numel()
+        # a training step through the compiled function; the whole-set passes (no gradients) stay eager
+        compiled = self.compiled is not None and torch.is_grad_enabled()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.options.autocast):
+            loss = (self.compiled if compiled else _block_loss)(self.block, call, target)
+        return loss, target.numel()
 
     @torch.no_grad()
     def total_loss(self) -> tuple[list[float], float]:
@@ -488,6 +503,25 @@ class _Trainer:
             param.copy_(value)
 
     def run(self) -> Refined:
+        if self.compiled is None:
+            return self._run()
+        # inductor's fused kernels round every bf16 intermediate as eager ops do: without it the compiled steps
+        # learn on other numbers than the eager passes that judge and propagate the block, and the models came
+        # out worse (SmolLM2 blocks 6-13 KL 0.0344 against 0.0278; with it 0.0283). The backward graph is
+        # compiled at the first backward, so the setting covers the whole loop (and is restored after it).
+        import torch._dynamo.exc as dynamo_errors
+        import torch._inductor.config as inductor_config
+        import torch._inductor.exc as inductor_errors
+        try:
+            with inductor_config.patch(emulate_precision_casts=True):
+                return self._run()
+        except (dynamo_errors.TorchDynamoException, inductor_errors.InductorError) as error:
+            # the backend's own failure (no C++ compiler, an op it cannot lower), forward or backward
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            raise QuantkitError(f"signround compile=true: torch.compile failed on {self.context.prefix} "
+                                f"({type(error).__name__}: {first}); run without compile=true") from None
+
+    def _run(self) -> Refined:
         options = self.options
         iters = options.iters
         start_per_call, before = self.total_loss()
