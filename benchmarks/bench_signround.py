@@ -9,8 +9,9 @@ float32 on 16 held-out Alice windows. Grids: 4-bit g64 symmetric, 4-bit g128 sym
 3-bit g64 asymmetric and 2-bit g64 asymmetric (the issue's rows), and 4-bit g128 asymmetric (`w4a16`'s grid). A
 variant "signround INIT N" is `--algo signround --algo-option init=INIT --algo-option iters=N`; more words are
 options (`lr=0.01`; "gptq act_order=false" for the other algorithms); `batch=4` sets `--batch-size 4` (samples
-per step) `propagate=float` sets `--propagate float` and `final-norm=off` sets `--no-fit-final-norm`, for any variant. Time: quantkit's calibrate+quantize
-seconds (every stage but load and write) and AutoRound's quantize() call, in the same run on the same machine.
+per step), `propagate=float` sets `--propagate float` and `final-norm=off` sets `--no-fit-final-norm`, for any
+variant. Time: quantkit's calibrate+quantize seconds (every stage but load and write) and AutoRound's quantize()
+call, in the same run on the same machine.
 """
 import argparse
 import tempfile
@@ -36,6 +37,9 @@ def parse_variant(variant: str) -> tuple[str, list[str], list[str]]:
     # "propagate=float": every block calibrated on the float model's inputs (`--propagate float`)
     flags += [flag for word in words if word.startswith("propagate=") for flag in ("--propagate", word.split("=")[1])]
     # "final-norm=off": the final norm's fit left out (`--no-fit-final-norm`; on by default with signround)
+    for word in words:
+        if word.startswith("final-norm=") and word != "final-norm=off":
+            raise SystemExit(f"{word}: the fit is on by default; the word is final-norm=off")
     flags += ["--no-fit-final-norm" for word in words if word == "final-norm=off"]
     words = [word for word in words if not word.startswith(("batch=", "propagate=", "final-norm="))]
     if words[0] == "signround":

@@ -17,7 +17,8 @@ sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from benchmarks import common  # noqa: E402
 
 
-def main(bits: str, group_size: str, symmetry: str, iters: str, batch: str = "8", torch_compile: str = "default") -> None:
+def main(bits: str, group_size: str, symmetry: str, iters: str, batch: str = "8",
+         torch_compile: str = "default") -> None:
     from auto_round import AutoRound
 
     ids = common.calibration_ids()

@@ -396,15 +396,15 @@ class SignRound:
     learn_range (True), patience (0: never stop early; else stop after that many steps without a new
     best), autocast (False: bf16 autocast of the block's forward and backward on CPU), compile (False:
     the steps' forward and backward through torch.compile, inductor's precision emulated; needs a C++
-    compiler, about 30 s once per run; on SmolLM2 int4 g64 sym 80 steps took 0.84-0.87x the eager run's time for a
-    model within a run's spread, docs/benchmarks.md, issue 16, eighteenth part), and the initial
+    compiler, about 30 s once per run; on SmolLM2 int4 g64 sym 80 steps took 0.84-0.87x the eager run's time
+    for a model within a run's spread, docs/benchmarks.md, issue 16, eighteenth part), and the initial
     algorithm's options (GPTQ's block_size, damp, act_order, static_groups, true_sequential, llama_cpp,
     weighted_grid; AWQ's samples and clip; rtn's llama_cpp), passed to it; AWQ's search takes 8 samples here
     unless told (AWQ alone: 16): the steps that follow learn the rounding anyway, and on SmolLM2 int3 g64 asym
     the half-size search gave the same quality for 100 s less; 4 samples gave a worse model (30.91 against
     30.24; docs/benchmarks.md, issue 16, seventh and eighth parts).
-    Block-wide settings (iters, lr, patience, autocast, compile) come from the block's first SignRound Linear in name
-    order."""
+    Block-wide settings (iters, lr, patience, autocast, compile) come from the block's first SignRound Linear in
+    name order."""
 
     @dataclass(frozen=True)
     class Options(GPTQ.Options, AWQ.Options):   # the initial algorithms' options (rtn's llama_cpp is GPTQ's too)
@@ -517,7 +517,8 @@ class _Trainer:
                 return self._run()
         except (dynamo_errors.TorchDynamoException, inductor_errors.InductorError) as error:
             # the backend's own failure (no C++ compiler, an op it cannot lower), forward or backward
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            text = str(error).strip()
+            first = text.splitlines()[0][:200] if text else ""
             raise QuantkitError(f"signround compile=true: torch.compile failed on {self.context.prefix} "
                                 f"({type(error).__name__}: {first}); run without compile=true") from None
 
