@@ -474,3 +474,28 @@ def test_gguf_ownership_is_read_from_the_file_head(tmp_path, monkeypatch):
     assert describe_existing(ours) is None
     assert describe_existing(other) == "a file quantkit did not write"
     assert parsed == []                                    # the head decided both
+
+
+def test_first_line_of_a_foreign_error():
+    from quantkit.errors import first_line
+
+    assert first_line(ValueError()) == "ValueError"
+    assert first_line(OSError("\n  disk full \nerrno 28")) == "disk full"
+    assert first_line(KeyError("x" * 300), limit=10) == "'xxxxxxxxx"
+    assert first_line(RuntimeError("bad\nworse"), typed=True) == "RuntimeError: bad"
+    assert first_line(RuntimeError(""), typed=True) == "RuntimeError"
+
+
+def test_a_foreign_error_without_text_is_still_one_line(llama_dir, monkeypatch):
+    # transformers raising OSError() used to end in an IndexError from the empty text's first line
+    import transformers
+
+    from quantkit.errors import QuantkitError
+    from quantkit.model.checkpoint import Checkpoint
+
+    def fail(*args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(QuantkitError, match=r"^cannot load the tokenizer of .*: OSError$"):
+        Checkpoint(llama_dir).tokenizer()

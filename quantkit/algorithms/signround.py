@@ -45,7 +45,7 @@ from quantkit.algorithms.registry import (
     register,
 )
 from quantkit.calibrate.hooks import run_block
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 from quantkit.formats import ggml_blocks, primitives
 from quantkit.formats.numbers import scale_format
 from quantkit.formats.quant_tensor import QuantTensor
@@ -517,10 +517,8 @@ class _Trainer:
                 return self._run()
         except (dynamo_errors.TorchDynamoException, inductor_errors.InductorError) as error:
             # the backend's own failure (no C++ compiler, an op it cannot lower), forward or backward
-            text = str(error).strip()
-            first = text.splitlines()[0][:200] if text else ""
             raise QuantkitError(f"signround compile=true: torch.compile failed on {self.context.prefix} "
-                                f"({type(error).__name__}: {first}); run without compile=true") from None
+                                f"({first_line(error, typed=True)}); run without compile=true") from None
 
     def _run(self) -> Refined:
         options = self.options

@@ -22,7 +22,7 @@ from unittest import mock
 
 import torch
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 DATASET_NAMES = ("dummy", "gsm8k", "text")
@@ -52,7 +52,7 @@ def _read_table(path: Path) -> list[dict]:
             return json.loads(text)
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise QuantkitError(f"cannot read {path}: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+        raise QuantkitError(f"cannot read {path}: {first_line(error, typed=True)}") from None
 
 
 def _columns_of(rows: list[dict], path) -> list[str]:
@@ -122,7 +122,7 @@ def _gsm8k_from_hub() -> list[dict]:
     try:
         return list(datasets.load_dataset("openai/gsm8k", "main", split="train"))
     except Exception as error:  # network, hub or cache errors all mean: not available here
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        reason = first_line(error, 160)
         raise QuantkitError(f"could not load openai/gsm8k from the hub or cache ({reason}); {_GSM8K_HINT}") from None
 
 

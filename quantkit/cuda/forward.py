@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quantkit.cuda import layout, reference, scaled_mm
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 from quantkit.formats import primitives
 from quantkit.formats.primitives import signed_range
 from quantkit.model.qlinear import QuantLinear, set_submodule
@@ -60,9 +60,8 @@ def interpreter_error() -> str | None:
         import numpy
         import triton
 
-        first_line = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         return (f"the Triton {triton.__version__} interpreter fails here with numpy {numpy.__version__} "
-                f"({first_line}); triton >= 3.8 works")
+                f"({first_line(error)}); triton >= 3.8 works")
     if not torch.equal(codes, reference.quantize_int8_dynamic(x, 8)[0]):
         return "the Triton interpreter probe returned wrong codes"
     return None

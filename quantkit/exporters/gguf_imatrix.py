@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 
 DATASETS_KEY, CHUNK_COUNT_KEY, CHUNK_SIZE_KEY = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 
@@ -50,7 +50,7 @@ def read_imatrix(path) -> ImportanceMatrix:
     try:
         reader = GGUFReader(path)
     except Exception as error:   # gguf-py raises ValueError/OSError/struct errors on damaged files
-        raise QuantkitError(f"{path} is not a readable GGUF file ({type(error).__name__}: {error})") from None
+        raise QuantkitError(f"{path} is not a readable GGUF file ({first_line(error, typed=True)})") from None
     kind = reader.fields.get("general.type")
     if kind is None or kind.contents() != "imatrix":
         raise QuantkitError(f"{path} is a GGUF file but not an importance matrix (general.type is "

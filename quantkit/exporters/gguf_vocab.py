@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 
 PAD_SCORE = -1000.0
 
@@ -118,7 +118,7 @@ def _special_vocab(directory: Path, n_vocab: int, load_merges: bool):
     try:
         return gguf.SpecialVocab(directory, load_merges=load_merges, n_vocab=n_vocab)
     except (ValueError, KeyError, TypeError) as error:
-        raise QuantkitError(f"cannot read the special tokens of {directory}: {error}") from None
+        raise QuantkitError(f"cannot read the special tokens of {directory}: {first_line(error)}") from None
 
 
 def _pad(tokens: list[str | None], types: list[int], vocab_size: int, directory: Path) -> None:
@@ -175,7 +175,7 @@ def _sentencepiece_vocab(directory: Path, tokenizer_json: dict | None, vocab_siz
     try:
         processor = SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     except (OSError, RuntimeError) as error:
-        raise QuantkitError(f"cannot read {directory / 'tokenizer.model'}: {str(error).splitlines()[0]}") from None
+        raise QuantkitError(f"cannot read {directory / 'tokenizer.model'}: {first_line(error)}") from None
     tokens: list[str | None] = []
     types: list[int] = []
     scores: list[float] = []

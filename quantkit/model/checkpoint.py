@@ -23,7 +23,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, first_line
 from quantkit.formats.primitives import all_finite
 from quantkit.model.architectures import (
     attention_implementation,
@@ -87,7 +87,7 @@ def _download(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     except Exception as error:  # offline, gated, missing: all mean "not available here"
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        reason = first_line(error, 160)
         raise QuantkitError(
             f"model '{repo_id}' is not a local directory and could not be fetched from the hub or its cache "
             f"({reason}); pass a local checkpoint directory"
@@ -155,7 +155,7 @@ class Checkpoint:
         try:
             return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         except (ValueError, KeyError, OSError, json.JSONDecodeError) as error:
-            raise QuantkitError(f"cannot read {self.path / 'config.json'}: {str(error).splitlines()[0][:200]}") from None
+            raise QuantkitError(f"cannot read {self.path / 'config.json'}: {first_line(error)}") from None
 
     def _weight_map(self) -> dict[str, Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -186,7 +186,7 @@ class Checkpoint:
         try:
             return AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         except (ValueError, OSError, KeyError) as error:
-            raise QuantkitError(f"cannot load the tokenizer of {self.path}: {str(error).splitlines()[0][:200]}") from None
+            raise QuantkitError(f"cannot load the tokenizer of {self.path}: {first_line(error)}") from None
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -231,7 +231,7 @@ class Checkpoint:
                         shapes[name] = (tuple(view.get_shape()), view.get_dtype())
             except Exception as error:
                 raise QuantkitError(f"corrupt or truncated safetensors file {file}: "
-                                    f"{str(error).splitlines()[0][:160]}") from None
+                                    f"{first_line(error, 160)}") from None
         return {name: shapes[stored] for name, (_, stored) in self.stored_names.items() if stored in shapes}
 
     def check_finite(self) -> None:
@@ -290,7 +290,7 @@ def _tensor_names(file: Path) -> list[str]:
             with safe_open(file, framework="pt") as handle:
                 return list(handle.keys())
         except Exception as error:
-            raise QuantkitError(f"corrupt or truncated safetensors file {file}: {str(error).splitlines()[0][:160]}") from None
+            raise QuantkitError(f"corrupt or truncated safetensors file {file}: {first_line(error, 160)}") from None
     return list(_load_bin(file))
 
 
@@ -321,7 +321,7 @@ def _iter_tensors(file: Path, names: list[str]):
             for name in names:
                 yield name, handle.get_tensor(name)
     except Exception as error:
-        raise QuantkitError(f"corrupt or truncated safetensors file {file}: {str(error).splitlines()[0][:160]}") from None
+        raise QuantkitError(f"corrupt or truncated safetensors file {file}: {first_line(error, 160)}") from None
 
 
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
