@@ -12,20 +12,14 @@ AutoRound's `seed` (default 42) seeds its sample order on the very same ids (`pe
 Prints one JSON line a row, then a table with each tool's mean and range.
 """
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import common
 from bench_signround import GRIDS, variant_flags
 
-LAUNCHER = """import sys
-import quantkit.algorithms.signround as signround
+LAUNCHER = """import quantkit.algorithms.signround as signround
 original = signround._Trainer.__init__
 def offset_seed(self, context, names, options):
     context.seed = context.seed + {offset}     # the step order only: the tokens were drawn before
@@ -36,33 +30,24 @@ main()
 """
 
 
-def quantkit_row(tmp: Path, grid: str, variant: str, offset: int, reference, windows) -> dict:
+def add_seeded_row(rows: list[dict], tmp: Path, grid: str, variant: str, offset: int, reference, windows) -> None:
     launcher = tmp / f"launch_{offset}.py"
     launcher.write_text(LAUNCHER.format(offset=offset))
-    out = tmp / f"out_{offset}"
-    command = [sys.executable, str(launcher), "calibrate", "smollm2-135m", "--out", str(out), "--overwrite",
-               "--json", "--scheme", "w4a16", *variant_flags(variant), *GRIDS[grid], *common.CALIBRATION_FLAGS,
-               "--num-samples", str(common.SAMPLES), "--seq-len", str(common.SEQ_LEN)]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
-    summary = json.loads(done.stdout)
-    return {"tool": "quantkit", "config": f"{grid} {variant}, step order seed +{offset}",
-            "wall_s": time.perf_counter() - start, "quantize_s": common.work_seconds(summary),
-            "peak_rss_mib": summary["peak_rss_mib"],
-            **common.score(common.load_quantized_fp32(out), reference, windows)}
+    common.add_quantkit_row(rows, tmp / f"out_{offset}", f"{grid} {variant}, step order seed +{offset}",
+                            ["--scheme", "w4a16", *variant_flags(variant), *GRIDS[grid]], reference, windows,
+                            entry=(str(launcher),))
 
 
 def spread(rows: list[dict], tool: str) -> dict | None:
-    values = [row["ppl"] for row in rows if row["tool"] == tool]
-    kls = [row["kl"] for row in rows if row["tool"] == tool]
-    if not values:
+    """The mean row of ``tool``'s rows, with their perplexity and KL ranges in its config."""
+    mine = [row for row in rows if row["tool"] == tool]
+    if not mine:
         return None
-    return {"tool": tool, "config": f"mean of {len(values)} (perplexity {min(values):.3f}-{max(values):.3f}, "
-                                    f"KL {min(kls):.4f}-{max(kls):.4f})",
-            "ppl": statistics.fmean(values), "kl": statistics.fmean(kls),
-            "top1": statistics.fmean(row["top1"] for row in rows if row["tool"] == tool)}
+    ppl, kl = [row["ppl"] for row in mine], [row["kl"] for row in mine]
+    return {"tool": tool, "config": f"mean of {len(mine)} (perplexity {min(ppl):.3f}-{max(ppl):.3f}, "
+                                    f"KL {min(kl):.4f}-{max(kl):.4f})",
+            "ppl": statistics.fmean(ppl), "kl": statistics.fmean(kl),
+            "top1": statistics.fmean(row["top1"] for row in mine)}
 
 
 def main() -> None:
@@ -80,8 +65,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for offset in args.offsets:
-            rows.append(quantkit_row(Path(tmp), args.grid, args.variant, offset, reference, windows))
-            print(json.dumps(rows[-1]), flush=True)
+            add_seeded_row(rows, Path(tmp), args.grid, args.variant, offset, reference, windows)
     for seed in args.autoround_seeds:
         common.add_peer_row(rows, args.peer_python, "run_autoround.py",
                             [bits, group_size, symmetry, str(args.autoround_iters), "8", "default", str(seed)],
