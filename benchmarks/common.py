@@ -76,10 +76,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_quantkit(out: Path, *flags: str, entry: tuple[str, ...] = ("-m", "quantkit")) -> dict:
-    """`quantkit calibrate smollm2-135m ... --json` in a fresh process: its summary plus wall time. ``entry``: what
+def run_quantkit(out: Path, *flags: str, entry: tuple[str, ...] = ("-m", "quantkit"),
+                 model: str = "smollm2-135m") -> dict:
+    """`quantkit calibrate MODEL ... --json` in a fresh process: its summary plus wall time. ``entry``: what
     the Python runs instead of `-m quantkit` (a launcher script that patches something first)."""
-    command = [sys.executable, *entry, "calibrate", "smollm2-135m", "--out", str(out), "--overwrite", "--json", *flags]
+    command = [sys.executable, *entry, "calibrate", model, "--out", str(out), "--overwrite", "--json", *flags]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
@@ -120,12 +121,12 @@ QUALITY_COLUMNS = [("tool", "tool"), ("config", "config"), ("ppl", "perplexity")
 
 
 def add_quantkit_row(rows: list[dict], out: Path, config: str, flags: list[str], reference, windows,
-                     entry: tuple[str, ...] = ("-m", "quantkit")) -> None:
-    """Calibrate SmolLM2 with ``flags`` on the protocol's calibration data (64 x 512 tokens), score the
-    output against ``reference`` on ``windows``, and append its row, echoed as a JSON line (``entry``:
-    `run_quantkit`'s)."""
+                     entry: tuple[str, ...] = ("-m", "quantkit"), model: str = "smollm2-135m") -> None:
+    """Calibrate ``model`` (SmolLM2 or a checkpoint derived from it) with ``flags`` on the protocol's
+    calibration data (64 x 512 tokens), score the output against ``reference`` on ``windows``, and append its
+    row, echoed as a JSON line (``entry``: `run_quantkit`'s)."""
     summary = run_quantkit(out, *flags, *CALIBRATION_FLAGS, "--num-samples", str(SAMPLES), "--seq-len", str(SEQ_LEN),
-                           entry=entry)
+                           entry=entry, model=model)
     rows.append({"tool": "quantkit", "config": config, "wall_s": summary["wall_s"], "quantize_s": work_seconds(summary),
                  "peak_rss_mib": summary["peak_rss_mib"], **score(load_quantized_fp32(out), reference, windows)})
     print(json.dumps(rows[-1]), flush=True)
