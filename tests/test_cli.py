@@ -143,3 +143,20 @@ def test_memory_the_machine_lacks_stops_before_work(llama_dir, tmp_path):
     result = run("calibrate", llama_dir, "--num-samples", "400000", "--seq-len", "256", "--out", tmp_path / "o")
     assert_one_line_error(result, "try fewer calibration samples (--num-samples), shorter ones (--seq-len), or --offload-activations")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["export", "{out}", "--format", "gguff"], "'gguff' is not one of 'gguf', 'compressed-tensors'"),
+    (["calibrate", "{out}", "--propagate", "flaot"], "'flaot' is not one of 'quantized', 'float'"),
+    (["validate", "{out}", "--backend", "tritn"], "'tritn' is not one of 'auto', 'triton'"),
+])
+def test_mistyped_choice_names_the_closest(args, fragment, tmp_path):
+    """A flag's fixed choices (click's usage error, exit 2) name the closest one when one is close, and only then."""
+    args = [a.format(out=tmp_path) for a in args]
+    closest = {"gguff": "gguf", "flaot": "float", "tritn": "triton"}[args[-1]]
+    result = run(*args)
+    error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 2 and len(error) == 1 and "Traceback" not in result.output, result.output
+    assert fragment in error[0] and error[0].endswith(f"; did you mean {closest}?"), error[0]
+    far = run(*args[:-1], "zzzz")
+    assert far.exit_code == 2 and "did you mean" not in far.output, far.output

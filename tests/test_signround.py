@@ -387,6 +387,8 @@ def test_bad_options_and_grids_are_one_line(llama_dir, tmp_path):
     assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "w4a16", "--algo", "signround",
                                   "--algo-option", "init=gpt", *out), "did you mean gptq?")
     assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "w4a16", "--algo", "signround",
+                                  "--algo-option", "init=foo", *out), "init='foo': not one of auto, rtn, gptq")
+    assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "w4a16", "--algo", "signround",
                                   "--algo-option", "iters=-1", *out), "must be at least 0")
     assert_one_line_error(run_cli("calibrate", str(llama_dir), "--scheme", "nvfp4a16", "--algo", "signround", *out),
                           "signround learns offsets on integer grids")

@@ -221,8 +221,8 @@ def _typed(algorithm: str, spec, kind: type, value):
         choices = spec.metadata.get("choices") or ()
         if not isinstance(value, str) or value not in choices:
             close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise QuantkitError(f"{what}: {hint}(one of {', '.join(choices)})")
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise QuantkitError(f"{what}: not one of {', '.join(choices)}{hint}")
         return value
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise QuantkitError(f"{what}: expected a whole number")

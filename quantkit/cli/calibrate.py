@@ -6,11 +6,14 @@ from pathlib import Path
 
 import click
 
+from quantkit.cli.choice import Choice
+
 
 @click.command()
 @click.argument("model")
 @click.option("--scheme", help="See `quantkit schemes` (default w8a8_dynamic).")
-@click.option("--algo", "algorithm", help="Weight algorithm: rtn (default), awq, gptq, hqq.")
+@click.option("--algo", "algorithm", help="Weight algorithm: rtn (default), awq, gptq, hqq, imatrix, signround "
+                                             "(docs/algorithms.md).")
 @click.option("--algo-option", "algo_options", multiple=True, metavar="KEY=VALUE",
               help="Algorithm option, e.g. act_order=true (GPTQ), samples=32 (AWQ), iterations=40 (HQQ).")
 @click.option("--recipe", type=click.Path(path_type=Path), help="YAML recipe: per-layer schemes and algorithms.")
@@ -40,11 +43,11 @@ import click
                    "true routing), or only from the tokens routed to it.")
 @click.option("--expert-batch", default=16, show_default=True, type=int,
               help="MoE: experts whose Hessians (GPTQ) are collected at once; bounds memory.")
-@click.option("--imatrix-from", type=click.Choice(["quantized", "float"]), default="quantized", show_default=True,
+@click.option("--imatrix-from", type=Choice(["quantized", "float"]), default="quantized", show_default=True,
               help="The importance statistics recorded for llama.cpp (export --format imatrix): each Linear's input "
                    "as calibration propagates it (earlier blocks quantized), or the float model's own, as "
                    "llama-imatrix measures it (one more forward pass per block; not with smoothing/AWQ).")
-@click.option("--propagate", type=click.Choice(["quantized", "float"]), default="quantized", show_default=True,
+@click.option("--propagate", type=Choice(["quantized", "float"]), default="quantized", show_default=True,
               help="Each block's calibration inputs: the outputs of the blocks before it as quantized, or the float "
                    "model's own (AutoRound's --disable_quanted_input): one forward pass per block instead of two, "
                    "and with a one-pass algorithm each block is quantized in a second thread while the next one "
@@ -63,7 +66,7 @@ import click
               "embeddings included, e.g. 80MB, 3.2GB, 800MiB.")
 @click.option("--candidates", help="Grids the allocation chooses from, comma-separated: intB[-gG|-ch][-sym|-asym] "
               "or weight-only scheme names (default int2..int8 at groups 32/64/128/256 and per channel).")
-@click.option("--sensitivity", type=click.Choice(["block", "layer"]), default="block", show_default=True,
+@click.option("--sensitivity", type=Choice(["block", "layer"]), default="block", show_default=True,
               help="How a grid's harm is measured: the block output error it causes, or the Linear's own output error.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the checkpoint's own Python code (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")

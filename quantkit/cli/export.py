@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from quantkit.api import EXPORT_FORMATS as FORMATS
+from quantkit.cli.choice import Choice
 
 GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S",
               "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q3_K", "Q4_K", "Q5_K")
@@ -14,7 +15,7 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "
 
 @click.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--format", "export_format", required=True, type=click.Choice(FORMATS),
+@click.option("--format", "export_format", required=True, type=Choice(FORMATS),
               help="gguf: one .gguf file for llama.cpp/ollama/LM Studio; compressed-tensors: a directory for "
                    "vLLM/transformers; imatrix: the calibration's importance statistics as llama-imatrix's .gguf "
                    "(for llama-quantize --imatrix); llama2c: llama2.c's int8 model file (version 2, for runq.c) "
@@ -44,7 +45,7 @@ GGUF_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "
               "(gptq, imatrix, awq, signround, ...) and write those codes, in one command.")
 @click.option("--algo-option", "algo_options", multiple=True, metavar="KEY=VALUE",
               help="With --algo: an option of the algorithm (as calibrate takes it), repeatable.")
-@click.option("--propagate", type=click.Choice(["quantized", "float"]), default="quantized", show_default=True,
+@click.option("--propagate", type=Choice(["quantized", "float"]), default="quantized", show_default=True,
               help="With --algo: each block's calibration inputs, as calibrate --propagate takes them (float: one "
                    "forward pass per block instead of two; as good on Q4_K_M, worse on coarse grids).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file or directory.")

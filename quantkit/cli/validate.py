@@ -7,13 +7,15 @@ from pathlib import Path
 
 import click
 
+from quantkit.cli.choice import Choice
+
 _MAX_ROWS = 40
 
 
 @click.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "triton", "interpreter", "reference"]),
+              type=Choice(["auto", "triton", "interpreter", "reference"]),
               help="auto: Triton kernels on a GPU, else the pure-torch reference ops; interpreter: the Triton "
                    "kernels in Triton's CPU interpreter (slow).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
