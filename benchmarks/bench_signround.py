@@ -52,6 +52,16 @@ def variant_flags(variant: str) -> list[str]:
     return ["--algo", algorithm, *[flag for option in options for flag in ("--algo-option", option)], *flags]
 
 
+def calibrate_flags(grid: str, variant: str) -> list[str]:
+    """`quantkit calibrate`'s flags for ``variant`` on ``grid`` (w4a16's scheme with the grid's weights)."""
+    return ["--scheme", "w4a16", *variant_flags(variant), *GRIDS[grid]]
+
+
+def autoround_grid(grid: str) -> list[str]:
+    """``grid`` as run_autoround.py's first arguments: BITS GROUP_SIZE SYM|ASYM."""
+    return [GRIDS[grid][1], GRIDS[grid][3], GRIDS[grid][4].lstrip("-")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--peer-python", default="")
@@ -64,15 +74,14 @@ def main() -> None:
     rows = [{"tool": "float", "config": "", **common.score(reference, reference, windows)}]
     with tempfile.TemporaryDirectory() as tmp:
         for grid in args.grids:
-            bits, group_size, symmetry = GRIDS[grid][1], GRIDS[grid][3], GRIDS[grid][4].lstrip("-")
             for variant in args.variants:
-                if variant == "hqq" and symmetry == "sym":
+                if variant == "hqq" and "--sym" in GRIDS[grid]:
                     continue   # HQQ optimises a zero point: asymmetric grids only
                 out = Path(tmp) / f"{grid}-{variant}".replace(" ", "_")
-                common.add_quantkit_row(rows, out, f"{grid} {variant}", ["--scheme", "w4a16", *variant_flags(variant),
-                                                                         *GRIDS[grid]], reference, windows)
+                common.add_quantkit_row(rows, out, f"{grid} {variant}", calibrate_flags(grid, variant), reference,
+                                        windows)
             for iters in args.autoround_iters:
-                common.add_peer_row(rows, args.peer_python, "run_autoround.py", [bits, group_size, symmetry, str(iters)],
+                common.add_peer_row(rows, args.peer_python, "run_autoround.py", [*autoround_grid(grid), str(iters)],
                                     "AutoRound", f"{grid} iters {iters}")
     print(common.table(rows, common.QUALITY_COLUMNS))
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import common
-from bench_signround import GRIDS, variant_flags
+from bench_signround import GRIDS, autoround_grid, calibrate_flags
 
 LAUNCHER = """import quantkit.algorithms.signround as signround
 original = signround._Trainer.__init__
@@ -34,7 +34,7 @@ def add_seeded_row(rows: list[dict], tmp: Path, grid: str, variant: str, offset:
     launcher = tmp / f"launch_{offset}.py"
     launcher.write_text(LAUNCHER.format(offset=offset))
     common.add_quantkit_row(rows, tmp / f"out_{offset}", f"{grid} {variant}, step order seed +{offset}",
-                            ["--scheme", "w4a16", *variant_flags(variant), *GRIDS[grid]], reference, windows,
+                            calibrate_flags(grid, variant), reference, windows,
                             entry=(str(launcher),))
 
 
@@ -61,14 +61,13 @@ def main() -> None:
     args = parser.parse_args()
     windows = common.eval_windows()
     reference = common.float_model()
-    bits, group_size, symmetry = GRIDS[args.grid][1], GRIDS[args.grid][3], GRIDS[args.grid][4].lstrip("-")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for offset in args.offsets:
             add_seeded_row(rows, Path(tmp), args.grid, args.variant, offset, reference, windows)
     for seed in args.autoround_seeds:
         common.add_peer_row(rows, args.peer_python, "run_autoround.py",
-                            [bits, group_size, symmetry, str(args.autoround_iters), "8", "default", str(seed)],
+                            [*autoround_grid(args.grid), str(args.autoround_iters), "8", "default", str(seed)],
                             "AutoRound", f"{args.grid} iters {args.autoround_iters}, seed {seed}")
     summaries = [row for row in (spread(rows, "quantkit"), spread(rows, "AutoRound")) if row is not None]
     print(common.table(rows + summaries, common.QUALITY_COLUMNS))

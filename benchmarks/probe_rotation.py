@@ -20,7 +20,7 @@ from pathlib import Path
 
 import common
 import torch
-from bench_signround import GRIDS, variant_flags
+from bench_signround import GRIDS, calibrate_flags
 
 
 def fold_gain(norm: torch.nn.Module, readers: list[torch.nn.Linear]) -> None:
@@ -85,10 +85,9 @@ def main() -> None:
         print(f"rotated float model against the source: ppl {check['ppl']:.4f} (source {check['float_ppl']:.4f}), "
               f"KL {check['kl']:.2e}, top-1 {check['top1']:.4f}", flush=True)
         for index, variant in enumerate(args.variants):
-            flags = ["--scheme", "w4a16", *variant_flags(variant), *GRIDS[args.grid]]
             for label, model in (("source", "smollm2-135m"), (f"rotated (seed {args.seed})", str(rotated))):
                 common.add_quantkit_row(rows, Path(tmp) / f"out{index}-{len(rows)}", f"{args.grid} {variant}, {label}",
-                                        flags, reference, windows, model=model)
+                                        calibrate_flags(args.grid, variant), reference, windows, model=model)
     print(common.table(rows, common.QUALITY_COLUMNS))
 
 
